@@ -1,0 +1,31 @@
+# The two commands: `make run` (the main job) and `make test` (the whole suite).
+# Both create .venv and install the project on first use; later calls reuse it.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: install run test test-fast lint clean
+
+install: $(STAMP)
+
+# Re-installs only when pyproject.toml changes, so a second call is a quick no-op.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: install
+	$(PY) scripts/transfer_study.py
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean:
+	rm -rf outputs multirun lightning_logs wandb .pytest_cache

@@ -1,0 +1,1 @@
+"""DataModules: one per data source. Batches are dicts (``{"image": ..., "label": ...}``)."""

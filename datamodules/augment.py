@@ -1,0 +1,93 @@
+"""Whole-batch image augmentation as tensor ops, so the loader never becomes the bottleneck.
+
+One random affine matrix per sample (scale = random-resized-crop, rotation, translation,
+optional horizontal flip) applied with a single ``affine_grid``/``grid_sample`` call, then
+per-sample brightness/contrast jitter, Gaussian noise and random erasing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BatchAugment(nn.Module):
+    def __init__(
+        self,
+        scale: tuple[float, float] = (1.0, 1.0),
+        rotate: float = 0.0,
+        translate: float = 0.0,
+        flip: bool = False,
+        brightness: float = 0.0,
+        contrast: float = 0.0,
+        noise: float = 0.0,
+        erase: float = 0.0,
+    ):
+        super().__init__()
+        lo, hi = float(scale[0]), float(scale[1])
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"augment.scale={list(scale)} must satisfy 0 < low <= high <= 1")
+        self.scale = (lo, hi)
+        self.rotate, self.translate, self.flip = float(rotate), float(translate), bool(flip)
+        self.brightness, self.contrast, self.noise, self.erase = (
+            float(brightness),
+            float(contrast),
+            float(noise),
+            float(erase),
+        )
+
+    @property
+    def is_identity(self) -> bool:
+        return (
+            self.scale == (1.0, 1.0)
+            and not (self.rotate or self.translate or self.flip)
+            and not (self.brightness or self.contrast or self.noise or self.erase)
+        )
+
+    def _uniform(self, n: int, lo: float, hi: float, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty(n, device=like.device, dtype=like.dtype).uniform_(lo, hi)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_identity:
+            return x
+        n = x.shape[0]
+        # Side length of the crop relative to the image: sqrt of the area fraction.
+        side = self._uniform(n, *self.scale, x).sqrt()
+        angle = self._uniform(n, -self.rotate, self.rotate, x) * (math.pi / 180)
+        # The crop may sit anywhere inside the image, plus the extra translation.
+        room = (1 - side) + self.translate
+        tx, ty = self._uniform(n, -1, 1, x) * room, self._uniform(n, -1, 1, x) * room
+        sx = side * (torch.where(torch.rand(n, device=x.device) < 0.5, -1.0, 1.0) if self.flip else 1.0)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack(
+            [torch.stack([sx * cos, -side * sin, tx], 1), torch.stack([sx * sin, side * cos, ty], 1)], 1
+        )
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        # Pad with the per-image minimum (the background once normalised), not with zero.
+        bg = x.amin(dim=(1, 2, 3), keepdim=True)
+        out = F.grid_sample(x - bg, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + bg
+        if self.brightness or self.contrast:
+            mean = out.mean(dim=(1, 2, 3), keepdim=True)
+            c = 1 + self._uniform(n, -self.contrast, self.contrast, x).view(n, 1, 1, 1)
+            b = self._uniform(n, -self.brightness, self.brightness, x).view(n, 1, 1, 1)
+            out = (out - mean) * c + mean + b
+        if self.noise:
+            out = out + self.noise * torch.randn_like(out)
+        if self.erase:
+            out = self._random_erase(out)
+        return out
+
+    def _random_erase(self, x: torch.Tensor) -> torch.Tensor:
+        """With probability ``erase``, blank one random rectangle (up to a quarter of the side) per image."""
+        n, _, h, w = x.shape
+        eh, ew = max(1, h // 4), max(1, w // 4)
+        top = torch.randint(0, h - eh + 1, (n, 1, 1), device=x.device)
+        left = torch.randint(0, w - ew + 1, (n, 1, 1), device=x.device)
+        rows = torch.arange(h, device=x.device).view(1, h, 1)
+        cols = torch.arange(w, device=x.device).view(1, 1, w)
+        box = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
+        box &= (torch.rand(n, 1, 1, device=x.device) < self.erase)
+        return x.masked_fill(box.unsqueeze(1), 0.0)

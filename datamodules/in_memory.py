@@ -1,0 +1,190 @@
+"""In-memory image DataModule: the shared splitting, label-fraction and batching logic.
+
+Small datasets live as one tensor; each batch is a single index into it, so loading costs
+next to nothing. Subclasses only say how to read their images and labels (``load``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+
+from datamodules.augment import BatchAugment
+from datamodules.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What objectives need to know about the data, whatever its source."""
+
+    channels: int
+    image_size: int
+    num_classes: int
+    class_names: tuple[str, ...]
+
+
+class BatchLoader:
+    """Iterates over dict batches of in-memory tensors.
+
+    The shuffle order depends only on ``seed`` and the epoch number, so a run resumed at
+    epoch k sees exactly the batches an uninterrupted run sees.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], batch_size: int, shuffle: bool,
+                 drop_last: bool, seed: int = 0, epoch_fn=None):
+        self.tensors, self.batch_size = tensors, batch_size
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.epoch_fn = epoch_fn or (lambda: 0)
+        self.n = len(next(iter(tensors.values())))
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch_fn())
+            order = torch.randperm(self.n, generator=gen)
+        else:
+            order = torch.arange(self.n)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield {k: v[idx] for k, v in self.tensors.items()}
+
+
+def check_fraction(key: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or not (0 < value <= 1):
+        raise ConfigError(f"{key}={value!r} is out of range: allowed is a number in (0, 1]")
+    return float(value)
+
+
+class InMemoryImageDataModule(pl.LightningDataModule):
+    """Seeded stratified train/val/test split, optional label fraction, batch augmentation.
+
+    ``labeled=False`` (pre-training) serves the whole training split as images only;
+    ``labeled=True`` (fine-tuning) serves ``label_fraction`` of it with labels.
+    """
+
+    name = "images"
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        image_size: int = 32,
+        channels: int = 1,
+        label_fraction: float = 1.0,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        split_seed: int = 0,
+        label_seed: int = 0,
+        labeled: bool = True,
+        augment: dict | None = None,
+    ):
+        super().__init__()
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"datamodule.batch_size={batch_size!r} is invalid: allowed is an integer >= 1")
+        if not isinstance(image_size, int) or image_size < 4:
+            raise ConfigError(f"datamodule.image_size={image_size!r} is invalid: allowed is an integer >= 4")
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.image_size, self.channels = image_size, channels
+        self.label_fraction = check_fraction("datamodule.label_fraction", label_fraction)
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ConfigError(
+                f"datamodule.val_fraction={val_fraction} / test_fraction={test_fraction}: "
+                "each must be in (0, 1) and together below 1"
+            )
+        self.split_seed, self.label_seed, self.labeled = split_seed, label_seed, labeled
+        self.augment = BatchAugment(**(augment or {}))
+        self.splits: dict[str, dict[str, torch.Tensor]] = {}
+        self.spec: DataSpec | None = None
+
+    # --- what a subclass provides -------------------------------------------------------
+    def load(self) -> tuple[torch.Tensor, np.ndarray, tuple[str, ...]]:
+        """Return images (N, C, H, W) float in [0, 1], integer labels (N,), and class names."""
+        raise NotImplementedError
+
+    def load_splits(self):
+        """Return {"train"|"val"|"test": (images, labels)} and class names.
+
+        The default splits ``load()`` with a seeded stratified split; a source with its own
+        split folders overrides this.
+        """
+        images, labels, classes = self.load()
+        idx = np.arange(len(labels))
+        held = self.val_fraction + self.test_fraction
+        train_idx, rest = train_test_split(idx, test_size=held, stratify=labels, random_state=self.split_seed)
+        val_idx, test_idx = train_test_split(
+            rest, test_size=self.test_fraction / held, stratify=labels[rest], random_state=self.split_seed
+        )
+        return {s: (images[i], labels[i]) for s, i in (("train", train_idx), ("val", val_idx), ("test", test_idx))}, classes
+
+    # --- shared logic -------------------------------------------------------------------
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] == self.image_size and images.shape[-2] == self.image_size:
+            return images
+        return F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
+                             align_corners=False, antialias=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        splits, classes = self.load_splits()
+        train_x, train_y = splits["train"]
+        if self.labeled and self.label_fraction < 1:
+            train_x, train_y = self._label_subset(train_x, train_y)
+        # Normalise with statistics of the training images, shared by every split.
+        mean, std = train_x.mean(), train_x.std().clamp_min(1e-6)
+        splits["train"] = (train_x, train_y)
+        for name, (x, y) in splits.items():
+            batch = {"image": ((x - mean) / std).float().contiguous()}
+            if self.labeled or name != "train":
+                batch["label"] = torch.as_tensor(y, dtype=torch.long)
+            self.splits[name] = batch
+        n_train = len(train_y)
+        if self.batch_size > n_train:
+            what = "labeled training examples" if self.labeled else "training images"
+            raise ConfigError(
+                f"datamodule.batch_size={self.batch_size} is larger than the {n_train} {what}"
+                f" (label_fraction={self.label_fraction}); allowed is at most {n_train}"
+            )
+        self.spec = DataSpec(self.channels, self.image_size, len(classes), tuple(classes))
+
+    def _label_subset(self, x: torch.Tensor, y: np.ndarray):
+        """Keep a stratified, seeded ``label_fraction`` of the training labels (at least one per class)."""
+        n_classes = len(np.unique(y))
+        keep = max(n_classes, round(self.label_fraction * len(y)))
+        if keep >= len(y):
+            return x, y
+        idx, _ = train_test_split(np.arange(len(y)), train_size=keep, stratify=y, random_state=self.label_seed)
+        idx = np.sort(idx)
+        return x[idx], y[idx]
+
+    def _epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.current_epoch if trainer is not None else 0
+
+    def train_dataloader(self):
+        return BatchLoader(self.splits["train"], self.batch_size, shuffle=True, drop_last=True,
+                           seed=self.label_seed, epoch_fn=self._epoch)
+
+    def _eval_loader(self, split: str):
+        return BatchLoader(self.splits[split], self.eval_batch_size, shuffle=False, drop_last=False)
+
+    def val_dataloader(self):
+        return self._eval_loader("val")
+
+    def test_dataloader(self):
+        return self._eval_loader("test")
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # Augment training batches only, on whatever device they landed on.
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training and not self.augment.is_identity:
+            batch = dict(batch, image=self.augment(batch["image"]))
+        return batch

@@ -1,0 +1,160 @@
+"""Weight hand-off: export a backbone as ``backbone/`` (safetensors + config.yaml), load it back.
+
+Nothing here unpickles: weights travel as safetensors, the architecture as YAML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from datamodules.errors import ConfigError
+
+FORMAT = "pretune-backbone/1"
+WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
+
+
+def find_backbone_dir(init: str) -> Path:
+    """Resolve ``model.init`` (a pre-training run dir or a backbone dir) to the backbone folder."""
+    path = Path(init).expanduser()
+    for candidate in (path, path / "backbone"):
+        if (candidate / CONFIG).is_file() and (candidate / WEIGHTS).is_file():
+            return candidate
+    if not path.exists():
+        raise ConfigError(
+            f"model.init={init}: no such path; allowed: none, timm, a pre-training run dir or a backbone/ dir"
+        )
+    raise ConfigError(f"model.init={init}: found no backbone/ with {WEIGHTS} and {CONFIG} there")
+
+
+def read_backbone_config(backbone_dir: Path) -> dict:
+    try:
+        meta = yaml.safe_load((backbone_dir / CONFIG).read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"model.init={backbone_dir}: {CONFIG} is not valid YAML ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "name" not in meta:
+        raise ConfigError(f"model.init={backbone_dir}: {CONFIG} is not a pretune backbone config ({FORMAT})")
+    return meta
+
+
+def _atomic_dir(target: Path):
+    """A temp dir next to ``target``; the caller fills it, then ``os.replace`` makes it appear whole."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def export_backbone(backbone, target: Path, provenance: dict | None = None) -> Path:
+    """Write ``target/`` = model.safetensors + config.yaml, atomically (no half-written export)."""
+    from safetensors.torch import save_model
+
+    target = Path(target)
+    tmp = _atomic_dir(target)
+    try:
+        save_model(backbone.model, str(tmp / WEIGHTS))
+        meta = {
+            "format": FORMAT,
+            **backbone.spec,
+            "num_features": int(backbone.num_features),
+            "layer_groups": [g.name for g in backbone.layer_groups()],
+            "sha256": sha256_of(tmp / WEIGHTS),
+            "provenance": provenance or {},
+        }
+        (tmp / CONFIG).write_text(yaml.safe_dump(meta, sort_keys=False))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def spec_differences(saved: dict, wanted: dict) -> list[str]:
+    if saved["name"] != wanted["name"]:
+        return [f"name: {saved['name']} (saved) vs {wanted['name']} (model)"]
+    diffs = []
+    s_kw, w_kw = saved.get("kwargs") or {}, wanted.get("kwargs") or {}
+    for key in sorted(set(s_kw) | set(w_kw)):
+        if s_kw.get(key) != w_kw.get(key):
+            diffs.append(f"kwargs.{key}: {s_kw.get(key)} (saved) vs {w_kw.get(key)} (model)")
+    return diffs
+
+
+def load_backbone_weights(backbone, backbone_dir: Path) -> None:
+    """Load safetensors weights into ``backbone``, refusing any missing/unexpected/misshaped tensor."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = backbone_dir / WEIGHTS
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ConfigError(f"model.init={backbone_dir}: {WEIGHTS} is corrupt or truncated ({err})") from err
+    own = backbone.model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    misshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                 for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or misshaped:
+        parts = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", misshaped))
+                 if items]
+        raise ConfigError(f"model.init={backbone_dir}: weights do not fit the model ({'; '.join(parts)})")
+    backbone.model.load_state_dict(state, strict=True)
+
+
+def build_backbone(model_cfg: dict):
+    """Build the backbone ``model`` describes and initialise it as ``model.init`` says."""
+    from lightning_modules.backbone import Backbone
+
+    name, kwargs = model_cfg["name"], dict(model_cfg.get("kwargs") or {})
+    init = str(model_cfg.get("init", "none"))
+    if init == "none":
+        return _create(name, kwargs)
+    if init == "timm":
+        try:
+            return Backbone(name, kwargs, pretrained=True)
+        except Exception as err:  # timm/hub raise many types when offline or the weights don't exist
+            raise ConfigError(
+                f"model.init=timm: could not load timm's pretrained weights for model.name={name}"
+                f" ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''});"
+                " timm downloads them from the Hugging Face Hub, so this needs internet and a model"
+                " name with published weights"
+            ) from err
+    backbone_dir = find_backbone_dir(init)
+    saved = read_backbone_config(backbone_dir)
+    diffs = spec_differences(saved, {"name": name, "kwargs": kwargs})
+    if diffs:
+        raise ConfigError(
+            f"model.init={init}: the backbone's architecture does not match the model config ("
+            + "; ".join(diffs) + "); use the model config it was pre-trained with"
+        )
+    backbone = _create(name, kwargs)
+    load_backbone_weights(backbone, backbone_dir)
+    return backbone
+
+
+def _create(name: str, kwargs: dict):
+    from lightning_modules.backbone import Backbone
+
+    try:
+        return Backbone(name, kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ConfigError(f"model.name={name} is not a timm model (see timm.list_models())") from err
+        raise
+    except TypeError as err:
+        raise ConfigError(f"model.kwargs for {name} are not accepted by timm: {err}") from err

@@ -1,0 +1,1 @@
+"""Objectives own their heads and loss: ``objective(backbone, batch) -> {"loss": ..., ...}``."""

@@ -1,0 +1,41 @@
+"""Run results on disk: ``metrics.json`` and the resolved config, written atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+METRICS_FILE = "metrics.json"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temp file and rename, so a killed run never leaves a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else str(value)
+    return value
+
+
+def write_metrics(run_dir: Path, metrics: dict) -> Path:
+    path = Path(run_dir) / METRICS_FILE
+    write_atomic(path, json.dumps({k: _clean(v) for k, v in metrics.items()}, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / METRICS_FILE).read_text())

@@ -1,0 +1,104 @@
+"""One pre-training or fine-tuning run: compose the pieces, fit, test, export, record.
+
+``run(cfg)`` is what ``scripts/pretrain.py`` and ``scripts/finetune.py`` call (through
+``cli.main``) and what the transfer study calls in-process for each of its runs.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules.handoff import build_backbone, export_backbone
+from lightning_modules.module import PretuneModule
+from lightning_modules.results import write_atomic, write_metrics
+
+# Frozen layer groups run in eval mode on purpose (BatchNorm statistics stay fixed).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+def _final_metrics(trainer: pl.Trainer) -> dict:
+    out = {}
+    for key, value in trainer.callback_metrics.items():
+        if key.endswith("_step"):
+            continue
+        out[key.removesuffix("_epoch")] = float(value)
+    return out
+
+
+def _loggers(cfg: DictConfig, out_dir: Path) -> list:
+    loggers = []
+    for name, conf in (cfg.get("logger") or {}).items():
+        if conf is None:
+            continue
+        if name == "wandb" and conf.get("offline") is None:
+            from lightning_modules.wandb_mode import wandb_offline_default
+
+            conf = OmegaConf.merge(conf, {"offline": wandb_offline_default()})
+        loggers.append(instantiate(conf))
+    return loggers
+
+
+def count_params(module: torch.nn.Module) -> dict:
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.parameters())
+    return {"params/trainable": trainable, "params/frozen": total - trainable}
+
+
+def run(cfg: DictConfig) -> dict:
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    started = time.time()
+    try:
+        return _run(cfg, out_dir, started)
+    except BaseException as err:
+        write_metrics(out_dir, {"status": "failed", "stage": cfg.stage,
+                                "error": f"{type(err).__name__}: {err}".splitlines()[0]})
+        raise
+
+
+def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    finetune = cfg.stage == "finetune"
+    datamodule = instantiate(cfg.datamodule, labeled=finetune)
+    datamodule.setup("fit")
+    backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True))
+    objective = instantiate(cfg.objective, backbone=backbone, data=datamodule.spec)
+    module = PretuneModule(backbone, objective, OmegaConf.to_container(cfg.optimizer, resolve=True),
+                           OmegaConf.to_container(cfg.scheduler, resolve=True))
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if finetune:
+        freezer = instantiate(cfg.freeze)
+        freezer.validate(backbone)  # e.g. freeze.layers beyond the backbone's groups: fail before training
+        callbacks.append(freezer)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, out_dir) or False,
+                                      default_root_dir=str(out_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {"status": "ok", "stage": cfg.stage, **_final_metrics(trainer), **count_params(module)}
+
+    checkpoint = trainer.checkpoint_callback
+    best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+    if best:
+        metrics[f"{cfg.optimized_metric}_best"] = float(checkpoint.best_model_score)
+        metrics["best_checkpoint"] = str(Path(best).relative_to(out_dir)) if Path(best).is_relative_to(out_dir) else best
+    if finetune:
+        # Test the checkpoint that validation selected, not whatever the last epoch left.
+        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        metrics.update({k: float(v) for k, v in tested[0].items()})
+    else:
+        export_backbone(backbone, out_dir / "backbone", provenance={
+            "objective": cfg.objective.get("_target_"), "datamodule": cfg.datamodule.get("_target_"),
+            "seed": cfg.seed, "run_dir": str(out_dir.resolve()),
+        })
+    metrics["time/run_s"] = round(time.time() - started, 2)
+    write_metrics(out_dir, metrics)
+    return metrics

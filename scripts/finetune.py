@@ -1,0 +1,24 @@
+#!/usr/bin/env python
+"""Fine-tune a backbone on a labeled task; metrics.json holds val and test metrics..
+
+    python scripts/finetune.py datamodule=digits model.init=<pre-training run dir> freeze.layers=2
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from lightning_modules.cli import main as run_job  # noqa: E402  (light: no torch import)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
+def main(cfg: DictConfig):
+    return run_job(cfg)
+
+
+if __name__ == "__main__":
+    main()
