@@ -70,13 +70,14 @@ class ImageFolderDataModule(InMemoryImageDataModule):
                 )
         train_x, train_y = self._read(train, classes)
         splits = {"train": (train_x, train_y)}
+        n_total = len(train_y)
         for split, fraction in (("val", self.val_fraction), ("test", self.test_fraction)):
             if split in held:
                 splits[split] = self._read(held[split], classes)
                 continue
             # No folder for this split: carve it from what is left of train, stratified.
             x, y = splits["train"]
-            n_hold = max(len(classes), round(fraction * len(train_y)))
+            n_hold = max(len(classes), round(fraction * n_total))
             if n_hold >= len(y):
                 raise ConfigError(f"datamodule.root={self.root}: too few training images to split off {split}/")
             keep, hold = train_test_split(np.arange(len(y)), test_size=n_hold, stratify=y,

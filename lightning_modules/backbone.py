@@ -27,18 +27,6 @@ class LayerGroup:
         return sum(p.numel() for p in self.params.values())
 
 
-def _group_name(index: int, names: list[str]) -> str:
-    if index == 0:
-        return "stem"
-    prefixes = []
-    for n in names:
-        parts = n.split(".")
-        prefix = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
-        if prefix not in prefixes:
-            prefixes.append(prefix)
-    return "+".join(prefixes)
-
-
 class Backbone(nn.Module):
     """Wraps ``timm.create_model(name, num_classes=0, **kwargs)``; ``forward`` returns pooled features."""
 
@@ -59,14 +47,36 @@ class Backbone(nn.Module):
     def layer_groups(self) -> list[LayerGroup]:
         """Ordered layer groups, input side first, from timm's group matcher."""
         named = dict(self.model.named_parameters())
-        grouped = group_parameters(self.model, self.model.group_matcher(coarse=True))
-        groups = [
-            LayerGroup(_group_name(i, names), {n: named[n] for n in names})
-            for i, names in enumerate(grouped.values())
-        ]
-        owner = {id(p): i for i, g in enumerate(groups) for p in g.params.values()}
-        for module in self.model.modules():
-            ids = {owner.get(id(p)) for p in module.parameters()}
-            if len(ids) == 1 and None not in ids and module is not self.model:
-                groups[ids.pop()].modules.append(module)
+        grouped = list(group_parameters(self.model, self.model.group_matcher(coarse=True)).values())
+        owner = {name: i for i, names in enumerate(grouped) for name in names}
+        modules = dict(self.model.named_modules())
+        groups = []
+        for i, names in enumerate(grouped):
+            inside = [m for n, m in modules.items() if n and _owned_by(m, n, owner) == i]
+            groups.append(LayerGroup(_group_name(i, names, modules, owner), {n: named[n] for n in names}, inside))
         return groups
+
+
+def _owned_by(module: nn.Module, prefix: str, owner: dict) -> int | None:
+    """The group that holds all of ``module``'s parameters, or None if they span groups (or it has none)."""
+    ids = {owner[f"{prefix}.{n}"] for n, _ in module.named_parameters()}
+    return ids.pop() if len(ids) == 1 else None
+
+
+def _group_name(index: int, names: list[str], modules: dict, owner: dict) -> str:
+    """``stem`` for the first group, else the shortest module paths that lie wholly in the group
+    (``blocks.3+norm`` for a ViT, ``layer2`` for a ResNet)."""
+    if index == 0:
+        return "stem"
+    parts = []
+    for name in names:
+        pieces = name.split(".")
+        for depth in range(1, len(pieces)):
+            prefix = ".".join(pieces[:depth])
+            if prefix in modules and _owned_by(modules[prefix], prefix, owner) == index:
+                break
+        else:
+            prefix = name  # a parameter held directly by a module that spans groups
+        if prefix not in parts:
+            parts.append(prefix)
+    return "+".join(parts)

@@ -1,0 +1,45 @@
+"""Shared fixtures: configs composed exactly as the scripts compose them, outputs in tmp_path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Tiny, quiet, CPU-only runs.
+FAST = [
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+]
+
+
+def make_cfg(stage: str, overrides: list[str], out_dir: Path | None = None) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=stage, overrides=FAST + list(overrides))
+    if out_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out_dir)
+    return cfg
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    def factory(stage: str, *overrides: str, name: str | None = None) -> DictConfig:
+        return make_cfg(stage, list(overrides), tmp_path / (name or stage))
+
+    return factory
+
+
+@pytest.fixture(autouse=True)
+def _offline_env(monkeypatch):
+    # Nothing in the suite may reach a network.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -1,0 +1,144 @@
+"""Splits, label fractions, batches as dicts, augmentation, and the user's image folders."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.augment import BatchAugment
+from datamodules.digits import DigitsDataModule
+from datamodules.errors import ConfigError
+from datamodules.image_folder import ImageFolderDataModule
+from datamodules.mnist5k import MNIST5kDataModule
+
+
+def _labels(dm, split="train"):
+    return dm.splits[split]["label"].tolist()
+
+
+def test_digits_split_is_fixed_and_stratified():
+    a, b = DigitsDataModule(label_seed=0), DigitsDataModule(label_seed=5)
+    a.setup(), b.setup()
+    sizes = {s: len(a.splits[s]["image"]) for s in ("train", "val", "test")}
+    assert sum(sizes.values()) == 1797 and sizes["val"] == sizes["test"] == 270
+    assert torch.equal(a.splits["test"]["image"], b.splits["test"]["image"])  # seed never moves the test set
+    assert a.splits["train"]["image"].shape[1:] == (1, 32, 32)
+    assert a.spec.num_classes == 10 and a.spec.channels == 1
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.2])
+def test_label_fraction_keeps_a_stratified_seeded_subset(fraction):
+    full = DigitsDataModule()
+    full.setup()
+    n_full = len(_labels(full))
+    dm = DigitsDataModule(label_fraction=fraction, label_seed=3, batch_size=16)
+    dm.setup()
+    labels = _labels(dm)
+    assert len(labels) == round(fraction * n_full)
+    full_counts, counts = Counter(_labels(full)), Counter(labels)
+    for cls, total in full_counts.items():  # every class in proportion, to within one example
+        assert abs(counts[cls] - fraction * total) <= 1
+    again = DigitsDataModule(label_fraction=fraction, label_seed=3, batch_size=16)
+    again.setup()
+    assert labels == _labels(again)
+    other = DigitsDataModule(label_fraction=fraction, label_seed=4, batch_size=16)
+    other.setup()
+    assert not torch.equal(dm.splits["train"]["image"], other.splits["train"]["image"])
+
+
+def test_pretraining_sees_all_training_images_without_labels():
+    dm = DigitsDataModule(labeled=False, label_fraction=0.05)
+    dm.setup()
+    assert set(dm.splits["train"]) == {"image"} and len(dm.splits["train"]["image"]) == 1257
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch, dict) and batch["image"].shape == (64, 1, 32, 32)
+
+
+def test_loader_order_depends_on_seed_and_epoch_only():
+    dm = DigitsDataModule()
+    dm.setup()
+    first = [b["label"] for b in dm.train_dataloader()]
+    second = [b["label"] for b in dm.train_dataloader()]
+    assert all(torch.equal(x, y) for x, y in zip(first, second))
+    assert len(first) == 1257 // 64  # drop_last: no ragged final batch in training
+
+
+def test_mnist5k_reads_the_shipped_file():
+    dm = MNIST5kDataModule(image_size=28)
+    dm.setup()
+    total = sum(len(dm.splits[s]["image"]) for s in ("train", "val", "test"))
+    assert total == 5000 and dm.splits["train"]["image"].shape[1:] == (1, 28, 28)
+    assert sorted(set(_labels(dm))) == list(range(10))
+
+
+def test_batch_size_larger_than_the_labeled_set_is_refused():
+    dm = DigitsDataModule(label_fraction=0.05, batch_size=128)
+    with pytest.raises(ConfigError, match=r"datamodule.batch_size=128 is larger than the 63 labeled"):
+        dm.setup()
+
+
+def test_augmentation_keeps_shape_and_changes_pixels():
+    x = torch.rand(8, 1, 32, 32)
+    aug = BatchAugment(scale=(0.5, 1.0), rotate=20, translate=0.1, brightness=0.2, contrast=0.2, noise=0.05,
+                       erase=0.5)
+    y = aug(x)
+    assert y.shape == x.shape and not torch.equal(x, y)
+    assert torch.equal(BatchAugment()(x), x)  # the default is the identity
+    with pytest.raises(ValueError, match="augment.scale"):
+        BatchAugment(scale=(0.0, 1.0))
+
+
+def _write_images(root, split, classes, n=4, size=12, mode="RGB"):
+    rng = np.random.default_rng(0)
+    for cls in classes:
+        folder = root / split / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            shape = (size, size, 3) if mode == "RGB" else (size, size)
+            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(folder / f"{i}.png")
+
+
+def test_image_folder_with_val_and_test(tmp_path):
+    for split in ("train", "val", "test"):
+        _write_images(tmp_path, split, ["cat", "dog"], n=6 if split == "train" else 3)
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=16, channels=3, batch_size=4)
+    dm.setup()
+    assert dm.spec.class_names == ("cat", "dog")
+    assert dm.splits["train"]["image"].shape == (12, 3, 16, 16)
+    assert len(dm.splits["val"]["image"]) == 6 and len(dm.splits["test"]["image"]) == 6
+
+
+def test_image_folder_splits_train_when_val_test_absent(tmp_path):
+    _write_images(tmp_path, "train", ["a", "b"], n=20)
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=8, channels=1, batch_size=4,
+                               val_fraction=0.2, test_fraction=0.2)
+    dm.setup()
+    sizes = [len(dm.splits[s]["image"]) for s in ("train", "val", "test")]
+    assert sum(sizes) == 40 and sizes[1] == sizes[2] == 8
+    assert Counter(_labels(dm, "val")) == {0: 4, 1: 4}
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda root: None, "no train/ folder"),
+        (lambda root: (root / "train" / "empty").mkdir(parents=True), "train/ holds no class folder"),
+        (lambda root: (_write_images(root, "train", ["a"]), (root / "train" / "a" / "bad.png").write_text("x")),
+         "cannot read image"),
+        (lambda root: (_write_images(root, "train", ["a", "b"]), _write_images(root, "val", ["a", "zebra"])),
+         "val/ has classes not in train/: ['zebra']"),
+    ],
+    ids=["missing", "empty", "unreadable", "unknown-class"],
+)
+def test_image_folder_errors_are_clear(tmp_path, make, needle):
+    make(tmp_path)
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=8, batch_size=2)
+    with pytest.raises(ConfigError, match="datamodule.root=" if needle != "cannot read image" else "datamodule.root"):
+        dm.setup()
+    with pytest.raises(ConfigError) as err:
+        ImageFolderDataModule(root=str(tmp_path), image_size=8, batch_size=2).setup()
+    assert needle in str(err.value)
