@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""The main job: what did pre-training buy? Pre-train once, then fine-tune from scratch and from the
+pre-trained backbone under several strategies at a low label fraction, over several seeds, each
+strategy at its own best learning rate (chosen on validation), and write a report.
+
+    python scripts/transfer_study.py                 # what `make run` runs
+    python scripts/transfer_study.py seeds=[0,1,2,3,4] label_fraction=0.1
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from datamodules.errors import ConfigError  # noqa: E402
+
+
+def _run_stage(stage: str, overrides: list[str], out_dir: Path) -> dict:
+    from hydra import compose
+
+    from lightning_modules.config_check import check_config
+    from lightning_modules.run import run
+
+    cfg = compose(config_name=stage, overrides=[*overrides, f"paths.output_dir={out_dir}"])
+    check_config(cfg)
+    return run(cfg)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="transfer_study")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    study_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        report = study(cfg, study_dir)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"\nReport: {report}")
+
+
+def study(cfg: DictConfig, study_dir: Path) -> Path:
+    import logging
+    import warnings
+
+    import pytorch_lightning  # noqa: F401  (imported first: it sets its loggers to INFO on import)
+
+    from lightning_modules.transfer_report import select_and_summarise, write_report
+
+    # Dozens of runs in one process: keep the console to one line per run.
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    started = time.time()
+    common = [f"datamodule.label_fraction={cfg.label_fraction}", *cfg.common]
+    pre_dir = study_dir / "pretrain"
+    print(f"pre-training ({' '.join(cfg.pretrain)}) ...", flush=True)
+    pre = _run_stage("pretrain", [*cfg.common, *cfg.pretrain], pre_dir)
+    print(f"  done in {pre['time/run_s']:.0f}s, val/loss {pre['val/loss']:.3f}", flush=True)
+
+    jobs = [(name, lr, seed) for name, s in cfg.strategies.items() for lr in s.lrs for seed in cfg.seeds]
+    rows = []
+    for i, (name, lr, seed) in enumerate(jobs, 1):
+        strategy = cfg.strategies[name]
+        init = f"model.init={pre_dir}" if strategy.pretrained else "model.init=none"
+        overrides = [*common, *cfg.finetune, *strategy.overrides, init, f"optimizer.lr={lr}", f"seed={seed}"]
+        out = study_dir / "finetune" / f"{name}_lr{lr:g}_seed{seed}"
+        m = _run_stage("finetune", overrides, out)
+        rows.append({"strategy": name, "pretrained": bool(strategy.pretrained), "lr": lr, "seed": seed,
+                     "val_acc": m["val/acc_best"], "test_acc": m["test/acc"], "test_f1": m["test/f1"],
+                     "trainable": m["params/trainable"], "frozen": m["params/frozen"],
+                     "seconds": m["time/run_s"], "run_dir": str(out.relative_to(study_dir))})
+        print(f"[{i:>2}/{len(jobs)}] {name:<16} lr={lr:<7g} seed={seed}: val/acc {m['val/acc_best']:.3f}"
+              f"  test/acc {m['test/acc']:.3f}  ({m['time/run_s']:.1f}s)", flush=True)
+
+    summary = select_and_summarise(rows, baseline="scratch")
+    return write_report(study_dir, cfg, rows, summary, pretrain=pre, seconds=time.time() - started)
+
+
+if __name__ == "__main__":
+    main()
