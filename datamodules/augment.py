@@ -89,5 +89,5 @@ class BatchAugment(nn.Module):
         rows = torch.arange(h, device=x.device).view(1, h, 1)
         cols = torch.arange(w, device=x.device).view(1, 1, w)
         box = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
-        box &= (torch.rand(n, 1, 1, device=x.device) < self.erase)
+        box &= torch.rand(n, 1, 1, device=x.device) < self.erase
         return x.masked_fill(box.unsqueeze(1), 0.0)

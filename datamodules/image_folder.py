@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from sklearn.model_selection import train_test_split
 
 from datamodules.errors import ConfigError
 from datamodules.in_memory import InMemoryImageDataModule
-from sklearn.model_selection import train_test_split
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
@@ -65,9 +65,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         for split, by_class in held.items():
             unknown = sorted(set(by_class) - set(train))
             if unknown:
-                raise ConfigError(
-                    f"datamodule.root={self.root}: {split}/ has classes not in train/: {unknown}"
-                )
+                raise ConfigError(f"datamodule.root={self.root}: {split}/ has classes not in train/: {unknown}")
         train_x, train_y = self._read(train, classes)
         splits = {"train": (train_x, train_y)}
         n_total = len(train_y)
@@ -80,7 +78,6 @@ class ImageFolderDataModule(InMemoryImageDataModule):
             n_hold = max(len(classes), round(fraction * n_total))
             if n_hold >= len(y):
                 raise ConfigError(f"datamodule.root={self.root}: too few training images to split off {split}/")
-            keep, hold = train_test_split(np.arange(len(y)), test_size=n_hold, stratify=y,
-                                          random_state=self.split_seed)
+            keep, hold = train_test_split(np.arange(len(y)), test_size=n_hold, stratify=y, random_state=self.split_seed)
             splits["train"], splits[split] = (x[keep], y[keep]), (x[hold], y[hold])
         return splits, tuple(classes)

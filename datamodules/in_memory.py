@@ -35,8 +35,15 @@ class BatchLoader:
     epoch k sees exactly the batches an uninterrupted run sees.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], batch_size: int, shuffle: bool,
-                 drop_last: bool, seed: int = 0, epoch_fn=None):
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int = 0,
+        epoch_fn=None,
+    ):
         self.tensors, self.batch_size = tensors, batch_size
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.epoch_fn = epoch_fn or (lambda: 0)
@@ -122,14 +129,21 @@ class InMemoryImageDataModule(pl.LightningDataModule):
         val_idx, test_idx = train_test_split(
             rest, test_size=self.test_fraction / held, stratify=labels[rest], random_state=self.split_seed
         )
-        return {s: (images[i], labels[i]) for s, i in (("train", train_idx), ("val", val_idx), ("test", test_idx))}, classes
+        return {
+            s: (images[i], labels[i]) for s, i in (("train", train_idx), ("val", val_idx), ("test", test_idx))
+        }, classes
 
     # --- shared logic -------------------------------------------------------------------
     def resize(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-1] == self.image_size and images.shape[-2] == self.image_size:
             return images
-        return F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
-                             align_corners=False, antialias=True)
+        return F.interpolate(
+            images,
+            size=(self.image_size, self.image_size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -170,8 +184,14 @@ class InMemoryImageDataModule(pl.LightningDataModule):
         return trainer.current_epoch if trainer is not None else 0
 
     def train_dataloader(self):
-        return BatchLoader(self.splits["train"], self.batch_size, shuffle=True, drop_last=True,
-                           seed=self.label_seed, epoch_fn=self._epoch)
+        return BatchLoader(
+            self.splits["train"],
+            self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            seed=self.label_seed,
+            epoch_fn=self._epoch,
+        )
 
     def _eval_loader(self, split: str):
         return BatchLoader(self.splits[split], self.eval_batch_size, shuffle=False, drop_last=False)

@@ -23,7 +23,9 @@ def _number(cfg, key, *, low=None, high=None, low_open=False, high_open=False, i
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
-        raise ConfigError(f"{key}={value} is out of range: allowed is {kind}{_range_text(low, high, low_open, high_open)}")
+        raise ConfigError(
+            f"{key}={value} is out of range: allowed is {kind}{_range_text(low, high, low_open, high_open)}"
+        )
 
 
 def _range_text(low, high, low_open, high_open) -> str:

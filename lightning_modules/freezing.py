@@ -9,10 +9,15 @@ epoch start would undo a one-off ``.eval()``, so it is re-applied every epoch.
 
 from __future__ import annotations
 
+import warnings
+
 from pytorch_lightning.callbacks import BaseFinetuning
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from datamodules.errors import ConfigError
+
+# Frozen groups run in eval mode on purpose; Lightning warns about any module in eval mode at fit start.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def resolve_layers(layers, num_groups: int) -> int:

@@ -106,12 +106,17 @@ def load_backbone_weights(backbone, backbone_dir: Path) -> None:
     own = backbone.model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    misshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                 for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    misshaped = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if state[k].shape != own[k].shape
+    ]
     if missing or unexpected or misshaped:
-        parts = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", misshaped))
-                 if items]
+        parts = [
+            f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", misshaped))
+            if items
+        ]
         raise ConfigError(f"model.init={backbone_dir}: weights do not fit the model ({'; '.join(parts)})")
     backbone.model.load_state_dict(state, strict=True)
 
@@ -140,7 +145,8 @@ def build_backbone(model_cfg: dict):
     if diffs:
         raise ConfigError(
             f"model.init={init}: the backbone's architecture does not match the model config ("
-            + "; ".join(diffs) + "); use the model config it was pre-trained with"
+            + "; ".join(diffs)
+            + "); use the model config it was pre-trained with"
         )
     backbone = _create(name, kwargs)
     load_backbone_weights(backbone, backbone_dir)

@@ -29,8 +29,13 @@ class PretuneModule(pl.LightningModule):
 
     def _eval_step(self, batch, split: str, metrics):
         out = self(batch)
-        self.log(f"{split}/loss", out["loss"], on_epoch=True, prog_bar=split == "val",
-                 batch_size=len(next(iter(batch.values()))))
+        self.log(
+            f"{split}/loss",
+            out["loss"],
+            on_epoch=True,
+            prog_bar=split == "val",
+            batch_size=len(next(iter(batch.values()))),
+        )
         if metrics is not None:
             self.objective.update_metrics(metrics, out)
 

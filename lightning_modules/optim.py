@@ -28,8 +28,9 @@ def _split_decay(named: dict, weight_decay: float, base: dict) -> list[dict]:
     return groups
 
 
-def param_groups(backbone, head: torch.nn.Module, lr: float, weight_decay: float,
-                 backbone_lr_scale: float = 1.0) -> list[dict]:
+def param_groups(
+    backbone, head: torch.nn.Module, lr: float, weight_decay: float, backbone_lr_scale: float = 1.0
+) -> list[dict]:
     groups = []
     for g in backbone.layer_groups():
         groups += _split_decay(g.params, weight_decay, {"name": g.name, "lr": lr * backbone_lr_scale})
@@ -43,8 +44,7 @@ def build_optimizer(cfg: dict, backbone, head) -> torch.optim.Optimizer:
     name = cfg.get("name", "adamw")
     if name not in OPTIMIZERS:
         raise ConfigError(f"optimizer.name={name} is unknown: allowed are {sorted(OPTIMIZERS)}")
-    groups = param_groups(backbone, head, cfg["lr"], cfg.get("weight_decay", 0.0),
-                          cfg.get("backbone_lr_scale", 1.0))
+    groups = param_groups(backbone, head, cfg["lr"], cfg.get("weight_decay", 0.0), cfg.get("backbone_lr_scale", 1.0))
     extra = {}
     if name == "sgd":
         extra = {"momentum": cfg.get("momentum", 0.9), "nesterov": cfg.get("nesterov", False)}

@@ -19,8 +19,7 @@ from lightning_modules.handoff import build_backbone, export_backbone
 from lightning_modules.module import PretuneModule
 from lightning_modules.results import write_atomic, write_metrics
 
-# Frozen layer groups run in eval mode on purpose (BatchNorm statistics stay fixed).
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# Lightning's own deprecation noise, nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
@@ -60,8 +59,10 @@ def run(cfg: DictConfig) -> dict:
     try:
         return _run(cfg, out_dir, started)
     except BaseException as err:
-        write_metrics(out_dir, {"status": "failed", "stage": cfg.stage,
-                                "error": f"{type(err).__name__}: {err}".splitlines()[0]})
+        write_metrics(
+            out_dir,
+            {"status": "failed", "stage": cfg.stage, "error": f"{type(err).__name__}: {err}".splitlines()[0]},
+        )
         raise
 
 
@@ -72,16 +73,24 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     datamodule.setup("fit")
     backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True))
     objective = instantiate(cfg.objective, backbone=backbone, data=datamodule.spec)
-    module = PretuneModule(backbone, objective, OmegaConf.to_container(cfg.optimizer, resolve=True),
-                           OmegaConf.to_container(cfg.scheduler, resolve=True))
+    module = PretuneModule(
+        backbone,
+        objective,
+        OmegaConf.to_container(cfg.optimizer, resolve=True),
+        OmegaConf.to_container(cfg.scheduler, resolve=True),
+    )
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if finetune:
         freezer = instantiate(cfg.freeze)
         freezer.validate(backbone)  # e.g. freeze.layers beyond the backbone's groups: fail before training
         callbacks.append(freezer)
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, out_dir) or False,
-                                      default_root_dir=str(out_dir))
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=_loggers(cfg, out_dir) or False,
+        default_root_dir=str(out_dir),
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {"status": "ok", "stage": cfg.stage, **_final_metrics(trainer), **count_params(module)}
 
@@ -89,16 +98,24 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
     if best:
         metrics[f"{cfg.optimized_metric}_best"] = float(checkpoint.best_model_score)
-        metrics["best_checkpoint"] = str(Path(best).relative_to(out_dir)) if Path(best).is_relative_to(out_dir) else best
+        metrics["best_checkpoint"] = (
+            str(Path(best).relative_to(out_dir)) if Path(best).is_relative_to(out_dir) else best
+        )
     if finetune:
         # Test the checkpoint that validation selected, not whatever the last epoch left.
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update({k: float(v) for k, v in tested[0].items()})
     else:
-        export_backbone(backbone, out_dir / "backbone", provenance={
-            "objective": cfg.objective.get("_target_"), "datamodule": cfg.datamodule.get("_target_"),
-            "seed": cfg.seed, "run_dir": str(out_dir.resolve()),
-        })
+        export_backbone(
+            backbone,
+            out_dir / "backbone",
+            provenance={
+                "objective": cfg.objective.get("_target_"),
+                "datamodule": cfg.datamodule.get("_target_"),
+                "seed": cfg.seed,
+                "run_dir": str(out_dir.resolve()),
+            },
+        )
     metrics["time/run_s"] = round(time.time() - started, 2)
     write_metrics(out_dir, metrics)
     return metrics

@@ -27,14 +27,22 @@ def select_and_summarise(rows: list[dict], baseline: str) -> list[dict]:
                 by_lr.setdefault(r["lr"], []).append(r)
         lr, chosen = max(by_lr.items(), key=lambda item: statistics.fmean(r["val_acc"] for r in item[1]))
         test_mean, test_std = _mean_std([r["test_acc"] for r in chosen])
-        summary.append({
-            "strategy": name, "pretrained": chosen[0]["pretrained"], "lr": lr, "seeds": len(chosen),
-            "val_acc": statistics.fmean(r["val_acc"] for r in chosen),
-            "test_acc": test_mean, "test_std": test_std,
-            "test_min": min(r["test_acc"] for r in chosen), "test_max": max(r["test_acc"] for r in chosen),
-            "per_seed": {r["seed"]: r["test_acc"] for r in chosen},
-            "trainable": chosen[0]["trainable"], "frozen": chosen[0]["frozen"],
-        })
+        summary.append(
+            {
+                "strategy": name,
+                "pretrained": chosen[0]["pretrained"],
+                "lr": lr,
+                "seeds": len(chosen),
+                "val_acc": statistics.fmean(r["val_acc"] for r in chosen),
+                "test_acc": test_mean,
+                "test_std": test_std,
+                "test_min": min(r["test_acc"] for r in chosen),
+                "test_max": max(r["test_acc"] for r in chosen),
+                "per_seed": {r["seed"]: r["test_acc"] for r in chosen},
+                "trainable": chosen[0]["trainable"],
+                "frozen": chosen[0]["frozen"],
+            }
+        )
     base = next(s for s in summary if s["strategy"] == baseline)
     for s in summary:
         # Paired by seed: the same labeled subset and fine-tuning seed on both sides.
@@ -69,8 +77,7 @@ def _plot(summary: list[dict], path: Path, title: str) -> None:
     tmp.replace(path)
 
 
-def write_report(study_dir: Path, cfg, rows: list[dict], summary: list[dict], pretrain: dict,
-                 seconds: float) -> Path:
+def write_report(study_dir: Path, cfg, rows: list[dict], summary: list[dict], pretrain: dict, seconds: float) -> Path:
     study_dir = Path(study_dir)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fine-tune a backbone on a labeled task; metrics.json holds val and test metrics..
 
-    python scripts/finetune.py datamodule=digits model.init=<pre-training run dir> freeze.layers=2
+python scripts/finetune.py datamodule=digits model.init=<pre-training run dir> freeze.layers=2
 """
 
 import sys

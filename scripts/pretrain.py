@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pre-train a backbone with a self-supervised objective; the run exports backbone/.
 
-    python scripts/pretrain.py objective=mae model=vit_micro datamodule=digits
+python scripts/pretrain.py objective=mae model=vit_micro datamodule=digits
 """
 
 import sys

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -70,12 +70,26 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
         overrides = [*common, *cfg.finetune, *strategy.overrides, init, f"optimizer.lr={lr}", f"seed={seed}"]
         out = study_dir / "finetune" / f"{name}_lr{lr:g}_seed{seed}"
         m = _run_stage("finetune", overrides, out)
-        rows.append({"strategy": name, "pretrained": bool(strategy.pretrained), "lr": lr, "seed": seed,
-                     "val_acc": m["val/acc_best"], "test_acc": m["test/acc"], "test_f1": m["test/f1"],
-                     "trainable": m["params/trainable"], "frozen": m["params/frozen"],
-                     "seconds": m["time/run_s"], "run_dir": str(out.relative_to(study_dir))})
-        print(f"[{i:>2}/{len(jobs)}] {name:<16} lr={lr:<7g} seed={seed}: val/acc {m['val/acc_best']:.3f}"
-              f"  test/acc {m['test/acc']:.3f}  ({m['time/run_s']:.1f}s)", flush=True)
+        rows.append(
+            {
+                "strategy": name,
+                "pretrained": bool(strategy.pretrained),
+                "lr": lr,
+                "seed": seed,
+                "val_acc": m["val/acc_best"],
+                "test_acc": m["test/acc"],
+                "test_f1": m["test/f1"],
+                "trainable": m["params/trainable"],
+                "frozen": m["params/frozen"],
+                "seconds": m["time/run_s"],
+                "run_dir": str(out.relative_to(study_dir)),
+            }
+        )
+        print(
+            f"[{i:>2}/{len(jobs)}] {name:<16} lr={lr:<7g} seed={seed}: val/acc {m['val/acc_best']:.3f}"
+            f"  test/acc {m['test/acc']:.3f}  ({m['time/run_s']:.1f}s)",
+            flush=True,
+        )
 
     summary = select_and_summarise(rows, baseline="scratch")
     return write_report(study_dir, cfg, rows, summary, pretrain=pre, seconds=time.time() - started)

@@ -7,8 +7,18 @@ import torch
 from datamodules.in_memory import DataSpec
 from lightning_modules.backbone import Backbone
 
-VIT = ("vit_tiny_patch16_224", {"img_size": 16, "in_chans": 1, "patch_size": 4, "embed_dim": 32, "depth": 2,
-                                "num_heads": 2, "mlp_ratio": 2.0})
+VIT = (
+    "vit_tiny_patch16_224",
+    {
+        "img_size": 16,
+        "in_chans": 1,
+        "patch_size": 4,
+        "embed_dim": 32,
+        "depth": 2,
+        "num_heads": 2,
+        "mlp_ratio": 2.0,
+    },
+)
 RESNET = ("resnet18", {"in_chans": 1, "layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8})
 SPEC = DataSpec(channels=1, image_size=16, num_classes=3, class_names=("a", "b", "c"))
 

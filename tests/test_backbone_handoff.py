@@ -12,8 +12,10 @@ from tests.helpers import RESNET, VIT, resnet, vit
 
 
 def test_layer_groups_are_ordered_and_cover_every_parameter():
-    for backbone, names in ((vit(), ["stem", "blocks.0", "blocks.1+norm"]),
-                            (resnet(), ["stem", "layer1", "layer2", "layer3", "layer4"])):
+    for backbone, names in (
+        (vit(), ["stem", "blocks.0", "blocks.1+norm"]),
+        (resnet(), ["stem", "layer1", "layer2", "layer3", "layer4"]),
+    ):
         groups = backbone.layer_groups()
         assert [g.name for g in groups] == names
         grouped = [id(p) for g in groups for p in g.params.values()]
@@ -21,8 +23,9 @@ def test_layer_groups_are_ordered_and_cover_every_parameter():
 
 
 def test_vit_micro_and_resnet_micro_are_micro(cfg_factory):
-    from lightning_modules.backbone import Backbone
     from omegaconf import OmegaConf
+
+    from lightning_modules.backbone import Backbone
 
     for model in ("vit_micro", "resnet_micro"):
         cfg = cfg_factory("finetune", f"model={model}")
@@ -50,7 +53,7 @@ def test_export_import_round_trip_reproduces_features(spec, tmp_path):
         torch.manual_seed(1)  # a different random init, overwritten by the load
         loaded = build_backbone(_model_cfg(spec, init)).eval()
         assert torch.equal(loaded(x), source(x))
-        for (k, a), (_, b) in zip(loaded.model.state_dict().items(), source.model.state_dict().items()):
+        for (k, a), (_, b) in zip(loaded.model.state_dict().items(), source.model.state_dict().items(), strict=True):
             assert torch.equal(a, b), k
 
 
@@ -73,8 +76,10 @@ def test_corrupt_or_truncated_weights_are_refused(tmp_path):
 
 def test_weights_of_another_shape_are_refused(tmp_path):
     """A config.yaml that claims the right architecture over weights that are not: keys and shapes checked."""
-    target = export_backbone(build_backbone({"name": VIT[0], "kwargs": dict(VIT[1], embed_dim=16), "init": "none"}),
-                             tmp_path / "backbone")
+    target = export_backbone(
+        build_backbone({"name": VIT[0], "kwargs": dict(VIT[1], embed_dim=16), "init": "none"}),
+        tmp_path / "backbone",
+    )
     meta = yaml.safe_load((target / CONFIG).read_text())
     meta["kwargs"]["embed_dim"] = VIT[1]["embed_dim"]
     (target / CONFIG).write_text(yaml.safe_dump(meta))

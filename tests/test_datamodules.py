@@ -63,7 +63,7 @@ def test_loader_order_depends_on_seed_and_epoch_only():
     dm.setup()
     first = [b["label"] for b in dm.train_dataloader()]
     second = [b["label"] for b in dm.train_dataloader()]
-    assert all(torch.equal(x, y) for x, y in zip(first, second))
+    assert all(torch.equal(x, y) for x, y in zip(first, second, strict=True))
     assert len(first) == 1257 // 64  # drop_last: no ragged final batch in training
 
 
@@ -83,8 +83,7 @@ def test_batch_size_larger_than_the_labeled_set_is_refused():
 
 def test_augmentation_keeps_shape_and_changes_pixels():
     x = torch.rand(8, 1, 32, 32)
-    aug = BatchAugment(scale=(0.5, 1.0), rotate=20, translate=0.1, brightness=0.2, contrast=0.2, noise=0.05,
-                       erase=0.5)
+    aug = BatchAugment(scale=(0.5, 1.0), rotate=20, translate=0.1, brightness=0.2, contrast=0.2, noise=0.05, erase=0.5)
     y = aug(x)
     assert y.shape == x.shape and not torch.equal(x, y)
     assert torch.equal(BatchAugment()(x), x)  # the default is the identity
@@ -114,8 +113,9 @@ def test_image_folder_with_val_and_test(tmp_path):
 
 def test_image_folder_splits_train_when_val_test_absent(tmp_path):
     _write_images(tmp_path, "train", ["a", "b"], n=20)
-    dm = ImageFolderDataModule(root=str(tmp_path), image_size=8, channels=1, batch_size=4,
-                               val_fraction=0.2, test_fraction=0.2)
+    dm = ImageFolderDataModule(
+        root=str(tmp_path), image_size=8, channels=1, batch_size=4, val_fraction=0.2, test_fraction=0.2
+    )
     dm.setup()
     sizes = [len(dm.splits[s]["image"]) for s in ("train", "val", "test")]
     assert sum(sizes) == 40 and sizes[1] == sizes[2] == 8
@@ -127,10 +127,20 @@ def test_image_folder_splits_train_when_val_test_absent(tmp_path):
     [
         (lambda root: None, "no train/ folder"),
         (lambda root: (root / "train" / "empty").mkdir(parents=True), "train/ holds no class folder"),
-        (lambda root: (_write_images(root, "train", ["a"]), (root / "train" / "a" / "bad.png").write_text("x")),
-         "cannot read image"),
-        (lambda root: (_write_images(root, "train", ["a", "b"]), _write_images(root, "val", ["a", "zebra"])),
-         "val/ has classes not in train/: ['zebra']"),
+        (
+            lambda root: (
+                _write_images(root, "train", ["a"]),
+                (root / "train" / "a" / "bad.png").write_text("x"),
+            ),
+            "cannot read image",
+        ),
+        (
+            lambda root: (
+                _write_images(root, "train", ["a", "b"]),
+                _write_images(root, "val", ["a", "zebra"]),
+            ),
+            "val/ has classes not in train/: ['zebra']",
+        ),
     ],
     ids=["missing", "empty", "unreadable", "unknown-class"],
 )

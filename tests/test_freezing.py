@@ -28,12 +28,22 @@ class _Data(pl.LightningDataModule):
 
 def _fit(backbone, layers, train_bn=False, epochs=2):
     torch.manual_seed(0)
-    module = PretuneModule(backbone, Classification(backbone, SPEC), {"name": "adamw", "lr": 1e-2,
-                           "weight_decay": 0.05}, {"name": "none"})
+    module = PretuneModule(
+        backbone,
+        Classification(backbone, SPEC),
+        {"name": "adamw", "lr": 1e-2, "weight_decay": 0.05},
+        {"name": "none"},
+    )
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[FreezeLayers(layers, train_bn=train_bn)])
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[FreezeLayers(layers, train_bn=train_bn)],
+    )
     trainer.fit(module, datamodule=_Data())
     after = module.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}

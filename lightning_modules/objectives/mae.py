@@ -12,7 +12,9 @@ from lightning_modules.objectives.base import Objective
 
 
 def random_masking(batch: int, num_patches: int, mask_ratio: float, device=None):
-    """Per sample, keep ``round(N * (1 - ratio))`` random patches. Returns (kept indices, mask), mask 1 = hidden."""
+    """Per sample, keep ``round(N * (1 - ratio))`` random patches.
+
+    Returns (kept indices, mask) with mask 1 where a patch is hidden."""
     n_keep = max(1, round(num_patches * (1 - mask_ratio)))
     order = torch.rand(batch, num_patches, device=device).argsort(dim=1)
     keep = order[:, :n_keep]
@@ -22,8 +24,16 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, device=None)
 
 
 class MAE(Objective):
-    def __init__(self, backbone, data, mask_ratio: float = 0.75, decoder_dim: int = 64, decoder_depth: int = 1,
-                 decoder_heads: int = 4, norm_pix_loss: bool = True):
+    def __init__(
+        self,
+        backbone,
+        data,
+        mask_ratio: float = 0.75,
+        decoder_dim: int = 64,
+        decoder_depth: int = 1,
+        decoder_heads: int = 4,
+        norm_pix_loss: bool = True,
+    ):
         super().__init__(backbone, data)
         vit = backbone.model
         if not isinstance(vit, VisionTransformer):

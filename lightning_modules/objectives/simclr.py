@@ -23,8 +23,15 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 
 
 class SimCLR(Objective):
-    def __init__(self, backbone, data, temperature: float = 0.2, proj_hidden: int = 256, proj_dim: int = 64,
-                 augment: dict | None = None):
+    def __init__(
+        self,
+        backbone,
+        data,
+        temperature: float = 0.2,
+        proj_hidden: int = 256,
+        proj_dim: int = 64,
+        augment: dict | None = None,
+    ):
         super().__init__(backbone, data)
         if not temperature > 0:
             raise ConfigError(f"objective.temperature={temperature} is invalid: allowed is a number > 0")

@@ -1,0 +1,94 @@
+"""End to end on a tiny budget, through the real scripts: pre-train -> backbone/ -> fine-tune, a multirun,
+and the main job's transfer study."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from tests.conftest import CONF, ROOT
+
+pytestmark = pytest.mark.slow
+TINY = ["debug=limit", "trainer.enable_progress_bar=false", "logger=csv"]
+
+
+def _script(name: str, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, f"scripts/{name}.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_pretrain_then_finetune_through_the_scripts(tmp_path):
+    pre = tmp_path / "pre"
+    _script("pretrain", "objective=mae", "model=vit_micro", "datamodule=digits", *TINY, f"hydra.run.dir={pre}")
+    metrics = json.loads((pre / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["stage"] == "pretrain"
+    assert metrics["train/loss"] > 0 and metrics["val/loss"] > 0
+    assert (pre / "backbone" / "model.safetensors").is_file() and (pre / "checkpoints" / "last.ckpt").is_file()
+    meta = yaml.safe_load((pre / "backbone" / "config.yaml").read_text())
+    assert meta["name"] == "vit_tiny_patch16_224" and meta["layer_groups"][0] == "stem"
+    assert yaml.safe_load((pre / "config.yaml").read_text())["objective"]["mask_ratio"] == 0.75
+
+    ft = tmp_path / "ft"
+    _script("finetune", "datamodule=digits", f"model.init={pre}", "freeze.layers=2", *TINY, f"hydra.run.dir={ft}")
+    m = json.loads((ft / "metrics.json").read_text())
+    assert m["status"] == "ok"
+    for key in ("train/loss", "val/acc", "val/f1", "test/acc", "test/f1", "val/acc_best"):
+        assert 0 <= m[key] <= 10, key
+    # stem + blocks.0 of vit_micro are frozen: patch embedding, tokens and one transformer block.
+    assert m["params/frozen"] > 0 and m["params/trainable"] > m["params/frozen"]
+    assert (ft / "checkpoints" / "best.ckpt").is_file() and (ft / "csv" / "metrics.csv").is_file()
+
+
+def test_multirun_writes_one_complete_run_dir_per_job(tmp_path):
+    _script("finetune", "-m", "freeze.layers=0,all", "model=resnet_micro", *TINY, f"hydra.sweep.dir={tmp_path}")
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in runs] == ["0", "1"]
+    frozen = [json.loads((p / "metrics.json").read_text())["params/frozen"] for p in runs]
+    assert frozen[0] == 0 and frozen[1] > 0
+
+
+def test_failed_job_is_recorded_and_exits_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "scripts/finetune.py", "freeze.layers=99", *TINY, f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "freeze.layers=99 is out of range: the backbone has 5 layer groups" in result.stderr
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_transfer_study_on_a_tiny_budget(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from transfer_study import study
+
+    overrides = [
+        "seeds=[0,1]",
+        'pretrain=["objective=simclr","trainer.max_epochs=1","datamodule.batch_size=128","trainer.limit_train_batches=2"]',
+        'finetune=["datamodule.batch_size=16","trainer.max_epochs=2"]',
+        "strategies.scratch.lrs=[1e-3,3e-3]",
+        "strategies.linear_probe.lrs=[1e-2]",
+        "strategies.full_finetune.lrs=[1e-3]",
+        "label_fraction=0.05",
+    ]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="transfer_study", overrides=overrides)
+        report = study(cfg, tmp_path)
+    text = report.read_text()
+    assert "| scratch | random |" in text and "| linear_probe | pre-trained |" in text
+    assert (tmp_path / "transfer.png").stat().st_size > 1000
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert len(rows) == (2 + 1 + 1) * 2
+    assert {r["strategy"] for r in rows} == {"scratch", "linear_probe", "full_finetune"}
+    assert (tmp_path / "pretrain" / "backbone" / "model.safetensors").is_file()
