@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
@@ -85,12 +86,29 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         freezer = instantiate(cfg.freeze)
         freezer.validate(backbone)  # e.g. freeze.layers beyond the backbone's groups: fail before training
         callbacks.append(freezer)
+    loggers = _loggers(cfg, out_dir)
     trainer: pl.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=callbacks,
-        logger=_loggers(cfg, out_dir) or False,
-        default_root_dir=str(out_dir),
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out_dir)
     )
+    for logger in trainer.loggers:  # the resolved config is every logger's run config
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        metrics = _fit_and_test(cfg, trainer, module, datamodule, out_dir)
+    finally:
+        _finish(loggers)
+    metrics["time/run_s"] = round(time.time() - started, 2)
+    write_metrics(out_dir, metrics)
+    return metrics
+
+
+def _finish(loggers: list) -> None:
+    """Close W&B runs explicitly, so jobs of one process (sweeps, the study) never merge into one run."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
+            logger.experiment.finish()
+
+
+def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_dir: Path) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {"status": "ok", "stage": cfg.stage, **_final_metrics(trainer), **count_params(module)}
 
@@ -98,24 +116,17 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
     if best:
         metrics[f"{cfg.optimized_metric}_best"] = float(checkpoint.best_model_score)
-        metrics["best_checkpoint"] = (
-            str(Path(best).relative_to(out_dir)) if Path(best).is_relative_to(out_dir) else best
-        )
-    if finetune:
+        metrics["best_checkpoint"] = os.path.relpath(best, out_dir)
+    if cfg.stage == "finetune":
         # Test the checkpoint that validation selected, not whatever the last epoch left.
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update({k: float(v) for k, v in tested[0].items()})
     else:
-        export_backbone(
-            backbone,
-            out_dir / "backbone",
-            provenance={
-                "objective": cfg.objective.get("_target_"),
-                "datamodule": cfg.datamodule.get("_target_"),
-                "seed": cfg.seed,
-                "run_dir": str(out_dir.resolve()),
-            },
-        )
-    metrics["time/run_s"] = round(time.time() - started, 2)
-    write_metrics(out_dir, metrics)
+        provenance = {
+            "objective": cfg.objective.get("_target_"),
+            "datamodule": cfg.datamodule.get("_target_"),
+            "seed": cfg.seed,
+            "run_dir": str(out_dir.resolve()),
+        }
+        export_backbone(module.backbone, out_dir / "backbone", provenance=provenance)
     return metrics
