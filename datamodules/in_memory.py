@@ -32,7 +32,9 @@ class BatchLoader:
     """Iterates over dict batches of in-memory tensors.
 
     The shuffle order depends only on ``seed`` and the epoch number, so a run resumed at
-    epoch k sees exactly the batches an uninterrupted run sees.
+    epoch k sees exactly the batches an uninterrupted run sees. ``num_batches`` fixes the
+    length of an epoch: a small labeled set is then reshuffled and repeated within it, so
+    runs with different label fractions get the same number of steps per epoch.
     """
 
     def __init__(
@@ -43,23 +45,30 @@ class BatchLoader:
         drop_last: bool,
         seed: int = 0,
         epoch_fn=None,
+        num_batches: int | None = None,
     ):
         self.tensors, self.batch_size = tensors, batch_size
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.epoch_fn = epoch_fn or (lambda: 0)
         self.n = len(next(iter(tensors.values())))
+        self.per_pass = self.n // batch_size if drop_last else -(-self.n // batch_size)
+        self.num_batches = num_batches or self.per_pass
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        return self.num_batches
+
+    def _order(self, repeat: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        gen = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch_fn()) * 1_009 + repeat)
+        return torch.randperm(self.n, generator=gen)
 
     def __iter__(self):
-        if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch_fn())
-            order = torch.randperm(self.n, generator=gen)
-        else:
-            order = torch.arange(self.n)
-        for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+        for i in range(self.num_batches):
+            repeat, j = divmod(i, self.per_pass)
+            if j == 0:
+                order = self._order(repeat)
+            idx = order[j * self.batch_size : (j + 1) * self.batch_size]
             yield {k: v[idx] for k, v in self.tensors.items()}
 
 
@@ -91,6 +100,7 @@ class InMemoryImageDataModule(pl.LightningDataModule):
         label_seed: int = 0,
         labeled: bool = True,
         augment: dict | None = None,
+        train_batches_per_epoch: int | None = None,
     ):
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -107,6 +117,14 @@ class InMemoryImageDataModule(pl.LightningDataModule):
                 "each must be in (0, 1) and together below 1"
             )
         self.split_seed, self.label_seed, self.labeled = split_seed, label_seed, labeled
+        if train_batches_per_epoch is not None and (
+            not isinstance(train_batches_per_epoch, int) or train_batches_per_epoch < 1
+        ):
+            raise ConfigError(
+                f"datamodule.train_batches_per_epoch={train_batches_per_epoch!r} is invalid:"
+                " allowed is null (one pass over the data) or an integer >= 1"
+            )
+        self.train_batches_per_epoch = train_batches_per_epoch
         self.augment = BatchAugment(**(augment or {}))
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
         self.spec: DataSpec | None = None
@@ -191,6 +209,7 @@ class InMemoryImageDataModule(pl.LightningDataModule):
             drop_last=True,
             seed=self.label_seed,
             epoch_fn=self._epoch,
+            num_batches=self.train_batches_per_epoch,
         )
 
     def _eval_loader(self, split: str):

@@ -1,4 +1,5 @@
-"""The transfer study's report: each strategy at its best validation LR, compared with scratch."""
+"""The transfer study's report: each strategy at its best validation LR, compared with scratch,
+at each label fraction."""
 
 from __future__ import annotations
 
@@ -14,41 +15,46 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def select_and_summarise(rows: list[dict], baseline: str) -> list[dict]:
-    """Per strategy, the LR with the best mean validation accuracy over seeds, and its test accuracy.
+def _choose(rows: list[dict]) -> tuple[float, list[dict]]:
+    """The LR with the best mean validation accuracy over seeds. Test accuracy never influences the
+    choice: that is what keeps the comparison honest."""
+    by_lr: dict[float, list[dict]] = {}
+    for r in rows:
+        by_lr.setdefault(r["lr"], []).append(r)
+    return max(by_lr.items(), key=lambda item: statistics.fmean(r["val_acc"] for r in item[1]))
 
-    Test accuracy never influences the choice: that is what keeps the comparison honest.
-    """
+
+def select_and_summarise(rows: list[dict], baseline: str) -> list[dict]:
+    """One entry per (label fraction, strategy), with its paired gain over ``baseline``."""
     summary = []
-    for name in dict.fromkeys(r["strategy"] for r in rows):
-        by_lr: dict[float, list[dict]] = {}
-        for r in rows:
-            if r["strategy"] == name:
-                by_lr.setdefault(r["lr"], []).append(r)
-        lr, chosen = max(by_lr.items(), key=lambda item: statistics.fmean(r["val_acc"] for r in item[1]))
-        test_mean, test_std = _mean_std([r["test_acc"] for r in chosen])
-        summary.append(
-            {
-                "strategy": name,
-                "pretrained": chosen[0]["pretrained"],
-                "lr": lr,
-                "seeds": len(chosen),
-                "val_acc": statistics.fmean(r["val_acc"] for r in chosen),
-                "test_acc": test_mean,
-                "test_std": test_std,
-                "test_min": min(r["test_acc"] for r in chosen),
-                "test_max": max(r["test_acc"] for r in chosen),
-                "per_seed": {r["seed"]: r["test_acc"] for r in chosen},
-                "trainable": chosen[0]["trainable"],
-                "frozen": chosen[0]["frozen"],
-            }
-        )
-    base = next(s for s in summary if s["strategy"] == baseline)
-    for s in summary:
-        # Paired by seed: the same labeled subset and fine-tuning seed on both sides.
-        diffs = [s["per_seed"][k] - base["per_seed"][k] for k in s["per_seed"] if k in base["per_seed"]]
-        s["gain"], s["gain_std"] = _mean_std(diffs) if diffs else (0.0, 0.0)
-        s["gain_min"] = min(diffs) if diffs else 0.0
+    for fraction in dict.fromkeys(r["label_fraction"] for r in rows):
+        entries = []
+        for name in dict.fromkeys(r["strategy"] for r in rows):
+            lr, chosen = _choose([r for r in rows if r["label_fraction"] == fraction and r["strategy"] == name])
+            test_mean, test_std = _mean_std([r["test_acc"] for r in chosen])
+            entries.append(
+                {
+                    "label_fraction": fraction,
+                    "strategy": name,
+                    "pretrained": chosen[0]["pretrained"],
+                    "lr": lr,
+                    "seeds": len(chosen),
+                    "val_acc": statistics.fmean(r["val_acc"] for r in chosen),
+                    "test_acc": test_mean,
+                    "test_std": test_std,
+                    "test_min": min(r["test_acc"] for r in chosen),
+                    "test_max": max(r["test_acc"] for r in chosen),
+                    "per_seed": {r["seed"]: r["test_acc"] for r in chosen},
+                    "trainable": chosen[0]["trainable"],
+                }
+            )
+        base = next(e for e in entries if e["strategy"] == baseline)
+        for e in entries:
+            # Paired by seed: the same labeled subset and fine-tuning seed on both sides.
+            diffs = [e["per_seed"][k] - base["per_seed"][k] for k in e["per_seed"] if k in base["per_seed"]]
+            e["gain"], e["gain_std"] = _mean_std(diffs)
+            e["gain_min"] = min(diffs)
+        summary += entries
     return summary
 
 
@@ -58,23 +64,53 @@ def _plot(summary: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    names = [s["strategy"] for s in summary]
-    means = [100 * s["test_acc"] for s in summary]
-    stds = [100 * s["test_std"] for s in summary]
-    colors = ["#999999" if not s["pretrained"] else "#3b75af" for s in summary]
-    ax.bar(names, means, yerr=stds, capsize=5, color=colors)
-    for i, s in enumerate(summary):
-        ax.scatter([i] * len(s["per_seed"]), [100 * v for v in s["per_seed"].values()], color="black", s=12, zorder=3)
-        ax.text(i, means[i] + stds[i] + 1, f"{means[i]:.1f}", ha="center")
+    fractions = list(dict.fromkeys(s["label_fraction"] for s in summary))
+    names = list(dict.fromkeys(s["strategy"] for s in summary))
+    width = 0.8 / len(fractions)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for j, fraction in enumerate(fractions):
+        entries = [next(s for s in summary if s["label_fraction"] == fraction and s["strategy"] == n) for n in names]
+        xs = [i + (j - (len(fractions) - 1) / 2) * width for i in range(len(names))]
+        means = [100 * e["test_acc"] for e in entries]
+        ax.bar(
+            xs,
+            means,
+            width,
+            yerr=[100 * e["test_std"] for e in entries],
+            capsize=4,
+            label=f"{100 * fraction:g}% labels",
+        )
+        for x, e, mean in zip(xs, entries, means, strict=True):
+            ax.scatter(
+                [x] * len(e["per_seed"]), [100 * v for v in e["per_seed"].values()], color="black", s=8, zorder=3
+            )
+            ax.text(x, mean + 2, f"{mean:.1f}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 108)
+    ax.legend(loc="lower right")
     ax.set_title(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
+
+
+def headline(summary: list[dict]) -> list[str]:
+    """Per label fraction: the best pre-trained strategy (by validation) against scratch."""
+    lines = []
+    for fraction in dict.fromkeys(s["label_fraction"] for s in summary):
+        entries = [s for s in summary if s["label_fraction"] == fraction]
+        best = max((s for s in entries if s["pretrained"]), key=lambda s: s["val_acc"])
+        scratch = next(s for s in entries if not s["pretrained"])
+        lines.append(
+            f"- **{100 * fraction:g}% labels:** {best['strategy']} (best pre-trained strategy on validation)"
+            f" {100 * best['test_acc']:.1f}% vs scratch {100 * scratch['test_acc']:.1f}% test accuracy:"
+            f" **{100 * best['gain']:+.1f} ± {100 * best['gain_std']:.1f} points** (paired over"
+            f" {best['seeds']} seeds, smallest per-seed gain {100 * best['gain_min']:+.1f})"
+        )
+    return lines
 
 
 def write_report(study_dir: Path, cfg, rows: list[dict], summary: list[dict], pretrain: dict, seconds: float) -> Path:
@@ -86,34 +122,30 @@ def write_report(study_dir: Path, cfg, rows: list[dict], summary: list[dict], pr
     write_atomic(study_dir / "results.csv", buf.getvalue())
 
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
-    title = f"{len(cfg.seeds)} seeds, {pct(cfg.label_fraction)}% of training labels"
-    _plot(summary, study_dir / "transfer.png", title)
-    best = max((s for s in summary if s["pretrained"]), key=lambda s: s["test_acc"])
+    _plot(summary, study_dir / "transfer.png", f"Test accuracy over {len(cfg.seeds)} seeds (dots: each seed)")
     lines = [
         "# Transfer study: what pre-training bought",
         "",
-        f"Pre-training: `{' '.join(cfg.pretrain)}` (final val/loss {pretrain['val/loss']:.3f},"
-        f" {pretrain['time/run_s']:.0f}s). Fine-tuning: `{' '.join(cfg.finetune)}` with"
-        f" {pct(cfg.label_fraction)}% of the training labels; seeds {list(cfg.seeds)} (each seed draws its"
-        " own labeled subset and fine-tuning init). Each strategy uses the learning rate with the best mean"
-        " validation accuracy; test accuracy is reported for that choice only.",
+        *headline(summary),
         "",
-        "| strategy | init | trainable params | lr (chosen on val) | val acc | test acc (mean ± std) | min–max |"
-        " gain over scratch (paired) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"Pre-training: `{' '.join([*cfg.common, *cfg.pretrain])}` (final val/loss {pretrain['val/loss']:.3f},"
+        f" {pretrain['time/run_s']:.0f}s). Fine-tuning: `{' '.join(cfg.finetune)}`; seeds {list(cfg.seeds)}"
+        " (each seed draws its own labeled subset and fine-tuning init; every strategy sees the same subsets,"
+        " augmentation and step budget). Each strategy uses the learning rate with the best mean validation"
+        " accuracy among its candidates; test accuracy is reported for that choice only.",
+        "",
+        "| labels | strategy | init | trainable params | lr (chosen on val) | val acc | test acc (mean ± std) |"
+        " min–max | gain over scratch (paired) |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summary:
         gain = "—" if not s["pretrained"] else f"{100 * s['gain']:+.1f} ± {100 * s['gain_std']:.1f}"
         lines.append(
-            f"| {s['strategy']} | {'pre-trained' if s['pretrained'] else 'random'} | {s['trainable']:,} |"
-            f" {s['lr']:g} | {pct(s['val_acc'])} | {pct(s['test_acc'])} ± {pct(s['test_std'])} |"
-            f" {pct(s['test_min'])}–{pct(s['test_max'])} | {gain} |"
+            f"| {100 * s['label_fraction']:g}% | {s['strategy']} | {'pre-trained' if s['pretrained'] else 'random'}"
+            f" | {s['trainable']:,} | {s['lr']:g} | {pct(s['val_acc'])} | {pct(s['test_acc'])} ± {pct(s['test_std'])}"
+            f" | {pct(s['test_min'])}–{pct(s['test_max'])} | {gain} |"
         )
     lines += [
-        "",
-        f"**Best pre-trained strategy: {best['strategy']}, {pct(best['test_acc'])}% test accuracy,"
-        f" {100 * best['gain']:+.1f} points over scratch (paired over {best['seeds']} seeds; smallest per-seed"
-        f" gain {100 * best['gain_min']:+.1f}).**",
         "",
         "![test accuracy by strategy](transfer.png)",
         "",

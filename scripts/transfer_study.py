@@ -4,7 +4,7 @@ pre-trained backbone under several strategies at a low label fraction, over seve
 strategy at its own best learning rate (chosen on validation), and write a report.
 
     python scripts/transfer_study.py                 # what `make run` runs
-    python scripts/transfer_study.py seeds=[0,1,2,3,4] label_fraction=0.1
+    python scripts/transfer_study.py 'seeds=[0,1,2,3,4]' 'label_fractions=[0.02,0.1]'
 """
 
 import sys
@@ -56,22 +56,36 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     started = time.time()
-    common = [f"datamodule.label_fraction={cfg.label_fraction}", *cfg.common]
     pre_dir = study_dir / "pretrain"
     print(f"pre-training ({' '.join(cfg.pretrain)}) ...", flush=True)
     pre = _run_stage("pretrain", [*cfg.common, *cfg.pretrain], pre_dir)
     print(f"  done in {pre['time/run_s']:.0f}s, val/loss {pre['val/loss']:.3f}", flush=True)
 
-    jobs = [(name, lr, seed) for name, s in cfg.strategies.items() for lr in s.lrs for seed in cfg.seeds]
+    jobs = [
+        (fraction, name, lr, seed)
+        for fraction in cfg.label_fractions
+        for name, strategy in cfg.strategies.items()
+        for lr in strategy.lrs
+        for seed in cfg.seeds
+    ]
     rows = []
-    for i, (name, lr, seed) in enumerate(jobs, 1):
+    for i, (fraction, name, lr, seed) in enumerate(jobs, 1):
         strategy = cfg.strategies[name]
         init = f"model.init={pre_dir}" if strategy.pretrained else "model.init=none"
-        overrides = [*common, *cfg.finetune, *strategy.overrides, init, f"optimizer.lr={lr}", f"seed={seed}"]
-        out = study_dir / "finetune" / f"{name}_lr{lr:g}_seed{seed}"
+        overrides = [
+            *cfg.common,
+            *cfg.finetune,
+            *strategy.overrides,
+            init,
+            f"datamodule.label_fraction={fraction}",
+            f"optimizer.lr={lr}",
+            f"seed={seed}",
+        ]
+        out = study_dir / "finetune" / f"labels{fraction:g}_{name}_lr{lr:g}_seed{seed}"
         m = _run_stage("finetune", overrides, out)
         rows.append(
             {
+                "label_fraction": fraction,
                 "strategy": name,
                 "pretrained": bool(strategy.pretrained),
                 "lr": lr,
@@ -86,8 +100,8 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
             }
         )
         print(
-            f"[{i:>2}/{len(jobs)}] {name:<16} lr={lr:<7g} seed={seed}: val/acc {m['val/acc_best']:.3f}"
-            f"  test/acc {m['test/acc']:.3f}  ({m['time/run_s']:.1f}s)",
+            f"[{i:>2}/{len(jobs)}] labels={fraction:<5g} {name:<14} lr={lr:<7g} seed={seed}:"
+            f" val/acc {m['val/acc_best']:.3f}  test/acc {m['test/acc']:.3f}  ({m['time/run_s']:.1f}s)",
             flush=True,
         )
 

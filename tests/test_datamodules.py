@@ -152,3 +152,14 @@ def test_image_folder_errors_are_clear(tmp_path, make, needle):
     with pytest.raises(ConfigError) as err:
         ImageFolderDataModule(root=str(tmp_path), image_size=8, batch_size=2).setup()
     assert needle in str(err.value)
+
+
+def test_fixed_length_epochs_repeat_a_small_labeled_set():
+    dm = DigitsDataModule(label_fraction=0.05, batch_size=16, train_batches_per_epoch=10)
+    dm.setup()
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 10 and all(len(b["label"]) == 16 for b in batches)
+    seen = torch.cat([b["image"] for b in batches[:3]])  # one pass of 63 examples = 3 full batches
+    assert len({tuple(row.flatten().tolist()) for row in seen}) == 48  # no repeats within a pass
+    with pytest.raises(ConfigError, match="datamodule.train_batches_per_epoch=0 is invalid"):
+        DigitsDataModule(train_batches_per_epoch=0)

@@ -80,7 +80,7 @@ def test_transfer_study_on_a_tiny_budget(tmp_path):
         "strategies.scratch.lrs=[1e-3,3e-3]",
         "strategies.linear_probe.lrs=[1e-2]",
         "strategies.full_finetune.lrs=[1e-3]",
-        "label_fraction=0.05",
+        "label_fractions=[0.05]",
     ]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="transfer_study", overrides=overrides)
