@@ -29,4 +29,5 @@ def main(cfg: DictConfig):
         if _in_multirun():  # the sweep goes on; this job is recorded as failed by run()
             return float("nan")
         sys.exit(2)
-    return metrics.get(cfg.optimized_metric)
+    # The value at the checkpoint that validation selected (what the run was tested with), else the last.
+    return metrics.get(f"{cfg.optimized_metric}_best", metrics.get(cfg.optimized_metric))

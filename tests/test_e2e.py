@@ -92,3 +92,10 @@ def test_transfer_study_on_a_tiny_budget(tmp_path):
     assert len(rows) == (2 + 1 + 1) * 2
     assert {r["strategy"] for r in rows} == {"scratch", "linear_probe", "full_finetune"}
     assert (tmp_path / "pretrain" / "backbone" / "model.safetensors").is_file()
+
+
+def test_debug_fast_runs_one_batch_of_each_loop_in_process(cfg_factory):
+    from lightning_modules.run import run
+
+    metrics = run(cfg_factory("finetune", "debug=fast", "model=resnet_micro"))
+    assert metrics["status"] == "ok" and "test/acc" in metrics and "train/loss" in metrics

@@ -31,6 +31,12 @@ def _train(objective, backbone, data, steps=40, lr=3e-3):
         opt.step()
 
 
+def _simclr(backbone):
+    return SimCLR(
+        backbone, SPEC, temperature=0.5, proj_hidden=32, proj_dim=16, augment={"scale": [0.6, 1.0], "noise": 0.1}
+    )
+
+
 @pytest.mark.parametrize(
     ("make_backbone", "make_objective", "labels"),
     [
@@ -39,30 +45,8 @@ def _train(objective, backbone, data, steps=40, lr=3e-3):
             lambda b: MAE(b, SPEC, mask_ratio=0.75, decoder_dim=32, decoder_heads=2, norm_pix_loss=False),
             False,
         ),
-        (
-            resnet,
-            lambda b: SimCLR(
-                b,
-                SPEC,
-                temperature=0.5,
-                proj_hidden=32,
-                proj_dim=16,
-                augment={"scale": [0.6, 1.0], "noise": 0.1},
-            ),
-            False,
-        ),
-        (
-            vit,
-            lambda b: SimCLR(
-                b,
-                SPEC,
-                temperature=0.5,
-                proj_hidden=32,
-                proj_dim=16,
-                augment={"scale": [0.6, 1.0], "noise": 0.1},
-            ),
-            False,
-        ),
+        (resnet, lambda b: _simclr(b), False),
+        (vit, lambda b: _simclr(b), False),
         (resnet, lambda b: Classification(b, SPEC), True),
         (vit, lambda b: Classification(b, SPEC), True),
     ],
