@@ -49,6 +49,7 @@ def check_config(cfg: DictConfig) -> None:
     _number(cfg, "optimizer.lr", low=0, low_open=True)
     _number(cfg, "optimizer.weight_decay", low=0, optional=True)
     _number(cfg, "optimizer.backbone_lr_scale", low=0, optional=True)
+    _number(cfg, "optimizer.layer_decay", low=0, high=1, low_open=True, optional=True)
     _number(cfg, "datamodule.batch_size", low=1, integer=True)
     _number(cfg, "datamodule.image_size", low=4, integer=True)
     _number(cfg, "datamodule.label_fraction", low=0, high=1, low_open=True)
@@ -58,8 +59,16 @@ def check_config(cfg: DictConfig) -> None:
     _number(cfg, "scheduler.warmup_fraction", low=0, high=1, high_open=True, optional=True)
     if stage == "finetune":
         layers = _get(cfg, "freeze.layers")
-        if layers != "all" and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 0):
+        if (
+            layers is not None
+            and layers != "all"
+            and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 0)
+        ):
             raise ConfigError(f"freeze.layers={layers!r} is invalid: allowed is an integer >= 0 or 'all'")
+        for key in ("freeze.start", "freeze.probe_epochs"):
+            _number(cfg, key, low=0, integer=True, optional=True)
+        _number(cfg, "freeze.every", low=1, integer=True, optional=True)
+        _number(cfg, "freeze.ft_lr_scale", low=0, high=1, low_open=True, optional=True)
     init = str(_get(cfg, "model.init"))
     if init not in ("none", "timm"):
         from lightning_modules.handoff import find_backbone_dir

@@ -60,6 +60,4 @@ class PretuneModule(pl.LightningModule):
     def configure_optimizers(self):
         optimizer = build_optimizer(self.optimizer_cfg, self.backbone, self.objective)
         scheduler = build_scheduler(self.scheduler_cfg, optimizer, int(self.trainer.estimated_stepping_batches))
-        if scheduler is None:
-            return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

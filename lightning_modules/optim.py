@@ -2,7 +2,13 @@
 
 Every parameter is in the optimizer from the start; freezing only flips ``requires_grad``
 (frozen parameters get no gradient, so the optimizer leaves them bit-for-bit alone). That
-keeps the scheduler aware of every group, whatever is frozen or unfrozen later.
+keeps the schedule aware of every group, whatever is frozen or unfrozen later (the trap of
+schedulers built before ``add_param_group``).
+
+A group's learning rate is ``lr * lr_scale * factor(step)``: ``lr_scale`` starts as the group's
+layer-wise decay (``layer_scale``) and a strategy such as LP-FT may change it; ``factor`` is the
+schedule (warmup + cosine, or constant). The scheduler here reads ``lr_scale`` itself, so layer
+decay works with every schedule (unlike timm's ``lr_scale``, read only by timm's schedulers).
 """
 
 from __future__ import annotations
@@ -28,15 +34,26 @@ def _split_decay(named: dict, weight_decay: float, base: dict) -> list[dict]:
     return groups
 
 
-def param_groups(
-    backbone, head: torch.nn.Module, lr: float, weight_decay: float, backbone_lr_scale: float = 1.0
-) -> list[dict]:
+def layer_scales(num_groups: int, layer_decay: float | None, backbone_lr_scale: float = 1.0) -> list[float]:
+    """LR multipliers for the backbone's groups, input side first: group i of depth d gets
+    ``decay ** (d - i)`` (the head, at depth d, gets 1)."""
+    if layer_decay is None:
+        return [backbone_lr_scale] * num_groups
+    if isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float)) or not 0 < layer_decay <= 1:
+        raise ConfigError(f"optimizer.layer_decay={layer_decay!r} is out of range: allowed is null or (0, 1]")
+    return [backbone_lr_scale * layer_decay ** (num_groups - i) for i in range(num_groups)]
+
+
+def param_groups(backbone, head: torch.nn.Module, cfg: dict) -> list[dict]:
     groups = []
-    for g in backbone.layer_groups():
-        groups += _split_decay(g.params, weight_decay, {"name": g.name, "lr": lr * backbone_lr_scale})
+    layer_groups = backbone.layer_groups()
+    scales = layer_scales(len(layer_groups), cfg.get("layer_decay"), cfg.get("backbone_lr_scale", 1.0))
+    wd = cfg.get("weight_decay", 0.0)
+    for g, scale in zip(layer_groups, scales, strict=True):
+        groups += _split_decay(g.params, wd, {"name": g.name, "layer_scale": scale, "lr_scale": scale})
     head_params = dict(head.named_parameters())
     if head_params:
-        groups += _split_decay(head_params, weight_decay, {"name": "head", "lr": lr})
+        groups += _split_decay(head_params, wd, {"name": "head", "layer_scale": 1.0, "lr_scale": 1.0})
     return groups
 
 
@@ -44,31 +61,54 @@ def build_optimizer(cfg: dict, backbone, head) -> torch.optim.Optimizer:
     name = cfg.get("name", "adamw")
     if name not in OPTIMIZERS:
         raise ConfigError(f"optimizer.name={name} is unknown: allowed are {sorted(OPTIMIZERS)}")
-    groups = param_groups(backbone, head, cfg["lr"], cfg.get("weight_decay", 0.0), cfg.get("backbone_lr_scale", 1.0))
     extra = {}
     if name == "sgd":
         extra = {"momentum": cfg.get("momentum", 0.9), "nesterov": cfg.get("nesterov", False)}
     elif "betas" in cfg:
         extra = {"betas": tuple(cfg["betas"])}
-    return OPTIMIZERS[name](groups, lr=cfg["lr"], **extra)
+    return OPTIMIZERS[name](param_groups(backbone, head, cfg), lr=cfg["lr"], **extra)
 
 
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to ``min_ratio``, as a multiple of each group's base LR."""
+def cosine_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio``."""
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(cfg: dict, optimizer, total_steps: int):
-    """Lightning scheduler dict (stepped every batch) or ``None`` for a constant LR."""
+class GroupScaledLR(torch.optim.lr_scheduler.LRScheduler):
+    """lr of each group = its initial lr * its ``lr_scale`` * ``factor(step)``."""
+
+    def __init__(self, optimizer, kind: str, total: int = 1, warmup: int = 0, min_ratio: float = 0.0):
+        self.kind, self.total, self.warmup, self.min_ratio = kind, total, warmup, min_ratio
+        super().__init__(optimizer)
+
+    def factor(self, step: int) -> float:
+        return cosine_factor(step, self.total, self.warmup, self.min_ratio) if self.kind == "cosine" else 1.0
+
+    def get_lr(self) -> list[float]:
+        f = self.factor(self.last_epoch)
+        return [g["initial_lr"] * g.get("lr_scale", 1.0) * f for g in self.optimizer.param_groups]
+
+
+def refresh_lrs(trainer) -> None:
+    """Apply a changed ``lr_scale`` now rather than at the next scheduler step."""
+    for config in getattr(trainer, "lr_scheduler_configs", []) or []:
+        sched = config.scheduler
+        if isinstance(sched, GroupScaledLR):
+            for group, lr in zip(sched.optimizer.param_groups, sched.get_lr(), strict=True):
+                group["lr"] = lr
+
+
+SCHEDULES = ("cosine", "none")
+
+
+def build_scheduler(cfg: dict, optimizer, total_steps: int) -> dict:
+    """Lightning scheduler dict, stepped every batch (a constant schedule too, so ``lr_scale`` holds)."""
     name = cfg.get("name", "none")
-    if name == "none":
-        return None
-    if name != "cosine":
-        raise ConfigError(f"scheduler.name={name} is unknown: allowed are ['cosine', 'none']")
+    if name not in SCHEDULES:
+        raise ConfigError(f"scheduler.name={name} is unknown: allowed are {list(SCHEDULES)}")
     warmup = round(cfg.get("warmup_fraction", 0.0) * total_steps)
-    min_ratio = cfg.get("min_lr_ratio", 0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, min_ratio))
+    sched = GroupScaledLR(optimizer, name, total_steps, warmup, cfg.get("min_lr_ratio", 0.0))
     return {"scheduler": sched, "interval": "step", "frequency": 1}

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.handoff import build_backbone, export_backbone
 from lightning_modules.module import PretuneModule
+from lightning_modules.monitor import LayerGroupMonitor
 from lightning_modules.results import write_atomic, write_metrics
 
 # Lightning's own deprecation noise, nothing a user can act on.
@@ -85,7 +86,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     if finetune:
         freezer = instantiate(cfg.freeze)
         freezer.validate(backbone)  # e.g. freeze.layers beyond the backbone's groups: fail before training
-        callbacks.append(freezer)
+        callbacks += [freezer, LayerGroupMonitor()]
     loggers = _loggers(cfg, out_dir)
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out_dir)
@@ -111,6 +112,9 @@ def _finish(loggers: list) -> None:
 def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_dir: Path) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {"status": "ok", "stage": cfg.stage, **_final_metrics(trainer), **count_params(module)}
+    monitor = next((c for c in trainer.callbacks if isinstance(c, LayerGroupMonitor)), None)
+    if monitor is not None and monitor.trainable_at_start is not None:
+        metrics["params/trainable_start"] = monitor.trainable_at_start
 
     checkpoint = trainer.checkpoint_callback
     best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""

@@ -1,0 +1,31 @@
+"""Per layer group, every epoch: its learning rate (named by group, not ``pg3``) and whether it is frozen."""
+
+from __future__ import annotations
+
+from pytorch_lightning.callbacks import Callback
+
+
+def group_state(pl_module, optimizer) -> dict[str, float]:
+    values = {}
+    for group in optimizer.param_groups:
+        name = group.get("name", "")
+        if name.endswith("/no_decay"):  # same schedule as its twin; one entry per layer group
+            continue
+        values[f"lr/{name}"] = float(group["lr"])
+        values[f"frozen/{name}"] = float(not any(p.requires_grad for p in group["params"]))
+    return values
+
+
+class LayerGroupMonitor(Callback):
+    def __init__(self):
+        self.trainable_at_start: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.trainable_at_start = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        values = {"epoch": float(trainer.current_epoch)}
+        for optimizer in trainer.optimizers:
+            values.update(group_state(pl_module, optimizer))
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)

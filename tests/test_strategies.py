@@ -1,0 +1,198 @@
+"""Gradual unfreezing, LP-FT and layer-wise LR decay: which groups train in which epoch (bit-exact),
+and every group's learning rate at chosen steps against a hand computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+
+from datamodules.errors import ConfigError
+from lightning_modules.backbone import Backbone
+from lightning_modules.freezing import GradualUnfreezing, LinearProbeThenFinetune
+from lightning_modules.module import PretuneModule
+from lightning_modules.objectives.classification import Classification
+from lightning_modules.optim import build_optimizer, build_scheduler
+from tests.helpers import RESNET, SPEC, resnet
+from tests.test_freezing import _Data
+
+STEPS_PER_EPOCH = 4  # _Data: 32 examples, batches of 8
+
+
+class _Snapshots(Callback):
+    """The state dict and every group's LR at the end of each epoch."""
+
+    def __init__(self):
+        self.states, self.lrs = [], []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.states.append({k: v.clone() for k, v in pl_module.state_dict().items()})
+        self.lrs.append({g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups})
+
+
+def _fit(strategy, epochs, optimizer=None, scheduler=None):
+    torch.manual_seed(0)
+    backbone = resnet()
+    module = PretuneModule(
+        backbone,
+        Classification(backbone, SPEC),
+        optimizer or {"name": "adamw", "lr": 1e-2, "weight_decay": 0.05},
+        scheduler or {"name": "none"},
+    )
+    start = {k: v.clone() for k, v in module.state_dict().items()}
+    snaps = _Snapshots()
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[strategy, snaps],
+    )
+    trainer.fit(module, datamodule=_Data())
+    return module, [start, *snaps.states], snaps.lrs
+
+
+def _changed_groups(module, before, after) -> list[str]:
+    """Names of the backbone groups with any parameter or buffer changed."""
+    out = []
+    for g in module.backbone.layer_groups():
+        keys = {f"backbone.model.{n}" for n in g.params}
+        for m in g.modules:
+            prefix = next(n for n, mod in module.backbone.model.named_modules() if mod is m)
+            keys |= {f"backbone.model.{prefix}.{b}" for b, _ in m.named_buffers()}
+        if any(not torch.equal(before[k], after[k]) for k in keys):
+            out.append(g.name)
+    return out
+
+
+def test_gradual_unfreezes_one_group_per_epoch_from_the_top():
+    module, states, _ = _fit(GradualUnfreezing(start=0, every=1), epochs=4)
+    changed = [_changed_groups(module, a, b) for a, b in zip(states, states[1:], strict=False)]
+    assert changed == [[], ["layer4"], ["layer3", "layer4"], ["layer2", "layer3", "layer4"]]
+    head = [
+        not torch.equal(a["objective.head.1.weight"], b["objective.head.1.weight"])
+        for a, b in zip(states, states[1:], strict=False)
+    ]
+    assert all(head)  # the head trains in every epoch
+
+
+def test_gradual_every_two_epochs_with_a_start():
+    module, states, _ = _fit(GradualUnfreezing(start=2, every=2), epochs=3)
+    changed = [_changed_groups(module, a, b) for a, b in zip(states, states[1:], strict=False)]
+    assert changed == [["layer3", "layer4"], ["layer3", "layer4"], ["layer2", "layer3", "layer4"]]
+
+
+def test_lp_ft_probes_then_trains_everything_at_the_lower_lr():
+    lr = 1e-2
+    module, states, lrs = _fit(
+        LinearProbeThenFinetune(probe_epochs=2, ft_lr_scale=0.1),
+        epochs=3,
+        optimizer={"name": "adamw", "lr": lr, "weight_decay": 0.0},
+    )
+    changed = [_changed_groups(module, a, b) for a, b in zip(states, states[1:], strict=False)]
+    assert changed[0] == changed[1] == []
+    assert changed[2] == ["stem", "layer1", "layer2", "layer3", "layer4"]
+    assert lrs[1]["head"] == pytest.approx(lr) and lrs[1]["stem"] == pytest.approx(lr)
+    assert lrs[2]["head"] == pytest.approx(0.1 * lr) and lrs[2]["layer3"] == pytest.approx(0.1 * lr)
+
+
+def _hand_cosine(step, total, warmup, lr):
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+@pytest.mark.parametrize("decay", [None, 0.5])
+def test_each_group_lr_follows_cosine_warmup_and_layer_decay(decay):
+    backbone = resnet()
+    head = Classification(backbone, SPEC)
+    lr, total = 0.1, 20
+    opt = build_optimizer({"name": "adamw", "lr": lr, "layer_decay": decay}, backbone, head)
+    sched = build_scheduler({"name": "cosine", "warmup_fraction": 0.2}, opt, total)["scheduler"]
+    depth = {"stem": 5, "layer1": 4, "layer2": 3, "layer3": 2, "layer4": 1, "head": 0}  # groups below the head
+    for step in range(total):
+        for g in opt.param_groups:
+            scale = 1.0 if decay is None else decay ** depth[g["name"].split("/")[0]]
+            assert g["lr"] == pytest.approx(_hand_cosine(step, total, 4, lr) * scale, rel=1e-9), (step, g["name"])
+        opt.step()
+        sched.step()
+
+
+def test_layer_decay_really_scales_each_groups_update():
+    """One SGD step from the same weights and batch: each group's update is its plain update times
+    decay ** depth (the optimizer really uses the decayed rates, not just stores them)."""
+    from tests.helpers import batch
+
+    def one_step(decay):
+        torch.manual_seed(0)
+        # zero_init_last=False: timm zero-inits each block's last BN, which zeroes block gradients at step 0.
+        backbone = Backbone(RESNET[0], {**RESNET[1], "zero_init_last": False}).double()
+        objective = Classification(backbone, SPEC).double()
+        opt = build_optimizer({"name": "sgd", "lr": 0.1, "momentum": 0.0, "layer_decay": decay}, backbone, objective)
+        build_scheduler({"name": "none"}, opt, 10)
+        before = {n: p.detach().clone() for n, p in backbone.model.named_parameters()}
+        data = batch(8)
+        objective(backbone, {**data, "image": data["image"].double()})["loss"].backward()
+        opt.step()
+        return {n: p.detach() - before[n] for n, p in backbone.model.named_parameters()}
+
+    plain, decayed = one_step(None), one_step(0.5)
+    for name, depth in (("conv1.weight", 5), ("layer1.0.conv1.weight", 4), ("layer4.0.conv1.weight", 1)):
+        assert plain[name].abs().sum() > 0
+        torch.testing.assert_close(
+            decayed[name], plain[name] * 0.5**depth, rtol=1e-6, atol=1e-12
+        )  # float64: exact up to rounding
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda: GradualUnfreezing(every=0), "freeze.every=0 is invalid"),
+        (lambda: GradualUnfreezing(start=-1), "freeze.start=-1 is invalid"),
+        (lambda: GradualUnfreezing(start=9).validate(resnet()), "freeze.start=9 is out of range: the backbone has 5"),
+        (lambda: LinearProbeThenFinetune(probe_epochs=-2), "freeze.probe_epochs=-2 is invalid"),
+        (lambda: LinearProbeThenFinetune(ft_lr_scale=0), "freeze.ft_lr_scale=0 is out of range"),
+        (lambda: LinearProbeThenFinetune(ft_lr_scale=1.5), "freeze.ft_lr_scale=1.5 is out of range"),
+        (
+            lambda: build_optimizer({"lr": 1, "layer_decay": 0}, resnet(), torch.nn.Linear(1, 1)),
+            "optimizer.layer_decay=0 is out of range",
+        ),
+        (
+            lambda: build_optimizer({"lr": 1, "layer_decay": 1.5}, resnet(), torch.nn.Linear(1, 1)),
+            "optimizer.layer_decay=1.5 is out of range",
+        ),
+    ],
+)
+def test_bad_strategy_parameters_are_refused(make, needle):
+    with pytest.raises(ConfigError) as err:
+        make()
+    assert needle in str(err.value)
+
+
+def test_run_logs_each_group_lr_and_frozen_flag(cfg_factory, tmp_path):
+    import csv
+
+    from lightning_modules.run import run
+
+    cfg = cfg_factory(
+        "finetune",
+        "model=resnet_micro",
+        "freeze=gradual",
+        "freeze.every=1",
+        "logger=csv",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+    )
+    metrics = run(cfg)
+    rows = list(csv.DictReader(open(tmp_path / "finetune" / "csv" / "metrics.csv")))
+    epoch_rows = [r for r in rows if r.get("lr/stem")]
+    assert [r["frozen/layer4"] for r in epoch_rows] == ["1.0", "0.0"]
+    assert [r["frozen/stem"] for r in epoch_rows] == ["1.0", "1.0"]
+    assert float(epoch_rows[0]["lr/head"]) > 0
+    assert metrics["params/trainable_start"] < metrics["params/trainable"]
