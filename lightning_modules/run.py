@@ -20,6 +20,7 @@ from lightning_modules.handoff import build_backbone, export_backbone
 from lightning_modules.module import PretuneModule
 from lightning_modules.monitor import LayerGroupMonitor
 from lightning_modules.results import write_atomic, write_metrics
+from lightning_modules.seeding import EpochSeed
 
 # Lightning's own deprecation noise, nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -83,6 +84,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     )
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(EpochSeed(cfg.seed))
     if finetune:
         freezer = instantiate(cfg.freeze)
         freezer.validate(backbone)  # e.g. freeze.layers beyond the backbone's groups: fail before training

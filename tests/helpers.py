@@ -39,3 +39,18 @@ def batch(n: int = 16, labels: bool = True, seed: int = 0) -> dict:
     if labels:
         out["label"] = torch.randint(0, 3, (n,), generator=gen)
     return out
+
+
+class StopAfter:
+    """A Lightning callback (built lazily to keep this module light) that ends fit after ``epochs``
+    epochs, as if the run had been killed right after its epoch-end checkpoint."""
+
+    def __new__(cls, epochs: int):
+        from pytorch_lightning.callbacks import Callback
+
+        class _Stop(Callback):
+            def on_train_epoch_end(self, trainer, pl_module):
+                if trainer.current_epoch + 1 >= epochs:
+                    trainer.should_stop = True
+
+        return _Stop()

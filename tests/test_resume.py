@@ -1,0 +1,54 @@
+"""A run stopped mid-way and resumed from its last checkpoint ends where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_modules.run import run
+
+COMMON = [
+    "model=resnet_micro",
+    "datamodule.label_fraction=0.2",
+    "datamodule.batch_size=32",
+    "trainer.max_epochs=4",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+]
+
+
+def _weights(run_dir):
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return ckpt["state_dict"]
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [["freeze=gradual", "freeze.every=1"], ["freeze=lp_ft", "freeze.probe_epochs=2"]],
+    ids=["gradual", "lp_ft"],
+)
+def test_resumed_run_equals_uninterrupted(cfg_factory, tmp_path, strategy):
+    full = run(cfg_factory("finetune", *COMMON, *strategy, name="full"))
+    # The same run, stopped after epoch 2 (groups already unfrozen), then resumed from last.ckpt.
+    run(
+        cfg_factory(
+            "finetune",
+            *COMMON,
+            *strategy,
+            "+callbacks.stop._target_=tests.helpers.StopAfter",
+            "+callbacks.stop.epochs=2",
+            name="cut",
+        )
+    )
+    resumed = run(
+        cfg_factory(
+            "finetune", *COMMON, *strategy, f"ckpt_path={tmp_path / 'cut' / 'checkpoints' / 'last.ckpt'}", name="cut"
+        )
+    )
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for key in ("train/loss", "val/acc", "test/acc", "params/trainable"):
+        assert resumed[key] == full[key], key
