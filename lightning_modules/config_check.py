@@ -68,6 +68,7 @@ def check_config(cfg: DictConfig) -> None:
         for key in ("freeze.start", "freeze.probe_epochs"):
             _number(cfg, key, low=0, integer=True, optional=True)
         _number(cfg, "freeze.every", low=1, integer=True, optional=True)
+        _number(cfg, "finetune.l2_sp", low=0, optional=True)
         _number(cfg, "freeze.ft_lr_scale", low=0, high=1, low_open=True, optional=True)
     init = str(_get(cfg, "model.init"))
     if init not in ("none", "timm"):

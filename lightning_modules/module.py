@@ -12,9 +12,18 @@ from lightning_modules.optim import build_optimizer, build_scheduler
 
 
 class PretuneModule(pl.LightningModule):
-    def __init__(self, backbone, objective, optimizer: dict, scheduler: dict):
+    def __init__(self, backbone, objective, optimizer: dict, scheduler: dict, l2_sp: float = 0.0):
         super().__init__()
         self.backbone, self.objective = backbone, objective
+        self.l2_sp = float(l2_sp)
+        # L2-SP pulls towards the weights the backbone starts from (the pre-trained ones), not towards 0.
+        # Non-persistent buffers: they follow the module's device but stay out of checkpoints, since a
+        # resumed run rebuilds them from model.init, as it started.
+        self._anchor_names = []
+        if self.l2_sp > 0:
+            for i, (name, p) in enumerate(backbone.named_parameters()):
+                self.register_buffer(f"_l2sp_anchor_{i}", p.detach().clone(), persistent=False)
+                self._anchor_names.append(name)
         self.optimizer_cfg, self.scheduler_cfg = dict(optimizer), dict(scheduler)
         self.val_metrics = objective.make_metrics("val/")
         self.test_metrics = objective.make_metrics("test/")
@@ -22,9 +31,23 @@ class PretuneModule(pl.LightningModule):
     def forward(self, batch):
         return self.objective(self.backbone, batch)
 
+    def l2_sp_penalty(self):
+        """``alpha/2 * sum ||w - w_init||^2`` over the backbone's trainable parameters."""
+        params = dict(self.backbone.named_parameters())
+        total = sum(
+            ((params[n] - getattr(self, f"_l2sp_anchor_{i}")) ** 2).sum()
+            for i, n in enumerate(self._anchor_names)
+            if params[n].requires_grad
+        )
+        return 0.5 * self.l2_sp * total
+
     def training_step(self, batch, batch_idx):
         out = self(batch)
         self.log("train/loss", out["loss"], on_step=True, on_epoch=True, prog_bar=True)
+        if self.l2_sp > 0:
+            penalty = self.l2_sp_penalty()
+            self.log("train/l2_sp", penalty, on_step=False, on_epoch=True)
+            return out["loss"] + penalty
         return out["loss"]
 
     def _eval_step(self, batch, split: str, metrics):

@@ -81,6 +81,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         objective,
         OmegaConf.to_container(cfg.optimizer, resolve=True),
         OmegaConf.to_container(cfg.scheduler, resolve=True),
+        l2_sp=OmegaConf.select(cfg, "finetune.l2_sp", default=0.0) or 0.0,
     )
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -113,7 +114,14 @@ def _finish(loggers: list) -> None:
 
 def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_dir: Path) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = {"status": "ok", "stage": cfg.stage, **_final_metrics(trainer), **count_params(module)}
+    metrics = {
+        "status": "ok",
+        "stage": cfg.stage,
+        **_final_metrics(trainer),
+        **count_params(module),
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+    }
     monitor = next((c for c in trainer.callbacks if isinstance(c, LayerGroupMonitor)), None)
     if monitor is not None and monitor.trainable_at_start is not None:
         metrics["params/trainable_start"] = monitor.trainable_at_start

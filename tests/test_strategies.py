@@ -196,3 +196,42 @@ def test_run_logs_each_group_lr_and_frozen_flag(cfg_factory, tmp_path):
     assert [r["frozen/stem"] for r in epoch_rows] == ["1.0", "1.0"]
     assert float(epoch_rows[0]["lr/head"]) > 0
     assert metrics["params/trainable_start"] < metrics["params/trainable"]
+
+
+def test_l2_sp_penalty_is_zero_at_start_and_matches_a_hand_computation():
+    torch.manual_seed(0)
+    backbone = resnet()
+    module = PretuneModule(backbone, Classification(backbone, SPEC), {"lr": 1e-3}, {"name": "none"}, l2_sp=0.3)
+    assert module.l2_sp_penalty().item() == 0.0
+    start = {n: p.detach().clone() for n, p in backbone.named_parameters()}
+    with torch.no_grad():
+        backbone.model.conv1.weight.add_(0.5)
+        backbone.model.layer4[0].conv1.weight.mul_(2)
+    backbone.model.layer4[0].conv1.weight.requires_grad = False  # frozen: not penalised
+    hand = (
+        0.5
+        * 0.3
+        * sum(((p.detach() - start[n]) ** 2).sum().item() for n, p in backbone.named_parameters() if p.requires_grad)
+    )
+    assert hand == pytest.approx(0.5 * 0.3 * 0.25 * backbone.model.conv1.weight.numel(), rel=1e-5)
+    assert module.l2_sp_penalty().item() == pytest.approx(hand, rel=1e-5)
+
+
+def test_early_stopping_stops_and_best_checkpoint_is_tested(cfg_factory):
+    from lightning_modules.run import run
+
+    metrics = run(
+        cfg_factory(
+            "finetune",
+            "model=resnet_micro",
+            "callbacks=early_stopping",
+            "callbacks.early_stopping.patience=1",
+            "optimizer.lr=1e-9",
+            "scheduler=none",
+            "trainer.max_epochs=20",
+            "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=1",
+        )
+    )
+    assert metrics["epochs"] < 20  # a learning rate of 1e-9 never improves val/acc: stopped after patience
+    assert metrics["best_checkpoint"] == "checkpoints/best.ckpt"
