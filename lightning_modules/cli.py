@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from omegaconf import DictConfig
 
-from datamodules.errors import ConfigError
+from datamodules.errors import ConfigError, TrainingDiverged
 from lightning_modules.config_check import check_config
+from lightning_modules.results import METRICS_FILE, write_metrics
 
 
 def _in_multirun() -> bool:
@@ -17,6 +19,16 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _record_failure(cfg: DictConfig, err: Exception) -> None:
+    """A job refused before it ran still leaves a metrics.json saying so (run() records later failures)."""
+    try:
+        out_dir = Path(cfg.paths.output_dir)
+    except Exception:  # no output dir to be had (e.g. the path itself is the mistake)
+        return
+    if not (out_dir / METRICS_FILE).exists():
+        write_metrics(out_dir, {"status": "failed", "stage": cfg.get("stage"), "error": str(err)})
+
+
 def main(cfg: DictConfig):
     """Run one job; returns ``optimized_metric`` for Hydra sweepers."""
     try:
@@ -24,10 +36,11 @@ def main(cfg: DictConfig):
         from lightning_modules.run import run  # heavy imports only once the config is known good
 
         metrics = run(cfg)
-    except ConfigError as err:
+    except (ConfigError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
-        if _in_multirun():  # the sweep goes on; this job is recorded as failed by run()
+        _record_failure(cfg, err)
+        if _in_multirun():  # the sweep goes on; this job is recorded as failed in its metrics.json
             return float("nan")
-        sys.exit(2)
+        sys.exit(2 if isinstance(err, ConfigError) else 1)
     # The value at the checkpoint that validation selected (what the run was tested with), else the last.
     return metrics.get(f"{cfg.optimized_metric}_best", metrics.get(cfg.optimized_metric))

@@ -7,7 +7,9 @@ loops, the optimizer and the schedule.
 from __future__ import annotations
 
 import pytorch_lightning as pl
+import torch
 
+from datamodules.errors import TrainingDiverged
 from lightning_modules.optim import build_optimizer, build_scheduler
 
 
@@ -43,6 +45,11 @@ class PretuneModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         out = self(batch)
+        if not torch.isfinite(out["loss"]):
+            raise TrainingDiverged(
+                f"train/loss became {out['loss'].item()} at step {self.global_step} (epoch {self.current_epoch});"
+                " try a lower optimizer.lr or trainer.gradient_clip_val=1.0"
+            )
         self.log("train/loss", out["loss"], on_step=True, on_epoch=True, prog_bar=True)
         if self.l2_sp > 0:
             penalty = self.l2_sp_penalty()

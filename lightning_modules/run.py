@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.errors import ConfigError
 from lightning_modules.handoff import build_backbone, export_backbone
 from lightning_modules.module import PretuneModule
 from lightning_modules.monitor import LayerGroupMonitor
@@ -105,6 +106,24 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     return metrics
 
 
+def _resume_path(cfg: DictConfig) -> str | None:
+    """``ckpt_path``, checked: it must exist and hold only plain weights. Checkpoints are loaded with
+    ``weights_only=True``, so a pickle that would run code is refused, never executed."""
+    path = cfg.get("ckpt_path")
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise ConfigError(f"ckpt_path={path}: no such checkpoint file")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # UnpicklingError for unsafe content, RuntimeError/EOFError for corrupt files
+        raise ConfigError(
+            f"ckpt_path={path}: refused, not a plain-weights Lightning checkpoint ({type(err).__name__}:"
+            f" {str(err).splitlines()[0][:200] if str(err) else ''})"
+        ) from err
+    return str(path)
+
+
 def _finish(loggers: list) -> None:
     """Close W&B runs explicitly, so jobs of one process (sweeps, the study) never merge into one run."""
     for logger in loggers:
@@ -113,7 +132,7 @@ def _finish(loggers: list) -> None:
 
 
 def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_dir: Path) -> dict:
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg), weights_only=True)
     metrics = {
         "status": "ok",
         "stage": cfg.stage,
@@ -133,7 +152,7 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_
         metrics["best_checkpoint"] = os.path.relpath(best, out_dir)
     if cfg.stage == "finetune":
         # Test the checkpoint that validation selected, not whatever the last epoch left.
-        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
         metrics.update({k: float(v) for k, v in tested[0].items()})
     else:
         provenance = {

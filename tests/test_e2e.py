@@ -99,3 +99,41 @@ def test_debug_fast_runs_one_batch_of_each_loop_in_process(cfg_factory):
 
     metrics = run(cfg_factory("finetune", "debug=fast", "model=resnet_micro"))
     assert metrics["status"] == "ok" and "test/acc" in metrics and "train/loss" in metrics
+
+
+def test_a_bad_value_is_recorded_as_failed_before_any_training(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "scripts/finetune.py", "optimizer.lr=-1", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "optimizer.lr=-1 is out of range" in result.stderr
+    recorded = json.loads((tmp_path / "metrics.json").read_text())
+    assert recorded["status"] == "failed" and "optimizer.lr" in recorded["error"]
+
+
+def test_a_diverging_run_stops_naming_the_step_and_the_sweep_goes_on(tmp_path):
+    # lr=1e6 with SGD blows the loss up within a few steps; the second job is healthy.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/finetune.py",
+            "-m",
+            "optimizer=sgd",
+            "optimizer.lr=1e6,0.01",
+            "model=resnet_micro",
+            *TINY,
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    first = json.loads((tmp_path / "0" / "metrics.json").read_text())
+    second = json.loads((tmp_path / "1" / "metrics.json").read_text())
+    assert first["status"] == "failed" and "train/loss became" in first["error"] and "at step" in first["error"]
+    assert second["status"] == "ok"

@@ -52,3 +52,28 @@ def test_resumed_run_equals_uninterrupted(cfg_factory, tmp_path, strategy):
         assert torch.equal(a[key], b[key]), key
     for key in ("train/loss", "val/acc", "test/acc", "params/trainable"):
         assert resumed[key] == full[key], key
+
+
+class _Exploit:
+    """Unpickling this runs a shell command: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_checkpoint_is_refused_not_executed(cfg_factory, tmp_path):
+    from datamodules.errors import ConfigError
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": _Exploit(marker)}, evil)
+    with pytest.raises(ConfigError, match=r"ckpt_path=.*evil.ckpt: refused, not a plain-weights"):
+        run(cfg_factory("finetune", *COMMON, f"ckpt_path={evil}"))
+    assert not marker.exists()
+    with pytest.raises(ConfigError, match="no such checkpoint file"):
+        run(cfg_factory("finetune", *COMMON, f"ckpt_path={tmp_path / 'missing.ckpt'}"))
