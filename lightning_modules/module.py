@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from datamodules.errors import TrainingDiverged
-from lightning_modules.optim import build_optimizer, build_scheduler
+from lightning_modules.optim import build_optimizer, build_scheduler, refresh_lrs
 
 
 class PretuneModule(pl.LightningModule):
@@ -83,11 +83,19 @@ class PretuneModule(pl.LightningModule):
 
     def on_validation_epoch_end(self):
         self._log_metrics(self.val_metrics)
+        if self.scheduler_cfg.get("name") == "plateau" and not self.trainer.sanity_checking:
+            value = self.trainer.callback_metrics.get(self.scheduler_cfg["monitor"])
+            if value is not None:
+                for config in self.trainer.lr_scheduler_configs:
+                    config.scheduler.report(float(value))
+                refresh_lrs(self.trainer)
 
     def on_test_epoch_end(self):
         self._log_metrics(self.test_metrics)
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.optimizer_cfg, self.backbone, self.objective)
-        scheduler = build_scheduler(self.scheduler_cfg, optimizer, int(self.trainer.estimated_stepping_batches))
+        total = int(self.trainer.estimated_stepping_batches)
+        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        scheduler = build_scheduler(self.scheduler_cfg, optimizer, total, per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -78,14 +78,51 @@ def cosine_factor(step: int, total: int, warmup: int, min_ratio: float) -> float
 
 
 class GroupScaledLR(torch.optim.lr_scheduler.LRScheduler):
-    """lr of each group = its initial lr * its ``lr_scale`` * ``factor(step)``."""
+    """lr of each group = its initial lr * its ``lr_scale`` * ``factor(step)``.
 
-    def __init__(self, optimizer, kind: str, total: int = 1, warmup: int = 0, min_ratio: float = 0.0):
+    ``factor`` is warmup then: cosine decay (``cosine``), a constant (``none``), ``gamma`` every
+    ``step_size`` steps (``step``), or ``gamma`` each time the monitored metric stops improving for
+    ``patience`` validations (``plateau``; fed by ``report``). Its whole state is plain numbers, so
+    it checkpoints and resumes exactly.
+    """
+
+    def __init__(
+        self,
+        optimizer,
+        kind: str,
+        total: int = 1,
+        warmup: int = 0,
+        min_ratio: float = 0.0,
+        step_size: int = 1,
+        gamma: float = 0.1,
+        patience: int = 2,
+        mode: str = "max",
+    ):
         self.kind, self.total, self.warmup, self.min_ratio = kind, total, warmup, min_ratio
+        self.step_size, self.gamma, self.patience, self.mode = step_size, gamma, patience, mode
+        self.plateau_scale, self.best, self.bad_checks = 1.0, None, 0
         super().__init__(optimizer)
 
     def factor(self, step: int) -> float:
-        return cosine_factor(step, self.total, self.warmup, self.min_ratio) if self.kind == "cosine" else 1.0
+        if self.kind == "cosine":
+            return cosine_factor(step, self.total, self.warmup, self.min_ratio)
+        warm = (step + 1) / self.warmup if step < self.warmup else 1.0
+        if self.kind == "step":
+            return warm * self.gamma ** (step // self.step_size)
+        if self.kind == "plateau":
+            return warm * self.plateau_scale
+        return warm
+
+    def report(self, value: float) -> None:
+        """A validation result for ``plateau``: after ``patience`` checks without improvement, decay."""
+        improved = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if improved:
+            self.best, self.bad_checks = value, 0
+            return
+        self.bad_checks += 1
+        if self.bad_checks > self.patience:
+            self.plateau_scale *= self.gamma
+            self.bad_checks = 0
 
     def get_lr(self) -> list[float]:
         f = self.factor(self.last_epoch)
@@ -93,7 +130,7 @@ class GroupScaledLR(torch.optim.lr_scheduler.LRScheduler):
 
 
 def refresh_lrs(trainer) -> None:
-    """Apply a changed ``lr_scale`` now rather than at the next scheduler step."""
+    """Apply a changed ``lr_scale`` (or plateau decay) now rather than at the next scheduler step."""
     for config in getattr(trainer, "lr_scheduler_configs", []) or []:
         sched = config.scheduler
         if isinstance(sched, GroupScaledLR):
@@ -101,14 +138,25 @@ def refresh_lrs(trainer) -> None:
                 group["lr"] = lr
 
 
-SCHEDULES = ("cosine", "none")
+SCHEDULES = ("cosine", "step", "plateau", "none")
 
 
-def build_scheduler(cfg: dict, optimizer, total_steps: int) -> dict:
+def build_scheduler(cfg: dict, optimizer, total_steps: int, steps_per_epoch: int = 1) -> dict:
     """Lightning scheduler dict, stepped every batch (a constant schedule too, so ``lr_scale`` holds)."""
     name = cfg.get("name", "none")
     if name not in SCHEDULES:
         raise ConfigError(f"scheduler.name={name} is unknown: allowed are {list(SCHEDULES)}")
     warmup = round(cfg.get("warmup_fraction", 0.0) * total_steps)
-    sched = GroupScaledLR(optimizer, name, total_steps, warmup, cfg.get("min_lr_ratio", 0.0))
+    step_size = max(1, round(cfg.get("step_epochs", 1) * steps_per_epoch))
+    sched = GroupScaledLR(
+        optimizer,
+        name,
+        total_steps,
+        warmup,
+        cfg.get("min_lr_ratio", 0.0),
+        step_size=step_size,
+        gamma=cfg.get("gamma", 0.1),
+        patience=cfg.get("patience", 2),
+        mode=cfg.get("mode", "max"),
+    )
     return {"scheduler": sched, "interval": "step", "frequency": 1}

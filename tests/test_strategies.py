@@ -235,3 +235,52 @@ def test_early_stopping_stops_and_best_checkpoint_is_tested(cfg_factory):
     )
     assert metrics["epochs"] < 20  # a learning rate of 1e-9 never improves val/acc: stopped after patience
     assert metrics["best_checkpoint"] == "checkpoints/best.ckpt"
+
+
+def test_step_schedule_with_layer_decay_matches_hand_values():
+    backbone = resnet()
+    head = Classification(backbone, SPEC)
+    opt = build_optimizer({"name": "sgd", "lr": 0.1, "layer_decay": 0.5}, backbone, head)
+    sched = build_scheduler({"name": "step", "step_epochs": 2, "gamma": 0.5}, opt, 20, steps_per_epoch=4)["scheduler"]
+    for step in range(20):
+        groups = {g["name"]: g["lr"] for g in opt.param_groups}
+        assert groups["head"] == pytest.approx(0.1 * 0.5 ** (step // 8))
+        assert groups["stem"] == pytest.approx(0.1 * 0.5**5 * 0.5 ** (step // 8))
+        opt.step()
+        sched.step()
+
+
+def test_plateau_schedule_decays_after_patience_validations_without_improvement():
+    backbone = resnet()
+    opt = build_optimizer({"name": "adamw", "lr": 0.1}, backbone, Classification(backbone, SPEC))
+    sched = build_scheduler({"name": "plateau", "patience": 1, "gamma": 0.1, "mode": "max"}, opt, 100)["scheduler"]
+    seen = []
+    for value in [0.5, 0.6, 0.6, 0.55, 0.7, 0.7, 0.7]:
+        sched.report(value)
+        opt.step()
+        sched.step()
+        seen.append(opt.param_groups[0]["lr"])
+    assert seen == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.001])
+    state = sched.state_dict()
+    assert state["plateau_scale"] == pytest.approx(0.01) and state["best"] == 0.7  # resumable plain numbers
+
+
+def test_plateau_decays_in_a_training_loop(cfg_factory, tmp_path):
+    import csv
+
+    from lightning_modules.run import run
+
+    metrics = run(
+        cfg_factory(
+            "finetune",
+            "model=resnet_micro",
+            "scheduler=plateau",
+            "scheduler.patience=0",
+            "optimizer.lr=1e-9",
+            "trainer.max_epochs=3",
+            "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=1",
+            "logger=csv",
+        )
+    )
+    assert metrics["status"] == "ok"
