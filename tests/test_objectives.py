@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from datamodules.errors import ConfigError
 from lightning_modules.objectives.classification import Classification
@@ -117,3 +118,32 @@ def test_nt_xent_equals_hand_computation():
 def test_nt_xent_is_low_for_matching_views():
     z = torch.randn(8, 16)
     assert nt_xent(z, z, 0.1) < nt_xent(z, torch.randn(8, 16), 0.1)
+
+
+def test_mixup_mixes_images_and_targets_with_the_soft_target_loss(monkeypatch):
+    from timm.data import Mixup
+
+    torch.manual_seed(0)
+    backbone = vit()
+    objective = Classification(backbone, SPEC, mixup=0.4)
+    monkeypatch.setattr(Mixup, "_params_per_batch", lambda self: (0.3, False))  # fix lambda, no cutmix
+    data = batch(6)
+    seen = {}
+    backbone.register_forward_pre_hook(lambda m, args: seen.update(image=args[0]))
+    out = objective(backbone, data)
+    x, y = data["image"], data["label"]
+    torch.testing.assert_close(seen["image"], 0.3 * x + 0.7 * x.flip(0))
+    soft = 0.3 * F.one_hot(y, 3) + 0.7 * F.one_hot(y.flip(0), 3)
+    hand = -(soft * F.log_softmax(out["logits"], -1)).sum(-1).mean()
+    assert out["loss"].item() == pytest.approx(hand.item(), rel=1e-6)
+    objective.eval()  # evaluation never mixes: plain cross-entropy on the true labels
+    plain = objective(backbone, data)
+    assert plain["loss"].item() == pytest.approx(F.cross_entropy(plain["logits"], y).item(), rel=1e-6)
+
+
+def test_mixup_needs_an_even_batch_and_valid_alphas():
+    with pytest.raises(ConfigError, match="objective.mixup=-1 is invalid"):
+        Classification(vit(), SPEC, mixup=-1)
+    objective = Classification(vit(), SPEC, cutmix=1.0)
+    with pytest.raises(ConfigError, match="even datamodule.batch_size"):
+        objective(vit(), batch(5))

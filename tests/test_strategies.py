@@ -266,7 +266,6 @@ def test_plateau_schedule_decays_after_patience_validations_without_improvement(
 
 
 def test_plateau_decays_in_a_training_loop(cfg_factory, tmp_path):
-    import csv
 
     from lightning_modules.run import run
 

@@ -1,4 +1,5 @@
-"""Supervised classification: a linear head on the pooled features, cross-entropy."""
+"""Supervised classification: a linear head on the pooled features, cross-entropy; optionally
+mixup/cutmix (timm's ``Mixup``) with the matching soft-target loss on training batches."""
 
 from __future__ import annotations
 
@@ -6,20 +7,54 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
+from datamodules.errors import ConfigError
 from lightning_modules.objectives.base import Objective
 
 
 class Classification(Objective):
-    def __init__(self, backbone, data, label_smoothing: float = 0.0, head_dropout: float = 0.0):
+    def __init__(
+        self,
+        backbone,
+        data,
+        label_smoothing: float = 0.0,
+        head_dropout: float = 0.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        mix_prob: float = 1.0,
+    ):
         super().__init__(backbone, data)
         self.num_classes = data.num_classes
         self.label_smoothing = label_smoothing
         self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(backbone.num_features, self.num_classes))
+        for key, value in (("mixup", mixup), ("cutmix", cutmix), ("mix_prob", mix_prob)):
+            if not isinstance(value, (int, float)) or value < 0 or (key == "mix_prob" and value > 1):
+                allowed = "a number in [0, 1]" if key == "mix_prob" else "a number >= 0 (the Beta alpha; 0 = off)"
+                raise ConfigError(f"objective.{key}={value!r} is invalid: allowed is {allowed}")
+        self.mix = None
+        if mixup > 0 or cutmix > 0:
+            from timm.data import Mixup
+
+            self.mix = Mixup(
+                mixup_alpha=mixup,
+                cutmix_alpha=cutmix,
+                prob=mix_prob,
+                label_smoothing=label_smoothing,
+                num_classes=self.num_classes,
+            )
 
     def forward(self, backbone, batch):
-        logits = self.head(backbone(batch["image"]))
-        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)
-        return {"loss": loss, "logits": logits, "target": batch["label"]}
+        images, labels = batch["image"], batch["label"]
+        if self.training and self.mix is not None:
+            if len(images) % 2:
+                raise ConfigError(f"objective.mixup/cutmix need an even datamodule.batch_size, got {len(images)}")
+            # timm mixes in place: work on a copy, never on the caller's batch. Soft targets carry the smoothing.
+            images, soft = self.mix(images.clone(), labels)
+            logits = self.head(backbone(images))
+            loss = -(soft * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+        else:
+            logits = self.head(backbone(images))
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        return {"loss": loss, "logits": logits, "target": labels}
 
     def make_metrics(self, prefix: str):
         n = self.num_classes
