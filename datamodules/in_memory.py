@@ -168,10 +168,11 @@ class InMemoryImageDataModule(pl.LightningDataModule):
             return
         splits, classes = self.load_splits()
         train_x, train_y = splits["train"]
+        # Normalise with statistics of all training images (labeled or not), shared by every split and
+        # by both stages, so a fine-tune sees inputs on the scale its backbone was pre-trained on.
+        mean, std = train_x.mean(), train_x.std().clamp_min(1e-6)
         if self.labeled and self.label_fraction < 1:
             train_x, train_y = self._label_subset(train_x, train_y)
-        # Normalise with statistics of the training images, shared by every split.
-        mean, std = train_x.mean(), train_x.std().clamp_min(1e-6)
         splits["train"] = (train_x, train_y)
         for name, (x, y) in splits.items():
             batch = {"image": ((x - mean) / std).float().contiguous()}

@@ -17,6 +17,7 @@ from datamodules.errors import ConfigError
 
 FORMAT = "pretune-backbone/1"
 WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
+OBJECTIVE_WEIGHTS = "objective.safetensors"  # the pre-training heads, to measure forgetting later
 
 
 def find_backbone_dir(init: str) -> Path:
@@ -56,14 +57,19 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def export_backbone(backbone, target: Path, provenance: dict | None = None) -> Path:
-    """Write ``target/`` = model.safetensors + config.yaml, atomically (no half-written export)."""
+def export_backbone(
+    backbone, target: Path, provenance: dict | None = None, objective=None, objective_cfg: dict | None = None
+) -> Path:
+    """Write ``target/`` = model.safetensors + config.yaml (+ the objective's heads and config when
+    given), atomically: a killed export leaves no half-written ``backbone/``."""
     from safetensors.torch import save_model
 
     target = Path(target)
     tmp = _atomic_dir(target)
     try:
         save_model(backbone.model, str(tmp / WEIGHTS))
+        if objective is not None:
+            save_model(objective, str(tmp / OBJECTIVE_WEIGHTS))
         meta = {
             "format": FORMAT,
             **backbone.spec,
@@ -71,6 +77,7 @@ def export_backbone(backbone, target: Path, provenance: dict | None = None) -> P
             "layer_groups": [g.name for g in backbone.layer_groups()],
             "sha256": sha256_of(tmp / WEIGHTS),
             "provenance": provenance or {},
+            "objective": objective_cfg,
         }
         (tmp / CONFIG).write_text(yaml.safe_dump(meta, sort_keys=False))
         if target.exists():

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.errors import ConfigError
+from lightning_modules.forgetting import ForgettingProbe
 from lightning_modules.handoff import build_backbone, export_backbone
 from lightning_modules.module import PretuneModule
 from lightning_modules.monitor import LayerGroupMonitor
@@ -132,6 +133,10 @@ def _finish(loggers: list) -> None:
 
 
 def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_dir: Path) -> dict:
+    probe = None
+    if OmegaConf.select(cfg, "finetune.measure_forgetting", default=False):
+        probe = ForgettingProbe(str(cfg.model.init), module.backbone, datamodule)
+        before = probe.loss(module.backbone)
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg), weights_only=True)
     metrics = {
         "status": "ok",
@@ -154,6 +159,15 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_
         # Test the checkpoint that validation selected, not whatever the last epoch left.
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
         metrics.update({k: float(v) for k, v in tested[0].items()})
+        if probe is not None:  # on the tested (best) weights
+            after = probe.loss(module.backbone)
+            metrics.update(
+                {
+                    "forgetting/pretrain_loss_before": before,
+                    "forgetting/pretrain_loss_after": after,
+                    "forgetting/increase": after - before,
+                }
+            )
     else:
         provenance = {
             "objective": cfg.objective.get("_target_"),
@@ -161,5 +175,11 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_
             "seed": cfg.seed,
             "run_dir": str(out_dir.resolve()),
         }
-        export_backbone(module.backbone, out_dir / "backbone", provenance=provenance)
+        export_backbone(
+            module.backbone,
+            out_dir / "backbone",
+            provenance=provenance,
+            objective=module.objective,
+            objective_cfg=OmegaConf.to_container(cfg.objective, resolve=True),
+        )
     return metrics

@@ -77,3 +77,10 @@ def test_a_malicious_checkpoint_is_refused_not_executed(cfg_factory, tmp_path):
     assert not marker.exists()
     with pytest.raises(ConfigError, match="no such checkpoint file"):
         run(cfg_factory("finetune", *COMMON, f"ckpt_path={tmp_path / 'missing.ckpt'}"))
+
+
+def test_same_seed_same_config_gives_the_same_metrics(cfg_factory):
+    a = run(cfg_factory("finetune", *COMMON, name="a"))
+    b = run(cfg_factory("finetune", *COMMON, name="b"))
+    keys = [k for k in a if k.startswith(("train/", "val/", "test/"))]
+    assert keys and all(a[k] == b[k] for k in keys)
