@@ -54,3 +54,51 @@ class StopAfter:
                     trainer.should_stop = True
 
         return _Stop()
+
+
+def group_keys(module, group) -> set[str]:
+    """State-dict keys of a ``PretuneModule`` that belong to one layer group: parameters and buffers."""
+    keys = {f"backbone.model.{n}" for n in group.params}
+    named = {id(m): n for n, m in module.backbone.model.named_modules()}
+    for m in group.modules:
+        keys |= {f"backbone.model.{named[id(m)]}.{b}" for b, _ in m.named_buffers()}
+    return keys
+
+
+def fit_tiny(backbone, callbacks, epochs=2, optimizer=None, scheduler=None):
+    """Fit a classifier on 32 smooth images (4 batches of 8 per epoch) on the CPU.
+
+    Returns the module and its state dict before training.
+    """
+    import pytorch_lightning as pl
+
+    from datamodules.in_memory import BatchLoader
+    from lightning_modules.module import PretuneModule
+    from lightning_modules.objectives.classification import Classification
+
+    class Data(pl.LightningDataModule):
+        def train_dataloader(self):
+            return BatchLoader(batch(32), 8, shuffle=True, drop_last=True)
+
+        def val_dataloader(self):
+            return BatchLoader(batch(32), 16, shuffle=False, drop_last=False)
+
+    torch.manual_seed(0)
+    module = PretuneModule(
+        backbone,
+        Classification(backbone, SPEC),
+        optimizer or {"name": "adamw", "lr": 1e-2, "weight_decay": 0.05},
+        scheduler or {"name": "none"},
+    )
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, datamodule=Data())
+    return module, before

@@ -3,63 +3,21 @@
 from __future__ import annotations
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
 from datamodules.errors import ConfigError
-from datamodules.in_memory import BatchLoader
 from lightning_modules.freezing import FreezeLayers, resolve_layers
-from lightning_modules.module import PretuneModule
-from lightning_modules.objectives.classification import Classification
-from tests.helpers import SPEC, batch, resnet, vit
-
-
-class _Data(pl.LightningDataModule):
-    def __init__(self):
-        super().__init__()
-        self.tensors = batch(32)
-
-    def train_dataloader(self):
-        return BatchLoader(self.tensors, 8, shuffle=True, drop_last=True)
-
-    def val_dataloader(self):
-        return BatchLoader(self.tensors, 16, shuffle=False, drop_last=False)
+from tests.helpers import fit_tiny, group_keys, resnet, vit
 
 
 def _fit(backbone, layers, train_bn=False, epochs=2):
-    torch.manual_seed(0)
-    module = PretuneModule(
-        backbone,
-        Classification(backbone, SPEC),
-        {"name": "adamw", "lr": 1e-2, "weight_decay": 0.05},
-        {"name": "none"},
-    )
-    before = {k: v.clone() for k, v in module.state_dict().items()}
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[FreezeLayers(layers, train_bn=train_bn)],
-    )
-    trainer.fit(module, datamodule=_Data())
+    module, before = fit_tiny(backbone, [FreezeLayers(layers, train_bn=train_bn)], epochs)
     after = module.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    return module, changed
+    return module, {k for k in before if not torch.equal(before[k], after[k])}
 
 
 def _keys_of(module, groups):
-    """State-dict keys (parameters and buffers) of the given layer groups."""
-    names = set()
-    for g in groups:
-        for m in g.modules:
-            for n, mod in module.backbone.named_modules():
-                if mod is m:
-                    names |= {f"backbone.{n}.{k}" for k in mod.state_dict()}
-        names |= {f"backbone.model.{n}" for n in g.params}
-    return names
+    return set().union(*(group_keys(module, g) for g in groups))
 
 
 @pytest.mark.parametrize("make", [resnet, vit], ids=["resnet", "vit"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
@@ -16,10 +15,7 @@ from lightning_modules.freezing import GradualUnfreezing, LinearProbeThenFinetun
 from lightning_modules.module import PretuneModule
 from lightning_modules.objectives.classification import Classification
 from lightning_modules.optim import build_optimizer, build_scheduler
-from tests.helpers import RESNET, SPEC, resnet
-from tests.test_freezing import _Data
-
-STEPS_PER_EPOCH = 4  # _Data: 32 examples, batches of 8
+from tests.helpers import RESNET, SPEC, fit_tiny, group_keys, resnet
 
 
 class _Snapshots(Callback):
@@ -34,40 +30,18 @@ class _Snapshots(Callback):
 
 
 def _fit(strategy, epochs, optimizer=None, scheduler=None):
-    torch.manual_seed(0)
-    backbone = resnet()
-    module = PretuneModule(
-        backbone,
-        Classification(backbone, SPEC),
-        optimizer or {"name": "adamw", "lr": 1e-2, "weight_decay": 0.05},
-        scheduler or {"name": "none"},
-    )
-    start = {k: v.clone() for k, v in module.state_dict().items()}
     snaps = _Snapshots()
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[strategy, snaps],
-    )
-    trainer.fit(module, datamodule=_Data())
+    module, start = fit_tiny(resnet(), [strategy, snaps], epochs, optimizer, scheduler)
     return module, [start, *snaps.states], snaps.lrs
 
 
 def _changed_groups(module, before, after) -> list[str]:
     """Names of the backbone groups with any parameter or buffer changed."""
-    out = []
-    for g in module.backbone.layer_groups():
-        keys = {f"backbone.model.{n}" for n in g.params}
-        for m in g.modules:
-            prefix = next(n for n, mod in module.backbone.model.named_modules() if mod is m)
-            keys |= {f"backbone.model.{prefix}.{b}" for b, _ in m.named_buffers()}
-        if any(not torch.equal(before[k], after[k]) for k in keys):
-            out.append(g.name)
-    return out
+    return [
+        g.name
+        for g in module.backbone.layer_groups()
+        if any(not torch.equal(before[k], after[k]) for k in group_keys(module, g))
+    ]
 
 
 def test_gradual_unfreezes_one_group_per_epoch_from_the_top():
