@@ -37,7 +37,7 @@ def _final_metrics(trainer: pl.Trainer) -> dict:
     return out
 
 
-def _loggers(cfg: DictConfig, out_dir: Path) -> list:
+def _loggers(cfg: DictConfig) -> list:
     loggers = []
     for name, conf in (cfg.get("logger") or {}).items():
         if conf is None:
@@ -92,7 +92,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         freezer = instantiate(cfg.freeze)
         freezer.validate(backbone)  # e.g. freeze.layers beyond the backbone's groups: fail before training
         callbacks += [freezer, LayerGroupMonitor()]
-    loggers = _loggers(cfg, out_dir)
+    loggers = _loggers(cfg)
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out_dir)
     )
