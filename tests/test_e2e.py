@@ -137,3 +137,37 @@ def test_a_diverging_run_stops_naming_the_step_and_the_sweep_goes_on(tmp_path):
     second = json.loads((tmp_path / "1" / "metrics.json").read_text())
     assert first["status"] == "failed" and "train/loss became" in first["error"] and "at step" in first["error"]
     assert second["status"] == "ok"
+
+
+def test_report_turns_a_partial_sweep_into_tables_and_plots(tmp_path):
+    sweep = tmp_path / "sweep"
+    _script(
+        "finetune",
+        "-m",
+        "optimizer.lr=1e-3,1e-2",
+        "freeze.layers=0,all",
+        "model=resnet_micro",
+        *TINY,
+        f"hydra.sweep.dir={sweep}",
+    )
+    (sweep / "3" / "metrics.json").unlink()  # a job still running: the report must not drop it
+    out = _script("report", str(sweep))
+    assert f"Report: {sweep / 'report' / 'report.md'}" in out.stdout
+    rows = list(csv.DictReader((sweep / "report" / "runs.csv").open()))
+    assert [r["run"] for r in rows] == ["0", "1", "2", "3"]
+    assert {(r["optimizer.lr"], r["freeze.layers"]) for r in rows} == {
+        ("0.001", "0"),
+        ("0.001", "all"),
+        ("0.01", "0"),
+        ("0.01", "all"),
+    }
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "missing"]
+    text = (sweep / "report" / "report.md").read_text()
+    best = max(rows[:3], key=lambda r: float(r["val/acc_best"]))
+    assert f"**Best:** `optimizer.lr={best['optimizer.lr']} freeze.layers={best['freeze.layers']}`" in text
+    for png in ("optimizer.lr.png", "freeze.layers.png", "heatmap.png"):
+        assert (sweep / "report" / png).stat().st_size > 1000
+    missing = subprocess.run(
+        [sys.executable, "scripts/report.py", str(tmp_path / "nothing")], cwd=ROOT, capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "is not a directory" in missing.stderr

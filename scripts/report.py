@@ -1,0 +1,34 @@
+#!/usr/bin/env python
+"""Turn a sweep into a table (Markdown and CSV), the best configuration and plots.
+
+python scripts/report.py outputs/multirun/finetune/<timestamp>
+python scripts/report.py <run dir> <run dir> ... --out my_report
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from datamodules.errors import ConfigError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="a multirun directory, or run directories")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: <first path>/report)")
+    args = parser.parse_args(argv)
+    from lightning_modules.sweep_report import write_sweep_report
+
+    try:
+        path = write_sweep_report(args.paths, args.out)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"Report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
