@@ -171,3 +171,17 @@ def test_report_turns_a_partial_sweep_into_tables_and_plots(tmp_path):
         [sys.executable, "scripts/report.py", str(tmp_path / "nothing")], cwd=ROOT, capture_output=True, text=True
     )
     assert missing.returncode == 2 and "is not a directory" in missing.stderr
+
+
+def test_finetune_on_a_users_image_folder(tmp_path):
+    from tests.test_datamodules import _write_images
+
+    for split, n in (("train", 8), ("val", 3), ("test", 3)):
+        _write_images(tmp_path / "data", split, ["cats", "dogs", "owls"], n=n, size=20)
+    run_dir = tmp_path / "run"
+    _script("finetune", "datamodule=image_folder", f"datamodule.root={tmp_path / 'data'}",
+            "datamodule.batch_size=8", "model=resnet_micro", *TINY, f"hydra.run.dir={run_dir}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and 0 <= metrics["test/acc"] <= 1
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["model"]["kwargs"]["in_chans"] == 3  # RGB folders feed a 3-channel backbone
