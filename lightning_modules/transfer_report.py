@@ -29,8 +29,9 @@ def select_and_summarise(rows: list[dict], baseline: str) -> list[dict]:
     summary = []
     for fraction in dict.fromkeys(r["label_fraction"] for r in rows):
         entries = []
-        for name in dict.fromkeys(r["strategy"] for r in rows):
+        for name in dict.fromkeys(r["strategy"] for r in rows if r["label_fraction"] == fraction):
             lr, chosen = _choose([r for r in rows if r["label_fraction"] == fraction and r["strategy"] == name])
+            forgetting = [r["forgetting"] for r in chosen if r.get("forgetting") not in ("", None)]
             test_mean, test_std = _mean_std([r["test_acc"] for r in chosen])
             entries.append(
                 {
@@ -46,6 +47,8 @@ def select_and_summarise(rows: list[dict], baseline: str) -> list[dict]:
                     "test_max": max(r["test_acc"] for r in chosen),
                     "per_seed": {r["seed"]: r["test_acc"] for r in chosen},
                     "trainable": chosen[0]["trainable"],
+                    "frozen_groups": chosen[0].get("frozen_groups", ""),
+                    "forgetting": _mean_std(forgetting) if forgetting else None,
                 }
             )
         base = next(e for e in entries if e["strategy"] == baseline)
@@ -69,8 +72,15 @@ def _plot(summary: list[dict], path: Path, title: str) -> None:
     width = 0.8 / len(fractions)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for j, fraction in enumerate(fractions):
-        entries = [next(s for s in summary if s["label_fraction"] == fraction and s["strategy"] == n) for n in names]
-        xs = [i + (j - (len(fractions) - 1) / 2) * width for i in range(len(names))]
+        present = [
+            (i, n)
+            for i, n in enumerate(names)
+            if any(s["label_fraction"] == fraction and s["strategy"] == n for s in summary)
+        ]
+        entries = [
+            next(s for s in summary if s["label_fraction"] == fraction and s["strategy"] == n) for _, n in present
+        ]
+        xs = [i + (j - (len(fractions) - 1) / 2) * width for i, _ in present]
         means = [100 * e["test_acc"] for e in entries]
         ax.bar(
             xs,
@@ -85,7 +95,7 @@ def _plot(summary: list[dict], path: Path, title: str) -> None:
                 [x] * len(e["per_seed"]), [100 * v for v in e["per_seed"].values()], color="black", s=8, zorder=3
             )
             ax.text(x, mean + 2, f"{mean:.1f}", ha="center", fontsize=8)
-    ax.set_xticks(range(len(names)), names)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 108)
     ax.legend(loc="lower right")
@@ -95,6 +105,39 @@ def _plot(summary: list[dict], path: Path, title: str) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
+
+
+def _plot_depth(summary: list[dict], path: Path) -> bool:
+    """Test accuracy against the number of frozen layer groups (strategies that declare ``frozen_groups``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [s for s in summary if s.get("frozen_groups") not in ("", None)]
+    if len(points) < 2:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for fraction in dict.fromkeys(s["label_fraction"] for s in points):
+        series = [s for s in points if s["label_fraction"] == fraction]
+        order = sorted(series, key=lambda s: 10**9 if s["frozen_groups"] == "all" else int(s["frozen_groups"]))
+        ax.errorbar(
+            [str(s["frozen_groups"]) for s in order],
+            [100 * s["test_acc"] for s in order],
+            yerr=[100 * s["test_std"] for s in order],
+            marker="o",
+            capsize=4,
+            label=f"{100 * fraction:g}% labels",
+        )
+    ax.set_xlabel("frozen layer groups (freeze.layers), input side first")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
 
 
 def headline(summary: list[dict]) -> list[str]:
@@ -135,20 +178,27 @@ def write_report(study_dir: Path, cfg, rows: list[dict], summary: list[dict], pr
         " accuracy among its candidates; test accuracy is reported for that choice only.",
         "",
         "| labels | strategy | init | trainable params | lr (chosen on val) | val acc | test acc (mean ± std) |"
-        " min–max | gain over scratch (paired) |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        " min–max | gain over scratch (paired) | forgetting (pre-training loss increase) |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summary:
         gain = "—" if not s["pretrained"] else f"{100 * s['gain']:+.1f} ± {100 * s['gain_std']:.1f}"
+        forget = "—" if s["forgetting"] is None else f"{s['forgetting'][0]:+.3f} ± {s['forgetting'][1]:.3f}"
         lines.append(
             f"| {100 * s['label_fraction']:g}% | {s['strategy']} | {'pre-trained' if s['pretrained'] else 'random'}"
             f" | {s['trainable']:,} | {s['lr']:g} | {pct(s['val_acc'])} | {pct(s['test_acc'])} ± {pct(s['test_std'])}"
             f" | {pct(s['test_min'])}–{pct(s['test_max'])} | {gain} |"
+            f" {forget} |"
         )
     lines += [
         "",
         "![test accuracy by strategy](transfer.png)",
         "",
+        *(
+            ["![test accuracy against freezing depth](freeze_depth.png)", ""]
+            if _plot_depth(summary, study_dir / "freeze_depth.png")
+            else []
+        ),
         f"All {len(rows)} fine-tuning runs (every LR and seed) are in `results.csv`; each has its own run"
         f" directory under `finetune/`. Study wall time: {seconds:.0f}s.",
         "",

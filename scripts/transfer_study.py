@@ -65,6 +65,7 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
         (fraction, name, lr, seed)
         for fraction in cfg.label_fractions
         for name, strategy in cfg.strategies.items()
+        if fraction in strategy.get("label_fractions", cfg.label_fractions)
         for lr in strategy.lrs
         for seed in cfg.seeds
     ]
@@ -88,6 +89,8 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
                 "label_fraction": fraction,
                 "strategy": name,
                 "pretrained": bool(strategy.pretrained),
+                "frozen_groups": strategy.get("frozen_groups", ""),
+                "forgetting": m.get("forgetting/increase", ""),
                 "lr": lr,
                 "seed": seed,
                 "val_acc": m["val/acc_best"],

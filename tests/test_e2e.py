@@ -80,6 +80,13 @@ def test_transfer_study_on_a_tiny_budget(tmp_path):
         "strategies.scratch.lrs=[1e-3,3e-3]",
         "strategies.linear_probe.lrs=[1e-2]",
         "strategies.full_finetune.lrs=[1e-3]",
+        "~strategies.first_4",
+        "~strategies.full_layer_decay",
+        "strategies.first_2.lrs=[1e-3]",
+        "strategies.gradual.lrs=[1e-3]",
+        'strategies.gradual.overrides=["freeze=gradual","freeze.every=1"]',
+        "strategies.lp_ft.lrs=[1e-2]",
+        'strategies.lp_ft.overrides=["freeze=lp_ft","freeze.probe_epochs=1","finetune.measure_forgetting=true"]',
         "label_fractions=[0.05]",
     ]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -89,8 +96,13 @@ def test_transfer_study_on_a_tiny_budget(tmp_path):
     assert "| scratch | random |" in text and "| linear_probe | pre-trained |" in text
     assert (tmp_path / "transfer.png").stat().st_size > 1000
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
-    assert len(rows) == (2 + 1 + 1) * 2
-    assert {r["strategy"] for r in rows} == {"scratch", "linear_probe", "full_finetune"}
+    assert len(rows) == (2 + 1 + 1 + 1 + 1 + 1) * 2
+    assert {r["strategy"] for r in rows} == {"scratch", "linear_probe", "full_finetune", "first_2", "gradual", "lp_ft"}
+    assert all(float(r["forgetting"]) != 0 for r in rows if r["strategy"] == "full_finetune")
+    assert all(r["forgetting"] != "" for r in rows if r["strategy"] == "lp_ft")  # recorded (0 if the probe won)
+    assert all(r["forgetting"] == "" for r in rows if r["strategy"] == "scratch")
+    assert (tmp_path / "freeze_depth.png").stat().st_size > 1000  # points at 0, 2 and all frozen groups
+    assert "| 5% | lp_ft | pre-trained |" in text
     assert (tmp_path / "pretrain" / "backbone" / "model.safetensors").is_file()
 
 
@@ -179,8 +191,15 @@ def test_finetune_on_a_users_image_folder(tmp_path):
     for split, n in (("train", 8), ("val", 3), ("test", 3)):
         _write_images(tmp_path / "data", split, ["cats", "dogs", "owls"], n=n, size=20)
     run_dir = tmp_path / "run"
-    _script("finetune", "datamodule=image_folder", f"datamodule.root={tmp_path / 'data'}",
-            "datamodule.batch_size=8", "model=resnet_micro", *TINY, f"hydra.run.dir={run_dir}")
+    _script(
+        "finetune",
+        "datamodule=image_folder",
+        f"datamodule.root={tmp_path / 'data'}",
+        "datamodule.batch_size=8",
+        "model=resnet_micro",
+        *TINY,
+        f"hydra.run.dir={run_dir}",
+    )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "ok" and 0 <= metrics["test/acc"] <= 1
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
