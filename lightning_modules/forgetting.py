@@ -18,8 +18,9 @@ class ForgettingProbe:
     def __init__(self, init: str, backbone, datamodule, batch_size: int = 256):
         from safetensors.torch import load_file
 
-        meta = read_backbone_config(find_backbone_dir(init)) if init not in ("none", "timm") else {}
-        weights = find_backbone_dir(init) / OBJECTIVE_WEIGHTS if meta else None
+        backbone_dir = find_backbone_dir(init) if init not in ("none", "timm") else None
+        meta = read_backbone_config(backbone_dir) if backbone_dir else {}
+        weights = backbone_dir / OBJECTIVE_WEIGHTS if backbone_dir else None
         if not meta.get("objective") or not weights.is_file():
             raise ConfigError(
                 f"finetune.measure_forgetting=true needs model.init to be a pretune pre-training run whose"

@@ -5,6 +5,12 @@ from __future__ import annotations
 from pytorch_lightning.callbacks import Callback
 
 
+def count_params(module) -> dict:
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.parameters())
+    return {"params/trainable": trainable, "params/frozen": total - trainable}
+
+
 def group_state(pl_module, optimizer) -> dict[str, float]:
     values = {}
     for group in optimizer.param_groups:
@@ -21,7 +27,7 @@ class LayerGroupMonitor(Callback):
         self.trainable_at_start: int | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.trainable_at_start = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        self.trainable_at_start = count_params(pl_module)["params/trainable"]
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         values = {"epoch": float(trainer.current_epoch)}

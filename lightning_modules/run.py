@@ -20,7 +20,7 @@ from datamodules.errors import ConfigError
 from lightning_modules.forgetting import ForgettingProbe
 from lightning_modules.handoff import build_backbone, export_backbone
 from lightning_modules.module import PretuneModule
-from lightning_modules.monitor import LayerGroupMonitor
+from lightning_modules.monitor import LayerGroupMonitor, count_params
 from lightning_modules.results import write_atomic, write_metrics
 from lightning_modules.seeding import EpochSeed
 
@@ -48,12 +48,6 @@ def _loggers(cfg: DictConfig) -> list:
             conf = OmegaConf.merge(conf, {"offline": wandb_offline_default()})
         loggers.append(instantiate(conf))
     return loggers
-
-
-def count_params(module: torch.nn.Module) -> dict:
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in module.parameters())
-    return {"params/trainable": trainable, "params/frozen": total - trainable}
 
 
 def run(cfg: DictConfig) -> dict:
