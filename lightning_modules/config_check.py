@@ -71,7 +71,10 @@ def check_config(cfg: DictConfig) -> None:
         _number(cfg, "finetune.l2_sp", low=0, optional=True)
         _number(cfg, "freeze.ft_lr_scale", low=0, high=1, low_open=True, optional=True)
     init = str(_get(cfg, "model.init"))
-    if init not in ("none", "timm"):
+    if init.startswith("wandb:"):  # fetched when the run starts; only its form can be checked here
+        if init.count("/") != 2 or ":" not in init.removeprefix("wandb:"):
+            raise ConfigError(f"model.init={init} is invalid: allowed is wandb:<entity>/<project>/<name>:<alias>")
+    elif init not in ("none", "timm"):
         from lightning_modules.handoff import find_backbone_dir
 
         find_backbone_dir(init)  # raises a ConfigError naming model.init when there is nothing there

@@ -11,14 +11,17 @@ import torch
 from hydra.utils import instantiate
 
 from datamodules.errors import ConfigError
-from lightning_modules.handoff import OBJECTIVE_WEIGHTS, find_backbone_dir, read_backbone_config
+from lightning_modules.handoff import OBJECTIVE_WEIGHTS, read_backbone_config
 
 
 class ForgettingProbe:
-    def __init__(self, init: str, backbone, datamodule, batch_size: int = 256):
+    def __init__(self, init: str, source: dict | None, backbone, datamodule, batch_size: int = 256):
+        """``source``: where ``model.init`` resolved to (``handoff.resolve_init``); None for none/timm."""
+        from pathlib import Path
+
         from safetensors.torch import load_file
 
-        backbone_dir = find_backbone_dir(init) if init not in ("none", "timm") else None
+        backbone_dir = Path(source["path"]) if source else None
         meta = read_backbone_config(backbone_dir) if backbone_dir else {}
         weights = backbone_dir / OBJECTIVE_WEIGHTS if backbone_dir else None
         if not meta.get("objective") or not weights.is_file():

@@ -110,26 +110,49 @@ def load_backbone_weights(backbone, backbone_dir: Path) -> None:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ConfigError(f"model.init={backbone_dir}: {WEIGHTS} is corrupt or truncated ({err})") from err
-    own = backbone.model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    misshaped = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or misshaped:
-        parts = [
-            f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
-            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", misshaped))
-            if items
-        ]
-        raise ConfigError(f"model.init={backbone_dir}: weights do not fit the model ({'; '.join(parts)})")
+    differences = state_differences(backbone.model.state_dict(), state)
+    if differences:
+        raise ConfigError(f"model.init={backbone_dir}: weights do not fit the model ({differences})")
     backbone.model.load_state_dict(state, strict=True)
 
 
+def state_differences(own: dict, saved: dict) -> str:
+    """Why ``saved`` tensors do not fit a model's ``own`` state dict ('' when they do): missing and
+    unexpected keys, and misshaped tensors, a few of each."""
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
+    misshaped = [
+        f"{k} {tuple(saved[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(saved))
+        if saved[k].shape != own[k].shape
+    ]
+    return "; ".join(
+        f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", misshaped))
+        if items
+    )
+
+
+def resolve_init(init: str) -> dict | None:
+    """Where ``model.init``'s weights come from, as a run records it in its config (``model.source``):
+    the backbone dir, the sha256 of its weights, and the W&B artifact when it was fetched from one.
+    ``none`` and ``timm`` have no local source."""
+    if init in ("none", "timm"):
+        return None
+    source = {}
+    if init.startswith("wandb:"):
+        from lightning_modules.wandb_runs import fetch_backbone
+
+        backbone_dir = find_backbone_dir(str(fetch_backbone(init)))
+        source["artifact"] = init.removeprefix("wandb:")
+    else:
+        backbone_dir = find_backbone_dir(init)
+    return {"path": str(backbone_dir.resolve()), "sha256": sha256_of(backbone_dir / WEIGHTS), **source}
+
+
 def build_backbone(model_cfg: dict):
-    """Build the backbone ``model`` describes and initialise it as ``model.init`` says."""
+    """Build the backbone ``model`` describes and initialise it as ``model.init`` says (from
+    ``model.source`` when the run already resolved it)."""
     from lightning_modules.backbone import Backbone
 
     name, kwargs = model_cfg["name"], dict(model_cfg.get("kwargs") or {})
@@ -146,8 +169,13 @@ def build_backbone(model_cfg: dict):
                 " timm downloads them from the Hugging Face Hub, so this needs internet and a model"
                 " name with published weights"
             ) from err
-    backbone_dir = find_backbone_dir(init)
+    source = model_cfg.get("source") or resolve_init(init)
+    backbone_dir = Path(source["path"])
     saved = read_backbone_config(backbone_dir)
+    if saved.get("sha256") not in (None, source["sha256"]):
+        raise ConfigError(
+            f"model.init={init}: {WEIGHTS} is corrupt or truncated (its sha256 is not the one {CONFIG} recorded)"
+        )
     diffs = spec_differences(saved, {"name": name, "kwargs": kwargs})
     if diffs:
         raise ConfigError(

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datamodules.errors import ConfigError
 from lightning_modules.forgetting import ForgettingProbe
-from lightning_modules.handoff import build_backbone, export_backbone
+from lightning_modules.handoff import build_backbone, export_backbone, resolve_init, state_differences
 from lightning_modules.module import PretuneModule
 from lightning_modules.monitor import LayerGroupMonitor, count_params
 from lightning_modules.results import write_atomic, write_metrics
@@ -37,25 +37,36 @@ def _final_metrics(trainer: pl.Trainer) -> dict:
     return out
 
 
-def _loggers(cfg: DictConfig) -> list:
+def _loggers(cfg: DictConfig, out_dir: Path) -> list:
     loggers = []
     for name, conf in (cfg.get("logger") or {}).items():
         if conf is None:
             continue
-        if name == "wandb" and conf.get("offline") is None:
-            from lightning_modules.wandb_mode import wandb_offline_default
+        if name == "wandb":  # unset name/group/offline come from the Hydra job and the W&B key
+            from lightning_modules import wandb_runs
 
-            conf = OmegaConf.merge(conf, {"offline": wandb_offline_default()})
+            identity = wandb_runs.run_identity(Path(cfg.paths.log_dir), out_dir)
+            defaults = {**identity, "offline": wandb_runs.offline_default()}
+            conf = OmegaConf.merge(conf, {k: v for k, v in defaults.items() if conf.get(k) is None})
         loggers.append(instantiate(conf))
     return loggers
+
+
+def _wandb_runs(trainer: pl.Trainer) -> list:
+    """The W&B run objects of this process's loggers (rank 0 only: other ranks log nothing)."""
+    if not trainer.is_global_zero:
+        return []
+    return [logger.experiment for logger in trainer.loggers if type(logger).__name__ == "WandbLogger"]
 
 
 def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     started = time.time()
     try:
+        with open_dict(cfg):  # recorded with the config: which weights, by path and hash (and artifact)
+            cfg.model.source = resolve_init(str(cfg.model.init))
+        write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         return _run(cfg, out_dir, started)
     except BaseException as err:
         write_metrics(
@@ -86,36 +97,50 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         freezer = instantiate(cfg.freeze)
         freezer.validate(backbone)  # e.g. freeze.layers beyond the backbone's groups: fail before training
         callbacks += [freezer, LayerGroupMonitor()]
-    loggers = _loggers(cfg)
+    loggers = _loggers(cfg, out_dir)
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out_dir)
     )
     for logger in trainer.loggers:  # the resolved config is every logger's run config
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
+        from lightning_modules import wandb_runs
+
+        for experiment in _wandb_runs(trainer):
+            wandb_runs.record_use(experiment, str(cfg.model.init))
         metrics = _fit_and_test(cfg, trainer, module, datamodule, out_dir)
+        metrics["time/run_s"] = round(time.time() - started, 2)
+        for experiment in _wandb_runs(trainer):
+            experiment.summary.update(metrics)
+            if cfg.stage == "pretrain":
+                meta = OmegaConf.to_container(OmegaConf.load(out_dir / "backbone" / "config.yaml"))
+                name = wandb_runs.artifact_name(cfg.model.name, cfg.objective._target_)
+                wandb_runs.log_backbone(experiment, out_dir / "backbone", name, meta)
     finally:
         _finish(loggers)
-    metrics["time/run_s"] = round(time.time() - started, 2)
     write_metrics(out_dir, metrics)
     return metrics
 
 
-def _resume_path(cfg: DictConfig) -> str | None:
-    """``ckpt_path``, checked: it must exist and hold only plain weights. Checkpoints are loaded with
-    ``weights_only=True``, so a pickle that would run code is refused, never executed."""
+def _resume_path(cfg: DictConfig, module) -> str | None:
+    """``ckpt_path``, checked: it must exist, hold only plain weights, and fit this config's model.
+    Checkpoints are loaded with ``weights_only=True``, so a pickle that would run code is refused,
+    never executed."""
     path = cfg.get("ckpt_path")
     if path is None:
         return None
     if not Path(path).is_file():
         raise ConfigError(f"ckpt_path={path}: no such checkpoint file")
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # UnpicklingError for unsafe content, RuntimeError/EOFError for corrupt files
         raise ConfigError(
             f"ckpt_path={path}: refused, not a plain-weights Lightning checkpoint ({type(err).__name__}:"
             f" {str(err).splitlines()[0][:200] if str(err) else ''})"
         ) from err
+    differences = state_differences(module.state_dict(), checkpoint.get("state_dict", {}))
+    if differences:
+        raise ConfigError(f"ckpt_path={path}: the checkpoint is from another model config ({differences})")
     return str(path)
 
 
@@ -129,9 +154,9 @@ def _finish(loggers: list) -> None:
 def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_dir: Path) -> dict:
     probe = None
     if OmegaConf.select(cfg, "finetune.measure_forgetting", default=False):
-        probe = ForgettingProbe(str(cfg.model.init), module.backbone, datamodule)
+        probe = ForgettingProbe(str(cfg.model.init), cfg.model.source, module.backbone, datamodule)
         before = probe.loss(module.backbone)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg), weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, module), weights_only=True)
     metrics = {
         "status": "ok",
         "stage": cfg.stage,

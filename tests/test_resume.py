@@ -84,3 +84,12 @@ def test_same_seed_same_config_gives_the_same_metrics(cfg_factory):
     b = run(cfg_factory("finetune", *COMMON, name="b"))
     keys = [k for k in a if k.startswith(("train/", "val/", "test/"))]
     assert keys and all(a[k] == b[k] for k in keys)
+
+
+def test_a_checkpoint_from_another_model_config_is_refused(cfg_factory, tmp_path):
+    from datamodules.errors import ConfigError
+
+    run(cfg_factory("finetune", *COMMON, "trainer.max_epochs=1", name="resnet"))
+    ckpt = tmp_path / "resnet" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=rf"ckpt_path={ckpt}: the checkpoint is from another model config \(missing"):
+        run(cfg_factory("finetune", *COMMON, "model=vit_micro", f"ckpt_path={ckpt}", name="vit"))

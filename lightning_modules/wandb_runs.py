@@ -1,0 +1,93 @@
+"""W&B, the way a sweep wants it: one run per job, named and grouped from the Hydra job; offline
+unless a key is configured; pre-trained backbones logged as model artifacts and fetched back by
+``model.init=wandb:<entity>/<project>/<name>:<alias>``, so the dashboard links each fine-tune to
+the pre-training it came from.
+
+wandb is imported only inside the functions that need it: it is heavy and optional at run time.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+
+from datamodules.errors import ConfigError
+
+PREFIX = "wandb:"
+ARTIFACT_CACHE = Path(os.environ.get("PRETUNE_ARTIFACT_CACHE", "~/.cache/pretune/artifacts")).expanduser()
+
+
+def offline_default() -> bool:
+    """Offline when no key is configured (``wandb sync`` uploads later), online when one is."""
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        return True
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return True
+
+
+def run_identity(log_dir: Path, out_dir: Path) -> dict:
+    """Default run name and group: the run dir (relative to ``paths.log_dir``) names the run; the
+    sweep dir groups a multirun's jobs; a single run is grouped by its ``experiment=`` if any."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    def relative(path) -> str:
+        path = Path(path).resolve()
+        return str(path.relative_to(log_dir.resolve())) if path.is_relative_to(log_dir.resolve()) else path.name
+
+    identity = {"name": relative(out_dir), "group": None}
+    if HydraConfig.initialized():
+        hydra = HydraConfig.get()
+        if hydra.mode == RunMode.MULTIRUN:
+            identity["group"] = relative(hydra.sweep.dir)
+        else:
+            identity["group"] = hydra.runtime.choices.get("experiment")
+    return identity
+
+
+def artifact_name(model_name: str, objective_target: str) -> str:
+    """One artifact collection per backbone and objective (e.g. ``backbone-vit_micro-mae``): each
+    pre-training adds a version, ``:latest`` is the newest."""
+    objective = str(objective_target).rsplit(".", 1)[-1].lower()
+    return f"backbone-{model_name}-{objective}".replace("/", "_")
+
+
+def log_backbone(experiment, backbone_dir: Path, name: str, metadata: dict) -> None:
+    import wandb
+
+    artifact = wandb.Artifact(name, type="model", metadata=metadata)
+    artifact.add_dir(str(backbone_dir))
+    experiment.log_artifact(artifact, aliases=["latest"])
+
+
+def fetch_backbone(init: str) -> Path:
+    """Download the artifact ``model.init=wandb:<entity>/<project>/<name>:<alias>`` names."""
+    ref = init.removeprefix(PREFIX)  # its form was checked with the config (config_check)
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        raise ConfigError(
+            f"model.init={init}: W&B is offline (WANDB_MODE={os.environ['WANDB_MODE']}); fetching an artifact"
+            " needs a connection: unset WANDB_MODE, or download it once (wandb artifact get) and pass its directory"
+        )
+    try:
+        import wandb
+
+        artifact = wandb.Api().artifact(ref, type="model")
+        return Path(artifact.download(root=str(ARTIFACT_CACHE / ref.replace(":", "/"))))
+    except Exception as err:  # no key, no network, no such artifact: wandb raises many types
+        first = str(err).splitlines()[0][:200] if str(err) else ""
+        raise ConfigError(
+            f"model.init={init}: could not fetch the W&B artifact ({type(err).__name__}: {first});"
+            " this needs a W&B key (wandb login) and a connection"
+        ) from err
+
+
+def record_use(experiment, init: str) -> None:
+    """Lineage: mark the fetched artifact as this run's input (an online run only; offline runs
+    cannot, their config still names it under ``model.source``)."""
+    if init.startswith(PREFIX) and not experiment.offline:
+        experiment.use_artifact(init.removeprefix(PREFIX))

@@ -1,0 +1,135 @@
+"""W&B offline runs, read back from the files they wrote: the run's identity, the resolved config,
+the history and summary, the backbone artifact; and ``model.init=wandb:...`` without a server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from datamodules.errors import ConfigError
+from lightning_modules.handoff import WEIGHTS, sha256_of
+from lightning_modules.run import run
+from tests.wandb_log import read_offline_run
+
+TINY = [
+    "debug=limit",
+    "trainer.log_every_n_steps=1",
+    "logger=wandb",
+    "model=vit_micro",
+    "datamodule=digits",
+    "datamodule.batch_size=32",
+]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    from tests.conftest import make_cfg
+
+    out = tmp_path_factory.mktemp("wandb") / "pre"
+    import os
+
+    os.environ["WANDB_MODE"] = "offline"  # module-scoped: the autouse env fixture is per test
+    try:
+        metrics = run(make_cfg("pretrain", [*TINY, "objective=mae"], out))
+    finally:
+        os.environ.pop("WANDB_MODE")
+    return out, metrics
+
+
+def test_pretraining_run_records_identity_config_history_summary_and_backbone_artifact(pretrained):
+    out, metrics = pretrained
+    logged = read_offline_run(out)
+    assert logged["job_type"] == "pretrain" and logged["tags"] == ["pretrain", "vit_tiny_patch16_224"]
+    assert logged["name"] == out.name  # not under paths.log_dir: named by its directory
+    config = {k: v for k, v in logged["config"].items() if k != "_wandb"}
+    assert config == yaml.safe_load((out / "config.yaml").read_text())  # the resolved config, whole
+    assert config["objective"]["mask_ratio"] == 0.75 and config["stage"] == "pretrain"
+    assert {"train/loss_step", "train/loss_epoch", "val/loss", "epoch"} <= logged["history_keys"]
+    assert logged["summary"]["val/loss"] == pytest.approx(metrics["val/loss"])
+    assert logged["summary"]["params/trainable"] == metrics["params/trainable"] > 0
+    (artifact,) = logged["artifacts"]
+    assert artifact["name"] == "backbone-vit_tiny_patch16_224-mae" and artifact["type"] == "model"
+    assert "latest" in artifact["aliases"] and {WEIGHTS, "config.yaml"} <= set(artifact["files"])
+
+
+def test_finetune_run_records_its_backbone_source_and_per_group_lr_and_frozen_flags(pretrained, cfg_factory):
+    pre, _ = pretrained
+    cfg = cfg_factory("finetune", *TINY, f"model.init={pre}", "freeze.layers=2")
+    metrics = run(cfg)
+    out = Path(cfg.paths.output_dir)
+    logged = read_offline_run(out)
+    source = {"path": str((pre / "backbone").resolve()), "sha256": sha256_of(pre / "backbone" / WEIGHTS)}
+    assert logged["config"]["model"]["source"] == source
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["source"] == source
+    assert logged["job_type"] == "finetune"
+    assert {"lr/stem", "lr/blocks.0", "frozen/stem", "frozen/blocks.3+norm", "val/acc"} <= logged["history_keys"]
+    first = next(row for row in logged["history"] if "frozen/stem" in row)
+    assert first["frozen/stem"] == 1.0 and first["frozen/blocks.3+norm"] == 0.0
+    assert logged["summary"]["test/acc"] == pytest.approx(metrics["test/acc"])
+    assert logged["summary"]["params/trainable"] == json.loads((out / "metrics.json").read_text())["params/trainable"]
+    assert logged["artifacts"] == []  # fine-tunes log no backbone
+
+
+def test_runs_in_one_process_stay_separate_wandb_runs(cfg_factory):
+    outs = []
+    for seed in (0, 1):
+        cfg = cfg_factory("finetune", *TINY, "trainer.max_epochs=1", f"seed={seed}", name=f"ft{seed}")
+        run(cfg)
+        outs.append(Path(cfg.paths.output_dir))
+    configs = [read_offline_run(out)["config"] for out in outs]  # exactly one run under each
+    assert [c["seed"] for c in configs] == [0, 1]
+
+
+def test_wandb_init_offline_fails_with_one_clear_line(cfg_factory):
+    cfg = cfg_factory("finetune", *TINY, "model.init=wandb:me/pretune/backbone-vit_tiny_patch16_224-mae:latest")
+    with pytest.raises(ConfigError, match=r"model.init=wandb:me/.*:latest: W&B is offline \(WANDB_MODE=offline\)"):
+        run(cfg)
+    assert json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_wandb_init_fetches_the_artifact_and_records_it(pretrained, cfg_factory, monkeypatch, tmp_path):
+    """The W&B API replaced by a local stand-in: the artifact 'downloads' the pre-training's backbone/."""
+    import wandb
+
+    pre, _ = pretrained
+    asked = []
+
+    class Artifact:
+        def download(self, root):
+            shutil.copytree(pre / "backbone", root, dirs_exist_ok=True)
+            return root
+
+    class Api:
+        def artifact(self, ref, type=None):
+            asked.append((ref, type))
+            return Artifact()
+
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setattr(wandb, "Api", Api)
+    monkeypatch.setattr("lightning_modules.wandb_runs.ARTIFACT_CACHE", tmp_path / "cache")
+    ref = "me/pretune/backbone-vit_tiny_patch16_224-mae:latest"
+    cfg = cfg_factory("finetune", *TINY, "logger=none", f"model.init=wandb:{ref}", "trainer.max_epochs=1")
+    assert run(cfg)["status"] == "ok"
+    assert asked == [(ref, "model")]
+    source = yaml.safe_load((Path(cfg.paths.output_dir) / "config.yaml").read_text())["model"]["source"]
+    assert source["artifact"] == ref and source["sha256"] == sha256_of(pre / "backbone" / WEIGHTS)
+    assert Path(source["path"]).is_relative_to(tmp_path / "cache")
+
+
+def test_an_online_run_marks_the_fetched_artifact_as_its_input():
+    from lightning_modules.wandb_runs import record_use
+
+    class Run:
+        offline, used = False, []
+
+        def use_artifact(self, ref):
+            self.used.append(ref)
+
+    online = Run()
+    record_use(online, "wandb:me/pretune/backbone-x-mae:v3")
+    record_use(online, "/local/backbone")  # a local source is recorded in the config, not as an artifact
+    assert online.used == ["me/pretune/backbone-x-mae:v3"]
