@@ -39,8 +39,10 @@ def main(cfg: DictConfig):
     except (ConfigError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         _record_failure(cfg, err)
-        if _in_multirun():  # the sweep goes on; this job is recorded as failed in its metrics.json
-            return float("nan")
+        if _in_multirun():
+            # The sweep goes on; this job is recorded as failed in its metrics.json. None, not NaN:
+            # the Optuna sweeper marks a trial that returns None as failed, but crashes on a NaN.
+            return None
         sys.exit(2 if isinstance(err, ConfigError) else 1)
     # The value at the checkpoint that validation selected (what the run was tested with), else the last.
     return metrics.get(f"{cfg.optimized_metric}_best", metrics.get(cfg.optimized_metric))

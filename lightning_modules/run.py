@@ -59,7 +59,23 @@ def _wandb_runs(trainer: pl.Trainer) -> list:
     return [logger.experiment for logger in trainer.loggers if type(logger).__name__ == "WandbLogger"]
 
 
+def parallel_jobs() -> int:
+    """How many jobs share this machine: hydra/launcher=joblib's n_jobs (joblib's meaning: -1 all
+    cores, -2 all but one, ...), else 1."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return 1
+    launcher = HydraConfig.get().launcher
+    if not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
+        return 1
+    cores, n_jobs = os.cpu_count() or 1, int(launcher.get("n_jobs") or 1)
+    return max(1, min(cores, n_jobs if n_jobs > 0 else cores + 1 + n_jobs))
+
+
 def run(cfg: DictConfig) -> dict:
+    if parallel_jobs() > 1:  # parallel jobs split the cores instead of each taking all of them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // parallel_jobs()))
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -129,6 +145,12 @@ def _resume_path(cfg: DictConfig, module) -> str | None:
     path = cfg.get("ckpt_path")
     if path is None:
         return None
+    if str(path) == "last":  # this run dir's own last.ckpt: a relaunch (or a SLURM requeue) continues
+        path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            return None  # nothing saved yet: this is the first attempt
+    elif Path(path).is_dir():  # a run dir: its last checkpoint
+        path = Path(path) / "checkpoints" / "last.ckpt"
     if not Path(path).is_file():
         raise ConfigError(f"ckpt_path={path}: no such checkpoint file")
     try:
@@ -164,6 +186,7 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_
         **count_params(module),
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
+        "threads": torch.get_num_threads(),  # torch threads this job trained with (joblib splits the cores)
     }
     monitor = next((c for c in trainer.callbacks if isinstance(c, LayerGroupMonitor)), None)
     if monitor is not None and monitor.trainable_at_start is not None:

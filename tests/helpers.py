@@ -102,3 +102,22 @@ def fit_tiny(backbone, callbacks, epochs=2, optimizer=None, scheduler=None):
     )
     trainer.fit(module, datamodule=Data())
     return module, before
+
+
+class PauseAt:
+    """A Lightning callback that, at batch ``batch`` of epoch ``epoch``, touches ``marker`` and
+    sleeps: a run caught mid-epoch, for a test to kill."""
+
+    def __new__(cls, epoch: int, batch: int, marker: str):
+        import time
+        from pathlib import Path
+
+        from pytorch_lightning.callbacks import Callback
+
+        class _Pause(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch_, batch_idx):
+                if trainer.current_epoch == epoch and batch_idx == batch:
+                    Path(marker).touch()
+                    time.sleep(600)
+
+        return _Pause()

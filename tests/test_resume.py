@@ -93,3 +93,59 @@ def test_a_checkpoint_from_another_model_config_is_refused(cfg_factory, tmp_path
     ckpt = tmp_path / "resnet" / "checkpoints" / "last.ckpt"
     with pytest.raises(ConfigError, match=rf"ckpt_path={ckpt}: the checkpoint is from another model config \(missing"):
         run(cfg_factory("finetune", *COMMON, "model=vit_micro", f"ckpt_path={ckpt}", name="vit"))
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
+    """A real training process SIGKILLed in the middle of an epoch, then relaunched in its run dir
+    with ckpt_path=last, ends with the same weights and metrics as a run never interrupted."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    args = [
+        *COMMON,
+        "freeze=gradual",
+        "freeze.every=1",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+    ]
+
+    def launch(run_dir, *extra):
+        cmd = [sys.executable, "scripts/finetune.py", *args, *extra, f"hydra.run.dir={run_dir}"]
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    full = launch(tmp_path / "full")
+    assert full.wait(timeout=600) == 0, full.stdout.read()[-2000:]
+
+    marker = tmp_path / "mid-epoch"
+    killed = launch(
+        tmp_path / "cut",
+        "+callbacks.pause._target_=tests.helpers.PauseAt",
+        "+callbacks.pause.epoch=2",
+        "+callbacks.pause.batch=1",
+        f"+callbacks.pause.marker={marker}",
+    )
+    deadline = time.time() + 600
+    while not marker.exists():
+        assert killed.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.kill(killed.pid, signal.SIGKILL)
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    assert not (tmp_path / "cut" / "metrics.json").exists()  # a killed run leaves no result behind
+
+    resumed = launch(tmp_path / "cut", "ckpt_path=last")
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-2000:]
+    # It continued from the end of epoch 1 rather than starting over (which, seeded, would end alike).
+    assert f"Restoring states from the checkpoint path at {tmp_path / 'cut' / 'checkpoints' / 'last.ckpt'}" in output
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full_metrics, resumed_metrics = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("full", "cut"))
+    for key in ("train/loss", "val/acc", "val/acc_best", "test/acc", "test/loss", "steps"):
+        assert resumed_metrics[key] == full_metrics[key], key
