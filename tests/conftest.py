@@ -20,9 +20,9 @@ FAST = [
 ]
 
 
-def make_cfg(stage: str, overrides: list[str], out_dir: Path | None = None) -> DictConfig:
+def make_cfg(stage: str, overrides: list[str], out_dir: Path | None = None, return_hydra: bool = False) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=stage, overrides=FAST + list(overrides))
+        cfg = compose(config_name=stage, overrides=FAST + list(overrides), return_hydra_config=return_hydra)
     if out_dir is not None:
         with open_dict(cfg):
             cfg.paths.output_dir = str(out_dir)
