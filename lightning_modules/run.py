@@ -42,12 +42,10 @@ def _loggers(cfg: DictConfig, out_dir: Path) -> list:
     for name, conf in (cfg.get("logger") or {}).items():
         if conf is None:
             continue
-        if name == "wandb":  # unset name/group/offline come from the Hydra job and the W&B key
-            from lightning_modules import wandb_runs
+        if name == "wandb" and conf.get("offline") is None:  # offline unless a W&B key is configured
+            from lightning_modules.wandb_runs import offline_default
 
-            identity = wandb_runs.run_identity(Path(cfg.paths.log_dir), out_dir)
-            defaults = {**identity, "offline": wandb_runs.offline_default()}
-            conf = OmegaConf.merge(conf, {k: v for k, v in defaults.items() if conf.get(k) is None})
+            conf = OmegaConf.merge(conf, {"offline": offline_default()})
         loggers.append(instantiate(conf))
     return loggers
 
@@ -82,6 +80,11 @@ def run(cfg: DictConfig) -> dict:
     try:
         with open_dict(cfg):  # recorded with the config: which weights, by path and hash (and artifact)
             cfg.model.source = resolve_init(str(cfg.model.init))
+            if OmegaConf.select(cfg, "logger.wandb") is not None:  # unset name/group come from the Hydra job
+                from lightning_modules.wandb_runs import run_identity
+
+                identity = run_identity(Path(cfg.paths.log_dir), out_dir)
+                cfg.logger.wandb.merge_with({k: v for k, v in identity.items() if cfg.logger.wandb.get(k) is None})
         write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         return _run(cfg, out_dir, started)
     except BaseException as err:

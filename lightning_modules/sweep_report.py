@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -90,16 +91,25 @@ def _plot_param(rows, key, metric, path: Path) -> None:
         if r["status"] == "ok" and metric in r["metrics"]:
             groups.setdefault(r["overrides"].get(key), []).append(r["metrics"][metric])
     values = _ordered(groups)
-    means = [statistics.fmean(groups[v]) for v in values]
-    stds = [statistics.stdev(groups[v]) if len(groups[v]) > 1 else 0.0 for v in values]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    xs = range(len(values))
-    ax.errorbar(xs, means, yerr=stds, marker="o", capsize=4)
-    for x, v in zip(xs, values, strict=True):
-        ax.scatter([x] * len(groups[v]), groups[v], color="gray", s=10, zorder=3)
-    ax.set_xticks(list(xs), [str(v) for v in values])
+    numbers = [_number(v) for v in values]
+    if len(values) > 8 and all(isinstance(n, float) for n in numbers):
+        # Sampled, not gridded (e.g. Optuna's log-uniform LR): one point per run on a real axis.
+        for v, n in zip(values, numbers, strict=True):
+            ax.scatter([n] * len(groups[v]), groups[v], color="tab:blue", s=14)
+        if min(numbers) > 0 and max(numbers) / min(numbers) >= 20:
+            ax.set_xscale("log")
+        ax.set_ylabel(metric)
+    else:
+        means = [statistics.fmean(groups[v]) for v in values]
+        stds = [statistics.stdev(groups[v]) if len(groups[v]) > 1 else 0.0 for v in values]
+        xs = range(len(values))
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=4)
+        for x, v in zip(xs, values, strict=True):
+            ax.scatter([x] * len(groups[v]), groups[v], color="gray", s=10, zorder=3)
+        ax.set_xticks(list(xs), [str(v) for v in values])
+        ax.set_ylabel(f"{metric} (mean ± std over the other keys)")
     ax.set_xlabel(key)
-    ax.set_ylabel(f"{metric} (mean ± std over the other keys)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -116,14 +126,7 @@ def _plot_heatmap(rows, keys, metric, path: Path) -> None:
     for r in rows:
         if r["status"] == "ok" and metric in r["metrics"]:
             cells.setdefault((r["overrides"].get(a), r["overrides"].get(b)), []).append(r["metrics"][metric])
-    av = sorted(
-        {k[0] for k in cells},
-        key=lambda v: (isinstance(_number(v), str), _number(v) if not isinstance(_number(v), str) else 0),
-    )
-    bv = sorted(
-        {k[1] for k in cells},
-        key=lambda v: (isinstance(_number(v), str), _number(v) if not isinstance(_number(v), str) else 0),
-    )
+    av, bv = _ordered(k[0] for k in cells), _ordered(k[1] for k in cells)
     grid = [[statistics.fmean(cells[(x, y)]) if (x, y) in cells else float("nan") for y in bv] for x in av]
     fig, ax = plt.subplots(figsize=(5, 4))
     im = ax.imshow(grid, cmap="viridis", aspect="auto")
@@ -141,7 +144,40 @@ def _plot_heatmap(rows, keys, metric, path: Path) -> None:
     plt.close(fig)
 
 
-def write_sweep_report(paths: list[Path], out_dir: Path | None = None) -> Path:
+def _plot_history(rows, metric, mode, path: Path) -> None:
+    """Optuna's optimization history: each trial's value in launch order, and the best so far."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trials = [(i, r["metrics"][metric]) for i, r in enumerate(rows) if r["status"] == "ok" and metric in r["metrics"]]
+    pick = max if mode == "max" else min
+    best = [pick(v for _, v in trials[: k + 1]) for k in range(len(trials))]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.scatter([i for i, _ in trials], [v for _, v in trials], s=14, label="trial")
+    ax.step([i for i, _ in trials], best, where="post", color="tab:red", label="best so far")
+    failed = [i for i, r in enumerate(rows) if r["status"] != "ok"]
+    if failed:
+        ax.scatter(failed, [min(v for _, v in trials)] * len(failed), marker="x", color="gray", label="failed")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(metric)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _is_optuna(rows) -> bool:
+    for r in rows:
+        hydra = Path(r["run"]) / ".hydra" / "hydra.yaml"
+        if hydra.is_file():
+            return "optuna" in str((yaml.safe_load(hydra.read_text()) or {}).get("hydra", {}).get("sweeper", {}))
+    return False
+
+
+def write_sweep_report(paths: list[Path], out_dir: Path | None = None, wandb: bool = False) -> Path:
+    """Write report.md, runs.csv and the plots; with ``wandb``, also log them as a W&B report run."""
     paths = [Path(p) for p in paths]
     rows = [read_run(r) for r in find_runs(paths)]
     out_dir = Path(out_dir or paths[0] / "report")
@@ -152,9 +188,10 @@ def write_sweep_report(paths: list[Path], out_dir: Path | None = None) -> Path:
     sort_metric = f"{metric}_best" if any(f"{metric}_best" in r.get("metrics", {}) for r in rows) else metric
     metric_cols = list(dict.fromkeys(k for r in rows for k in r.get("metrics", {})))
 
+    root = Path(os.path.commonpath([str(p.resolve()) for p in paths]))
     table = [
         {
-            "run": Path(r["run"]).name,
+            "run": str(Path(r["run"]).resolve().relative_to(root)) if Path(r["run"]).resolve() != root else ".",
             **{k: r["overrides"].get(k, "") for k in keys},
             "status": r["status"],
             **{m: r.get("metrics", {}).get(m, "") for m in metric_cols},
@@ -181,7 +218,7 @@ def write_sweep_report(paths: list[Path], out_dir: Path | None = None) -> Path:
     if best is not None:
         setting = " ".join(f"{k}={best['overrides'][k]}" for k in keys) or "(no swept key)"
         lines += [
-            f"**Best:** `{setting}` — {sort_metric} = {fmt(best['metrics'][sort_metric])} ({Path(best['run']).name})",
+            f"**Best:** `{setting}` — {sort_metric} = {fmt(best['metrics'][sort_metric])} ({best['run']})",
             "",
         ]
     failed = [r for r in rows if r["status"] != "ok"]
@@ -189,7 +226,7 @@ def write_sweep_report(paths: list[Path], out_dir: Path | None = None) -> Path:
         lines += [f"{len(failed)} run(s) failed or are still missing their metrics (marked below).", ""]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for t in table:
-        cells = [fmt(t[c]) for c in cols]
+        cells = [fmt(_number(t[c]) if c in keys else t[c]) for c in cols]
         if t["status"] not in ("ok",):
             cells[cols.index("status")] = f"**{t['status']}** {t['error'][:80]}".strip()
         lines.append("| " + " | ".join(cells) + " |")
@@ -198,9 +235,23 @@ def write_sweep_report(paths: list[Path], out_dir: Path | None = None) -> Path:
         name = f"{key.replace('/', '_')}.png"
         _plot_param(rows, key, sort_metric, out_dir / name)
         lines.append(f"![{sort_metric} against {key}]({name})")
-    if len(keys) >= 2:
-        _plot_heatmap(rows, keys[:2], sort_metric, out_dir / "heatmap.png")
-        lines.append(f"![{sort_metric} over {keys[0]} × {keys[1]}](heatmap.png)")
+    gridded = [k for k in keys if len({r["overrides"].get(k) for r in rows}) <= 8]  # not sampled values
+    if len(gridded) >= 2:
+        _plot_heatmap(rows, gridded[:2], sort_metric, out_dir / "heatmap.png")
+        lines.append(f"![{sort_metric} over {gridded[0]} × {gridded[1]}](heatmap.png)")
+    if _is_optuna(rows) and best is not None:
+        _plot_history(rows, sort_metric, mode, out_dir / "optimization_history.png")
+        lines.append(f"![Optuna optimization history of {sort_metric}](optimization_history.png)")
     path = out_dir / "report.md"
     write_atomic(path, "\n".join(lines) + "\n")
+    if wandb:
+        from lightning_modules.wandb_runs import log_report
+
+        wandb_cfg = next((r["config"]["logger"]["wandb"] for r in rows if "wandb" in _loggers_of(r)), {})
+        wandb_cfg = {"group": root.name, **{k: v for k, v in wandb_cfg.items() if v is not None}}
+        log_report(out_dir, out_dir / "runs.csv", sorted(out_dir.glob("*.png")), wandb_cfg)
     return path
+
+
+def _loggers_of(row: dict) -> dict:
+    return (row.get("config") or {}).get("logger") or {}

@@ -91,3 +91,29 @@ def record_use(experiment, init: str) -> None:
     cannot, their config still names it under ``model.source``)."""
     if init.startswith(PREFIX) and not experiment.offline:
         experiment.use_artifact(init.removeprefix(PREFIX))
+
+
+def log_report(report_dir: Path, runs_csv: Path, images: list[Path], wandb_cfg: dict) -> None:
+    """A sweep's report as its own W&B run (job_type ``report``) in the sweep's group: the runs table
+    and every plot as an image, next to the runs it summarises."""
+    import csv
+
+    import wandb
+
+    with open(runs_csv, newline="") as fh:
+        header, *rows = list(csv.reader(fh))
+    group = wandb_cfg.get("group")
+    run = wandb.init(
+        project=wandb_cfg.get("project") or "pretune",
+        entity=wandb_cfg.get("entity"),
+        group=group,
+        job_type="report",
+        name=f"report/{group}" if group else "report",
+        dir=str(report_dir),
+        mode="offline" if offline_default() else "online",
+    )
+    try:
+        run.log({"report/runs": wandb.Table(columns=header, data=rows)})
+        run.log({f"report/{path.stem}": wandb.Image(str(path)) for path in images})
+    finally:
+        run.finish()

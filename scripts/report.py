@@ -3,6 +3,7 @@
 
 python scripts/report.py outputs/multirun/finetune/<timestamp>
 python scripts/report.py <run dir> <run dir> ... --out my_report
+python scripts/report.py outputs/multirun/finetune/<timestamp> --wandb   # the plots on W&B too
 """
 
 import argparse
@@ -18,11 +19,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, help="a multirun directory, or run directories")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: <first path>/report)")
+    parser.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log the table and plots as a W&B run (job_type report) in the sweep's group; offline without a key",
+    )
     args = parser.parse_args(argv)
     from lightning_modules.sweep_report import write_sweep_report
 
     try:
-        path = write_sweep_report(args.paths, args.out)
+        path = write_sweep_report(args.paths, args.out, wandb=args.wandb)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

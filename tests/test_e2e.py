@@ -13,6 +13,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from tests.conftest import CONF, ROOT
+from tests.wandb_log import read_offline_run
 
 pytestmark = pytest.mark.slow
 TINY = ["debug=limit", "trainer.enable_progress_bar=false", "logger=csv"]
@@ -163,7 +164,7 @@ def test_report_turns_a_partial_sweep_into_tables_and_plots(tmp_path):
         f"hydra.sweep.dir={sweep}",
     )
     (sweep / "3" / "metrics.json").unlink()  # a job still running: the report must not drop it
-    out = _script("report", str(sweep))
+    out = _script("report", str(sweep), "--wandb")
     assert f"Report: {sweep / 'report' / 'report.md'}" in out.stdout
     rows = list(csv.DictReader((sweep / "report" / "runs.csv").open()))
     assert [r["run"] for r in rows] == ["0", "1", "2", "3"]
@@ -179,6 +180,15 @@ def test_report_turns_a_partial_sweep_into_tables_and_plots(tmp_path):
     assert f"**Best:** `optimizer.lr={best['optimizer.lr']} freeze.layers={best['freeze.layers']}`" in text
     for png in ("optimizer.lr.png", "freeze.layers.png", "heatmap.png"):
         assert (sweep / "report" / png).stat().st_size > 1000
+    # --wandb: the same table and plots as a W&B run of the sweep's group (offline here).
+    logged = read_offline_run(sweep / "report")
+    assert logged["job_type"] == "report" and logged["group"] == "sweep"
+    assert {"report/runs", "report/heatmap", "report/optimizer.lr", "report/freeze.layers"} <= logged["history_keys"]
+    images = {k: v for row in logged["history"] for k, v in row.items() if k.startswith("report/")}
+    assert images["report/heatmap"]["_type"] == "image-file" and images["report/runs"]["_type"] == "table-file"
+    assert (
+        next((sweep / "report" / "wandb").glob("offline-run-*")) / "files" / images["report/heatmap"]["path"]
+    ).is_file()
     missing = subprocess.run(
         [sys.executable, "scripts/report.py", str(tmp_path / "nothing")], cwd=ROOT, capture_output=True, text=True
     )

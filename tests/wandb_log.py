@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 BLOCK, CHUNK_HEADER, FILE_HEADER = 32 * 1024, 7, 7
@@ -36,11 +37,25 @@ def records(path: Path):
             yield record
 
 
+def _put(tree: dict, item, value) -> None:
+    """An item names its key as ``key`` or as a path ``nested_key`` (a logged dict, e.g. an image)."""
+    *parents, last = list(item.nested_key) or [item.key]
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[last] = value
+
+
 def read_offline_run(run_dir: Path) -> dict:
     """The run (name, group, job_type, tags), its config, the history keys, the final summary and
     the artifacts logged, from the one offline run under ``run_dir``/wandb."""
     logs = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
     assert len(logs) == 1, f"expected one offline W&B run under {run_dir}, found {logs}"
+    # wandb's service process may still be flushing the log when finish() returns: wait for the
+    # exit record, the last one written.
+    deadline = time.time() + 30
+    while not any(r.WhichOneof("record_type") == "exit" for r in records(logs[0])):
+        assert time.time() < deadline, f"{logs[0]} has no exit record: the run did not finish"
+        time.sleep(0.5)
     out = {"config": {}, "history_keys": set(), "summary": {}, "artifacts": [], "history": []}
     for record in records(logs[0]):
         kind = record.WhichOneof("record_type")
@@ -51,12 +66,14 @@ def read_offline_run(run_dir: Path) -> dict:
         elif kind == "config":
             out["config"].update({item.key: json.loads(item.value_json) for item in record.config.update})
         elif kind == "history":
-            row = {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
+            row = {}
+            for item in record.history.item:
+                _put(row, item, json.loads(item.value_json))
             out["history"].append(row)
             out["history_keys"] |= {k for k in row if not k.startswith("_")}
         elif kind == "summary":
             for item in record.summary.update:
-                out["summary"]["/".join(item.nested_key) or item.key] = json.loads(item.value_json)
+                _put(out["summary"], item, json.loads(item.value_json))
         elif kind == "artifact":
             art = record.artifact
             files = [entry.path for entry in art.manifest.contents]
