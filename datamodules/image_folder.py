@@ -44,7 +44,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
                         im = im.convert(mode).resize((self.image_size, self.image_size), Image.BILINEAR)
                         arr = np.asarray(im, dtype=np.float32) / 255.0
                 except (UnidentifiedImageError, OSError) as err:
-                    raise ConfigError(f"datamodule.root: cannot read image {f}: {err}") from err
+                    raise ConfigError(f"datamodule.root={self.root}: cannot read image {f} ({err})") from err
                 images.append(arr.reshape(self.image_size, self.image_size, -1))
                 labels.append(label)
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()

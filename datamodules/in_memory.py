@@ -16,6 +16,7 @@ from sklearn.model_selection import train_test_split
 
 from datamodules.augment import BatchAugment
 from datamodules.errors import ConfigError
+from lightning_modules.schema import check
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,6 @@ class BatchLoader:
             yield {k: v[idx] for k, v in self.tensors.items()}
 
 
-def check_fraction(key: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or not (0 < value <= 1):
-        raise ConfigError(f"{key}={value!r} is out of range: allowed is a number in (0, 1]")
-    return float(value)
-
-
 class InMemoryImageDataModule(pl.LightningDataModule):
     """Seeded stratified train/val/test split, optional label fraction, batch augmentation.
 
@@ -103,13 +98,10 @@ class InMemoryImageDataModule(pl.LightningDataModule):
         train_batches_per_epoch: int | None = None,
     ):
         super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"datamodule.batch_size={batch_size!r} is invalid: allowed is an integer >= 1")
-        if not isinstance(image_size, int) or image_size < 4:
-            raise ConfigError(f"datamodule.image_size={image_size!r} is invalid: allowed is an integer >= 4")
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.image_size, self.channels = image_size, channels
-        self.label_fraction = check_fraction("datamodule.label_fraction", label_fraction)
+        self.batch_size = check("datamodule.batch_size", batch_size)
+        self.eval_batch_size = check("datamodule.eval_batch_size", eval_batch_size)
+        self.image_size, self.channels = check("datamodule.image_size", image_size), channels
+        self.label_fraction = float(check("datamodule.label_fraction", label_fraction))
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ConfigError(
@@ -117,13 +109,7 @@ class InMemoryImageDataModule(pl.LightningDataModule):
                 "each must be in (0, 1) and together below 1"
             )
         self.split_seed, self.label_seed, self.labeled = split_seed, label_seed, labeled
-        if train_batches_per_epoch is not None and (
-            not isinstance(train_batches_per_epoch, int) or train_batches_per_epoch < 1
-        ):
-            raise ConfigError(
-                f"datamodule.train_batches_per_epoch={train_batches_per_epoch!r} is invalid:"
-                " allowed is null (one pass over the data) or an integer >= 1"
-            )
+        check("datamodule.train_batches_per_epoch", train_batches_per_epoch)  # null: one pass over the data
         self.train_batches_per_epoch = train_batches_per_epoch
         self.augment = BatchAugment(**(augment or {}))
         self.splits: dict[str, dict[str, torch.Tensor]] = {}

@@ -23,6 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from datamodules.errors import ConfigError
 from lightning_modules.optim import refresh_lrs
+from lightning_modules.schema import check
 
 # Frozen groups run in eval mode on purpose; Lightning warns about any module in eval mode at fit start.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -38,12 +39,6 @@ def resolve_layers(layers, num_groups: int) -> int:
             f" allowed are 0..{num_groups} or 'all'"
         )
     return layers
-
-
-def _check_int(key: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{key}={value!r} is invalid: allowed is an integer >= {low}")
-    return value
 
 
 class LayerFreezing(BaseFinetuning):
@@ -108,8 +103,8 @@ class GradualUnfreezing(LayerFreezing):
 
     def __init__(self, start: int = 0, every: int = 1, train_bn: bool = False):
         super().__init__(train_bn)
-        self.start = _check_int("freeze.start", start, 0)
-        self.every = _check_int("freeze.every", every, 1)
+        self.start = check("freeze.start", start)
+        self.every = check("freeze.every", every)
 
     def frozen_count(self, epoch: int, num_groups: int) -> int:
         if self.start > num_groups:
@@ -126,10 +121,8 @@ class LinearProbeThenFinetune(LayerFreezing):
 
     def __init__(self, probe_epochs: int = 5, ft_lr_scale: float = 0.1, train_bn: bool = False):
         super().__init__(train_bn)
-        self.probe_epochs = _check_int("freeze.probe_epochs", probe_epochs, 0)
-        if isinstance(ft_lr_scale, bool) or not isinstance(ft_lr_scale, (int, float)) or not 0 < ft_lr_scale <= 1:
-            raise ConfigError(f"freeze.ft_lr_scale={ft_lr_scale!r} is out of range: allowed is a number in (0, 1]")
-        self.ft_lr_scale = float(ft_lr_scale)
+        self.probe_epochs = check("freeze.probe_epochs", probe_epochs)
+        self.ft_lr_scale = float(check("freeze.ft_lr_scale", ft_lr_scale))
 
     def frozen_count(self, epoch: int, num_groups: int) -> int:
         return num_groups if epoch < self.probe_epochs else 0

@@ -18,6 +18,7 @@ import math
 import torch
 
 from datamodules.errors import ConfigError
+from lightning_modules.schema import check
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
@@ -37,10 +38,8 @@ def _split_decay(named: dict, weight_decay: float, base: dict) -> list[dict]:
 def layer_scales(num_groups: int, layer_decay: float | None, backbone_lr_scale: float = 1.0) -> list[float]:
     """LR multipliers for the backbone's groups, input side first: group i of depth d gets
     ``decay ** (d - i)`` (the head, at depth d, gets 1)."""
-    if layer_decay is None:
+    if check("optimizer.layer_decay", layer_decay) is None:
         return [backbone_lr_scale] * num_groups
-    if isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float)) or not 0 < layer_decay <= 1:
-        raise ConfigError(f"optimizer.layer_decay={layer_decay!r} is out of range: allowed is null or (0, 1]")
     return [backbone_lr_scale * layer_decay ** (num_groups - i) for i in range(num_groups)]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -26,6 +27,17 @@ from lightning_modules.seeding import EpochSeed
 
 # Lightning's own deprecation noise, nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+def build(conf, **kwargs):
+    """Hydra's ``instantiate``, except that a mistake a component reports (a ConfigError) stays the
+    one line it is, instead of Hydra's InstantiationException with a traceback around it."""
+    try:
+        return instantiate(conf, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
 
 
 def _final_metrics(trainer: pl.Trainer) -> dict:
@@ -46,7 +58,7 @@ def _loggers(cfg: DictConfig, out_dir: Path) -> list:
             from lightning_modules.wandb_runs import offline_default
 
             conf = OmegaConf.merge(conf, {"offline": offline_default()})
-        loggers.append(instantiate(conf))
+        loggers.append(build(conf))
     return loggers
 
 
@@ -98,10 +110,10 @@ def run(cfg: DictConfig) -> dict:
 def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     finetune = cfg.stage == "finetune"
-    datamodule = instantiate(cfg.datamodule, labeled=finetune)
+    datamodule = build(cfg.datamodule, labeled=finetune)
     datamodule.setup("fit")
     backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True))
-    objective = instantiate(cfg.objective, backbone=backbone, data=datamodule.spec)
+    objective = build(cfg.objective, backbone=backbone, data=datamodule.spec)
     module = PretuneModule(
         backbone,
         objective,
@@ -110,14 +122,14 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         l2_sp=OmegaConf.select(cfg, "finetune.l2_sp", default=0.0) or 0.0,
     )
 
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(EpochSeed(cfg.seed))
     if finetune:
-        freezer = instantiate(cfg.freeze)
+        freezer = build(cfg.freeze)
         freezer.validate(backbone)  # e.g. freeze.layers beyond the backbone's groups: fail before training
         callbacks += [freezer, LayerGroupMonitor()]
     loggers = _loggers(cfg, out_dir)
-    trainer: pl.Trainer = instantiate(
+    trainer: pl.Trainer = build(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out_dir)
     )
     for logger in trainer.loggers:  # the resolved config is every logger's run config

@@ -161,5 +161,5 @@ def test_fixed_length_epochs_repeat_a_small_labeled_set():
     assert len(batches) == 10 and all(len(b["label"]) == 16 for b in batches)
     seen = torch.cat([b["image"] for b in batches[:3]])  # one pass of 63 examples = 3 full batches
     assert len({tuple(row.flatten().tolist()) for row in seen}) == 48  # no repeats within a pass
-    with pytest.raises(ConfigError, match="datamodule.train_batches_per_epoch=0 is invalid"):
+    with pytest.raises(ConfigError, match="datamodule.train_batches_per_epoch=0 is out of range"):
         DigitsDataModule(train_batches_per_epoch=0)

@@ -142,7 +142,7 @@ def test_mixup_mixes_images_and_targets_with_the_soft_target_loss(monkeypatch):
 
 
 def test_mixup_needs_an_even_batch_and_valid_alphas():
-    with pytest.raises(ConfigError, match="objective.mixup=-1 is invalid"):
+    with pytest.raises(ConfigError, match="objective.mixup=-1 is out of range"):
         Classification(vit(), SPEC, mixup=-1)
     objective = Classification(vit(), SPEC, cutmix=1.0)
     with pytest.raises(ConfigError, match="even datamodule.batch_size"):

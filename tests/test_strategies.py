@@ -126,10 +126,10 @@ def test_layer_decay_really_scales_each_groups_update():
 @pytest.mark.parametrize(
     ("make", "needle"),
     [
-        (lambda: GradualUnfreezing(every=0), "freeze.every=0 is invalid"),
-        (lambda: GradualUnfreezing(start=-1), "freeze.start=-1 is invalid"),
+        (lambda: GradualUnfreezing(every=0), "freeze.every=0 is out of range"),
+        (lambda: GradualUnfreezing(start=-1), "freeze.start=-1 is out of range"),
         (lambda: GradualUnfreezing(start=9).validate(resnet()), "freeze.start=9 is out of range: the backbone has 5"),
-        (lambda: LinearProbeThenFinetune(probe_epochs=-2), "freeze.probe_epochs=-2 is invalid"),
+        (lambda: LinearProbeThenFinetune(probe_epochs=-2), "freeze.probe_epochs=-2 is out of range"),
         (lambda: LinearProbeThenFinetune(ft_lr_scale=0), "freeze.ft_lr_scale=0 is out of range"),
         (lambda: LinearProbeThenFinetune(ft_lr_scale=1.5), "freeze.ft_lr_scale=1.5 is out of range"),
         (

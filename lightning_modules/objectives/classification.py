@@ -9,6 +9,7 @@ from torch import nn
 
 from datamodules.errors import ConfigError
 from lightning_modules.objectives.base import Objective
+from lightning_modules.schema import check
 
 
 class Classification(Objective):
@@ -27,9 +28,7 @@ class Classification(Objective):
         self.label_smoothing = label_smoothing
         self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(backbone.num_features, self.num_classes))
         for key, value in (("mixup", mixup), ("cutmix", cutmix), ("mix_prob", mix_prob)):
-            if not isinstance(value, (int, float)) or value < 0 or (key == "mix_prob" and value > 1):
-                allowed = "a number in [0, 1]" if key == "mix_prob" else "a number >= 0 (the Beta alpha; 0 = off)"
-                raise ConfigError(f"objective.{key}={value!r} is invalid: allowed is {allowed}")
+            check(f"objective.{key}", value)
         self.mix = None
         if mixup > 0 or cutmix > 0:
             from timm.data import Mixup

@@ -9,6 +9,7 @@ from torch import nn
 
 from datamodules.errors import ConfigError
 from lightning_modules.objectives.base import Objective
+from lightning_modules.schema import check
 
 
 def random_masking(batch: int, num_patches: int, mask_ratio: float, device=None):
@@ -41,9 +42,7 @@ class MAE(Objective):
                 f"objective=mae needs a ViT backbone, but model.name={backbone.name} is a"
                 f" {type(vit).__name__}; use model=vit_micro or a timm vit_* model (or objective=simclr)"
             )
-        if not 0 < mask_ratio < 1:
-            raise ConfigError(f"objective.mask_ratio={mask_ratio} is out of range: allowed is (0, 1)")
-        self.mask_ratio, self.norm_pix_loss = float(mask_ratio), bool(norm_pix_loss)
+        self.mask_ratio, self.norm_pix_loss = float(check("objective.mask_ratio", mask_ratio)), bool(norm_pix_loss)
         self.patch = vit.patch_embed.patch_size[0]
         num_patches = vit.patch_embed.num_patches
         self.decoder_embed = nn.Linear(vit.embed_dim, decoder_dim)

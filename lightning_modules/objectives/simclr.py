@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from datamodules.augment import BatchAugment
-from datamodules.errors import ConfigError
 from lightning_modules.objectives.base import Objective
+from lightning_modules.schema import check
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -33,9 +33,7 @@ class SimCLR(Objective):
         augment: dict | None = None,
     ):
         super().__init__(backbone, data)
-        if not temperature > 0:
-            raise ConfigError(f"objective.temperature={temperature} is invalid: allowed is a number > 0")
-        self.temperature = float(temperature)
+        self.temperature = float(check("objective.temperature", temperature))
         self.augment = BatchAugment(**(augment or {}))
         self.projector = nn.Sequential(
             nn.Linear(backbone.num_features, proj_hidden),

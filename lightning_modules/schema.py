@@ -1,0 +1,82 @@
+"""The rules for the config's values, in one table.
+
+``config_check`` applies them to the composed config before anything heavy is imported; the
+components apply the same rule to their own arguments when built from Python. Either way a bad
+value gives the same one line: the key, the value, what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from datamodules.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Rule:
+    kind: type  # int or float (an int is a valid float; a bool is neither)
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself excluded
+    high_open: bool = False
+    words: tuple = ()  # words allowed besides numbers, e.g. ("all",)
+    nullable: bool = False  # null allowed (and a key absent from this config is fine)
+
+    def allowed(self) -> str:
+        text = "an integer" if self.kind is int else "a number"
+        if self.low is not None and self.high is not None:
+            text += f" in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text += f" {'>' if self.low_open else '>='} {self.low}"
+        elif self.high is not None:
+            text += f" {'<' if self.high_open else '<='} {self.high}"
+        extras = [repr(w) for w in self.words] + (["null"] if self.nullable else [])
+        return text + "".join(f" or {e}" for e in extras)
+
+    def check(self, key: str, value):
+        if value is None and self.nullable or value in self.words:
+            return value
+        right_type = isinstance(value, int) if self.kind is int else isinstance(value, (int, float))
+        if isinstance(value, bool) or not right_type:
+            raise ConfigError(f"{key}={value!r} is invalid: allowed is {self.allowed()}")
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if too_low or too_high:
+            raise ConfigError(f"{key}={value!r} is out of range: allowed is {self.allowed()}")
+        return value
+
+
+POSITIVE = Rule(float, low=0, low_open=True)
+FRACTION = Rule(float, low=0, high=1, low_open=True)  # (0, 1]
+
+RULES: dict[str, Rule] = {
+    "seed": Rule(int),
+    "optimizer.lr": POSITIVE,
+    "optimizer.weight_decay": Rule(float, low=0, nullable=True),
+    "optimizer.backbone_lr_scale": Rule(float, low=0, nullable=True),
+    "optimizer.layer_decay": Rule(float, low=0, high=1, low_open=True, nullable=True),
+    "scheduler.warmup_fraction": Rule(float, low=0, high=1, high_open=True, nullable=True),
+    "datamodule.batch_size": Rule(int, low=1),
+    "datamodule.eval_batch_size": Rule(int, low=1, nullable=True),
+    "datamodule.image_size": Rule(int, low=4),
+    "datamodule.label_fraction": FRACTION,
+    "datamodule.train_batches_per_epoch": Rule(int, low=1, nullable=True),
+    "trainer.max_epochs": Rule(int, low=-1, nullable=True),  # -1: no limit (Lightning's meaning)
+    "objective.mask_ratio": Rule(float, low=0, high=1, low_open=True, high_open=True, nullable=True),
+    "objective.temperature": Rule(float, low=0, low_open=True, nullable=True),
+    "objective.mixup": Rule(float, low=0, nullable=True),  # the Beta alpha; 0 = off
+    "objective.cutmix": Rule(float, low=0, nullable=True),
+    "objective.mix_prob": Rule(float, low=0, high=1, nullable=True),
+    "objective.label_smoothing": Rule(float, low=0, high=1, high_open=True, nullable=True),
+    "freeze.layers": Rule(int, low=0, words=("all",), nullable=True),  # its upper bound is the backbone's
+    "freeze.start": Rule(int, low=0, nullable=True),
+    "freeze.every": Rule(int, low=1, nullable=True),
+    "freeze.probe_epochs": Rule(int, low=0, nullable=True),
+    "freeze.ft_lr_scale": Rule(float, low=0, high=1, low_open=True, nullable=True),
+    "finetune.l2_sp": Rule(float, low=0, nullable=True),
+}
+
+
+def check(key: str, value):
+    """``value`` if it obeys ``key``'s rule, else a ConfigError naming both."""
+    return RULES[key].check(key, value)

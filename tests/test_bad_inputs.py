@@ -1,0 +1,132 @@
+"""Every kind of bad input the issue lists, through the entry point's own error path (cli.main):
+one line on stderr naming the key and the value, a non-zero exit, and no result passed off as one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_modules.cli import main
+from lightning_modules.handoff import WEIGHTS, build_backbone, export_backbone
+from tests.conftest import make_cfg
+from tests.helpers import RESNET
+
+TINY = ["debug=limit", "model=resnet_micro"]
+
+
+def _vit_backbone_dir(root: Path) -> Path:
+    """An exported vit_micro backbone (no training: its weights only need to exist)."""
+    from hydra.utils import instantiate  # noqa: F401  (keeps the import cost out of collection)
+
+    cfg = make_cfg("finetune", ["model=vit_micro"])
+    return export_backbone(build_backbone(dict(cfg.model)), root / "vit" / "backbone")
+
+
+def _truncated(root: Path) -> Path:
+    target = export_backbone(build_backbone({"name": RESNET[0], "kwargs": RESNET[1], "init": "none"}), root / "cut")
+    data = (target / WEIGHTS).read_bytes()
+    (target / WEIGHTS).write_bytes(data[: len(data) // 3])
+    return target
+
+
+def _foreign_checkpoint(root: Path) -> Path:
+    path = root / "other.ckpt"
+    torch.save({"state_dict": {"backbone.model.fc.weight": torch.zeros(2, 2)}, "epoch": 0}, path)
+    return path
+
+
+def _image_folder(root: Path, unreadable: bool) -> Path:
+    from tests.test_datamodules import _write_images
+
+    if unreadable:
+        _write_images(root, "train", ["a", "b"], n=6)
+        (root / "train" / "a" / "broken.png").write_bytes(b"not a png")
+    else:
+        (root / "train").mkdir(parents=True)
+    return root
+
+
+# (id, stage, overrides (may use {tmp}), builder of a bad file for {bad}, the key=value the line names)
+CASES = [
+    ("lr-zero", "finetune", ["optimizer.lr=0"], None, "optimizer.lr=0 is out of range: allowed is a number > 0"),
+    ("lr-negative", "finetune", ["optimizer.lr=-1e-3"], None, "optimizer.lr=-0.001 is out of range"),
+    ("lr-wrong-type", "finetune", ["optimizer.lr=fast"], None, "optimizer.lr='fast' is invalid: allowed is a number"),
+    ("epochs-wrong-type", "finetune", ["trainer.max_epochs=2.5"], None, "trainer.max_epochs=2.5 is invalid"),
+    ("batch-size-zero", "finetune", ["datamodule.batch_size=0"], None, "datamodule.batch_size=0 is out of range"),
+    ("label-fraction-zero", "finetune", ["datamodule.label_fraction=0"], None, "datamodule.label_fraction=0 is out"),
+    ("label-fraction-big", "finetune", ["datamodule.label_fraction=1.5"], None, "datamodule.label_fraction=1.5 is out"),
+    ("freeze-negative", "finetune", ["freeze.layers=-1"], None, "freeze.layers=-1 is out of range"),
+    ("freeze-word", "finetune", ["freeze.layers=most"], None, "freeze.layers='most' is invalid"),
+    ("freeze-beyond", "finetune", ["freeze.layers=9"], None, "freeze.layers=9 is out of range: the backbone has 5"),
+    (
+        "mask-ratio-one",
+        "pretrain",
+        ["objective=mae", "model=vit_micro", "objective.mask_ratio=1.0"],
+        None,
+        "objective.mask_ratio=1.0 is out of range: allowed is a number in (0, 1)",
+    ),
+    (
+        "mask-ratio-zero",
+        "pretrain",
+        ["objective=mae", "model=vit_micro", "objective.mask_ratio=0"],
+        None,
+        "objective.mask_ratio=0 is out of range",
+    ),
+    ("mae-on-cnn", "pretrain", ["objective=mae"], None, "objective=mae needs a ViT backbone, but model.name=resnet18"),
+    ("init-nothing", "finetune", ["model.init={tmp}/nothing"], None, "model.init={tmp}/nothing: no such path"),
+    ("init-truncated", "finetune", ["model.init={bad}"], _truncated, f"model.init={{bad}}: {WEIGHTS} is corrupt"),
+    (
+        "init-other-architecture",
+        "finetune",
+        ["model.init={bad}"],
+        _vit_backbone_dir,
+        "model.init={bad}: the backbone's architecture does not match the model config (name: vit_tiny_patch16_224",
+    ),
+    (
+        "checkpoint-other-config",
+        "finetune",
+        ["ckpt_path={bad}"],
+        _foreign_checkpoint,
+        "ckpt_path={bad}: the checkpoint is from another model config",
+    ),
+    (
+        "folder-empty",
+        "finetune",
+        ["datamodule=image_folder", "datamodule.root={bad}"],
+        lambda root: _image_folder(root / "empty", unreadable=False),
+        "datamodule.root={bad}: train/ holds no class folder with images",
+    ),
+    (
+        "folder-unreadable",
+        "finetune",
+        ["datamodule=image_folder", "datamodule.root={bad}"],
+        lambda root: _image_folder(root / "broken", unreadable=True),
+        "datamodule.root={bad}: cannot read image",
+    ),
+    (
+        "batch-larger-than-data",
+        "finetune",
+        ["datamodule.label_fraction=0.01", "datamodule.batch_size=64"],
+        None,
+        "datamodule.batch_size=64 is larger than the",
+    ),
+]
+
+
+@pytest.mark.parametrize(("stage", "overrides", "builder", "needle"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_line_naming_key_and_value(stage, overrides, builder, needle, tmp_path, capsys):
+    bad = builder(tmp_path) if builder else None
+    fill = lambda text: text.format(tmp=tmp_path, bad=bad)  # noqa: E731
+    out_dir = tmp_path / "run"
+    cfg = make_cfg(stage, [*TINY, *map(fill, overrides)], out_dir)
+    with pytest.raises(SystemExit) as exit_:
+        main(cfg)
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and fill(needle) in errors[0], errors
+    # Recorded as failed, with nothing that looks like a result.
+    assert json.loads((out_dir / "metrics.json").read_text())["status"] == "failed"
+    assert not (out_dir / "backbone").exists() and not list(out_dir.glob("checkpoints/*.ckpt"))
