@@ -9,6 +9,9 @@ from datamodules.errors import ConfigError
 from lightning_modules.schema import RULES
 
 
+_ABSENT = object()
+
+
 def _get(cfg: DictConfig, key: str):
     return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
 
@@ -20,9 +23,9 @@ def check_config(cfg: DictConfig) -> None:
     stage = _get(cfg, "stage")
     if stage not in ("pretrain", "finetune"):
         raise ConfigError(f"stage={stage!r} is invalid: allowed are 'pretrain', 'finetune'")
-    for key, rule in RULES.items():  # a key this config lacks (e.g. freeze.* when pre-training) is skipped
-        value = _get(cfg, key)
-        if value is not None or not rule.nullable:
+    for key, rule in RULES.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+        if value is not _ABSENT:  # e.g. freeze.* when pre-training
             rule.check(key, value)
     init = str(_get(cfg, "model.init"))
     if init.startswith("wandb:"):  # fetched when the run starts; only its form can be checked here

@@ -20,7 +20,7 @@ class Rule:
     low_open: bool = False  # low itself excluded
     high_open: bool = False
     words: tuple = ()  # words allowed besides numbers, e.g. ("all",)
-    nullable: bool = False  # null allowed (and a key absent from this config is fine)
+    nullable: bool = False  # null allowed (it means "off" or "no limit")
 
     def allowed(self) -> str:
         text = "an integer" if self.kind is int else "a number"
@@ -52,29 +52,31 @@ FRACTION = Rule(float, low=0, high=1, low_open=True)  # (0, 1]
 RULES: dict[str, Rule] = {
     "seed": Rule(int),
     "optimizer.lr": POSITIVE,
-    "optimizer.weight_decay": Rule(float, low=0, nullable=True),
-    "optimizer.backbone_lr_scale": Rule(float, low=0, nullable=True),
+    "optimizer.weight_decay": Rule(float, low=0),
+    "optimizer.backbone_lr_scale": Rule(float, low=0),
     "optimizer.layer_decay": Rule(float, low=0, high=1, low_open=True, nullable=True),
-    "scheduler.warmup_fraction": Rule(float, low=0, high=1, high_open=True, nullable=True),
+    "scheduler.warmup_fraction": Rule(float, low=0, high=1, high_open=True),
     "datamodule.batch_size": Rule(int, low=1),
-    "datamodule.eval_batch_size": Rule(int, low=1, nullable=True),
+    "datamodule.eval_batch_size": Rule(int, low=1),
     "datamodule.image_size": Rule(int, low=4),
     "datamodule.label_fraction": FRACTION,
     "datamodule.train_batches_per_epoch": Rule(int, low=1, nullable=True),
     "trainer.max_epochs": Rule(int, low=-1, nullable=True),  # -1: no limit (Lightning's meaning)
-    "objective.mask_ratio": Rule(float, low=0, high=1, low_open=True, high_open=True, nullable=True),
-    "objective.temperature": Rule(float, low=0, low_open=True, nullable=True),
-    "objective.mixup": Rule(float, low=0, nullable=True),  # the Beta alpha; 0 = off
-    "objective.cutmix": Rule(float, low=0, nullable=True),
-    "objective.mix_prob": Rule(float, low=0, high=1, nullable=True),
-    "objective.label_smoothing": Rule(float, low=0, high=1, high_open=True, nullable=True),
-    "freeze.layers": Rule(int, low=0, words=("all",), nullable=True),  # its upper bound is the backbone's
-    "freeze.start": Rule(int, low=0, nullable=True),
-    "freeze.every": Rule(int, low=1, nullable=True),
-    "freeze.probe_epochs": Rule(int, low=0, nullable=True),
-    "freeze.ft_lr_scale": Rule(float, low=0, high=1, low_open=True, nullable=True),
-    "finetune.l2_sp": Rule(float, low=0, nullable=True),
+    "objective.mask_ratio": Rule(float, low=0, high=1, low_open=True, high_open=True),
+    "objective.temperature": POSITIVE,
+    "objective.mixup": Rule(float, low=0),  # the Beta alpha; 0 = off
+    "objective.cutmix": Rule(float, low=0),
+    "objective.mix_prob": Rule(float, low=0, high=1),
+    "objective.label_smoothing": Rule(float, low=0, high=1, high_open=True),
+    "freeze.layers": Rule(int, low=0, words=("all",)),  # its upper bound is the backbone's, checked on it
+    "freeze.start": Rule(int, low=0),
+    "freeze.every": Rule(int, low=1),
+    "freeze.probe_epochs": Rule(int, low=0),
+    "freeze.ft_lr_scale": Rule(float, low=0, high=1, low_open=True),
+    "finetune.l2_sp": Rule(float, low=0),
 }
+# Keys that only some configs have (objective.mask_ratio with MAE, freeze.* when fine-tuning) are
+# checked where they exist.
 
 
 def check(key: str, value):
