@@ -8,7 +8,6 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.errors import ConfigError
 from lightning_modules.schema import RULES
 
-
 _ABSENT = object()
 
 
