@@ -32,7 +32,8 @@ def offline_default() -> bool:
 
 def run_identity(log_dir: Path, out_dir: Path) -> dict:
     """Default run name and group: the run dir (relative to ``paths.log_dir``) names the run; the
-    sweep dir groups a multirun's jobs; a single run is grouped by its ``experiment=`` if any."""
+    sweep dir groups a multirun's jobs, the study dir the runs of a study (runs inside the Hydra
+    app's own output dir); a single run is grouped by its ``experiment=`` if any."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -43,8 +44,11 @@ def run_identity(log_dir: Path, out_dir: Path) -> dict:
     identity = {"name": relative(out_dir), "group": None}
     if HydraConfig.initialized():
         hydra = HydraConfig.get()
+        app_dir = Path(hydra.runtime.output_dir).resolve()
         if hydra.mode == RunMode.MULTIRUN:
             identity["group"] = relative(hydra.sweep.dir)
+        elif out_dir.resolve() != app_dir and out_dir.resolve().is_relative_to(app_dir):
+            identity["group"] = relative(app_dir)
         else:
             identity["group"] = hydra.runtime.choices.get("experiment")
     return identity

@@ -133,3 +133,33 @@ def test_an_online_run_marks_the_fetched_artifact_as_its_input():
     record_use(online, "wandb:me/pretune/backbone-x-mae:v3")
     record_use(online, "/local/backbone")  # a local source is recorded in the config, not as an artifact
     assert online.used == ["me/pretune/backbone-x-mae:v3"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "app_dir", "run_dir", "group"),
+    [
+        ("MULTIRUN", "multirun/finetune/t/3", "multirun/finetune/t/3", "multirun/finetune/t"),
+        ("RUN", "transfer_study/t", "transfer_study/t/finetune/labels0.05_full", "transfer_study/t"),
+        ("RUN", "finetune/t", "finetune/t", "mae_vit_digits"),
+    ],
+    ids=["sweep-job", "study-run", "single-run"],
+)
+def test_wandb_runs_are_named_by_their_dir_and_grouped_by_sweep_study_or_experiment(
+    mode, app_dir, run_dir, group, tmp_path
+):
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from lightning_modules.wandb_runs import run_identity
+    from tests.conftest import make_cfg
+
+    cfg = make_cfg("finetune", ["experiment=mae_vit_digits"], return_hydra=True)
+    with open_dict(cfg):
+        cfg.hydra.mode = mode
+        cfg.hydra.sweep.dir = str(tmp_path / "multirun/finetune/t")
+        cfg.hydra.runtime.output_dir = str(tmp_path / app_dir)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert run_identity(tmp_path, tmp_path / run_dir) == {"name": run_dir, "group": group}
+    finally:
+        HydraConfig.instance().cfg = None
