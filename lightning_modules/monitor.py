@@ -1,4 +1,5 @@
-"""Per layer group, every epoch: its learning rate (named by group, not ``pg3``) and whether it is frozen."""
+"""Every epoch: per layer group, its learning rate (named by group, not ``pg3``) and whether it is
+frozen; and the number of trainable parameters."""
 
 from __future__ import annotations
 
@@ -30,7 +31,11 @@ class LayerGroupMonitor(Callback):
         self.trainable_at_start = count_params(pl_module)["params/trainable"]
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        values = {"epoch": float(trainer.current_epoch)}
+        # Trainable parameters change under gradual unfreezing and LP-FT: logged every epoch.
+        values = {
+            "epoch": float(trainer.current_epoch),
+            "params/trainable": float(count_params(pl_module)["params/trainable"]),
+        }
         for optimizer in trainer.optimizers:
             values.update(group_state(pl_module, optimizer))
         for logger in trainer.loggers:

@@ -69,6 +69,7 @@ def test_finetune_run_records_its_backbone_source_and_per_group_lr_and_frozen_fl
     assert {"lr/stem", "lr/blocks.0", "frozen/stem", "frozen/blocks.3+norm", "val/acc"} <= logged["history_keys"]
     first = next(row for row in logged["history"] if "frozen/stem" in row)
     assert first["frozen/stem"] == 1.0 and first["frozen/blocks.3+norm"] == 0.0
+    assert first["params/trainable"] == metrics["params/trainable"]
     assert logged["summary"]["test/acc"] == pytest.approx(metrics["test/acc"])
     assert logged["summary"]["params/trainable"] == json.loads((out / "metrics.json").read_text())["params/trainable"]
     assert logged["artifacts"] == []  # fine-tunes log no backbone
