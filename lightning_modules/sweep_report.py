@@ -245,10 +245,12 @@ def write_sweep_report(paths: list[Path], out_dir: Path | None = None, wandb: bo
     path = out_dir / "report.md"
     write_atomic(path, "\n".join(lines) + "\n")
     if wandb:
-        from lightning_modules.wandb_runs import log_report
+        from lightning_modules.wandb_runs import log_report, run_label
 
+        # The runs' own W&B project and group when they logged there; else the sweep dir names the group.
         wandb_cfg = next((r["config"]["logger"]["wandb"] for r in rows if "wandb" in _loggers_of(r)), {})
-        wandb_cfg = {"group": root.name, **{k: v for k, v in wandb_cfg.items() if v is not None}}
+        log_dir = (first.get("paths") or {}).get("log_dir", "outputs")
+        wandb_cfg = {"group": run_label(root, log_dir), **{k: v for k, v in wandb_cfg.items() if v is not None}}
         log_report(out_dir, out_dir / "runs.csv", sorted(out_dir.glob("*.png")), wandb_cfg)
     return path
 

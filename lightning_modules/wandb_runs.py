@@ -30,6 +30,12 @@ def offline_default() -> bool:
         return True
 
 
+def run_label(path: Path, log_dir: Path) -> str:
+    """How W&B names a run (or a group) dir: relative to ``paths.log_dir``, else by its own name."""
+    path, log_dir = Path(path).resolve(), Path(log_dir).resolve()
+    return str(path.relative_to(log_dir)) if path.is_relative_to(log_dir) else path.name
+
+
 def run_identity(log_dir: Path, out_dir: Path) -> dict:
     """Default run name and group: the run dir (relative to ``paths.log_dir``) names the run; the
     sweep dir groups a multirun's jobs, the study dir the runs of a study (runs inside the Hydra
@@ -37,10 +43,7 @@ def run_identity(log_dir: Path, out_dir: Path) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    def relative(path) -> str:
-        path = Path(path).resolve()
-        return str(path.relative_to(log_dir.resolve())) if path.is_relative_to(log_dir.resolve()) else path.name
-
+    relative = lambda path: run_label(path, log_dir)  # noqa: E731
     identity = {"name": relative(out_dir), "group": None}
     if HydraConfig.initialized():
         hydra = HydraConfig.get()
