@@ -50,7 +50,9 @@ class PretuneModule(pl.LightningModule):
                 f"train/loss became {out['loss'].item()} at step {self.global_step} (epoch {self.current_epoch});"
                 " try a lower optimizer.lr or trainer.gradient_clip_val=1.0"
             )
-        self.log("train/loss", out["loss"], on_step=True, on_epoch=True, prog_bar=True)
+        # sync_dist: under DDP each rank's loss covers its slice of the global batch; the logged value is
+        # their mean, the global batch's loss (a no-op on one process).
+        self.log("train/loss", out["loss"], on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         if self.l2_sp > 0:
             penalty = self.l2_sp_penalty()
             self.log("train/l2_sp", penalty, on_step=False, on_epoch=True)
@@ -65,6 +67,7 @@ class PretuneModule(pl.LightningModule):
             on_epoch=True,
             prog_bar=split == "val",
             batch_size=len(next(iter(batch.values()))),
+            sync_dist=True,
         )
         if metrics is not None:
             self.objective.update_metrics(metrics, out)
@@ -76,7 +79,8 @@ class PretuneModule(pl.LightningModule):
         self._eval_step(batch, "test", self.test_metrics)
 
     def _log_metrics(self, metrics):
-        # Computed once per epoch from accumulated state: no per-step metric syncs.
+        # Computed once per epoch from accumulated state: no per-step metric syncs. torchmetrics gathers
+        # the states of all ranks in compute(), so the values are already global (no sync_dist needed).
         if metrics is not None:
             self.log_dict(metrics.compute(), prog_bar=True)
             metrics.reset()

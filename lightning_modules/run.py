@@ -21,7 +21,7 @@ from lightning_modules.forgetting import ForgettingProbe
 from lightning_modules.handoff import build_backbone, export_backbone
 from lightning_modules.module import PretuneModule
 from lightning_modules.monitor import LayerGroupMonitor, count_params
-from lightning_modules.results import write_atomic, write_metrics
+from lightning_modules.results import is_rank_zero, write_atomic, write_metrics
 from lightning_modules.seeding import EpochSeed
 
 # Lightning's own deprecation noise, nothing a user can act on.
@@ -51,17 +51,21 @@ def _loggers(cfg: DictConfig) -> list:
 
 
 def run(cfg: DictConfig) -> dict:
+    """Every rank of a DDP run executes this; only global rank 0 writes the run's files (config.yaml,
+    metrics.json, backbone/; Lightning already saves checkpoints and logs from rank 0 only)."""
     out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if is_rank_zero():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     started = time.time()
     try:
         return _run(cfg, out_dir, started)
     except BaseException as err:
-        write_metrics(
-            out_dir,
-            {"status": "failed", "stage": cfg.stage, "error": f"{type(err).__name__}: {err}".splitlines()[0]},
-        )
+        if is_rank_zero():
+            write_metrics(
+                out_dir,
+                {"status": "failed", "stage": cfg.stage, "error": f"{type(err).__name__}: {err}".splitlines()[0]},
+            )
         raise
 
 
@@ -96,8 +100,11 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         metrics = _fit_and_test(cfg, trainer, module, datamodule, out_dir)
     finally:
         _finish(loggers)
+        if hasattr(trainer.strategy, "close"):  # DDP (lightning_modules/ddp.py): end this job's process group
+            trainer.strategy.close()
     metrics["time/run_s"] = round(time.time() - started, 2)
-    write_metrics(out_dir, metrics)
+    if trainer.is_global_zero:
+        write_metrics(out_dir, metrics)
     return metrics
 
 
@@ -162,7 +169,7 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_
                     "forgetting/increase": after - before,
                 }
             )
-    else:
+    elif trainer.is_global_zero:  # the same weights on every rank: one export
         provenance = {
             "objective": cfg.objective.get("_target_"),
             "datamodule": cfg.datamodule.get("_target_"),

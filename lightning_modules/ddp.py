@@ -1,0 +1,123 @@
+"""Lightning's DDP strategy, fitted to Hydra jobs and to freezing (``conf/trainer/ddp.yaml``).
+
+Three things differ from ``pytorch_lightning.strategies.DDPStrategy``:
+
+1. **Child processes re-run this job, not the command line.** Lightning starts ranks 1..N-1 by re-running
+   ``sys.argv`` plus ``hydra.run.dir=<hydra.run.dir>``. In a multirun that command still holds ``-m`` and
+   the sweep lists, so every child starts a sweep of its own, and the run dir it is given is not the job's
+   (Lightning #11300, hydra #2070, lightning-hydra-template #393). Here a child gets the script, the
+   job's own overrides (``hydra.overrides.task``), ``hydra.run.dir=<this job's output dir>`` and
+   ``hydra.output_subdir=null``: a single run that composes the same config and writes into the same dir.
+2. **Every parameter is registered with DDP, frozen or not.** DDP only all-reduces the gradients of
+   parameters that required grad when it was built. Freezing happens before that (``BaseFinetuning.setup``),
+   so a group unfrozen later (``freeze=gradual``, ``lp_ft``) would train on each rank's own gradients and
+   the replicas would drift apart silently (Lightning #20340). Frozen parameters then get no gradient,
+   which ``find_unused_parameters=True`` accepts (Lightning #17212).
+3. **``close()`` ends the job's process group.** Several jobs in one process (a sweep, the transfer study)
+   each start their own ranks; the previous job's process group and its ``LOCAL_RANK``/``MASTER_PORT``
+   variables would otherwise make the next job believe its ranks already exist, and hang.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch.distributed as dist
+from lightning_fabric.strategies.launchers.subprocess_script import _basic_subprocess_cmd
+from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+# What the launcher puts into this process's environment for the children (and Lightning then reads back).
+_DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def hydra_job_command(local_rank: int) -> tuple[list[str], str]:
+    """The command that runs this Hydra job again as rank ``local_rank``, and the directory to run it in."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd, to_absolute_path
+
+    import __main__
+
+    hydra_cfg = HydraConfig.get()
+    if __main__.__spec__ is None:  # python path/to/script.py
+        command = [sys.executable, to_absolute_path(sys.argv[0])]
+    else:  # python -m package.module
+        command = [sys.executable, "-m", __main__.__spec__.name]
+    # The same primary config (--config-path/-name/-dir), but none of -m, --cfg or the sweep's lists.
+    args = get_args_parser().parse_args(sys.argv[1:])
+    for flag in ("config_path", "config_name", "config_dir"):
+        if getattr(args, flag):
+            command.append(f"--{flag.replace('_', '-')}={getattr(args, flag)}")
+    command += list(hydra_cfg.overrides.task)  # this job's overrides, as the sweeper chose them
+    command += [
+        f'hydra.run.dir="{hydra_cfg.runtime.output_dir}"',  # this job's dir (absolute), not hydra.run.dir
+        "hydra.output_subdir=null",  # the job's .hydra/ stays as the sweep wrote it
+        f"hydra.job.name={hydra_cfg.job.name}_rank{local_rank}",  # its own log file, in the same dir
+    ]
+    if hydra_cfg.job.chdir is not None:
+        command.append(f"hydra.job.chdir={hydra_cfg.job.chdir}")
+    return command, get_original_cwd()
+
+
+class HydraJobLauncher(_SubprocessScriptLauncher):
+    """Starts ranks 1..N-1 of this node with ``hydra_job_command``; remembers the environment it changed."""
+
+    def _call_children_scripts(self) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        self._check_can_spawn_children()
+        self.saved_env = {key: os.environ.get(key) for key in _DDP_ENV}
+        env = self.cluster_environment
+        os.environ.update(
+            MASTER_ADDR=env.main_address,
+            MASTER_PORT=str(env.main_port),
+            NODE_RANK=str(env.node_rank()),
+            LOCAL_RANK=str(env.local_rank()),
+            WORLD_SIZE=str(self.num_processes * self.num_nodes),
+        )
+        self.procs = []
+        for local_rank in range(1, self.num_processes):
+            if HydraConfig.initialized():
+                command, cwd = hydra_job_command(local_rank)
+            else:  # run() called from plain Python: Lightning's own rule, re-run the command line
+                command, cwd = _basic_subprocess_cmd(), None
+            self.procs.append(subprocess.Popen(command, env=dict(os.environ, LOCAL_RANK=str(local_rank)), cwd=cwd))
+
+    def close(self) -> None:
+        """Wait for the children to finish the job, then give the environment back as it was."""
+        for proc in self.procs:
+            proc.wait()
+        for key, value in getattr(self, "saved_env", {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class HydraDDPStrategy(DDPStrategy):
+    """``DDPStrategy`` for pretune: Hydra-job children, frozen parameters registered, ``close()``."""
+
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if isinstance(self._launcher, _SubprocessScriptLauncher):  # start_method="popen", the default
+            self._launcher = HydraJobLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    def _setup_model(self, model):
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        for p in frozen:  # registered now, so their gradients are all-reduced once unfrozen
+            p.requires_grad_(True)
+        try:
+            return super()._setup_model(model)
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
+
+    def close(self) -> None:
+        """End of the job (after fit and test): children done, process group gone, environment restored."""
+        if isinstance(self._launcher, HydraJobLauncher):
+            self._launcher.close()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

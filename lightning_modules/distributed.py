@@ -1,0 +1,49 @@
+"""What the objectives, the data and the run need to know about a distributed (DDP) run; torch only.
+
+On one process every function here is the identity (rank 0 of 1), so single-process code paths are
+unchanged. The rule that makes ``B`` per rank on ``W`` ranks match ``W*B`` on one process: the loader
+hands rank ``r`` the ``r``-th contiguous slice of each global batch (``datamodules/in_memory.py``), and
+every random draw of a training step (augmentations, MAE masks) is made for the whole global batch
+from the RNG stream that all ranks share (``EpochSeed`` seeds it identically on every rank), each rank
+keeping the same slice. So ranks never repeat each other's augmentations, and the images, views and
+masks of a step are those the single-process run draws.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+# The same call as Lightning's own ``all_gather(..., sync_grads=True)``; the replacement torch suggests
+# (``_functional_collectives``) is private API.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
+
+
+def rank_world() -> tuple[int, int]:
+    """(global rank, world size) of this process; (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks in rank order, with gradients flowing back to each rank's own
+    ``x`` (``torch.distributed.nn`` all_gather: its backward sums the gradients from every rank's
+    loss). Plain ``dist.all_gather`` would cut the graph, and the other ranks' copies would be constants."""
+    if rank_world()[1] == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x))
+
+
+def shard_draw(draw: Callable[[int], torch.Tensor], n: int) -> torch.Tensor:
+    """``draw(m)`` returns ``m`` random rows; draw them for the global batch (``n`` per rank) and keep
+    this rank's slice, so the draws match the single-process run on the same global batch."""
+    rank, world = rank_world()
+    if world == 1:
+        return draw(n)
+    return draw(n * world)[rank * n : (rank + 1) * n]
