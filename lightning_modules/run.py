@@ -100,7 +100,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         metrics = _fit_and_test(cfg, trainer, module, datamodule, out_dir)
     finally:
         _finish(loggers)
-        if hasattr(trainer.strategy, "close"):  # DDP (lightning_modules/ddp.py): end this job's process group
+        if hasattr(trainer.strategy, "close"):  # DDP/FSDP (lightning_modules/parallel.py): end this job's process group
             trainer.strategy.close()
     metrics["time/run_s"] = round(time.time() - started, 2)
     if trainer.is_global_zero:

@@ -1,6 +1,7 @@
-"""Lightning's DDP strategy, fitted to Hydra jobs and to freezing (``conf/trainer/ddp.yaml``).
+"""Lightning's DDP and FSDP strategies, fitted to Hydra jobs and to freezing (``conf/trainer/ddp.yaml``,
+``fsdp.yaml``).
 
-Three things differ from ``pytorch_lightning.strategies.DDPStrategy``:
+Three things differ from ``pytorch_lightning.strategies.DDPStrategy`` (1 and 3 also for FSDP):
 
 1. **Child processes re-run this job, not the command line.** Lightning starts ranks 1..N-1 by re-running
    ``sys.argv`` plus ``hydra.run.dir=<hydra.run.dir>``. In a multirun that command still holds ``-m`` and
@@ -26,7 +27,7 @@ import sys
 
 import torch.distributed as dist
 from lightning_fabric.strategies.launchers.subprocess_script import _basic_subprocess_cmd
-from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 # What the launcher puts into this process's environment for the children (and Lightning then reads back).
@@ -97,13 +98,24 @@ class HydraJobLauncher(_SubprocessScriptLauncher):
                 os.environ[key] = value
 
 
-class HydraDDPStrategy(DDPStrategy):
-    """``DDPStrategy`` for pretune: Hydra-job children, frozen parameters registered, ``close()``."""
+class _HydraJobs:
+    """Mixin for Lightning strategies that start their ranks with the subprocess-script launcher."""
 
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
-        if isinstance(self._launcher, _SubprocessScriptLauncher):  # start_method="popen", the default
+        if isinstance(self._launcher, _SubprocessScriptLauncher):  # ranks started by this process
             self._launcher = HydraJobLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    def close(self) -> None:
+        """End of the job (after fit and test): children done, process group gone, environment restored."""
+        if isinstance(self._launcher, HydraJobLauncher):
+            self._launcher.close()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class HydraDDPStrategy(_HydraJobs, DDPStrategy):
+    """``DDPStrategy`` for pretune: Hydra-job children, frozen parameters registered, ``close()``."""
 
     def _setup_model(self, model):
         frozen = [p for p in model.parameters() if not p.requires_grad]
@@ -115,9 +127,7 @@ class HydraDDPStrategy(DDPStrategy):
             for p in frozen:
                 p.requires_grad_(False)
 
-    def close(self) -> None:
-        """End of the job (after fit and test): children done, process group gone, environment restored."""
-        if isinstance(self._launcher, HydraJobLauncher):
-            self._launcher.close()
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+
+class HydraFSDPStrategy(_HydraJobs, FSDPStrategy):
+    """``FSDPStrategy`` with Hydra-job children and ``close()``. Frozen groups need ``use_orig_params=True``
+    (``conf/trainer/fsdp.yaml``); unfreezing mid-run (gradual, LP-FT) is not supported under FSDP."""
