@@ -24,14 +24,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import torch.distributed as dist
-from lightning_fabric.strategies.launchers.subprocess_script import _basic_subprocess_cmd
+from lightning_fabric.strategies.launchers.subprocess_script import _basic_subprocess_cmd, _ChildProcessObserver
+from lightning_fabric.utilities.distributed import _set_num_threads_if_needed
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 # What the launcher puts into this process's environment for the children (and Lightning then reads back).
 _DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+_CHILD_EXIT_S = 120
 
 
 def hydra_job_command(local_rank: int) -> tuple[list[str], str]:
@@ -63,8 +66,36 @@ def hydra_job_command(local_rank: int) -> tuple[list[str], str]:
     return command, get_original_cwd()
 
 
+class _StoppableObserver(_ChildProcessObserver):
+    """Lightning's watchdog (a child that dies takes the whole group down, rather than leaving it hanging in
+    a collective), which ``stop()`` retires once the job is over, before its children are reaped or killed."""
+
+    def __init__(self, child_processes: list) -> None:
+        super().__init__(main_pid=os.getpid(), child_processes=child_processes)
+        self._lock, self._stopped = threading.Lock(), False
+
+    def _run(self) -> bool:
+        with self._lock:
+            return self._stopped or super()._run()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+
+
 class HydraJobLauncher(_SubprocessScriptLauncher):
     """Starts ranks 1..N-1 of this node with ``hydra_job_command``; remembers the environment it changed."""
+
+    def launch(self, function, *args, trainer=None, **kwargs):
+        # As Lightning's, with a watchdog that close() can stop: the next job of a sweep must survive
+        # the children of this one being killed after a failure.
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            self._call_children_scripts()
+            self.observer = _StoppableObserver(self.procs)
+            self.observer.start()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)
 
     def _call_children_scripts(self) -> None:
         from hydra.core.hydra_config import HydraConfig
@@ -87,10 +118,20 @@ class HydraJobLauncher(_SubprocessScriptLauncher):
                 command, cwd = _basic_subprocess_cmd(), None
             self.procs.append(subprocess.Popen(command, env=dict(os.environ, LOCAL_RANK=str(local_rank)), cwd=cwd))
 
-    def close(self) -> None:
-        """Wait for the children to finish the job, then give the environment back as it was."""
+    def close(self, failed: bool = False) -> None:
+        """Wait for the children to finish the job, then give the environment back as it was. After a
+        failure on this rank they are killed: Lightning kills them only on Ctrl-C, and they would otherwise
+        wait in a collective for the process group's timeout (30 minutes)."""
+        if getattr(self, "observer", None) is not None:
+            self.observer.stop()
         for proc in self.procs:
-            proc.wait()
+            if failed:
+                proc.kill()
+            try:  # past the job's last collective a child only has to exit
+                proc.wait(timeout=_CHILD_EXIT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         for key, value in getattr(self, "saved_env", {}).items():
             if value is None:
                 os.environ.pop(key, None)
@@ -106,10 +147,10 @@ class _HydraJobs:
         if isinstance(self._launcher, _SubprocessScriptLauncher):  # ranks started by this process
             self._launcher = HydraJobLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         """End of the job (after fit and test): children done, process group gone, environment restored."""
         if isinstance(self._launcher, HydraJobLauncher):
-            self._launcher.close()
+            self._launcher.close(failed)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -100,8 +101,8 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         metrics = _fit_and_test(cfg, trainer, module, datamodule, out_dir)
     finally:
         _finish(loggers)
-        if hasattr(trainer.strategy, "close"):  # DDP/FSDP (lightning_modules/parallel.py): end this job's process group
-            trainer.strategy.close()
+        if hasattr(trainer.strategy, "close"):  # DDP/FSDP (lightning_modules/parallel.py): end this job's ranks
+            trainer.strategy.close(failed=sys.exc_info()[0] is not None)
     metrics["time/run_s"] = round(time.time() - started, 2)
     if trainer.is_global_zero:
         write_metrics(out_dir, metrics)

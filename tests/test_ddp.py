@@ -210,3 +210,14 @@ def test_multirun_of_ddp_jobs_writes_one_complete_run_dir_per_job_and_nothing_el
         assert (run / "finetune_rank1.log").is_file()  # rank 1 ran this job, in this dir
         frozen.append(metrics["params/frozen"])
     assert frozen[0] == 0 and frozen[1] > 0
+
+
+@pytest.mark.slow
+def test_a_ddp_job_that_fails_is_recorded_and_the_next_job_gets_fresh_ranks(tmp_path):
+    # lr=1e9 diverges at step 1 on both ranks: the job is recorded as failed, its child is reaped, and job 1
+    # starts its own process group (neither the old one nor its LOCAL_RANK/MASTER_PORT leak into it).
+    sweep = ["-m", "optimizer.lr=1e9,1e-3", "trainer=ddp"]
+    _script("finetune", *sweep, *TINY, "logger=none", f"hydra.sweep.dir={tmp_path}")
+    failed, ok = (json.loads((tmp_path / job / "metrics.json").read_text()) for job in ("0", "1"))
+    assert failed["status"] == "failed" and "train/loss became nan" in failed["error"]
+    assert ok["status"] == "ok" and (tmp_path / "1" / "checkpoints" / "best.ckpt").is_file()
