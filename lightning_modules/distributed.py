@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -22,9 +23,24 @@ import torch.distributed as dist
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
 
+_alone = False
+
+
+@contextmanager
+def alone():
+    """Inside, this process computes as if it were the only one (no gathers, unsliced draws): for work that
+    every rank does on all of the data by itself, e.g. the forgetting probe."""
+    global _alone
+    before, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = before
+
+
 def rank_world() -> tuple[int, int]:
-    """(global rank, world size) of this process; (0, 1) outside a process group."""
-    if dist.is_available() and dist.is_initialized():
+    """(global rank, world size) of this process; (0, 1) outside a process group or ``alone()``."""
+    if not _alone and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
