@@ -55,7 +55,7 @@ class PretuneModule(pl.LightningModule):
         self.log("train/loss", out["loss"], on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         if self.l2_sp > 0:
             penalty = self.l2_sp_penalty()
-            self.log("train/l2_sp", penalty, on_step=False, on_epoch=True)
+            self.log("train/l2_sp", penalty, on_step=False, on_epoch=True, sync_dist=True)  # equal on every rank
             return out["loss"] + penalty
         return out["loss"]
 
@@ -80,9 +80,10 @@ class PretuneModule(pl.LightningModule):
 
     def _log_metrics(self, metrics):
         # Computed once per epoch from accumulated state: no per-step metric syncs. torchmetrics gathers
-        # the states of all ranks in compute(), so the values are already global (no sync_dist needed).
+        # the states of all ranks in compute(), so the values are already global and equal on every rank;
+        # sync_dist averages equal values (a no-op) and keeps Lightning from warning that it is missing.
         if metrics is not None:
-            self.log_dict(metrics.compute(), prog_bar=True)
+            self.log_dict(metrics.compute(), prog_bar=True, sync_dist=True)
             metrics.reset()
 
     def on_validation_epoch_end(self):
