@@ -57,11 +57,17 @@ class BatchLoader:
     ):
         self.tensors, self.batch_size = tensors, batch_size
         self.rank, self.world = rank, world
-        global_batch = batch_size * world
+        self.global_batch = global_batch = batch_size * world
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.epoch_fn = epoch_fn or (lambda: 0)
         self.n = len(next(iter(tensors.values())))
-        self.per_pass = self.n // global_batch if drop_last else -(-self.n // global_batch)
+        # Where each global batch starts in the order; an epoch of num_batches repeats this pass.
+        self.starts = list(range(0, self.n - global_batch + 1 if drop_last else self.n, global_batch))
+        if world > 1 and len(self.starts) > 1 and self.n - self.starts[-1] < world:
+            # A last eval batch too small to give every rank an example joins the one before: every rank then
+            # runs the same number of batches (collectives stay matched), none of them empty.
+            self.starts.pop()
+        self.per_pass = len(self.starts)
         if self.per_pass == 0:  # one process checks batch_size in setup(); the global batch is known only here
             raise ConfigError(
                 f"datamodule.batch_size={batch_size} on {world} processes is a global batch of {global_batch},"
@@ -83,11 +89,12 @@ class BatchLoader:
             repeat, j = divmod(i, self.per_pass)
             if j == 0:
                 order = self._order(repeat)
-            size = self.batch_size * self.world
+            start = self.starts[j]
+            # The last eval batch runs to the end (it may have absorbed a small remainder).
+            end = self.n if not self.drop_last and j + 1 == self.per_pass else start + self.global_batch
             # Near-equal contiguous slices: B each for a full batch; a short last eval batch splits evenly.
-            idx = torch.tensor_split(order[j * size : (j + 1) * size], self.world)[self.rank]
-            if len(idx):  # a last eval batch smaller than the world leaves some ranks nothing to add
-                yield {k: v[idx] for k, v in self.tensors.items()}
+            idx = torch.tensor_split(order[start:end], self.world)[self.rank]
+            yield {k: v[idx] for k, v in self.tensors.items()}
 
 
 def check_fraction(key: str, value: float) -> float:

@@ -45,20 +45,30 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from all ranks in rank order, with gradients flowing back to each rank's own
-    ``x`` (``torch.distributed.nn`` all_gather: its backward sums the gradients from every rank's
-    loss). Plain ``dist.all_gather`` would cut the graph, and the other ranks' copies would be constants."""
-    if rank_world()[1] == 1:
-        return x
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``x`` of all ranks concatenated in rank order, and where this rank's rows start in it.
+
+    Gradients flow back to each rank's own ``x`` (``torch.distributed.nn`` all_gather, as Lightning's
+    ``all_gather(sync_grads=True)``: its backward sums the gradients from every rank's loss); plain
+    ``dist.all_gather`` would cut the graph. Ranks may hold different numbers of rows (the last
+    evaluation batch): they are padded to the largest for the gather and trimmed after."""
+    rank, world = rank_world()
+    if world == 1:
+        return x, 0
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x))
+    sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor(len(x), device=x.device))
+    sizes = [int(s) for s in sizes]
+    padded = torch.cat([x, x.new_zeros(max(sizes) - len(x), *x.shape[1:])])
+    parts = all_gather(padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]), sum(sizes[:rank])
 
 
 def shard_draw(draw: Callable[[int], torch.Tensor], n: int) -> torch.Tensor:
     """``draw(m)`` returns ``m`` random rows; draw them for the global batch (``n`` per rank) and keep
-    this rank's slice, so the draws match the single-process run on the same global batch."""
+    this rank's slice, so the draws match the single-process run on the same global batch (exactly when
+    it splits evenly, as training batches always do)."""
     rank, world = rank_world()
     if world == 1:
         return draw(n)

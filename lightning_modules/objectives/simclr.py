@@ -8,7 +8,7 @@ from torch import nn
 
 from datamodules.augment import BatchAugment
 from datamodules.errors import ConfigError
-from lightning_modules.distributed import gather_with_grad, rank_world
+from lightning_modules.distributed import gather_with_grad
 from lightning_modules.objectives.base import Objective
 
 
@@ -20,11 +20,11 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     gathered with gradients, are the candidates. The mean over ranks of this loss is then the loss of
     the global batch on one process, and DDP's gradient averaging gives its gradient exactly."""
     z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
-    rank, _ = rank_world()
     n = z1.shape[0]
-    candidates = torch.cat([gather_with_grad(z1), gather_with_grad(z2)])  # [all first views; all second views]
-    total = candidates.shape[0] // 2  # images in the global batch
-    own = rank * n + torch.arange(n, device=z1.device)  # this rank's images, as global indices
+    (all1, offset), (all2, _) = gather_with_grad(z1), gather_with_grad(z2)
+    candidates = torch.cat([all1, all2])  # [all first views; all second views]
+    total = len(all1)  # images in the global batch
+    own = offset + torch.arange(n, device=z1.device)  # this rank's images, as global indices
     sim = (torch.cat([z1, z2]) @ candidates.T) / temperature
     anchors = torch.arange(2 * n, device=z1.device)
     sim[anchors, torch.cat([own, own + total])] = float("-inf")  # a view is not its own negative
