@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_modules.distributed import shard_draw
+
 
 class BatchAugment(nn.Module):
     def __init__(
@@ -47,8 +49,10 @@ class BatchAugment(nn.Module):
             and not (self.brightness or self.contrast or self.noise or self.erase)
         )
 
+    # Every random draw goes through shard_draw: under DDP each rank draws for the global batch and keeps
+    # its slice, so the augmentations are those a single process draws for the same global batch.
     def _uniform(self, n: int, lo: float, hi: float, like: torch.Tensor) -> torch.Tensor:
-        return torch.empty(n, device=like.device, dtype=like.dtype).uniform_(lo, hi)
+        return shard_draw(lambda m: torch.empty(m, device=like.device, dtype=like.dtype).uniform_(lo, hi), n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_identity:
@@ -60,7 +64,10 @@ class BatchAugment(nn.Module):
         # The crop may sit anywhere inside the image, plus the extra translation.
         room = (1 - side) + self.translate
         tx, ty = self._uniform(n, -1, 1, x) * room, self._uniform(n, -1, 1, x) * room
-        sx = side * (torch.where(torch.rand(n, device=x.device) < 0.5, -1.0, 1.0) if self.flip else 1.0)
+        if self.flip:
+            sx = side * torch.where(shard_draw(lambda m: torch.rand(m, device=x.device), n) < 0.5, -1.0, 1.0)
+        else:
+            sx = side
         cos, sin = torch.cos(angle), torch.sin(angle)
         theta = torch.stack(
             [torch.stack([sx * cos, -side * sin, tx], 1), torch.stack([sx * sin, side * cos, ty], 1)], 1
@@ -75,7 +82,8 @@ class BatchAugment(nn.Module):
             b = self._uniform(n, -self.brightness, self.brightness, x).view(n, 1, 1, 1)
             out = (out - mean) * c + mean + b
         if self.noise:
-            out = out + self.noise * torch.randn_like(out)
+            shape, like = out.shape[1:], {"device": out.device, "dtype": out.dtype}
+            out = out + self.noise * shard_draw(lambda m: torch.randn(m, *shape, **like), n)
         if self.erase:
             out = self._random_erase(out)
         return out
@@ -84,10 +92,10 @@ class BatchAugment(nn.Module):
         """With probability ``erase``, blank one random rectangle (up to a quarter of the side) per image."""
         n, _, h, w = x.shape
         eh, ew = max(1, h // 4), max(1, w // 4)
-        top = torch.randint(0, h - eh + 1, (n, 1, 1), device=x.device)
-        left = torch.randint(0, w - ew + 1, (n, 1, 1), device=x.device)
+        top = shard_draw(lambda m: torch.randint(0, h - eh + 1, (m, 1, 1), device=x.device), n)
+        left = shard_draw(lambda m: torch.randint(0, w - ew + 1, (m, 1, 1), device=x.device), n)
         rows = torch.arange(h, device=x.device).view(1, h, 1)
         cols = torch.arange(w, device=x.device).view(1, 1, w)
         box = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
-        box &= torch.rand(n, 1, 1, device=x.device) < self.erase
+        box &= shard_draw(lambda m: torch.rand(m, 1, 1, device=x.device), n) < self.erase
         return x.masked_fill(box.unsqueeze(1), 0.0)

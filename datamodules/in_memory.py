@@ -36,6 +36,12 @@ class BatchLoader:
     epoch k sees exactly the batches an uninterrupted run sees. ``num_batches`` fixes the
     length of an epoch: a small labeled set is then reshuffled and repeated within it, so
     runs with different label fractions get the same number of steps per epoch.
+
+    Under DDP (``world`` > 1) ``batch_size`` is per rank, as in Lightning: the order is drawn for
+    global batches of ``batch_size * world`` (the same on every rank, from the same seed) and rank
+    ``rank`` takes its contiguous slice of each. So B per rank on W ranks sees, step by step, exactly
+    the images that batch W*B sees on one process. (Not a torch DataLoader: Lightning injects no
+    DistributedSampler here, this is its replacement.)
     """
 
     def __init__(
@@ -47,12 +53,27 @@ class BatchLoader:
         seed: int = 0,
         epoch_fn=None,
         num_batches: int | None = None,
+        rank: int = 0,
+        world: int = 1,
     ):
         self.tensors, self.batch_size = tensors, batch_size
+        self.rank, self.world = rank, world
+        self.global_batch = global_batch = batch_size * world
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.epoch_fn = epoch_fn or (lambda: 0)
         self.n = len(next(iter(tensors.values())))
-        self.per_pass = self.n // batch_size if drop_last else -(-self.n // batch_size)
+        # Where each global batch starts in the order; an epoch of num_batches repeats this pass.
+        self.starts = list(range(0, self.n - global_batch + 1 if drop_last else self.n, global_batch))
+        if world > 1 and len(self.starts) > 1 and self.n - self.starts[-1] < world:
+            # A last eval batch too small to give every rank an example joins the one before: every rank then
+            # runs the same number of batches (collectives stay matched), none of them empty.
+            self.starts.pop()
+        self.per_pass = len(self.starts)
+        if self.per_pass == 0:  # one process checks batch_size in setup(); the global batch is known only here
+            raise ConfigError(
+                f"datamodule.batch_size={batch_size} on {world} processes is a global batch of {global_batch},"
+                f" larger than the {self.n} training examples; allowed is at most {self.n // world} per process"
+            )
         self.num_batches = num_batches or self.per_pass
 
     def __len__(self) -> int:
@@ -69,7 +90,11 @@ class BatchLoader:
             repeat, j = divmod(i, self.per_pass)
             if j == 0:
                 order = self._order(repeat)
-            idx = order[j * self.batch_size : (j + 1) * self.batch_size]
+            start = self.starts[j]
+            # The last eval batch runs to the end (it may have absorbed a small remainder).
+            end = self.n if not self.drop_last and j + 1 == self.per_pass else start + self.global_batch
+            # Near-equal contiguous slices: B each for a full batch; a short last eval batch splits evenly.
+            idx = torch.tensor_split(order[start:end], self.world)[self.rank]
             yield {k: v[idx] for k, v in self.tensors.items()}
 
 
@@ -188,6 +213,11 @@ class InMemoryImageDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return trainer.current_epoch if trainer is not None else 0
 
+    def _shard(self) -> dict:
+        """This process's place in a distributed run: every loader shards each global batch by it."""
+        trainer = getattr(self, "trainer", None)
+        return {"rank": trainer.global_rank, "world": trainer.world_size} if trainer is not None else {}
+
     def train_dataloader(self):
         return BatchLoader(
             self.splits["train"],
@@ -197,10 +227,11 @@ class InMemoryImageDataModule(pl.LightningDataModule):
             seed=self.label_seed,
             epoch_fn=self._epoch,
             num_batches=self.train_batches_per_epoch,
+            **self._shard(),
         )
 
     def _eval_loader(self, split: str):
-        return BatchLoader(self.splits[split], self.eval_batch_size, shuffle=False, drop_last=False)
+        return BatchLoader(self.splits[split], self.eval_batch_size, shuffle=False, drop_last=False, **self._shard())
 
     def val_dataloader(self):
         return self._eval_loader("val")

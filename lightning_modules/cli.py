@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from datamodules.errors import ConfigError, TrainingDiverged
 from lightning_modules.config_check import check_config
-from lightning_modules.results import METRICS_FILE, write_metrics
+from lightning_modules.results import METRICS_FILE, is_rank_zero, write_metrics
 
 
 def _in_multirun() -> bool:
@@ -25,7 +25,7 @@ def _record_failure(cfg: DictConfig, err: Exception) -> None:
         out_dir = Path(cfg.paths.output_dir)
     except Exception:  # no output dir to be had (e.g. the path itself is the mistake)
         return
-    if not (out_dir / METRICS_FILE).exists():
+    if is_rank_zero() and not (out_dir / METRICS_FILE).exists():
         write_metrics(out_dir, {"status": "failed", "stage": cfg.get("stage"), "error": str(err)})
 
 

@@ -11,6 +11,7 @@ import torch
 from hydra.utils import instantiate
 
 from datamodules.errors import ConfigError
+from lightning_modules.distributed import alone
 from lightning_modules.handoff import OBJECTIVE_WEIGHTS, read_backbone_config
 
 
@@ -41,7 +42,9 @@ class ForgettingProbe:
         backbone.eval()
         self.objective.to(device).eval()
         total = 0.0
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # alone(): under DDP every rank probes all the images by itself, as before fine-tuning (no process
+        # group yet); SimCLR would otherwise gather the other ranks' copies of the same images as negatives.
+        with alone(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(0)  # the same masks and views before and after fine-tuning
             for start in range(0, len(self.images), self.batch_size):
                 x = self.images[start : start + self.batch_size].to(device)

@@ -50,10 +50,12 @@ class PretuneModule(pl.LightningModule):
                 f"train/loss became {out['loss'].item()} at step {self.global_step} (epoch {self.current_epoch});"
                 " try a lower optimizer.lr or trainer.gradient_clip_val=1.0"
             )
-        self.log("train/loss", out["loss"], on_step=True, on_epoch=True, prog_bar=True)
+        # sync_dist: under DDP each rank's loss covers its slice of the global batch; the logged value is
+        # their mean, the global batch's loss (a no-op on one process).
+        self.log("train/loss", out["loss"], on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         if self.l2_sp > 0:
             penalty = self.l2_sp_penalty()
-            self.log("train/l2_sp", penalty, on_step=False, on_epoch=True)
+            self.log("train/l2_sp", penalty, on_step=False, on_epoch=True, sync_dist=True)  # equal on every rank
             return out["loss"] + penalty
         return out["loss"]
 
@@ -65,6 +67,7 @@ class PretuneModule(pl.LightningModule):
             on_epoch=True,
             prog_bar=split == "val",
             batch_size=len(next(iter(batch.values()))),
+            sync_dist=True,
         )
         if metrics is not None:
             self.objective.update_metrics(metrics, out)
@@ -76,9 +79,11 @@ class PretuneModule(pl.LightningModule):
         self._eval_step(batch, "test", self.test_metrics)
 
     def _log_metrics(self, metrics):
-        # Computed once per epoch from accumulated state: no per-step metric syncs.
+        # Computed once per epoch from accumulated state: no per-step metric syncs. torchmetrics gathers
+        # the states of all ranks in compute(), so the values are already global and equal on every rank;
+        # sync_dist averages equal values (a no-op) and keeps Lightning from warning that it is missing.
         if metrics is not None:
-            self.log_dict(metrics.compute(), prog_bar=True)
+            self.log_dict(metrics.compute(), prog_bar=True, sync_dist=True)
             metrics.reset()
 
     def on_validation_epoch_end(self):

@@ -10,6 +10,15 @@ from pathlib import Path
 
 METRICS_FILE = "metrics.json"
 
+# The variables launchers set (torchrun: RANK; SLURM: SLURM_PROCID; Lightning's launcher: LOCAL_RANK and
+# NODE_RANK). A process is the global rank 0 only if every one of them that is set is 0.
+_RANK_VARS = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0, from the environment: usable before a Trainer exists."""
+    return all(os.environ.get(var, "0") == "0" for var in _RANK_VARS)
+
 
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temp file and rename, so a killed run never leaves a truncated file."""

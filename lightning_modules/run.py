@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -22,7 +23,7 @@ from lightning_modules.forgetting import ForgettingProbe
 from lightning_modules.handoff import build_backbone, export_backbone, resolve_init, state_differences
 from lightning_modules.module import PretuneModule
 from lightning_modules.monitor import LayerGroupMonitor, count_params
-from lightning_modules.results import write_atomic, write_metrics
+from lightning_modules.results import is_rank_zero, write_atomic, write_metrics
 from lightning_modules.seeding import EpochSeed
 
 # Lightning's own deprecation noise, nothing a user can act on.
@@ -84,10 +85,13 @@ def parallel_jobs() -> int:
 
 
 def run(cfg: DictConfig) -> dict:
+    """Every rank of a DDP run executes this; only global rank 0 writes the run's files (config.yaml,
+    metrics.json, backbone/; Lightning already saves checkpoints and logs from rank 0 only)."""
     if parallel_jobs() > 1:  # parallel jobs split the cores instead of each taking all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // parallel_jobs()))
     out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_rank_zero():
+        out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     try:
         with open_dict(cfg):  # recorded with the config: which weights, by path and hash (and artifact)
@@ -97,13 +101,15 @@ def run(cfg: DictConfig) -> dict:
 
                 identity = run_identity(Path(cfg.paths.log_dir), out_dir)
                 cfg.logger.wandb.merge_with({k: v for k, v in identity.items() if cfg.logger.wandb.get(k) is None})
-        write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        if is_rank_zero():
+            write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         return _run(cfg, out_dir, started)
     except BaseException as err:
-        write_metrics(
-            out_dir,
-            {"status": "failed", "stage": cfg.stage, "error": f"{type(err).__name__}: {err}".splitlines()[0]},
-        )
+        if is_rank_zero():
+            write_metrics(
+                out_dir,
+                {"status": "failed", "stage": cfg.stage, "error": f"{type(err).__name__}: {err}".splitlines()[0]},
+            )
         raise
 
 
@@ -149,7 +155,10 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
                 wandb_runs.log_backbone(experiment, out_dir / "backbone", name, meta)
     finally:
         _finish(loggers)
-    write_metrics(out_dir, metrics)
+        if hasattr(trainer.strategy, "close"):  # DDP/FSDP (lightning_modules/parallel.py): end this job's ranks
+            trainer.strategy.close(failed=sys.exc_info()[0] is not None)
+    if trainer.is_global_zero:
+        write_metrics(out_dir, metrics)
     return metrics
 
 
@@ -225,7 +234,7 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_
                     "forgetting/increase": after - before,
                 }
             )
-    else:
+    elif trainer.is_global_zero:  # the same weights on every rank: one export
         provenance = {
             "objective": cfg.objective.get("_target_"),
             "datamodule": cfg.datamodule.get("_target_"),

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -27,6 +27,12 @@ def _run_stage(stage: str, overrides: list[str], out_dir: Path) -> dict:
 
     cfg = compose(config_name=stage, overrides=[*overrides, f"paths.output_dir={out_dir}"])
     check_config(cfg)
+    # A DDP/FSDP rank re-runs its Hydra job: here that would be the whole study, once per rank.
+    if "parallel." in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
+        raise ConfigError(
+            "trainer=ddp/fsdp is not supported inside the transfer study (its stages run in one process);"
+            " run scripts/pretrain.py and scripts/finetune.py with trainer=ddp instead"
+        )
     return run(cfg)
 
 

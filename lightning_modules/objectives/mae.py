@@ -8,6 +8,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from datamodules.errors import ConfigError
+from lightning_modules.distributed import shard_draw
 from lightning_modules.objectives.base import Objective
 from lightning_modules.schema import check
 
@@ -15,9 +16,10 @@ from lightning_modules.schema import check
 def random_masking(batch: int, num_patches: int, mask_ratio: float, device=None):
     """Per sample, keep ``round(N * (1 - ratio))`` random patches.
 
-    Returns (kept indices, mask) with mask 1 where a patch is hidden."""
+    Returns (kept indices, mask) with mask 1 where a patch is hidden. Under DDP the noise is drawn for
+    the global batch and sliced (``shard_draw``): each rank masks as the single-process run would."""
     n_keep = max(1, round(num_patches * (1 - mask_ratio)))
-    order = torch.rand(batch, num_patches, device=device).argsort(dim=1)
+    order = shard_draw(lambda m: torch.rand(m, num_patches, device=device), batch).argsort(dim=1)
     keep = order[:, :n_keep]
     mask = torch.ones(batch, num_patches, device=device)
     mask.scatter_(1, keep, 0.0)
