@@ -70,6 +70,8 @@ def check_config(cfg: DictConfig) -> None:
         _number(cfg, "freeze.every", low=1, integer=True, optional=True)
         _number(cfg, "finetune.l2_sp", low=0, optional=True)
         _number(cfg, "freeze.ft_lr_scale", low=0, high=1, low_open=True, optional=True)
+    if not isinstance(_get(cfg, "model.compile") or False, bool):
+        raise ConfigError(f"model.compile={_get(cfg, 'model.compile')!r} is invalid: allowed are true, false")
     init = str(_get(cfg, "model.init"))
     if init not in ("none", "timm"):
         from lightning_modules.handoff import find_backbone_dir

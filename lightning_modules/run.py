@@ -90,6 +90,8 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         OmegaConf.to_container(cfg.scheduler, resolve=True),
         l2_sp=OmegaConf.select(cfg, "finetune.l2_sp", default=0.0) or 0.0,
     )
+    if cfg.model.get("compile"):  # torch.compile of forward (backbone + objective's loss); weights stay as they are
+        module.compile()
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(EpochSeed(cfg.seed))
