@@ -52,13 +52,15 @@ def _loggers(cfg: DictConfig) -> list:
 
 
 def _progress_bar(cfg: DictConfig, callbacks: list) -> list:
-    """Lightning's own bar, redrawn once a second (Rich) or every 10 steps (tqdm). Its defaults, Rich at 100 Hz or
-    tqdm every step, cost ~4% of a small model's step on CPU (scripts/benchmark.py)."""
+    """Lightning's own bar, redrawn at most 10 times a second (Rich) or every 10 steps (tqdm), not at 100 Hz or
+    every step: on CPU that redrawing cost up to ~4% of a small model's step (scripts/benchmark.py). Not slower
+    than 10 Hz: Lightning's Rich thread sleeps 1/rate between redraws, so stopping it at each stage's end waits
+    up to that long (1 s at 1 Hz)."""
     from pytorch_lightning.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 
     if not cfg.trainer.get("enable_progress_bar", True) or any(isinstance(c, ProgressBar) for c in callbacks):
         return []
-    return [RichProgressBar(refresh_rate=1) if importlib.util.find_spec("rich") else TQDMProgressBar(refresh_rate=10)]
+    return [RichProgressBar(refresh_rate=10) if importlib.util.find_spec("rich") else TQDMProgressBar(refresh_rate=10)]
 
 
 def run(cfg: DictConfig) -> dict:
