@@ -146,6 +146,42 @@ def loader_rate(cfg: DictConfig, batches: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def loader_options(batches: int = 300) -> list[tuple[str, float, float]]:
+    """The in-memory loader against torch's DataLoader over the same tensors with worker processes:
+    (name, seconds to the first batch, batches/s after it), augmentation excluded."""
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+    dm = instantiate(make_cfg("finetune", [], Path(tempfile.mkdtemp())).datamodule)
+    dm.setup("fit")
+    data = dm.splits["train"]
+
+    class Batches(torch.utils.data.Dataset):  # one item = one whole batch, indexed from the tensors
+        def __len__(self):
+            return len(data["image"])
+
+        def __getitem__(self, idx):
+            return {k: v[idx] for k, v in data.items()}
+
+    sampler = BatchSampler(RandomSampler(range(len(Batches()))), dm.batch_size, drop_last=True)
+    options = [("in-memory BatchLoader (pretune's)", lambda: dm.train_dataloader())]
+    for workers, persistent in ((0, False), (1, False), (2, False), (2, True)):
+        kw = {"num_workers": workers, "persistent_workers": persistent, "batch_size": None, "sampler": sampler}
+        options.append(
+            (f"DataLoader, num_workers={workers}, persistent={persistent}", lambda kw=kw: DataLoader(Batches(), **kw))
+        )
+    rows = []
+    for name, make in options:
+        loader, n = make(), 0
+        start = time.perf_counter()
+        first = None
+        while n < batches:
+            for _ in loader:
+                first = first or time.perf_counter()
+                n += 1
+        rows.append((name, first - start, (n - 1) / (time.perf_counter() - first)))
+    return rows
+
+
 def steps_per_s(r: dict) -> float:
     return r["steps"] / (r["train_end"] - r["train_start"])
 
@@ -249,7 +285,8 @@ def benchmark(
                 cfg = make_cfg(stage, extra + overrides, tmp / f"case{i}-{loop}-{r}")
                 results[case][loop].append(fn(cfg))
     lines = [
-        f"pretune vs a plain PyTorch loop, {epochs} epochs of digits (batch 64), CPU,"
+        f"pretune vs a plain PyTorch loop, {epochs} epochs of digits (batch 64, {batches_per_epoch or 19} batches an"
+        " epoch), CPU,"
         f" {torch.get_num_threads()} threads, median of {repeats} interleaved runs."
         f" `python scripts/benchmark.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
@@ -340,19 +377,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches-per-epoch", type=int, help="fixed-length epochs (default: one pass, 19 batches)")
     parser.add_argument("--tiny", action="store_true", help="1 epoch of 3 steps, 1 repeat, no memory or startup")
     parser.add_argument("--compare", nargs="+", metavar="OVERRIDE", help="pretune vs pretune with these overrides")
+    parser.add_argument("--loaders", action="store_true", help="the train loader against DataLoader with workers")
     parser.add_argument("--memory-child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     if args.memory_child:
         return memory_child(args.memory_child[0], args.memory_child[1], args.memory_child[2:])
+    if args.loaders:
+        print("| loader | s to first batch | batches/s |\n|---|---:|---:|")
+        return print("\n".join(f"| {n} | {first:.3f} | {rate:.0f} |" for n, first, rate in loader_options()))
     if args.compare:
         return compare(args.compare, args.epochs, args.repeats)
     if args.tiny:
         benchmark(epochs=1, repeats=1, batches_per_epoch=3, memory=False, with_startup=False)
     else:
-        benchmark(args.epochs, args.repeats)
+        benchmark(args.epochs, args.repeats, args.batches_per_epoch)
 
 
 if __name__ == "__main__":
