@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -281,8 +282,10 @@ def benchmark(
     plain_run(make_cfg("finetune", ["trainer.max_epochs=1", "datamodule.train_batches_per_epoch=2"], tmp / "w"))
     for r in range(repeats):
         for i, (case, (stage, extra)) in enumerate(CASES.items()):
-            for loop, fn in (("plain", plain_run), ("pretune", pretune_run)):
+            loops = (("plain", plain_run), ("pretune", pretune_run))
+            for loop, fn in loops if r % 2 == 0 else loops[::-1]:  # alternate who goes first: no order bias
                 cfg = make_cfg(stage, extra + overrides, tmp / f"case{i}-{loop}-{r}")
+                gc.collect()  # neither loop pays for the other's garbage
                 results[case][loop].append(fn(cfg))
     lines = [
         f"pretune vs a plain PyTorch loop, {epochs} epochs of digits (batch 64, {batches_per_epoch or 19} batches an"
@@ -351,7 +354,10 @@ def compare(variant: list[str], epochs: int, repeats: int, out_root: Path = ROOT
     for i, (case, (stage, extra)) in enumerate(CASES.items()):
         runs = {"default": [], "variant": []}
         for r in range(repeats):
-            for name, more in (("default", []), ("variant", variant)):
+            for name, more in (
+                (("default", []), ("variant", variant)) if r % 2 == 0 else (("variant", variant), ("default", []))
+            ):
+                gc.collect()
                 runs[name].append(pretune_run(make_cfg(stage, extra + base + more, tmp / f"case{i}-{name}-{r}")))
         a, b = runs["default"], runs["variant"]
         ratio = _median(steps_per_s(y) / steps_per_s(x) for x, y in zip(a, b, strict=True))
