@@ -15,12 +15,14 @@ Peak memory is the peak RSS above the RSS after imports, in a fresh process per 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import gc
 import json
 import logging
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -66,6 +68,13 @@ class Clock(Callback):
         self.times.update(train_end=time.time(), cpu_end=time.process_time())
         out = dict(self.times, steps=trainer.global_step, loss=float(self.loss))
         Path(self.path).write_text(json.dumps(out))
+
+
+def _scratch() -> Path:
+    """A temporary directory for run outputs (checkpoints, logs), removed when the process exits."""
+    path = tempfile.mkdtemp(prefix="pretune-bench-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return Path(path)
 
 
 def make_cfg(stage: str, overrides: list[str], out_dir: Path) -> DictConfig:
@@ -152,7 +161,7 @@ def loader_options(batches: int = 300) -> list[tuple[str, float, float]]:
     (name, seconds to the first batch, batches/s after it), augmentation excluded."""
     from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-    dm = instantiate(make_cfg("finetune", [], Path(tempfile.mkdtemp())).datamodule)
+    dm = instantiate(make_cfg("finetune", [], _scratch()).datamodule)
     dm.setup("fit")
     data = dm.splits["train"]
 
@@ -201,7 +210,7 @@ def memory_child(case: str, loop: str, overrides: list[str]) -> None:
     import lightning_modules.run  # noqa: F401  (everything either loop imports, before the baseline)
 
     stage, extra = CASES[case]
-    cfg = make_cfg(stage, extra + overrides, Path(tempfile.mkdtemp(prefix="pretune-bench-")))
+    cfg = make_cfg(stage, extra + overrides, _scratch())
     base = _rss_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
     (plain_run if loop == "plain" else pretune_run)(cfg)
@@ -277,7 +286,7 @@ def benchmark(
     if batches_per_epoch:
         overrides.append(f"datamodule.train_batches_per_epoch={batches_per_epoch}")
     out_dir = out_root / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    tmp = Path(tempfile.mkdtemp(prefix="pretune-bench-"))
+    tmp = _scratch()
     results = {case: {"plain": [], "pretune": []} for case in CASES}
     plain_run(make_cfg("finetune", ["trainer.max_epochs=1", "datamodule.train_batches_per_epoch=2"], tmp / "w"))
     for r in range(repeats):
@@ -341,7 +350,7 @@ def benchmark(
 
 def compare(variant: list[str], epochs: int, repeats: int, out_root: Path = ROOT / "outputs" / "bench") -> Path:
     """pretune as configured against pretune plus ``variant`` overrides: speed, compile/first-step cost, result."""
-    tmp = Path(tempfile.mkdtemp(prefix="pretune-bench-"))
+    tmp = _scratch()
     base = [f"trainer.max_epochs={epochs}"]
     lines = [
         f"pretune vs pretune + `{' '.join(variant)}`, {epochs} epochs of digits, CPU, {torch.get_num_threads()}"
