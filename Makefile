@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install run test test-fast lint clean
+.PHONY: install run test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# pretune vs a plain PyTorch loop (steps/s, peak memory, loader, start-up): outputs/bench/<timestamp>/bench.md
+bench: install
+	$(PY) scripts/benchmark.py
 
 lint: install
 	$(PY) -m ruff check .

@@ -26,6 +26,8 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
         if value is not _ABSENT:  # e.g. freeze.* when pre-training
             rule.check(key, value)
+    if not isinstance(_get(cfg, "model.compile") or False, bool):
+        raise ConfigError(f"model.compile={_get(cfg, 'model.compile')!r} is invalid: allowed are true, false")
     init = str(_get(cfg, "model.init"))
     if init.startswith("wandb:"):  # fetched when the run starts; only its form can be checked here
         if init.count("/") != 2 or ":" not in init.removeprefix("wandb:"):

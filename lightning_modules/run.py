@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import time
@@ -84,6 +85,18 @@ def parallel_jobs() -> int:
     return max(1, min(cores, n_jobs if n_jobs > 0 else cores + 1 + n_jobs))
 
 
+def _progress_bar(cfg: DictConfig, callbacks: list) -> list:
+    """Lightning's own bar, redrawn at most 10 times a second (Rich) or every 10 steps (tqdm), not at 100 Hz or
+    every step: on CPU that redrawing cost up to ~4% of a small model's step (scripts/benchmark.py). Not slower
+    than 10 Hz: Lightning's Rich thread sleeps 1/rate between redraws, so stopping it at each stage's end waits
+    up to that long (1 s at 1 Hz)."""
+    from pytorch_lightning.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+
+    if not cfg.trainer.get("enable_progress_bar", True) or any(isinstance(c, ProgressBar) for c in callbacks):
+        return []
+    return [RichProgressBar(refresh_rate=10) if importlib.util.find_spec("rich") else TQDMProgressBar(refresh_rate=10)]
+
+
 def run(cfg: DictConfig) -> dict:
     """Every rank of a DDP run executes this; only global rank 0 writes the run's files (config.yaml,
     metrics.json, backbone/; Lightning already saves checkpoints and logs from rank 0 only)."""
@@ -127,6 +140,8 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         OmegaConf.to_container(cfg.scheduler, resolve=True),
         l2_sp=OmegaConf.select(cfg, "finetune.l2_sp", default=0.0) or 0.0,
     )
+    if cfg.model.get("compile"):  # torch.compile of forward (backbone + objective's loss); weights stay as they are
+        module.compile()
 
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(EpochSeed(cfg.seed))
@@ -134,6 +149,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         freezer = build(cfg.freeze)
         freezer.validate(backbone)  # e.g. freeze.layers beyond the backbone's groups: fail before training
         callbacks += [freezer, LayerGroupMonitor()]
+    callbacks += _progress_bar(cfg, callbacks)
     loggers = _loggers(cfg, out_dir)
     trainer: pl.Trainer = build(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out_dir)

@@ -76,7 +76,7 @@ class MAE(Objective):
         target = self.patchify(images)
         keep, mask = random_masking(b, target.shape[1], self.mask_ratio, images.device)
         latent = self.decoder_embed(self.encode(backbone.model, images, keep))
-        tokens = self.mask_token.expand(b, target.shape[1], -1).clone()
+        tokens = self.mask_token.to(latent.dtype).expand(b, target.shape[1], -1).clone()  # bf16 under autocast
         tokens = tokens.scatter(1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), latent)
         pred = self.decoder_pred(self.decoder_norm(self.decoder(tokens + self.decoder_pos)))
         if self.norm_pix_loss:  # per-patch normalised targets, as in the MAE paper

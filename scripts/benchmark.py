@@ -1,0 +1,416 @@
+#!/usr/bin/env python
+"""pretune against a plain PyTorch loop: same model, data, batches, optimizer, schedule and steps.
+
+    python scripts/benchmark.py                # the table; also outputs/bench/<timestamp>/bench.md
+    python scripts/benchmark.py --tiny         # seconds: checks the benchmark itself (no timing worth reading)
+    python scripts/benchmark.py --compare trainer.precision=bf16-mixed   # pretune vs pretune + overrides
+
+Each case runs the plain loop and pretune's real run path (``run(cfg)`` on the composed config, with the
+default callbacks, CSV logger and progress bar) interleaved, ``--repeats`` times; the table shows medians.
+steps/s counts optimizer steps over the fit loop: from the start of the first epoch to the end of the last,
+so it includes each epoch's validation (and, for pretune, its checkpoints and logging) but not set-up.
+Peak memory is the peak RSS above the RSS after imports, in a fresh process per case and loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import gc
+import json
+import logging
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+from pytorch_lightning.callbacks import Callback  # noqa: E402
+
+CASES = {
+    "pretrain: MAE, vit_micro": ("pretrain", ["objective=mae", "model=vit_micro"]),
+    "finetune: resnet_micro": ("finetune", ["model=resnet_micro"]),
+    "finetune: vit_micro": ("finetune", ["model=vit_micro"]),
+}
+COMMON = ["datamodule=digits", "trainer.accelerator=cpu"]
+
+
+class Clock(Callback):
+    """Wall-clock times of the fit loop (and the last training loss), written to ``path`` as JSON."""
+
+    def __init__(self, path: str):
+        self.path, self.times, self.loss = path, {"created": time.time()}, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.times.update(train_start=time.time(), cpu_start=time.process_time())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.times.setdefault("first_step", time.time())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.times.setdefault("first_step_end", time.time())
+        self.loss = outputs["loss"].detach()  # no .item() here: the clock must not add a sync per step
+
+    def on_train_end(self, trainer, pl_module):
+        self.times.update(train_end=time.time(), cpu_end=time.process_time())
+        out = dict(self.times, steps=trainer.global_step, loss=float(self.loss))
+        Path(self.path).write_text(json.dumps(out))
+
+
+def _scratch() -> Path:
+    """A temporary directory for run outputs (checkpoints, logs), removed when the process exits."""
+    path = tempfile.mkdtemp(prefix="pretune-bench-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return Path(path)
+
+
+def make_cfg(stage: str, overrides: list[str], out_dir: Path) -> DictConfig:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name=stage, overrides=COMMON + overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+    return cfg
+
+
+def pretune_run(cfg: DictConfig) -> dict:
+    """pretune's real run path, with a ``Clock`` added to the configured callbacks."""
+    from lightning_modules.run import run
+
+    clock = Path(cfg.paths.output_dir) / "clock.json"
+    with open_dict(cfg):
+        cfg.callbacks = cfg.get("callbacks") or {}
+        cfg.callbacks.bench_clock = {"_target_": f"{__name__}.Clock", "path": str(clock)}
+    start = time.time()
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        metrics = run(cfg)  # the progress bar still draws, into /dev/null
+    return dict(json.loads(clock.read_text()), start=start, metrics=metrics)
+
+
+def plain_run(cfg: DictConfig) -> dict:
+    """What one writes by hand: the same model, data, batches and optimizer, a bare loop, validation each epoch."""
+    from datamodules.in_memory import BatchLoader
+    from lightning_modules.handoff import build_backbone
+    from lightning_modules.optim import build_optimizer, build_scheduler
+
+    start = time.time()
+    torch.manual_seed(cfg.seed)  # as run(): seed, data, backbone, objective, so the initial weights are the same
+    dm = instantiate(cfg.datamodule, labeled=cfg.stage == "finetune")
+    dm.setup("fit")
+    backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True))
+    objective = instantiate(cfg.objective, backbone=backbone, data=dm.spec)
+    model = torch.nn.ModuleList([backbone, objective])
+    optimizer = build_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True), backbone, objective)
+    epochs, epoch = cfg.trainer.max_epochs, 0
+    train = BatchLoader(
+        dm.splits["train"], dm.batch_size, True, True, dm.label_seed, lambda: epoch, dm.train_batches_per_epoch
+    )
+    total = epochs * len(train)
+    schedule = build_scheduler(OmegaConf.to_container(cfg.scheduler, resolve=True), optimizer, total, len(train))
+    scheduler = schedule["scheduler"]
+    times = {"train_start": time.time(), "cpu_start": time.process_time()}
+    for epoch in range(epochs):
+        torch.manual_seed(cfg.seed * 10_007 + epoch)  # pretune's per-epoch seeding, so the draws match
+        model.train()
+        for batch in train:
+            times.setdefault("first_step", time.time())
+            batch = dict(batch, image=dm.augment(batch["image"]))
+            loss = objective(backbone, batch)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            times.setdefault("first_step_end", time.time())
+        model.eval()
+        with torch.no_grad():
+            for batch in dm.val_dataloader():
+                out = objective(backbone, batch)
+                if "logits" in out:
+                    (out["logits"].argmax(-1) == out["target"]).float().mean()
+    times.update(train_end=time.time(), cpu_end=time.process_time())
+    return dict(times, start=start, steps=total, loss=float(loss.detach()))
+
+
+def loader_rate(cfg: DictConfig, batches: int) -> float:
+    """Training batches per second from the datamodule's train loader plus its batch augmentation, no model."""
+    dm = instantiate(cfg.datamodule, labeled=cfg.stage == "finetune")
+    dm.setup("fit")
+    loader, n = dm.train_dataloader(), 0
+    start = time.perf_counter()
+    while n < batches:
+        for batch in loader:
+            dm.augment(batch["image"])
+            n += 1
+    return n / (time.perf_counter() - start)
+
+
+def loader_options(batches: int = 300) -> list[tuple[str, float, float]]:
+    """The in-memory loader against torch's DataLoader over the same tensors with worker processes:
+    (name, seconds to the first batch, batches/s after it), augmentation excluded."""
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+    dm = instantiate(make_cfg("finetune", [], _scratch()).datamodule)
+    dm.setup("fit")
+    data = dm.splits["train"]
+
+    class Batches(torch.utils.data.Dataset):  # one item = one whole batch, indexed from the tensors
+        def __len__(self):
+            return len(data["image"])
+
+        def __getitem__(self, idx):
+            return {k: v[idx] for k, v in data.items()}
+
+    sampler = BatchSampler(RandomSampler(range(len(Batches()))), dm.batch_size, drop_last=True)
+    options = [("in-memory BatchLoader (pretune's)", lambda: dm.train_dataloader())]
+    for workers, persistent in ((0, False), (1, False), (2, False), (2, True)):
+        kw = {"num_workers": workers, "persistent_workers": persistent, "batch_size": None, "sampler": sampler}
+        options.append(
+            (f"DataLoader, num_workers={workers}, persistent={persistent}", lambda kw=kw: DataLoader(Batches(), **kw))
+        )
+    rows = []
+    for name, make in options:
+        loader, n = make(), 0
+        start = time.perf_counter()
+        first = None
+        while n < batches:
+            for _ in loader:
+                first = first or time.perf_counter()
+                n += 1
+        rows.append((name, first - start, (n - 1) / (time.perf_counter() - first)))
+    return rows
+
+
+def steps_per_s(r: dict) -> float:
+    return r["steps"] / (r["train_end"] - r["train_start"])
+
+
+def steps_per_cpu_s(r: dict) -> float:
+    """Steps per second of this process's CPU time (all its threads): far less noisy on shared cores."""
+    return r["steps"] / (r["cpu_end"] - r["cpu_start"])
+
+
+def _rss_kb(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def memory_child(case: str, loop: str, overrides: list[str]) -> None:
+    """In a fresh process: peak RSS above the RSS after imports, in MB (printed as JSON)."""
+    import lightning_modules.run  # noqa: F401  (everything either loop imports, before the baseline)
+
+    stage, extra = CASES[case]
+    cfg = make_cfg(stage, extra + overrides, _scratch())
+    base = _rss_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+    (plain_run if loop == "plain" else pretune_run)(cfg)
+    print(json.dumps({"peak_mb": (_rss_kb("VmHWM") - base) / 1024}))
+
+
+def peak_memory_mb(case: str, loop: str, overrides: list[str]) -> float:
+    cmd = [sys.executable, __file__, "--memory-child", case, loop, *overrides]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
+
+
+def startup(tmp: Path) -> list[tuple[str, float]]:
+    """Seconds for the command line to answer, and from the command to pretune's first training step."""
+    script = [sys.executable, "scripts/finetune.py"]
+    rows = []
+    for name, args in [
+        ("", ["--help"]),
+        ("", ["--cfg", "job"]),
+        (" (config error)", ["optimizer.lr=-1"]),
+        (" (unknown key)", ["foo=1"]),
+    ]:
+        runs = []
+        for _ in range(3):
+            start = time.time()
+            subprocess.run(script + args, cwd=ROOT, capture_output=True)
+            runs.append(time.time() - start)
+        rows.append((f"`finetune.py {' '.join(args)}`{name}", statistics.median(runs)))
+    clock = tmp / "startup_clock.json"
+    start = time.time()
+    subprocess.run(
+        script
+        + COMMON
+        + [
+            f"hydra.run.dir={tmp / 'startup'}",
+            "trainer.max_steps=1",
+            "+callbacks.bench_clock._target_=scripts.benchmark.Clock",
+            f"+callbacks.bench_clock.path={clock}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    )
+    t = json.loads(clock.read_text())
+    rows += [
+        ("`finetune.py` to first training step, total", t["first_step"] - start),
+        ("  of which: interpreter, imports, config, data, model", t["created"] - start),
+        ("  of which: trainer, logger, fit set-up", t["first_step"] - t["created"]),
+        ("  first step itself", t["first_step_end"] - t["first_step"]),
+    ]
+    return rows
+
+
+def _median(values) -> float:
+    return statistics.median(values)
+
+
+def _to_first_step(r: dict) -> float:
+    """Seconds from the run's start to the end of its first optimizer step (set-up, and compilation if any)."""
+    return r["first_step_end"] - r["start"]
+
+
+def benchmark(
+    epochs: int = 3,
+    repeats: int = 3,
+    batches_per_epoch: int | None = None,
+    memory: bool = True,
+    with_startup: bool = True,
+    overrides: list[str] | None = None,
+    out_root: Path = ROOT / "outputs" / "bench",
+) -> Path:
+    overrides = [f"trainer.max_epochs={epochs}", *(overrides or [])]
+    if batches_per_epoch:
+        overrides.append(f"datamodule.train_batches_per_epoch={batches_per_epoch}")
+    out_dir = out_root / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    tmp = _scratch()
+    results = {case: {"plain": [], "pretune": []} for case in CASES}
+    plain_run(make_cfg("finetune", ["trainer.max_epochs=1", "datamodule.train_batches_per_epoch=2"], tmp / "w"))
+    for r in range(repeats):
+        for i, (case, (stage, extra)) in enumerate(CASES.items()):
+            loops = (("plain", plain_run), ("pretune", pretune_run))
+            for loop, fn in loops if r % 2 == 0 else loops[::-1]:  # alternate who goes first: no order bias
+                cfg = make_cfg(stage, extra + overrides, tmp / f"case{i}-{loop}-{r}")
+                gc.collect()  # neither loop pays for the other's garbage
+                results[case][loop].append(fn(cfg))
+    lines = [
+        f"pretune vs a plain PyTorch loop, {epochs} epochs of digits (batch 64, {batches_per_epoch or 19} batches an"
+        " epoch), CPU,"
+        f" {torch.get_num_threads()} threads, median of {repeats} interleaved runs."
+        f" `python scripts/benchmark.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "",
+        "| case | steps | plain steps/s | pretune steps/s | pretune / plain | same, CPU time | plain peak MB"
+        " | pretune peak MB | memory pretune / plain | loader batches/s | loader / pretune steps"
+        " | final loss plain / pretune |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case, (stage, extra) in CASES.items():
+        plain, pre = results[case]["plain"], results[case]["pretune"]
+        ratio = _median(steps_per_s(b) / steps_per_s(a) for a, b in zip(plain, pre, strict=True))
+        cpu_ratio = _median(steps_per_cpu_s(b) / steps_per_cpu_s(a) for a, b in zip(plain, pre, strict=True))
+        cfg = make_cfg(stage, extra + overrides, tmp / "loader")
+        loader = loader_rate(cfg, batches=200 if repeats > 1 else 20)
+        pre_rate = _median(map(steps_per_s, pre))
+        if memory:
+            mem = [peak_memory_mb(case, loop, extra + overrides) for loop in ("plain", "pretune")]
+            mem_cells = f"{mem[0]:.0f} | {mem[1]:.0f} | {mem[1] / mem[0]:.2f}"
+        else:
+            mem_cells = "– | – | –"  # a fresh process per cell: seconds each
+        lines.append(
+            f"| {case} | {plain[-1]['steps']} | {_median(map(steps_per_s, plain)):.1f} | {pre_rate:.1f}"
+            f" | **{ratio:.3f}** | {cpu_ratio:.3f} | {mem_cells} | {loader:.0f} | {loader / pre_rate:.0f}×"
+            f" | {plain[-1]['loss']:.4f} / {pre[-1]['loss']:.4f} |"
+        )
+    lines += [
+        "",
+        "steps/s: optimizer steps over the fit loop, first epoch start to last epoch end (validation each epoch"
+        " included, set-up excluded); CPU time: the same over this process's CPU seconds (all threads), which"
+        " shared cores disturb less. Peak MB: peak RSS above the RSS after imports, fresh process per cell."
+        " loader: the train loader plus its batch augmentation, no model.",
+    ]
+    setup = [r["first_step"] - r["start"] for case in CASES for r in results[case]["pretune"]]
+    plain_setup = [r["first_step"] - r["start"] for case in CASES for r in results[case]["plain"]]
+    lines.append(
+        f"In-process set-up to the first step (median over cases): pretune {_median(setup):.2f} s,"
+        f" plain {_median(plain_setup):.2f} s."
+    )
+    if with_startup:
+        lines += ["", "| command line (median of 3; first step: one run) | seconds |", "|---|---:|"]
+        lines += [f"| {name} | {sec:.2f} |" for name, sec in startup(tmp)]
+    table = "\n".join(lines) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.md").write_text(table)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    print(table + f"\nwritten to {out_dir / 'bench.md'}")
+    return out_dir / "bench.md"
+
+
+def compare(variant: list[str], epochs: int, repeats: int, out_root: Path = ROOT / "outputs" / "bench") -> Path:
+    """pretune as configured against pretune plus ``variant`` overrides: speed, compile/first-step cost, result."""
+    tmp = _scratch()
+    base = [f"trainer.max_epochs={epochs}"]
+    lines = [
+        f"pretune vs pretune + `{' '.join(variant)}`, {epochs} epochs of digits, CPU, {torch.get_num_threads()}"
+        f" threads, median of {repeats} interleaved runs.",
+        "",
+        "| case | default steps/s | variant steps/s | variant / default | extra s before the first step end"
+        " | default val metric / test acc | variant val metric / test acc |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, (case, (stage, extra)) in enumerate(CASES.items()):
+        runs = {"default": [], "variant": []}
+        for r in range(repeats):
+            for name, more in (
+                (("default", []), ("variant", variant)) if r % 2 == 0 else (("variant", variant), ("default", []))
+            ):
+                gc.collect()
+                runs[name].append(pretune_run(make_cfg(stage, extra + base + more, tmp / f"case{i}-{name}-{r}")))
+        a, b = runs["default"], runs["variant"]
+        ratio = _median(steps_per_s(y) / steps_per_s(x) for x, y in zip(a, b, strict=True))
+        delay = _median(_to_first_step(y) - _to_first_step(x) for x, y in zip(a, b, strict=True))
+
+        def result(r):
+            m = r["metrics"]
+            return f"{m.get('val/acc', m.get('val/loss')):.4f} / {m.get('test/acc', float('nan')):.4f}"
+
+        lines.append(
+            f"| {case} | {_median(map(steps_per_s, a)):.1f} | {_median(map(steps_per_s, b)):.1f} | **{ratio:.3f}**"
+            f" | {delay:.1f} | {result(a[-1])} | {result(b[-1])} |"
+        )
+    table = "\n".join(lines) + "\n"
+    out_dir = out_root / (datetime.now().strftime("%Y-%m-%d_%H-%M-%S") + "_compare")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.md").write_text(table)
+    print(table + f"\nwritten to {out_dir / 'bench.md'}")
+    return out_dir / "bench.md"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches-per-epoch", type=int, help="fixed-length epochs (default: one pass, 19 batches)")
+    parser.add_argument("--tiny", action="store_true", help="1 epoch of 3 steps, 1 repeat, no memory or startup")
+    parser.add_argument("--compare", nargs="+", metavar="OVERRIDE", help="pretune vs pretune with these overrides")
+    parser.add_argument("--loaders", action="store_true", help="the train loader against DataLoader with workers")
+    parser.add_argument("--memory-child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    if args.memory_child:
+        return memory_child(args.memory_child[0], args.memory_child[1], args.memory_child[2:])
+    if args.loaders:
+        print("| loader | s to first batch | batches/s |\n|---|---:|---:|")
+        return print("\n".join(f"| {n} | {first:.3f} | {rate:.0f} |" for n, first, rate in loader_options()))
+    if args.compare:
+        return compare(args.compare, args.epochs, args.repeats)
+    if args.tiny:
+        benchmark(epochs=1, repeats=1, batches_per_epoch=3, memory=False, with_startup=False)
+    else:
+        benchmark(args.epochs, args.repeats, args.batches_per_epoch)
+
+
+if __name__ == "__main__":
+    main()
