@@ -43,13 +43,32 @@ def _nt_xent_rank(rank: int, world: int, port: int, z1, z2, out: str) -> None:
         loss = nt_xent(a, b, 0.2)
         loss.backward()
         torch.save({"loss": loss.detach(), "g1": a.grad, "g2": b.grad}, f"{out}/{split}_{rank}.pt")
+    # Neither rank may tear its connections down while the other still uses them: gloo aborts the
+    # process (SIGABRT) when a peer closes first.
+    dist.barrier()
     dist.destroy_process_group()
 
 
 def test_gathered_nt_xent_equals_the_global_batch_loss_and_gradients(tmp_path):
     gen = torch.Generator().manual_seed(0)
     z1, z2 = torch.randn(8, 5, generator=gen), torch.randn(8, 5, generator=gen)
-    torch.multiprocessing.spawn(_nt_xent_rank, args=(2, _free_port(), z1, z2, str(tmp_path)), nprocs=2)
+    torch.save({"z1": z1, "z2": z2}, tmp_path / "z.pt")
+    # The ranks start from a fresh interpreter, not from this one: what earlier tests left in this
+    # process (threads, LOCAL_RANK/MASTER_* variables) once made a spawned rank abort.
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    spawn = (
+        "import sys, torch; from tests.test_ddp import _free_port, _nt_xent_rank; z = torch.load(sys.argv[1]);"
+        " torch.multiprocessing.spawn(_nt_xent_rank, args=(2, _free_port(), z['z1'], z['z2'], sys.argv[2]), nprocs=2)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", spawn, str(tmp_path / "z.pt"), str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
 
     from lightning_modules.objectives.simclr import nt_xent
 
