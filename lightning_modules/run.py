@@ -100,8 +100,9 @@ def _progress_bar(cfg: DictConfig, callbacks: list) -> list:
 def run(cfg: DictConfig) -> dict:
     """Every rank of a DDP run executes this; only global rank 0 writes the run's files (config.yaml,
     metrics.json, backbone/; Lightning already saves checkpoints and logs from rank 0 only)."""
-    if parallel_jobs() > 1:  # parallel jobs split the cores instead of each taking all of them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // parallel_jobs()))
+    jobs = parallel_jobs()
+    if jobs > 1:  # parallel jobs split the cores instead of each taking all of them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
     out_dir = Path(cfg.paths.output_dir)
     if is_rank_zero():
         out_dir.mkdir(parents=True, exist_ok=True)
