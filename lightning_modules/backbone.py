@@ -45,22 +45,29 @@ class Backbone(nn.Module):
         return self.model(x)
 
     def layer_groups(self) -> list[LayerGroup]:
-        """Ordered layer groups, input side first, from timm's group matcher."""
+        """Ordered layer groups, input side first, from timm's group matcher. Called at every epoch start
+        (freezing), so it walks the parameter names once instead of every module's parameters."""
         named = dict(self.model.named_parameters())
         grouped = list(group_parameters(self.model, self.model.group_matcher(coarse=True)).values())
-        owner = {name: i for i, names in enumerate(grouped) for name in names}
+        owner = _owners(grouped)
         modules = dict(self.model.named_modules())
         groups = []
         for i, names in enumerate(grouped):
-            inside = [m for n, m in modules.items() if n and _owned_by(m, n, owner) == i]
+            inside = [m for n, m in modules.items() if n and owner.get(n) == i]
             groups.append(LayerGroup(_group_name(i, names, modules, owner), {n: named[n] for n in names}, inside))
         return groups
 
 
-def _owned_by(module: nn.Module, prefix: str, owner: dict) -> int | None:
-    """The group that holds all of ``module``'s parameters, or None if they span groups (or it has none)."""
-    ids = {owner[f"{prefix}.{n}"] for n, _ in module.named_parameters()}
-    return ids.pop() if len(ids) == 1 else None
+def _owners(grouped: list[list[str]]) -> dict[str, int | None]:
+    """For every parameter and module path: the group that holds all of its parameters, or None if they
+    span groups. A module that holds no parameters has no entry."""
+    sets: dict[str, set[int]] = {}
+    for i, names in enumerate(grouped):
+        for name in names:
+            pieces = name.split(".")
+            for depth in range(1, len(pieces) + 1):
+                sets.setdefault(".".join(pieces[:depth]), set()).add(i)
+    return {path: ids.pop() if len(ids) == 1 else None for path, ids in sets.items()}
 
 
 def _group_name(index: int, names: list[str], modules: dict, owner: dict) -> str:
@@ -73,7 +80,7 @@ def _group_name(index: int, names: list[str], modules: dict, owner: dict) -> str
         pieces = name.split(".")
         for depth in range(1, len(pieces)):
             prefix = ".".join(pieces[:depth])
-            if prefix in modules and _owned_by(modules[prefix], prefix, owner) == index:
+            if prefix in modules and owner.get(prefix) == index:
                 break
         else:
             prefix = name  # a parameter held directly by a module that spans groups
