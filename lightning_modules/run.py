@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
@@ -86,15 +85,15 @@ def parallel_jobs() -> int:
 
 
 def _progress_bar(cfg: DictConfig, callbacks: list) -> list:
-    """Lightning's own bar, redrawn at most 10 times a second (Rich) or every 10 steps (tqdm), not at 100 Hz or
-    every step: on CPU that redrawing cost up to ~4% of a small model's step (scripts/benchmark.py). Not slower
-    than 10 Hz: Lightning's Rich thread sleeps 1/rate between redraws, so stopping it at each stage's end waits
-    up to that long (1 s at 1 Hz)."""
-    from pytorch_lightning.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+    """The default bar (``ThrottledProgressBar``: tqdm, redrawn at most 10 times a second from the training
+    thread), unless the bar is off or a bar is configured among the callbacks."""
+    from pytorch_lightning.callbacks import ProgressBar
+
+    from lightning_modules.progress import ThrottledProgressBar
 
     if not cfg.trainer.get("enable_progress_bar", True) or any(isinstance(c, ProgressBar) for c in callbacks):
         return []
-    return [RichProgressBar(refresh_rate=10) if importlib.util.find_spec("rich") else TQDMProgressBar(refresh_rate=10)]
+    return [ThrottledProgressBar()]
 
 
 def run(cfg: DictConfig) -> dict:
