@@ -17,8 +17,10 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.accelerators import CPUAccelerator
 
 from datamodules.errors import ConfigError
+from lightning_modules.cuda_check import runtime_cuda_check
 from lightning_modules.forgetting import ForgettingProbe
 from lightning_modules.handoff import build_backbone, export_backbone, resolve_init, state_differences
 from lightning_modules.module import PretuneModule
@@ -161,7 +163,8 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
 
         for experiment in _wandb_runs(trainer):
             wandb_runs.record_use(experiment, str(cfg.model.init))
-        metrics = _fit_and_test(cfg, trainer, module, datamodule, out_dir)
+        with runtime_cuda_check(enabled=isinstance(trainer.accelerator, CPUAccelerator)):
+            metrics = _fit_and_test(cfg, trainer, module, datamodule, out_dir)
         metrics["time/run_s"] = round(time.time() - started, 2)
         for experiment in _wandb_runs(trainer):
             experiment.summary.update(metrics)

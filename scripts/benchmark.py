@@ -40,6 +40,8 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 from pytorch_lightning.callbacks import Callback  # noqa: E402
 
+from lightning_modules.cuda_check import runtime_cuda_check  # noqa: E402
+
 CASES = {
     "pretrain: MAE, vit_micro": ("pretrain", ["objective=mae", "model=vit_micro"]),
     "finetune: resnet_micro": ("finetune", ["model=resnet_micro"]),
@@ -121,24 +123,25 @@ def plain_run(cfg: DictConfig) -> dict:
     schedule = build_scheduler(OmegaConf.to_container(cfg.scheduler, resolve=True), optimizer, total, len(train))
     scheduler = schedule["scheduler"]
     times = {"train_start": time.time(), "cpu_start": time.process_time()}
-    for epoch in range(epochs):
-        torch.manual_seed(cfg.seed * 10_007 + epoch)  # pretune's per-epoch seeding, so the draws match
-        model.train()
-        for batch in train:
-            times.setdefault("first_step", time.time())
-            batch = dict(batch, image=dm.augment(batch["image"]))
-            loss = objective(backbone, batch)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            times.setdefault("first_step_end", time.time())
-        model.eval()
-        with torch.no_grad():
-            for batch in dm.val_dataloader():
-                out = objective(backbone, batch)
-                if "logits" in out:
-                    (out["logits"].argmax(-1) == out["target"]).float().mean()
+    with runtime_cuda_check():  # as in a process that never imported Lightning (pretune's fit does the same)
+        for epoch in range(epochs):
+            torch.manual_seed(cfg.seed * 10_007 + epoch)  # pretune's per-epoch seeding, so the draws match
+            model.train()
+            for batch in train:
+                times.setdefault("first_step", time.time())
+                batch = dict(batch, image=dm.augment(batch["image"]))
+                loss = objective(backbone, batch)["loss"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                times.setdefault("first_step_end", time.time())
+            model.eval()
+            with torch.no_grad():
+                for batch in dm.val_dataloader():
+                    out = objective(backbone, batch)
+                    if "logits" in out:
+                        (out["logits"].argmax(-1) == out["target"]).float().mean()
     times.update(train_end=time.time(), cpu_end=time.process_time())
     return dict(times, start=start, steps=total, loss=float(loss.detach()))
 
