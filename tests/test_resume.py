@@ -54,6 +54,30 @@ def test_resumed_run_equals_uninterrupted(cfg_factory, tmp_path, strategy):
         assert resumed[key] == full[key], key
 
 
+def test_checkpoints_written_in_the_background_equal_those_written_in_line(cfg_factory, tmp_path):
+    # The default trainer hands checkpoint writes to a thread (AsyncCheckpointIO) with a copy taken at the save;
+    # training goes on meanwhile, so a copy taken late, or a file read before it was complete, would differ.
+    two = [*COMMON, "trainer.max_epochs=2"]
+    background = run(cfg_factory("finetune", *two, name="background"))
+    in_line = run(cfg_factory("finetune", *two, "trainer.plugins=null", name="in_line"))
+    assert background["test/acc"] == in_line["test/acc"]  # tested on best.ckpt, read right after fit
+    for name in ("last.ckpt", "best.ckpt"):
+        a, b = (
+            torch.load(tmp_path / run_dir / "checkpoints" / name, map_location="cpu", weights_only=True)
+            for run_dir in ("background", "in_line")
+        )
+        for key in a["state_dict"]:
+            assert torch.equal(a["state_dict"][key], b["state_dict"][key]), (name, key)
+    a, b = (
+        torch.load(tmp_path / d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
+            "optimizer_states"
+        ]
+        for d in ("background", "in_line")
+    )
+    for state_a, state_b in zip(a[0]["state"].values(), b[0]["state"].values(), strict=True):
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
 class _Exploit:
     """Unpickling this runs a shell command: what a malicious checkpoint would do."""
 
