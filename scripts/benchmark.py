@@ -4,6 +4,7 @@
     python scripts/benchmark.py                # the table; also outputs/bench/<timestamp>/bench.md
     python scripts/benchmark.py --tiny         # seconds: checks the benchmark itself (no timing worth reading)
     python scripts/benchmark.py --compare trainer.precision=bf16-mixed   # pretune vs pretune + overrides
+    python scripts/benchmark.py --overhead "finetune: resnet_micro"     # pretune's extra ms a step, an epoch
 
 Each case runs the plain loop and pretune's real run path (``run(cfg)`` on the composed config, with the
 default callbacks, CSV logger and progress bar) interleaved, ``--repeats`` times; the table shows medians.
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
+from hydra.utils import get_class, instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 from pytorch_lightning.callbacks import Callback  # noqa: E402
 
@@ -278,7 +279,7 @@ def _to_first_step(r: dict) -> float:
 
 def benchmark(
     epochs: int = 3,
-    repeats: int = 3,
+    repeats: int = 5,
     batches_per_epoch: int | None = None,
     memory: bool = True,
     with_startup: bool = True,
@@ -391,14 +392,79 @@ def compare(variant: list[str], epochs: int, repeats: int, out_root: Path = ROOT
     return out_dir / "bench.md"
 
 
+def overhead(case: str, repeats: int, epochs: int = 4, overrides: tuple[str, ...] = ()) -> list[str]:
+    """Where pretune's extra time goes: per step (medians over all steps, robust to this machine's noise) and per
+    epoch (the rest of the fit time: validation, checkpoints, logging), pretune and the plain loop interleaved.
+    Steps are timed from one batch's augmentation end to the next one's, with the objective's forward and the
+    backward timed inside: both loops call these same functions, so the segments compare like for like."""
+    from datamodules.augment import BatchAugment
+
+    marks: dict[str, list[float]] = {}
+
+    def timed(owner, name, start, end):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            on = torch.is_grad_enabled()  # training only, not validation
+            if on:
+                marks.setdefault(start, []).append(time.perf_counter())
+            out = original(*args, **kwargs)
+            if on:
+                marks.setdefault(end, []).append(time.perf_counter())
+            return out
+
+        setattr(owner, name, wrapper)
+        return original
+
+    stage, extra = CASES[case]
+    objective_cls = get_class(make_cfg(stage, extra, _scratch()).objective._target_)
+    originals = [
+        (BatchAugment, "forward", timed(BatchAugment, "forward", "aug0", "aug1")),
+        (objective_cls, "forward", timed(objective_cls, "forward", "f0", "f1")),
+        (torch.Tensor, "backward", timed(torch.Tensor, "backward", "b0", "b1")),
+    ]
+    rows = {"plain": [], "pretune": []}
+    try:
+        for r in range(repeats):
+            for loop, fn in (("plain", plain_run), ("pretune", pretune_run))[:: 1 if r % 2 == 0 else -1]:
+                marks.clear()
+                gc.collect()
+                cfg = make_cfg(stage, [*extra, f"trainer.max_epochs={epochs}", *overrides], _scratch() / f"{loop}{r}")
+                out = fn(cfg)
+                n = len(marks["aug1"]) - 1
+                fwd = _median(marks["f1"][i] - marks["f0"][i] for i in range(n))
+                bwd = _median(marks["b1"][i] - marks["b0"][i] for i in range(n))
+                step = _median(marks["aug1"][i + 1] - marks["aug1"][i] for i in range(n))
+                per_epoch = (out["train_end"] - out["train_start"] - out["steps"] * step) / epochs
+                rows[loop].append((fwd, bwd, step - fwd - bwd, step, per_epoch))
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+    names = ["forward", "backward", "rest of the step", "step", "per epoch beyond its steps"]
+    lines = [
+        f"{case}, {epochs} epochs, medians of {repeats} interleaved runs (ms):",
+        "",
+        "| | plain | pretune | pretune - plain |",
+        "|---|---:|---:|---:|",
+    ]
+    for j, name in enumerate(names):
+        a, b = (_median(row[j] for row in rows[loop]) * 1e3 for loop in ("plain", "pretune"))
+        lines.append(f"| {name} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
+    print("\n".join(lines))
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches-per-epoch", type=int, help="fixed-length epochs (default: one pass, 19 batches)")
     parser.add_argument("--tiny", action="store_true", help="1 epoch of 3 steps, 1 repeat, no memory or startup")
     parser.add_argument("--compare", nargs="+", metavar="OVERRIDE", help="pretune vs pretune with these overrides")
     parser.add_argument("--loaders", action="store_true", help="the train loader against DataLoader with workers")
+    parser.add_argument(
+        "--overhead", metavar="CASE", help="where pretune's extra time goes, per step and per epoch, for a case"
+    )
     parser.add_argument("--memory-child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
@@ -409,6 +475,8 @@ def main() -> None:
         return print("\n".join(f"| {n} | {first:.3f} | {rate:.0f} |" for n, first, rate in loader_options()))
     if args.compare:
         return compare(args.compare, args.epochs, args.repeats)
+    if args.overhead:
+        return overhead(args.overhead, args.repeats)
     if args.tiny:
         benchmark(epochs=1, repeats=1, batches_per_epoch=3, memory=False, with_startup=False)
     else:

@@ -25,3 +25,17 @@ def test_tiny_benchmark_writes_every_row_and_both_loops_train_the_same_model(tmp
         assert plain["steps"] == pretune["steps"] == 3
         # Same initial weights, batches, augmentation and masks, optimizer and schedule: the same last loss.
         assert pretune["loss"] == pytest.approx(plain["loss"], rel=1e-4), case
+
+
+def test_overhead_mode_times_the_same_segments_in_both_loops():
+    lines = benchmark.overhead(
+        "finetune: resnet_micro", repeats=1, epochs=1, overrides=("datamodule.train_batches_per_epoch=4",)
+    )
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and "plain" not in line}
+    assert list(rows) == ["forward", "backward", "rest of the step", "step", "per epoch beyond its steps"]
+    for name in ("forward", "backward", "step"):  # both loops were timed: positive, and the wrappers are gone
+        plain, pretune = (float(cell) for cell in rows[name].split(" | ")[1:3])
+        assert plain > 0 and pretune > 0, name
+    from datamodules.augment import BatchAugment
+
+    assert BatchAugment.forward.__name__ == "forward"
