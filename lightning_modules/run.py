@@ -18,6 +18,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.accelerators import CPUAccelerator
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from datamodules.errors import ConfigError
 from lightning_modules.cuda_check import runtime_cuda_check
@@ -153,8 +154,14 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         callbacks += [freezer, LayerGroupMonitor()]
     callbacks += _progress_bar(cfg, callbacks)
     loggers = _loggers(cfg, out_dir)
+    # Checkpoints are what the callbacks config says (callbacks=none: none), not a checkpoint Lightning adds.
+    checkpoints = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     trainer: pl.Trainer = build(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out_dir)
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(out_dir),
+        enable_checkpointing=checkpoints,
     )
     for logger in trainer.loggers:  # the resolved config is every logger's run config
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -237,8 +244,9 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_
 
     checkpoint = trainer.checkpoint_callback
     best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
-    if best:
+    if best and checkpoint.best_model_score is not None:  # a monitored checkpoint
         metrics[f"{cfg.optimized_metric}_best"] = float(checkpoint.best_model_score)
+    if best:
         metrics["best_checkpoint"] = os.path.relpath(best, out_dir)
     if cfg.stage == "finetune":
         # Test the checkpoint that validation selected, not whatever the last epoch left.

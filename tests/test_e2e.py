@@ -114,6 +114,15 @@ def test_debug_fast_runs_one_batch_of_each_loop_in_process(cfg_factory):
     assert metrics["status"] == "ok" and "test/acc" in metrics and "train/loss" in metrics
 
 
+def test_callbacks_none_writes_no_checkpoint_and_tests_the_final_weights(cfg_factory, tmp_path):
+    from lightning_modules.run import run
+
+    metrics = run(cfg_factory("finetune", "debug=limit", "model=resnet_micro", "callbacks=none", name="bare"))
+    assert metrics["status"] == "ok" and "test/acc" in metrics
+    assert "best_checkpoint" not in metrics and "val/acc_best" not in metrics
+    assert not (tmp_path / "bare" / "checkpoints").exists()  # Lightning adds none of its own either
+
+
 def test_a_bad_value_is_recorded_as_failed_before_any_training(tmp_path):
     result = subprocess.run(
         [sys.executable, "scripts/finetune.py", "optimizer.lr=-1", f"hydra.run.dir={tmp_path}"],
