@@ -272,6 +272,15 @@ def _median(values) -> float:
     return statistics.median(values)
 
 
+LOOPS = (("plain", plain_run), ("pretune", pretune_run))
+
+
+def _alternate(pair: tuple, repeat: int) -> tuple:
+    """The pair in its order on even repeats, reversed on odd ones: neither side always goes first (no order
+    bias). The caller collects garbage before each run, so neither pays for the other's."""
+    return pair if repeat % 2 == 0 else pair[::-1]
+
+
 def _to_first_step(r: dict) -> float:
     """Seconds from the run's start to the end of its first optimizer step (set-up, and compilation if any)."""
     return r["first_step_end"] - r["start"]
@@ -295,10 +304,9 @@ def benchmark(
     plain_run(make_cfg("finetune", ["trainer.max_epochs=1", "datamodule.train_batches_per_epoch=2"], tmp / "w"))
     for r in range(repeats):
         for i, (case, (stage, extra)) in enumerate(CASES.items()):
-            loops = (("plain", plain_run), ("pretune", pretune_run))
-            for loop, fn in loops if r % 2 == 0 else loops[::-1]:  # alternate who goes first: no order bias
+            for loop, fn in _alternate(LOOPS, r):
                 cfg = make_cfg(stage, extra + overrides, tmp / f"case{i}-{loop}-{r}")
-                gc.collect()  # neither loop pays for the other's garbage
+                gc.collect()
                 results[case][loop].append(fn(cfg))
     lines = [
         f"pretune vs a plain PyTorch loop, {epochs} epochs of digits (batch 64, {batches_per_epoch or 19} batches an"
@@ -367,9 +375,7 @@ def compare(variant: list[str], epochs: int, repeats: int, out_root: Path = ROOT
     for i, (case, (stage, extra)) in enumerate(CASES.items()):
         runs = {"default": [], "variant": []}
         for r in range(repeats):
-            for name, more in (
-                (("default", []), ("variant", variant)) if r % 2 == 0 else (("variant", variant), ("default", []))
-            ):
+            for name, more in _alternate((("default", []), ("variant", variant)), r):
                 gc.collect()
                 runs[name].append(pretune_run(make_cfg(stage, extra + base + more, tmp / f"case{i}-{name}-{r}")))
         a, b = runs["default"], runs["variant"]
@@ -426,7 +432,7 @@ def overhead(case: str, repeats: int, epochs: int = 4, overrides: tuple[str, ...
     rows = {"plain": [], "pretune": []}
     try:
         for r in range(repeats):
-            for loop, fn in (("plain", plain_run), ("pretune", pretune_run))[:: 1 if r % 2 == 0 else -1]:
+            for loop, fn in _alternate(LOOPS, r):
                 marks.clear()
                 gc.collect()
                 cfg = make_cfg(stage, [*extra, f"trainer.max_epochs={epochs}", *overrides], _scratch() / f"{loop}{r}")
