@@ -244,10 +244,10 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_
 
     checkpoint = trainer.checkpoint_callback
     best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
-    if best and checkpoint.best_model_score is not None:  # a monitored checkpoint
-        metrics[f"{cfg.optimized_metric}_best"] = float(checkpoint.best_model_score)
     if best:
         metrics["best_checkpoint"] = os.path.relpath(best, out_dir)
+        if checkpoint.best_model_score is not None:  # a monitored checkpoint
+            metrics[f"{cfg.optimized_metric}_best"] = float(checkpoint.best_model_score)
     if cfg.stage == "finetune":
         # Test the checkpoint that validation selected, not whatever the last epoch left.
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
