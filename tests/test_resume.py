@@ -68,14 +68,10 @@ def test_checkpoints_written_in_the_background_equal_those_written_in_line(cfg_f
         )
         for key in a["state_dict"]:
             assert torch.equal(a["state_dict"][key], b["state_dict"][key]), (name, key)
-    a, b = (
-        torch.load(tmp_path / d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
-            "optimizer_states"
-        ]
-        for d in ("background", "in_line")
-    )
-    for state_a, state_b in zip(a[0]["state"].values(), b[0]["state"].values(), strict=True):
-        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+        if name == "last.ckpt":  # the full checkpoint: the optimizer's state too
+            optimizer_a, optimizer_b = (ckpt["optimizer_states"][0]["state"].values() for ckpt in (a, b))
+            for state_a, state_b in zip(optimizer_a, optimizer_b, strict=True):
+                assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
 class _Exploit:
