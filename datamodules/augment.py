@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.distributed import shard_draw
+from lightning_modules.runtime.distributed import shard_draw
 
 
 class BatchAugment(nn.Module):

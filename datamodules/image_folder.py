@@ -13,8 +13,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
-from datamodules.errors import ConfigError
 from datamodules.in_memory import InMemoryImageDataModule
+from lightning_modules.config.errors import ConfigError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 

@@ -6,27 +6,16 @@ next to nothing. Subclasses only say how to read their images and labels (``load
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
 from datamodules.augment import BatchAugment
-from datamodules.errors import ConfigError
-from lightning_modules.schema import check
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What objectives need to know about the data, whatever its source."""
-
-    channels: int
-    image_size: int
-    num_classes: int
-    class_names: tuple[str, ...]
+from datamodules.base import PretuneDataModule
+from datamodules.spec import ImageSpec
+from lightning_modules.config.errors import ConfigError
+from lightning_modules.config.schema import check
 
 
 class BatchLoader:
@@ -98,7 +87,7 @@ class BatchLoader:
             yield {k: v[idx] for k, v in self.tensors.items()}
 
 
-class InMemoryImageDataModule(pl.LightningDataModule):
+class InMemoryImageDataModule(PretuneDataModule):
     """Seeded stratified train/val/test split, optional label fraction, batch augmentation.
 
     ``labeled=False`` (pre-training) serves the whole training split as images only;
@@ -138,7 +127,7 @@ class InMemoryImageDataModule(pl.LightningDataModule):
         self.train_batches_per_epoch = train_batches_per_epoch
         self.augment = BatchAugment(**(augment or {}))
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
-        self.spec: DataSpec | None = None
+        self.spec: ImageSpec | None = None
 
     # --- what a subclass provides -------------------------------------------------------
     def load(self) -> tuple[torch.Tensor, np.ndarray, tuple[str, ...]]:
@@ -197,7 +186,7 @@ class InMemoryImageDataModule(pl.LightningDataModule):
                 f"datamodule.batch_size={self.batch_size} is larger than the {n_train} {what}"
                 f" (label_fraction={self.label_fraction}); allowed is at most {n_train}"
             )
-        self.spec = DataSpec(self.channels, self.image_size, len(classes), tuple(classes))
+        self.spec = ImageSpec(self.channels, self.image_size, len(classes), tuple(classes))
 
     def _label_subset(self, x: torch.Tensor, y: np.ndarray):
         """Keep a stratified, seeded ``label_fraction`` of the training labels (at least one per class)."""
@@ -209,15 +198,6 @@ class InMemoryImageDataModule(pl.LightningDataModule):
         idx = np.sort(idx)
         return x[idx], y[idx]
 
-    def _epoch(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return trainer.current_epoch if trainer is not None else 0
-
-    def _shard(self) -> dict:
-        """This process's place in a distributed run: every loader shards each global batch by it."""
-        trainer = getattr(self, "trainer", None)
-        return {"rank": trainer.global_rank, "world": trainer.world_size} if trainer is not None else {}
-
     def train_dataloader(self):
         return BatchLoader(
             self.splits["train"],
@@ -225,19 +205,21 @@ class InMemoryImageDataModule(pl.LightningDataModule):
             shuffle=True,
             drop_last=True,
             seed=self.label_seed,
-            epoch_fn=self._epoch,
+            epoch_fn=self.epoch,
             num_batches=self.train_batches_per_epoch,
-            **self._shard(),
+            **self.shard(),
         )
 
-    def _eval_loader(self, split: str):
-        return BatchLoader(self.splits[split], self.eval_batch_size, shuffle=False, drop_last=False, **self._shard())
+    def eval_loader(self, split: str, batch_size: int | None = None, sharded: bool = True):
+        """A split in order; ``sharded=False``: all of it on this process (e.g. the forgetting probe)."""
+        shard = self.shard() if sharded else {}
+        return BatchLoader(self.splits[split], batch_size or self.eval_batch_size, False, False, **shard)
 
     def val_dataloader(self):
-        return self._eval_loader("val")
+        return self.eval_loader("val")
 
     def test_dataloader(self):
-        return self._eval_loader("test")
+        return self.eval_loader("test")
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         # Augment training batches only, on whatever device they landed on.

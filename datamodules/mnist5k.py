@@ -8,8 +8,8 @@ from importlib import resources
 import numpy as np
 import torch
 
-from datamodules.errors import ConfigError
 from datamodules.in_memory import InMemoryImageDataModule
+from lightning_modules.config.errors import ConfigError
 
 
 def mnist5k_path():

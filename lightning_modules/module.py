@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
-from datamodules.errors import TrainingDiverged
+from lightning_modules.config.errors import TrainingDiverged
 from lightning_modules.optim import build_optimizer, build_scheduler, refresh_lrs
 
 

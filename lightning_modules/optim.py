@@ -17,8 +17,8 @@ import math
 
 import torch
 
-from datamodules.errors import ConfigError
-from lightning_modules.schema import check
+from lightning_modules.config.errors import ConfigError
+from lightning_modules.config.schema import check
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 

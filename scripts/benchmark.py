@@ -41,7 +41,7 @@ from hydra.utils import get_class, instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 from pytorch_lightning.callbacks import Callback  # noqa: E402
 
-from lightning_modules.cuda_check import runtime_cuda_check  # noqa: E402
+from lightning_modules.runtime.cuda_check import runtime_cuda_check  # noqa: E402
 
 CASES = {
     "pretrain: MAE, vit_micro": ("pretrain", ["objective=mae", "model=vit_micro"]),
@@ -90,7 +90,7 @@ def make_cfg(stage: str, overrides: list[str], out_dir: Path) -> DictConfig:
 
 def pretune_run(cfg: DictConfig) -> dict:
     """pretune's real run path, with a ``Clock`` added to the configured callbacks."""
-    from lightning_modules.run import run
+    from lightning_modules.runtime.run import run
 
     clock = Path(cfg.paths.output_dir) / "clock.json"
     with open_dict(cfg):
@@ -105,7 +105,8 @@ def pretune_run(cfg: DictConfig) -> dict:
 def plain_run(cfg: DictConfig) -> dict:
     """What one writes by hand: the same model, data, batches and optimizer, a bare loop, validation each epoch."""
     from datamodules.in_memory import BatchLoader
-    from lightning_modules.handoff import build_backbone
+    from lightning_modules.backbones.handoff import build_backbone
+    from lightning_modules.objectives.base import build_objective
     from lightning_modules.optim import build_optimizer, build_scheduler
 
     start = time.time()
@@ -113,7 +114,7 @@ def plain_run(cfg: DictConfig) -> dict:
     dm = instantiate(cfg.datamodule, labeled=cfg.stage == "finetune")
     dm.setup("fit")
     backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True))
-    objective = instantiate(cfg.objective, backbone=backbone, data=dm.spec)
+    objective = build_objective(cfg.objective, backbone, dm.spec)
     model = torch.nn.ModuleList([backbone, objective])
     optimizer = build_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True), backbone, objective)
     epochs, epoch = cfg.trainer.max_epochs, 0
@@ -211,7 +212,7 @@ def _rss_kb(field: str) -> int:
 
 def memory_child(case: str, loop: str, overrides: list[str]) -> None:
     """In a fresh process: peak RSS above the RSS after imports, in MB (printed as JSON)."""
-    import lightning_modules.run  # noqa: F401  (everything either loop imports, before the baseline)
+    import lightning_modules.runtime.run  # noqa: F401  (everything either loop imports, before the baseline)
 
     stage, extra = CASES[case]
     cfg = make_cfg(stage, extra + overrides, _scratch())

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lightning_modules.cli import main as run_job  # noqa: E402  (light: no torch import)
+from lightning_modules.runtime.cli import main as run_job  # noqa: E402  (light: no torch import)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from datamodules.errors import ConfigError  # noqa: E402
+from lightning_modules.config.errors import ConfigError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -25,7 +25,7 @@ def main(argv=None) -> int:
         help="also log the table and plots as a W&B run (job_type report) in the sweep's group; offline without a key",
     )
     args = parser.parse_args(argv)
-    from lightning_modules.sweep_report import write_sweep_report
+    from lightning_modules.reports.sweep import write_sweep_report
 
     try:
         path = write_sweep_report(args.paths, args.out, wandb=args.wandb)

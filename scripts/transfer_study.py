@@ -16,14 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from datamodules.errors import ConfigError  # noqa: E402
+from lightning_modules.config.errors import ConfigError  # noqa: E402
 
 
 def _run_stage(stage: str, overrides: list[str], out_dir: Path) -> dict:
     from hydra import compose
 
-    from lightning_modules.config_check import check_config
-    from lightning_modules.run import run
+    from lightning_modules.config.check import check_config
+    from lightning_modules.runtime.run import run
 
     cfg = compose(config_name=stage, overrides=[*overrides, f"paths.output_dir={out_dir}"])
     check_config(cfg)
@@ -55,7 +55,7 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
 
     import pytorch_lightning  # noqa: F401  (imported first: it sets its loggers to INFO on import)
 
-    from lightning_modules.transfer_report import select_and_summarise, write_report
+    from lightning_modules.reports.transfer import select_and_summarise, write_report
 
     # Dozens of runs in one process: keep the console to one line per run.
     for name in ("pytorch_lightning", "lightning_fabric"):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from datamodules.in_memory import DataSpec
-from lightning_modules.backbone import Backbone
+from datamodules.spec import ImageSpec
+from lightning_modules.backbones.image import TimmBackbone
 
 VIT = (
     "vit_tiny_patch16_224",
@@ -20,15 +20,15 @@ VIT = (
     },
 )
 RESNET = ("resnet18", {"in_chans": 1, "layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8})
-SPEC = DataSpec(channels=1, image_size=16, num_classes=3, class_names=("a", "b", "c"))
+SPEC = ImageSpec(channels=1, image_size=16, num_classes=3, class_names=("a", "b", "c"))
 
 
-def vit() -> Backbone:
-    return Backbone(*VIT)
+def vit() -> TimmBackbone:
+    return TimmBackbone(*VIT)
 
 
-def resnet() -> Backbone:
-    return Backbone(*RESNET)
+def resnet() -> TimmBackbone:
+    return TimmBackbone(*RESNET)
 
 
 def batch(n: int = 16, labels: bool = True, seed: int = 0) -> dict:

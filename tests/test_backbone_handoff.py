@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-from datamodules.errors import ConfigError
-from lightning_modules.handoff import CONFIG, WEIGHTS, build_backbone, export_backbone
+from lightning_modules.backbones.handoff import CONFIG, WEIGHTS, build_backbone, export_backbone
+from lightning_modules.config.errors import ConfigError
 from tests.helpers import RESNET, VIT, resnet, vit
 
 
@@ -25,14 +25,14 @@ def test_layer_groups_are_ordered_and_cover_every_parameter():
 def test_vit_micro_and_resnet_micro_are_micro(cfg_factory):
     from omegaconf import OmegaConf
 
-    from lightning_modules.backbone import Backbone
+    from lightning_modules.backbones.image import TimmBackbone
 
     for model in ("vit_micro", "resnet_micro"):
         cfg = cfg_factory("finetune", f"model={model}")
         m = OmegaConf.to_container(cfg.model, resolve=True)
-        backbone = Backbone(m["name"], m["kwargs"])
+        backbone = TimmBackbone(m["name"], m["kwargs"])
         assert sum(p.numel() for p in backbone.parameters()) < 1_000_000
-        assert backbone(torch.randn(2, 1, 32, 32)).shape == (2, backbone.num_features)
+        assert backbone({"image": torch.randn(2, 1, 32, 32)}).shape == (2, backbone.num_features)
 
 
 def _model_cfg(spec, init):
@@ -47,7 +47,7 @@ def test_export_import_round_trip_reproduces_features(spec, tmp_path):
     assert (target / WEIGHTS).is_file() and (target / CONFIG).is_file()
     meta = yaml.safe_load((target / CONFIG).read_text())
     assert meta["name"] == spec[0] and meta["kwargs"] == spec[1]
-    x = torch.randn(3, 1, 16, 16)
+    x = {"image": torch.randn(3, 1, 16, 16)}
     source.eval()
     for init in (target, tmp_path / "run"):  # the backbone dir and the run dir both work
         torch.manual_seed(1)  # a different random init, overwritten by the load

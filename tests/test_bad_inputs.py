@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.cli import main
-from lightning_modules.handoff import WEIGHTS, build_backbone, export_backbone
+from lightning_modules.backbones.handoff import WEIGHTS, build_backbone, export_backbone
+from lightning_modules.runtime.cli import main
 from tests.conftest import make_cfg
 from tests.helpers import RESNET
 

@@ -106,3 +106,36 @@ def test_unknown_key_and_option_are_refused():
     assert unknown_key.returncode != 0 and "lrr" in unknown_key.stderr
     unknown_option = _cli("model=vit_gigantic")
     assert unknown_option.returncode != 0 and "vit_micro" in unknown_option.stderr  # lists the options
+
+
+def test_the_modality_tables_agree_with_the_classes():
+    """config/modalities.py answers before torch is imported; the classes are what a run builds."""
+    import importlib
+
+    from lightning_modules.config.modalities import BACKBONE_TYPES, DATAMODULES, OBJECTIVES
+
+    def cls(target):
+        module, name = target.rsplit(".", 1)
+        return getattr(importlib.import_module(module), name)
+
+    for type_, (target, modality) in BACKBONE_TYPES.items():
+        assert (cls(target).type, cls(target).modality) == (type_, modality), target
+    for target, modality in DATAMODULES.items():
+        assert cls(target).modality == modality, target
+    for target, modalities in OBJECTIVES.items():
+        assert tuple(cls(target).modalities) == modalities, target
+    # every shipped datamodule and objective config is in the tables
+    from omegaconf import OmegaConf
+
+    for group, table in (("datamodule", DATAMODULES), ("objective", OBJECTIVES)):
+        for path in (CONF / group).glob("*.yaml"):
+            target = OmegaConf.load(path).get("_target_")
+            assert target is None or target in table, f"{group}/{path.name}: {target} is not in config/modalities.py"
+
+
+def test_an_unknown_model_type_is_one_line(tmp_path):
+    from lightning_modules.config.check import check_config
+    from lightning_modules.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.type=foo is unknown: allowed are \['timm'\]"):
+        check_config(make_cfg("finetune", ["model.type=foo"], tmp_path))

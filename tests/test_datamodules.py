@@ -11,9 +11,9 @@ from PIL import Image
 
 from datamodules.augment import BatchAugment
 from datamodules.digits import DigitsDataModule
-from datamodules.errors import ConfigError
 from datamodules.image_folder import ImageFolderDataModule
 from datamodules.mnist5k import MNIST5kDataModule
+from lightning_modules.config.errors import ConfigError
 
 
 def _labels(dm, split="train"):

@@ -107,7 +107,7 @@ def test_each_rank_gets_its_slice_of_every_global_batch():
 
 
 def test_each_rank_draws_its_slice_of_the_global_batch_masks_and_augmentations(monkeypatch):
-    import lightning_modules.distributed as distributed
+    import lightning_modules.runtime.distributed as distributed
     from datamodules.augment import BatchAugment
     from lightning_modules.objectives.mae import random_masking
     from tests.helpers import batch
@@ -130,7 +130,7 @@ def test_a_child_rank_reruns_this_job_not_the_sweep(tmp_path, monkeypatch):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from lightning_modules.parallel import hydra_job_command
+    from lightning_modules.runtime.parallel import hydra_job_command
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("finetune", overrides=["freeze.layers=all", "trainer=ddp"], return_hydra_config=True)
@@ -160,7 +160,7 @@ def test_a_child_rank_reruns_this_job_not_the_sweep(tmp_path, monkeypatch):
 
 
 def test_ddp_config_builds_a_two_node_trainer_with_the_hydra_job_launcher():
-    from lightning_modules.parallel import HydraDDPStrategy, HydraJobLauncher
+    from lightning_modules.runtime.parallel import HydraDDPStrategy, HydraJobLauncher
 
     cfg = make_cfg("pretrain", ["trainer=ddp", "trainer.num_nodes=2", "trainer.devices=2"])
     assert cfg.trainer.strategy.find_unused_parameters is True
@@ -173,7 +173,7 @@ def test_the_transfer_study_refuses_ddp_stages(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     from transfer_study import _run_stage
 
-    from datamodules.errors import ConfigError
+    from lightning_modules.config.errors import ConfigError
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         with pytest.raises(ConfigError, match="not supported inside the transfer study"):
@@ -184,7 +184,7 @@ def test_fsdp_config_composes_and_instantiates_with_a_block_wrap_policy():
     from timm.models.vision_transformer import Block
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from lightning_modules.parallel import HydraFSDPStrategy
+    from lightning_modules.runtime.parallel import HydraFSDPStrategy
 
     cfg = make_cfg("finetune", ["trainer=fsdp", "trainer.num_nodes=2", "trainer.devices=8"])
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.num_nodes == 2  # (FAST forces accelerator=cpu)

@@ -108,14 +108,14 @@ def test_transfer_study_on_a_tiny_budget(tmp_path):
 
 
 def test_debug_fast_runs_one_batch_of_each_loop_in_process(cfg_factory):
-    from lightning_modules.run import run
+    from lightning_modules.runtime.run import run
 
     metrics = run(cfg_factory("finetune", "debug=fast", "model=resnet_micro"))
     assert metrics["status"] == "ok" and "test/acc" in metrics and "train/loss" in metrics
 
 
 def test_callbacks_none_writes_no_checkpoint_and_tests_the_final_weights(cfg_factory, tmp_path):
-    from lightning_modules.run import run
+    from lightning_modules.runtime.run import run
 
     metrics = run(cfg_factory("finetune", "debug=limit", "model=resnet_micro", "callbacks=none", name="bare"))
     assert metrics["status"] == "ok" and "test/acc" in metrics

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from datamodules.errors import ConfigError
-from lightning_modules.run import run
+from lightning_modules.config.errors import ConfigError
+from lightning_modules.runtime.run import run
 
 TINY = [
     "trainer.max_epochs=2",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datamodules.errors import ConfigError
-from lightning_modules.freezing import FreezeLayers, resolve_layers
+from lightning_modules.callbacks.freezing import FreezeLayers, resolve_layers
+from lightning_modules.config.errors import ConfigError
 from tests.helpers import fit_tiny, group_keys, resnet, vit
 
 

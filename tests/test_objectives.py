@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules.errors import ConfigError
+from lightning_modules.config.errors import ConfigError
 from lightning_modules.objectives.classification import Classification
 from lightning_modules.objectives.mae import MAE, random_masking
 from lightning_modules.objectives.simclr import SimCLR, nt_xent
@@ -129,7 +129,7 @@ def test_mixup_mixes_images_and_targets_with_the_soft_target_loss(monkeypatch):
     monkeypatch.setattr(Mixup, "_params_per_batch", lambda self: (0.3, False))  # fix lambda, no cutmix
     data = batch(6)
     seen = {}
-    backbone.register_forward_pre_hook(lambda m, args: seen.update(image=args[0]))
+    backbone.register_forward_pre_hook(lambda m, args: seen.update(image=args[0]["image"]))
     out = objective(backbone, data)
     x, y = data["image"], data["label"]
     torch.testing.assert_close(seen["image"], 0.3 * x + 0.7 * x.flip(0))

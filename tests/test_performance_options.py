@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from omegaconf import open_dict
 
-from datamodules.errors import ConfigError
-from lightning_modules.config_check import check_config
-from lightning_modules.run import _progress_bar
+from lightning_modules.config.check import check_config
+from lightning_modules.config.errors import ConfigError
+from lightning_modules.runtime.run import _progress_bar
 from tests.conftest import make_cfg
 
 
@@ -31,7 +31,7 @@ def test_progress_bar_is_added_once_and_only_when_enabled():
 
 
 def test_progress_bar_redraws_at_most_ten_times_a_second_and_always_at_the_end(monkeypatch):
-    import lightning_modules.progress as progress
+    import lightning_modules.callbacks.progress as progress
 
     clock = iter([0.0, 0.03, 0.06, 0.12, 0.15, 0.16, 0.17])
     monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
@@ -47,7 +47,7 @@ def test_progress_bar_redraws_at_most_ten_times_a_second_and_always_at_the_end(m
 def test_runtime_cuda_check_is_scoped_to_its_block(monkeypatch, before):
     import os
 
-    from lightning_modules.cuda_check import VARIABLE, runtime_cuda_check
+    from lightning_modules.runtime.cuda_check import VARIABLE, runtime_cuda_check
 
     if before is None:
         monkeypatch.delenv(VARIABLE, raising=False)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from datamodules.errors import ConfigError
-from lightning_modules.backbone import Backbone
-from lightning_modules.freezing import GradualUnfreezing, LinearProbeThenFinetune
+from lightning_modules.backbones.image import TimmBackbone
+from lightning_modules.callbacks.freezing import GradualUnfreezing, LinearProbeThenFinetune
+from lightning_modules.config.errors import ConfigError
 from lightning_modules.module import PretuneModule
 from lightning_modules.objectives.classification import Classification
 from lightning_modules.optim import build_optimizer, build_scheduler
@@ -105,7 +105,7 @@ def test_layer_decay_really_scales_each_groups_update():
     def one_step(decay):
         torch.manual_seed(0)
         # zero_init_last=False: timm zero-inits each block's last BN, which zeroes block gradients at step 0.
-        backbone = Backbone(RESNET[0], {**RESNET[1], "zero_init_last": False}).double()
+        backbone = TimmBackbone(RESNET[0], {**RESNET[1], "zero_init_last": False}).double()
         objective = Classification(backbone, SPEC).double()
         opt = build_optimizer({"name": "sgd", "lr": 0.1, "momentum": 0.0, "layer_decay": decay}, backbone, objective)
         build_scheduler({"name": "none"}, opt, 10)
@@ -151,7 +151,7 @@ def test_bad_strategy_parameters_are_refused(make, needle):
 def test_run_logs_each_group_lr_and_frozen_flag(cfg_factory, tmp_path):
     import csv
 
-    from lightning_modules.run import run
+    from lightning_modules.runtime.run import run
 
     cfg = cfg_factory(
         "finetune",
@@ -192,7 +192,7 @@ def test_l2_sp_penalty_is_zero_at_start_and_matches_a_hand_computation():
 
 
 def test_early_stopping_stops_and_best_checkpoint_is_tested(cfg_factory):
-    from lightning_modules.run import run
+    from lightning_modules.runtime.run import run
 
     metrics = run(
         cfg_factory(
@@ -241,7 +241,7 @@ def test_plateau_schedule_decays_after_patience_validations_without_improvement(
 
 def test_plateau_decays_in_a_training_loop(cfg_factory, tmp_path):
 
-    from lightning_modules.run import run
+    from lightning_modules.runtime.run import run
 
     metrics = run(
         cfg_factory(

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from datamodules.errors import ConfigError
-from lightning_modules.handoff import WEIGHTS, sha256_of
-from lightning_modules.run import run
+from lightning_modules.backbones.handoff import WEIGHTS, sha256_of
+from lightning_modules.config.errors import ConfigError
+from lightning_modules.runtime.run import run
 from tests.wandb_log import read_offline_run
 
 TINY = [
@@ -111,7 +111,7 @@ def test_wandb_init_fetches_the_artifact_and_records_it(pretrained, cfg_factory,
 
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setattr(wandb, "Api", Api)
-    monkeypatch.setattr("lightning_modules.wandb_runs.ARTIFACT_CACHE", tmp_path / "cache")
+    monkeypatch.setattr("lightning_modules.runtime.wandb_runs.ARTIFACT_CACHE", tmp_path / "cache")
     ref = "me/pretune/backbone-vit_tiny_patch16_224-mae:latest"
     cfg = cfg_factory("finetune", *TINY, "logger=none", f"model.init=wandb:{ref}", "trainer.max_epochs=1")
     assert run(cfg)["status"] == "ok"
@@ -122,7 +122,7 @@ def test_wandb_init_fetches_the_artifact_and_records_it(pretrained, cfg_factory,
 
 
 def test_an_online_run_marks_the_fetched_artifact_as_its_input():
-    from lightning_modules.wandb_runs import record_use
+    from lightning_modules.runtime.wandb_runs import record_use
 
     class Run:
         offline, used = False, []
@@ -151,7 +151,7 @@ def test_wandb_runs_are_named_by_their_dir_and_grouped_by_sweep_study_or_experim
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from lightning_modules.wandb_runs import run_identity
+    from lightning_modules.runtime.wandb_runs import run_identity
     from tests.conftest import make_cfg
 
     cfg = make_cfg("finetune", ["experiment=mae_vit_digits"], return_hydra=True)

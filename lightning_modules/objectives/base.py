@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import nn
+
+from lightning_modules.config.errors import ConfigError
 
 
 class Objective(nn.Module):
     """One training signal. Holds its heads (not the backbone) and computes the loss.
 
-    ``forward(backbone, batch)`` returns a dict with ``loss`` and whatever the metrics need.
-    Batches are dicts (``image``, ``label``, later ``input_ids`` ...), never tuples.
+    ``forward(backbone, batch)`` returns a dict with ``loss`` and whatever the metrics need. Batches are
+    dicts (``image``, ``label``, ``input_ids`` ...), never tuples; the backbone reads its own entries.
+    ``modalities`` says which inputs the objective takes; a backbone or data of another modality is refused
+    here with one line (and before anything heavy runs, by ``config/check.py``, for the shipped configs).
     """
+
+    modalities: ClassVar[tuple[str, ...]] = ("image",)
 
     def __init__(self, backbone, data):
         super().__init__()
         self.data = data
+        name = type(self).__name__
+        for what, modality in (("backbone", backbone.modality), ("data", data.modality)):
+            if modality not in self.modalities:
+                raise ConfigError(
+                    f"objective {name} takes {' or '.join(self.modalities)} inputs, but the {what} is {modality}"
+                )
 
     def make_metrics(self, prefix: str):
         """A torchmetrics collection fed by ``update_metrics``; ``None`` when the loss is the metric."""
@@ -22,3 +36,11 @@ class Objective(nn.Module):
 
     def update_metrics(self, metrics, output: dict) -> None:
         raise NotImplementedError
+
+
+def build_objective(conf, backbone, data) -> Objective:
+    """The objective ``conf`` names, on ``backbone`` and the data ``spec``. Both are passed as they are:
+    given to Hydra's ``instantiate`` directly, a dataclass spec would be turned into a config."""
+    from hydra.utils import instantiate
+
+    return instantiate(conf, _partial_=True)(backbone=backbone, data=data)

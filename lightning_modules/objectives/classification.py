@@ -7,12 +7,14 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
-from datamodules.errors import ConfigError
+from lightning_modules.config.errors import ConfigError
+from lightning_modules.config.schema import check
 from lightning_modules.objectives.base import Objective
-from lightning_modules.schema import check
 
 
 class Classification(Objective):
+    modalities = ("image", "text")
+
     def __init__(
         self,
         backbone,
@@ -30,6 +32,8 @@ class Classification(Objective):
         for key, value in (("mixup", mixup), ("cutmix", cutmix), ("mix_prob", mix_prob)):
             check(f"objective.{key}", value)
         self.mix = None
+        if (mixup > 0 or cutmix > 0) and data.modality != "image":
+            raise ConfigError(f"objective.mixup/cutmix mix images; the data here is {data.modality}: set them to 0")
         if mixup > 0 or cutmix > 0:
             from timm.data import Mixup
 
@@ -42,16 +46,17 @@ class Classification(Objective):
             )
 
     def forward(self, backbone, batch):
-        images, labels = batch["image"], batch["label"]
+        labels = batch["label"]
         if self.training and self.mix is not None:
+            images = batch["image"]
             if len(images) % 2:
                 raise ConfigError(f"objective.mixup/cutmix need an even datamodule.batch_size, got {len(images)}")
             # timm mixes in place: work on a copy, never on the caller's batch. Soft targets carry the smoothing.
             images, soft = self.mix(images.clone(), labels)
-            logits = self.head(backbone(images))
+            logits = self.head(backbone({**batch, "image": images}))
             loss = -(soft * F.log_softmax(logits, dim=-1)).sum(-1).mean()
         else:
-            logits = self.head(backbone(images))
+            logits = self.head(backbone(batch))
             loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         return {"loss": loss, "logits": logits, "target": labels}
 

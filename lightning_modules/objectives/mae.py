@@ -7,10 +7,10 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from datamodules.errors import ConfigError
-from lightning_modules.distributed import shard_draw
+from lightning_modules.config.errors import ConfigError
+from lightning_modules.config.schema import check
 from lightning_modules.objectives.base import Objective
-from lightning_modules.schema import check
+from lightning_modules.runtime.distributed import shard_draw
 
 
 def random_masking(batch: int, num_patches: int, mask_ratio: float, device=None):

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from datamodules.augment import BatchAugment
-from lightning_modules.distributed import gather_with_grad
+from lightning_modules.config.schema import check
 from lightning_modules.objectives.base import Objective
-from lightning_modules.schema import check
+from lightning_modules.runtime.distributed import gather_with_grad
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -58,6 +58,6 @@ class SimCLR(Objective):
     def forward(self, backbone, batch):
         x = batch["image"]
         views = torch.cat([self.augment(x), self.augment(x)])
-        z = self.projector(backbone(views))
+        z = self.projector(backbone({"image": views}))
         z1, z2 = z.chunk(2)
         return {"loss": nt_xent(z1, z2, self.temperature)}

@@ -21,9 +21,9 @@ import warnings
 from pytorch_lightning.callbacks import BaseFinetuning
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from datamodules.errors import ConfigError
+from lightning_modules.config.errors import ConfigError
+from lightning_modules.config.schema import check
 from lightning_modules.optim import refresh_lrs
-from lightning_modules.schema import check
 
 # Frozen groups run in eval mode on purpose; Lightning warns about any module in eval mode at fit start.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")

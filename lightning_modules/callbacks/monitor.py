@@ -30,6 +30,10 @@ class LayerGroupMonitor(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.trainable_at_start = count_params(pl_module)["params/trainable"]
 
+    def run_metrics(self) -> dict:
+        """For metrics.json: trainable parameters when training started (they change under gradual, LP-FT)."""
+        return {} if self.trainable_at_start is None else {"params/trainable_start": self.trainable_at_start}
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         # Trainable parameters change under gradual unfreezing and LP-FT: logged every epoch.
         values = {

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from datamodules.errors import ConfigError
+from lightning_modules.config.errors import ConfigError
 
 FORMAT = "pretune-backbone/1"
 WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
@@ -68,6 +68,7 @@ def export_backbone(
     tmp = _atomic_dir(target)
     try:
         save_model(backbone.model, str(tmp / WEIGHTS))
+        backbone.save_processor(tmp)  # a tokenizer travels with the weights it was trained for
         if objective is not None:
             save_model(objective, str(tmp / OBJECTIVE_WEIGHTS))
         meta = {
@@ -90,14 +91,28 @@ def export_backbone(
 
 
 def spec_differences(saved: dict, wanted: dict) -> list[str]:
-    if saved["name"] != wanted["name"]:
-        return [f"name: {saved['name']} (saved) vs {wanted['name']} (model)"]
-    diffs = []
-    s_kw, w_kw = saved.get("kwargs") or {}, wanted.get("kwargs") or {}
-    for key in sorted(set(s_kw) | set(w_kw)):
-        if s_kw.get(key) != w_kw.get(key):
-            diffs.append(f"kwargs.{key}: {s_kw.get(key)} (saved) vs {w_kw.get(key)} (model)")
-    return diffs
+    """How a saved backbone's spec differs from the one the model config asks for, key by key (nested
+    arguments as ``kwargs.depth``); only the keys of a spec count, not the rest of ``config.yaml``."""
+    saved = {"type": "timm", **saved}  # backbones exported before there were other types
+    if saved.get("type") != wanted.get("type") or saved.get("name") != wanted.get("name"):
+        key = "type" if saved.get("type") != wanted.get("type") else "name"
+        return [f"{key}: {saved.get(key)} (saved) vs {wanted.get(key)} (model)"]
+    flat_saved, flat_wanted = _flatten({k: saved.get(k) for k in wanted}), _flatten(wanted)
+    return [
+        f"{key}: {flat_saved.get(key)} (saved) vs {flat_wanted.get(key)} (model)"
+        for key in sorted(set(flat_saved) | set(flat_wanted))
+        if flat_saved.get(key) != flat_wanted.get(key)
+    ]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def load_backbone_weights(backbone, backbone_dir: Path) -> None:
@@ -141,7 +156,7 @@ def resolve_init(init: str) -> dict | None:
         return None
     source = {}
     if init.startswith("wandb:"):
-        from lightning_modules.wandb_runs import fetch_backbone
+        from lightning_modules.runtime.wandb_runs import fetch_backbone
 
         backbone_dir = find_backbone_dir(str(fetch_backbone(init)))
         source["artifact"] = init.removeprefix("wandb:")
@@ -150,18 +165,30 @@ def resolve_init(init: str) -> dict | None:
     return {"path": str(backbone_dir.resolve()), "sha256": sha256_of(backbone_dir / WEIGHTS), **source}
 
 
-def build_backbone(model_cfg: dict):
-    """Build the backbone ``model`` describes and initialise it as ``model.init`` says (from
-    ``model.source`` when the run already resolved it)."""
-    from lightning_modules.backbone import Backbone
+def backbone_class(type_: str):
+    """The Backbone class ``model.type`` names (imported only when used)."""
+    import importlib
 
-    name, kwargs = model_cfg["name"], dict(model_cfg.get("kwargs") or {})
+    from lightning_modules.config.modalities import BACKBONE_TYPES
+
+    if type_ not in BACKBONE_TYPES:
+        raise ConfigError(f"model.type={type_} is unknown: allowed are {sorted(BACKBONE_TYPES)}")
+    module, name = BACKBONE_TYPES[type_][0].rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def build_backbone(model_cfg: dict, data=None):
+    """Build the backbone ``model`` describes and initialise it as ``model.init`` says (from
+    ``model.source`` when the run already resolved it). ``data``: the datamodule, for a backbone that
+    needs something from it to be built (a text backbone trains its tokenizer on its texts)."""
+    cls = backbone_class(model_cfg.get("type", "timm"))
     init = str(model_cfg.get("init", "none"))
     if init == "none":
-        return _create(name, kwargs)
+        return cls.from_config(model_cfg, data)
     if init == "timm":
+        name, kwargs = model_cfg["name"], dict(model_cfg.get("kwargs") or {})
         try:
-            return Backbone(name, kwargs, pretrained=True)
+            return cls(name, kwargs, pretrained=True)
         except Exception as err:  # timm/hub raise many types when offline or the weights don't exist
             raise ConfigError(
                 f"model.init=timm: could not load timm's pretrained weights for model.name={name}"
@@ -176,26 +203,13 @@ def build_backbone(model_cfg: dict):
         raise ConfigError(
             f"model.init={init}: {WEIGHTS} is corrupt or truncated (its sha256 is not the one {CONFIG} recorded)"
         )
-    diffs = spec_differences(saved, {"name": name, "kwargs": kwargs})
+    diffs = spec_differences(saved, cls.spec_of(model_cfg))
     if diffs:
         raise ConfigError(
             f"model.init={init}: the backbone's architecture does not match the model config ("
             + "; ".join(diffs)
             + "); use the model config it was pre-trained with"
         )
-    backbone = _create(name, kwargs)
+    backbone = cls.from_config(model_cfg, data, directory=backbone_dir)
     load_backbone_weights(backbone, backbone_dir)
     return backbone
-
-
-def _create(name: str, kwargs: dict):
-    from lightning_modules.backbone import Backbone
-
-    try:
-        return Backbone(name, kwargs)
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise ConfigError(f"model.name={name} is not a timm model (see timm.list_models())") from err
-        raise
-    except TypeError as err:
-        raise ConfigError(f"model.kwargs for {name} are not accepted by timm: {err}") from err

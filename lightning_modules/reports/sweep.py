@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from datamodules.errors import ConfigError
-from lightning_modules.results import METRICS_FILE, write_atomic
+from lightning_modules.config.errors import ConfigError
+from lightning_modules.runtime.results import METRICS_FILE, write_atomic
 
 METRIC_PREFIXES = ("train/", "val/", "test/", "params/")
 
@@ -245,7 +245,7 @@ def write_sweep_report(paths: list[Path], out_dir: Path | None = None, wandb: bo
     path = out_dir / "report.md"
     write_atomic(path, "\n".join(lines) + "\n")
     if wandb:
-        from lightning_modules.wandb_runs import log_report, run_label
+        from lightning_modules.runtime.wandb_runs import log_report, run_label
 
         # The runs' own W&B project and group when they logged there; else the sweep dir names the group.
         wandb_cfg = next((r["config"]["logger"]["wandb"] for r in rows if "wandb" in _loggers_of(r)), {})

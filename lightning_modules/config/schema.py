@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from datamodules.errors import ConfigError
+from lightning_modules.config.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,18 @@ evaluated on the validation images (never used in pre-training), with the object
 from __future__ import annotations
 
 import torch
-from hydra.utils import instantiate
+from pytorch_lightning.callbacks import Callback
 
-from datamodules.errors import ConfigError
-from lightning_modules.distributed import alone
-from lightning_modules.handoff import OBJECTIVE_WEIGHTS, read_backbone_config
+from lightning_modules.backbones.handoff import OBJECTIVE_WEIGHTS, read_backbone_config
+from lightning_modules.config.errors import ConfigError
+from lightning_modules.objectives.base import build_objective
+from lightning_modules.runtime.distributed import alone
 
 
-class ForgettingProbe:
+class ForgettingProbe(Callback):
+    """Measures the pre-training loss on the validation split when fit starts (the pre-trained weights)
+    and when testing ends (the weights fine-tuning selected); ``run_metrics()`` reports both."""
+
     def __init__(self, init: str, source: dict | None, backbone, datamodule, batch_size: int = 256):
         """``source``: where ``model.init`` resolved to (``handoff.resolve_init``); None for none/timm."""
         from pathlib import Path
@@ -30,10 +34,26 @@ class ForgettingProbe:
                 f"finetune.measure_forgetting=true needs model.init to be a pretune pre-training run whose"
                 f" backbone/ holds {OBJECTIVE_WEIGHTS}; model.init={init} does not"
             )
-        self.objective = instantiate(meta["objective"], backbone=backbone, data=datamodule.spec)
+        self.objective = build_objective(meta["objective"], backbone, datamodule.spec)
         self.objective.load_state_dict(load_file(str(weights)), strict=True)
-        self.images = datamodule.splits["val"]["image"]
-        self.batch_size = batch_size
+        self.datamodule, self.batch_size = datamodule, batch_size
+        self.before: float | None = None
+        self.after: float | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.before = self.loss(pl_module.backbone)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self.after = self.loss(pl_module.backbone)  # on the tested (best) weights
+
+    def run_metrics(self) -> dict:
+        if self.before is None or self.after is None:
+            return {}
+        return {
+            "forgetting/pretrain_loss_before": self.before,
+            "forgetting/pretrain_loss_after": self.after,
+            "forgetting/increase": self.after - self.before,
+        }
 
     @torch.no_grad()
     def loss(self, backbone) -> float:
@@ -41,13 +61,15 @@ class ForgettingProbe:
         was_training = backbone.training
         backbone.eval()
         self.objective.to(device).eval()
-        total = 0.0
+        total, count = 0.0, 0
         # alone(): under DDP every rank probes all the images by itself, as before fine-tuning (no process
         # group yet); SimCLR would otherwise gather the other ranks' copies of the same images as negatives.
         with alone(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(0)  # the same masks and views before and after fine-tuning
-            for start in range(0, len(self.images), self.batch_size):
-                x = self.images[start : start + self.batch_size].to(device)
-                total += self.objective(backbone, {"image": x})["loss"].item() * len(x)
+            for batch in self.datamodule.eval_loader("val", self.batch_size, sharded=False):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                n = len(next(iter(batch.values())))
+                total += self.objective(backbone, batch)["loss"].item() * n
+                count += n
         backbone.train(was_training)
-        return total / len(self.images)
+        return total / count

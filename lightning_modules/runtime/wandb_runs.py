@@ -12,7 +12,7 @@ import netrc
 import os
 from pathlib import Path
 
-from datamodules.errors import ConfigError
+from lightning_modules.config.errors import ConfigError
 
 PREFIX = "wandb:"
 ARTIFACT_CACHE = Path(os.environ.get("PRETUNE_ARTIFACT_CACHE", "~/.cache/pretune/artifacts")).expanduser()

@@ -20,14 +20,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from datamodules.errors import ConfigError
-from lightning_modules.cuda_check import runtime_cuda_check
-from lightning_modules.forgetting import ForgettingProbe
-from lightning_modules.handoff import build_backbone, export_backbone, resolve_init, state_differences
+from lightning_modules.backbones.handoff import build_backbone, resolve_init, state_differences
+from lightning_modules.callbacks.export import BackboneExport
+from lightning_modules.callbacks.forgetting import ForgettingProbe
+from lightning_modules.callbacks.monitor import LayerGroupMonitor, count_params
+from lightning_modules.callbacks.seeding import EpochSeed
+from lightning_modules.config.errors import ConfigError
 from lightning_modules.module import PretuneModule
-from lightning_modules.monitor import LayerGroupMonitor, count_params
-from lightning_modules.results import is_rank_zero, write_atomic, write_metrics
-from lightning_modules.seeding import EpochSeed
+from lightning_modules.objectives.base import build_objective
+from lightning_modules.runtime.cuda_check import runtime_cuda_check
+from lightning_modules.runtime.results import is_rank_zero, write_atomic, write_metrics
 
 # Lightning's own deprecation noise, nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -59,7 +61,7 @@ def _loggers(cfg: DictConfig, out_dir: Path) -> list:
         if conf is None:
             continue
         if name == "wandb" and conf.get("offline") is None:  # offline unless a W&B key is configured
-            from lightning_modules.wandb_runs import offline_default
+            from lightning_modules.runtime.wandb_runs import offline_default
 
             conf = OmegaConf.merge(conf, {"offline": offline_default()})
         loggers.append(build(conf))
@@ -92,7 +94,7 @@ def _progress_bar(cfg: DictConfig, callbacks: list) -> list:
     thread), unless the bar is off or a bar is configured among the callbacks."""
     from pytorch_lightning.callbacks import ProgressBar
 
-    from lightning_modules.progress import ThrottledProgressBar
+    from lightning_modules.callbacks.progress import ThrottledProgressBar
 
     if not cfg.trainer.get("enable_progress_bar", True) or any(isinstance(c, ProgressBar) for c in callbacks):
         return []
@@ -113,7 +115,7 @@ def run(cfg: DictConfig) -> dict:
         with open_dict(cfg):  # recorded with the config: which weights, by path and hash (and artifact)
             cfg.model.source = resolve_init(str(cfg.model.init))
             if OmegaConf.select(cfg, "logger.wandb") is not None:  # unset name/group come from the Hydra job
-                from lightning_modules.wandb_runs import run_identity
+                from lightning_modules.runtime.wandb_runs import run_identity
 
                 identity = run_identity(Path(cfg.paths.log_dir), out_dir)
                 cfg.logger.wandb.merge_with({k: v for k, v in identity.items() if cfg.logger.wandb.get(k) is None})
@@ -133,9 +135,10 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     finetune = cfg.stage == "finetune"
     datamodule = build(cfg.datamodule, labeled=finetune)
+    backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True), data=datamodule)
+    datamodule.use_backbone(backbone)
     datamodule.setup("fit")
-    backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True))
-    objective = build(cfg.objective, backbone=backbone, data=datamodule.spec)
+    objective = build_objective(cfg.objective, backbone, datamodule.spec)
     module = PretuneModule(
         backbone,
         objective,
@@ -146,13 +149,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     if cfg.model.get("compile"):  # torch.compile of forward (backbone + objective's loss); weights stay as they are
         module.compile()
 
-    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    callbacks.append(EpochSeed(cfg.seed))
-    if finetune:
-        freezer = build(cfg.freeze)
-        freezer.validate(backbone)  # e.g. freeze.layers beyond the backbone's groups: fail before training
-        callbacks += [freezer, LayerGroupMonitor()]
-    callbacks += _progress_bar(cfg, callbacks)
+    callbacks = _callbacks(cfg, out_dir, backbone, datamodule)
     loggers = _loggers(cfg, out_dir)
     # Checkpoints are what the callbacks config says (callbacks=none: none), not a checkpoint Lightning adds.
     checkpoints = any(isinstance(c, ModelCheckpoint) for c in callbacks)
@@ -166,7 +163,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     for logger in trainer.loggers:  # the resolved config is every logger's run config
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        from lightning_modules import wandb_runs
+        from lightning_modules.runtime import wandb_runs
 
         for experiment in _wandb_runs(trainer):
             wandb_runs.record_use(experiment, str(cfg.model.init))
@@ -175,17 +172,29 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         metrics["time/run_s"] = round(time.time() - started, 2)
         for experiment in _wandb_runs(trainer):
             experiment.summary.update(metrics)
-            if cfg.stage == "pretrain":
-                meta = OmegaConf.to_container(OmegaConf.load(out_dir / "backbone" / "config.yaml"))
-                name = wandb_runs.artifact_name(cfg.model.name, cfg.objective._target_)
-                wandb_runs.log_backbone(experiment, out_dir / "backbone", name, meta)
     finally:
         _finish(loggers)
-        if hasattr(trainer.strategy, "close"):  # DDP/FSDP (lightning_modules/parallel.py): end this job's ranks
+        if hasattr(trainer.strategy, "close"):  # DDP/FSDP (lightning_modules/runtime/parallel.py): end this job's ranks
             trainer.strategy.close(failed=sys.exc_info()[0] is not None)
     if trainer.is_global_zero:
         write_metrics(out_dir, metrics)
     return metrics
+
+
+def _callbacks(cfg: DictConfig, out_dir: Path, backbone, datamodule) -> list:
+    """The configured callbacks, then what the stage adds: per-epoch seeding; when fine-tuning the freezing
+    strategy, the per-group monitor and the forgetting probe; when pre-training the backbone export."""
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(EpochSeed(cfg.seed))
+    if cfg.stage == "finetune":
+        freezer = build(cfg.freeze)
+        freezer.validate(backbone)  # e.g. freeze.layers beyond the backbone's groups: fail before training
+        callbacks += [freezer, LayerGroupMonitor()]
+        if OmegaConf.select(cfg, "finetune.measure_forgetting", default=False):
+            callbacks.append(ForgettingProbe(str(cfg.model.init), cfg.model.source, backbone, datamodule))
+    else:
+        callbacks.append(BackboneExport(cfg, out_dir))
+    return callbacks + _progress_bar(cfg, callbacks)
 
 
 def _resume_path(cfg: DictConfig, module) -> str | None:
@@ -224,10 +233,6 @@ def _finish(loggers: list) -> None:
 
 
 def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_dir: Path) -> dict:
-    probe = None
-    if OmegaConf.select(cfg, "finetune.measure_forgetting", default=False):
-        probe = ForgettingProbe(str(cfg.model.init), cfg.model.source, module.backbone, datamodule)
-        before = probe.loss(module.backbone)
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, module), weights_only=True)
     metrics = {
         "status": "ok",
@@ -238,10 +243,6 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_
         "steps": trainer.global_step,
         "threads": torch.get_num_threads(),  # torch threads this job trained with (joblib splits the cores)
     }
-    monitor = next((c for c in trainer.callbacks if isinstance(c, LayerGroupMonitor)), None)
-    if monitor is not None and monitor.trainable_at_start is not None:
-        metrics["params/trainable_start"] = monitor.trainable_at_start
-
     checkpoint = trainer.checkpoint_callback
     best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
     if best:
@@ -252,27 +253,7 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_
         # Test the checkpoint that validation selected, not whatever the last epoch left.
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
         metrics.update({k: float(v) for k, v in tested[0].items()})
-        if probe is not None:  # on the tested (best) weights
-            after = probe.loss(module.backbone)
-            metrics.update(
-                {
-                    "forgetting/pretrain_loss_before": before,
-                    "forgetting/pretrain_loss_after": after,
-                    "forgetting/increase": after - before,
-                }
-            )
-    elif trainer.is_global_zero:  # the same weights on every rank: one export
-        provenance = {
-            "objective": cfg.objective.get("_target_"),
-            "datamodule": cfg.datamodule.get("_target_"),
-            "seed": cfg.seed,
-            "run_dir": str(out_dir.resolve()),
-        }
-        export_backbone(
-            module.backbone,
-            out_dir / "backbone",
-            provenance=provenance,
-            objective=module.objective,
-            objective_cfg=OmegaConf.to_container(cfg.objective, resolve=True),
-        )
+    for callback in trainer.callbacks:  # what callbacks measured (the forgetting probe, the group monitor)
+        if hasattr(callback, "run_metrics"):
+            metrics.update(callback.run_metrics())
     return metrics

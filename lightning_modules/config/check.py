@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.errors import ConfigError
-from lightning_modules.schema import RULES
+from lightning_modules.config.errors import ConfigError
+from lightning_modules.config.modalities import check_modalities
+from lightning_modules.config.schema import RULES
 
 _ABSENT = object()
 
@@ -26,6 +27,7 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
         if value is not _ABSENT:  # e.g. freeze.* when pre-training
             rule.check(key, value)
+    check_modalities(cfg)
     if not isinstance(_get(cfg, "model.compile") or False, bool):
         raise ConfigError(f"model.compile={_get(cfg, 'model.compile')!r} is invalid: allowed are true, false")
     init = str(_get(cfg, "model.init"))
@@ -33,6 +35,6 @@ def check_config(cfg: DictConfig) -> None:
         if init.count("/") != 2 or ":" not in init.removeprefix("wandb:"):
             raise ConfigError(f"model.init={init} is invalid: allowed is wandb:<entity>/<project>/<name>:<alias>")
     elif init not in ("none", "timm"):
-        from lightning_modules.handoff import find_backbone_dir
+        from lightning_modules.backbones.handoff import find_backbone_dir
 
         find_backbone_dir(init)  # raises a ConfigError naming model.init when there is nothing there

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from datamodules.errors import ConfigError, TrainingDiverged
-from lightning_modules.config_check import check_config
-from lightning_modules.results import METRICS_FILE, is_rank_zero, write_metrics
+from lightning_modules.config.check import check_config
+from lightning_modules.config.errors import ConfigError, TrainingDiverged
+from lightning_modules.runtime.results import METRICS_FILE, is_rank_zero, write_metrics
 
 
 def _in_multirun() -> bool:
@@ -33,7 +33,7 @@ def main(cfg: DictConfig):
     """Run one job; returns ``optimized_metric`` for Hydra sweepers."""
     try:
         check_config(cfg)
-        from lightning_modules.run import run  # heavy imports only once the config is known good
+        from lightning_modules.runtime.run import run  # heavy imports only once the config is known good
 
         metrics = run(cfg)
     except (ConfigError, TrainingDiverged) as err:

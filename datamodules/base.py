@@ -1,0 +1,32 @@
+"""What every pretune DataModule answers, whatever its modality.
+
+- ``modality`` (class attribute): the batch entries it fills (``image``, ``text``, ...).
+- ``spec`` after ``setup``: an ``ImageSpec``/``TextSpec`` for the objectives and backbones.
+- ``use_backbone(backbone)``: called by the run before ``setup``, so a source can take from the backbone what
+  turns its raw input into tensors (a text source its tokenizer); an image source needs nothing.
+- ``eval_loader(split, batch_size=None, sharded=True)``: a split in order, as validation and test see it
+  (``sharded=False``: all of it on this process).
+- Loaders shard every global batch across ranks (``shard``) and reshuffle by epoch (``epoch``), so a run
+  resumed at epoch k, or split over W processes, sees the batches the uninterrupted single process sees.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+
+
+class PretuneDataModule(pl.LightningDataModule):
+    modality = "image"
+    spec = None
+
+    def use_backbone(self, backbone) -> None:
+        """Take what this source needs from the backbone before ``setup`` (nothing, by default)."""
+
+    def epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.current_epoch if trainer is not None else 0
+
+    def shard(self) -> dict:
+        """This process's place in a distributed run: every loader shards each global batch by it."""
+        trainer = getattr(self, "trainer", None)
+        return {"rank": trainer.global_rank, "world": trainer.world_size} if trainer is not None else {}

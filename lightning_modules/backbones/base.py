@@ -1,0 +1,122 @@
+"""The backbone contract, written once: every backbone (a timm image model, a transformers text model, ...)
+answers it, and freezing, layer-wise LR decay, L2-SP, forgetting, the hand-off and the objectives use
+nothing else.
+
+A backbone
+- reads its own entries of a batch dict (``modality``: ``image`` reads ``batch["image"]``; ``text`` reads
+  ``batch["input_ids"]`` and ``batch["attention_mask"]``) and returns pooled features ``(B, num_features)``
+  from ``forward(batch)``, or per-position features ``(B, T, num_features)`` from ``tokens(batch)``;
+- knows its ordered *layer groups*, input side first (``layer_groups()``): ``freeze.layers=N`` counts them;
+- describes its architecture as a plain dict (``spec``: its ``type`` and the arguments that rebuild it), which
+  the hand-off saves next to the weights and compares with the model config;
+- keeps the library model as ``self.model``, whose state dict is the exported weights, and whatever turns
+  raw input into tensors (``processor``: a tokenizer for text, None for images), saved with the weights.
+
+Subclasses say how their parameters fall into groups (``grouped_parameter_names``); one function here turns
+that into ``LayerGroup``s, the same way for every kind of model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LayerGroup:
+    name: str
+    params: dict[str, nn.Parameter] = field(default_factory=dict)
+    # Modules all of whose parameters lie in this group (set to eval mode when frozen).
+    modules: list[nn.Module] = field(default_factory=list)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+
+class Backbone(nn.Module):
+    """Base class: ``self.model`` is the wrapped library model, ``num_features`` the pooled width."""
+
+    modality: ClassVar[str]  # the batch entries it reads: "image" or "text"
+    type: ClassVar[str]  # the model.type that builds it (saved in backbone/config.yaml)
+
+    def __init__(self, model: nn.Module, num_features: int):
+        super().__init__()
+        self.model = model
+        self.num_features = int(num_features)
+
+    # --- what a subclass provides ---------------------------------------------------------------------
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Pooled features ``(B, num_features)``."""
+        raise NotImplementedError
+
+    def tokens(self, batch: dict) -> torch.Tensor:
+        """Per-position features ``(B, T, num_features)`` (patches or tokens), for objectives that need them."""
+        raise NotImplementedError
+
+    @property
+    def spec(self) -> dict:
+        """What rebuilds this architecture: ``{"type": ..., <arguments>}``, saved next to exported weights."""
+        raise NotImplementedError
+
+    def grouped_parameter_names(self) -> list[tuple[str | None, list[str]]]:
+        """The parameter names of ``self.model`` per layer group, input side first, each with a name for the
+        group (None: named after the modules that lie wholly in it)."""
+        raise NotImplementedError
+
+    @property
+    def processor(self):
+        """What turns raw input into this backbone's tensors (a tokenizer), or None."""
+        return None
+
+    def save_processor(self, directory: Path) -> None:
+        """Write the processor's files into ``directory`` (next to the weights); nothing for a backbone without."""
+
+    # --- shared --------------------------------------------------------------------------------------
+    def layer_groups(self) -> list[LayerGroup]:
+        """Ordered layer groups, input side first. Called at every epoch start (freezing), so it walks the
+        parameter names once instead of every module's parameters."""
+        named_groups = self.grouped_parameter_names()
+        grouped = [names for _, names in named_groups]
+        named = dict(self.model.named_parameters())
+        owner = _owners(grouped)
+        modules = dict(self.model.named_modules())
+        groups = []
+        for i, (label, names) in enumerate(named_groups):
+            inside = [m for n, m in modules.items() if n and owner.get(n) == i]
+            name = label or _group_name(i, names, modules, owner)
+            groups.append(LayerGroup(name, {n: named[n] for n in names}, inside))
+        return groups
+
+
+def _owners(grouped: list[list[str]]) -> dict[str, int | None]:
+    """For every parameter and module path: the group that holds all of its parameters, or None if they
+    span groups. A module that holds no parameters has no entry."""
+    sets: dict[str, set[int]] = {}
+    for i, names in enumerate(grouped):
+        for name in names:
+            pieces = name.split(".")
+            for depth in range(1, len(pieces) + 1):
+                sets.setdefault(".".join(pieces[:depth]), set()).add(i)
+    return {path: ids.pop() if len(ids) == 1 else None for path, ids in sets.items()}
+
+
+def _group_name(index: int, names: list[str], modules: dict, owner: dict) -> str:
+    """The shortest module paths that lie wholly in the group (``blocks.3+norm`` for a ViT, ``layer2`` for a
+    ResNet, ``encoder.layer.0`` for BERT)."""
+    parts = []
+    for name in names:
+        pieces = name.split(".")
+        for depth in range(1, len(pieces)):
+            prefix = ".".join(pieces[:depth])
+            if prefix in modules and owner.get(prefix) == index:
+                break
+        else:
+            prefix = name  # a parameter held directly by a module that spans groups
+        if prefix not in parts:
+            parts.append(prefix)
+    return "+".join(parts)

@@ -1,0 +1,1 @@
+"""Reports written from finished runs: a sweep's table and plots (``sweep``), the transfer study (``transfer``)."""
