@@ -19,6 +19,9 @@ class Objective(nn.Module):
     """
 
     modalities: ClassVar[tuple[str, ...]] = ("image",)
+    # True when forward only takes the backbone's pooled features of the batch as it comes (no views, masks or
+    # mixing): a frozen backbone's features can then be computed once (callbacks/feature_cache.py).
+    pooled_only: bool = False
 
     def __init__(self, backbone, data):
         super().__init__()
