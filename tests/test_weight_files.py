@@ -212,3 +212,25 @@ def test_cached_features_train_the_probe_as_computing_them_every_step(cfg_factor
     assert cached["features_cached"] and "features_cached" not in plain and "features_cached" not in augmented
     for key in ("train/loss", "val/loss", "val/acc", "test/acc"):
         assert cached[key] == pytest.approx(plain[key], abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_forgetting_of_imagenet_weights_is_the_drift_of_their_own_classifier(cfg_factory):
+    """The ImageNet classifier's predictions on held-out images before and after: a probe changes nothing,
+    fine-tuning the backbone moves them (the increase is a KL divergence, so never negative)."""
+    common = [
+        "model=efficientnet_lite0_imagenet",
+        "model.input_size=16",
+        "finetune.measure_forgetting=true",
+        "datamodule.batch_size=16",
+        "datamodule.label_fraction=0.2",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "callbacks=none",
+        "optimizer.lr=0.01",
+    ]
+    probe = run(cfg_factory("finetune", *common, "freeze.layers=all", "datamodule.augment=null", name="probe"))
+    full = run(cfg_factory("finetune", *common, "freeze.layers=0", name="full"))
+    assert probe["forgetting/pretrain_loss_before"] == pytest.approx(full["forgetting/pretrain_loss_before"], rel=1e-5)
+    assert probe["forgetting/increase"] == 0.0
+    assert full["forgetting/increase"] > 0

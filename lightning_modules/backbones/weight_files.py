@@ -238,10 +238,11 @@ def load_weight_file(backbone, path: Path, init_map, init: str) -> list[str]:
             ) from err
     notes += _adapt_first_conv(state, model, own)
     head = [k for k in state if k in reference and k not in own]
-    for key in head:
-        del state[key]
+    dropped_head = {key: state.pop(key) for key in head}
     if head:
         notes.append(f"classifier head dropped on purpose ({', '.join(head)}): the objective brings its own")
+    # Kept aside (not in the model): the forgetting probe measures how fine-tuning changes its predictions.
+    backbone.pretrained_head = _linear_head(dropped_head, reference, backbone.num_features)
     # BatchNorm's step counter carries no learned value; files written by other frameworks often lack it.
     for key in own:
         if key.endswith("num_batches_tracked") and key not in state:
@@ -251,6 +252,24 @@ def load_weight_file(backbone, path: Path, init_map, init: str) -> list[str]:
         raise ConfigError(f"model.init={init}: the weights do not fit model.name={backbone.name} ({differences})")
     model.load_state_dict(state, strict=True)
     return notes
+
+
+def _linear_head(tensors: dict, reference: dict, num_features: int):
+    """The weights' classifier as ``(weight, bias)`` of a linear layer on the pooled features, when it is one
+    (else None). Plain tensors: an ``nn.Module`` attribute would join the backbone's parameters."""
+    weights = [k for k in tensors if k.endswith(".weight")]
+    if len(weights) != 1 or len(tensors) != 2:
+        return None
+    weight = tensors[weights[0]]
+    bias = tensors.get(weights[0].removesuffix("weight") + "bias")
+    if (
+        bias is None
+        or weight.ndim != 2
+        or weight.shape[1] != num_features
+        or reference[weights[0]].shape != weight.shape
+    ):
+        return None
+    return weight.float(), bias.float()
 
 
 def _adapt_first_conv(state: dict, model, own: dict) -> list[str]:
