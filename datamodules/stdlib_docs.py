@@ -33,6 +33,7 @@ import sysconfig
 from pathlib import Path
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "pydoc_data"}
+EXTRACTION = 1  # part of the cache's key: bump it when what is extracted changes
 HELD_OUT = {"val": 0.15, "test": 0.15}  # the labeled task's shares of each family's docstrings
 MIN_WORDS = 3
 
@@ -77,7 +78,7 @@ def _parse_stdlib() -> list[tuple[str, str]]:
 @functools.lru_cache(maxsize=4)
 def stdlib_docstrings(cache_dir: str | None = None) -> tuple[tuple[str, str], ...]:
     """Every (module, docstring) of this Python's standard library; cached in ``cache_dir`` when given."""
-    key = hashlib.sha256(f"{sys.version}|{_stdlib()}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{EXTRACTION}|{sys.version}|{_stdlib()}".encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"stdlib_docstrings-{sys.version_info.major}.{sys.version_info.minor}-{key}.json"
     if cache_dir and cache.is_file():
         try:

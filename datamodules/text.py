@@ -22,6 +22,17 @@ from lightning_modules.config.errors import ConfigError
 from lightning_modules.config.schema import check
 
 
+def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+    """``texts`` as right-padded ``input_ids``/``attention_mask`` of ``max_length`` columns (for
+    ``PaddedBatchLoader``), their lengths, and how many were longer than ``max_length`` (truncated as the
+    tokenizer truncates: its special tokens kept)."""
+    full = tokenizer(texts, verbose=False)["input_ids"]  # no warning: the lengths are what is asked
+    too_long = sum(len(ids) > max_length for ids in full)
+    enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+    tensors = {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+    return tensors, tensors["attention_mask"].sum(1), too_long
+
+
 class PaddedBatchLoader(BatchLoader):
     """A ``BatchLoader`` over right-padded ``(N, max_length)`` id tensors that cuts each batch to the longest
     example (``lengths``) of its global batch."""
@@ -86,14 +97,8 @@ class TextDataModule(PretuneDataModule):
         return self.tokenizer
 
     def encode(self, texts: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
-        """``texts`` as right-padded ``input_ids``/``attention_mask`` of ``max_length`` columns, their lengths,
-        and how many were longer than ``max_length`` (truncated, as the tokenizer truncates: special tokens kept)."""
-        tokenizer = self._require_tokenizer()
-        full = tokenizer(texts, verbose=False)["input_ids"]  # no warning: the lengths are what is asked
-        too_long = sum(len(ids) > self.max_length for ids in full)
-        enc = tokenizer(texts, truncation=True, max_length=self.max_length, padding="max_length", return_tensors="pt")
-        tensors = {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
-        return tensors, tensors["attention_mask"].sum(1), too_long
+        """``tokenize`` with the backbone's tokenizer and ``max_length``."""
+        return tokenize(self._require_tokenizer(), texts, self.max_length)
 
     def make_spec(self, class_names: tuple[str, ...] = ()) -> TextSpec:
         tokenizer = self._require_tokenizer()
