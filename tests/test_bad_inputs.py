@@ -211,7 +211,7 @@ TEXT_CASES = [
         "finetune",
         ["datamodule=text_classification", "model.init={bad}"],
         _foreign_tokenizer,
-        "model.init={bad}: the tokenizer does not match its backbone (tokenizer.json is not the file",
+        "model.init={bad}: the tokenizer does not match its backbone (tokenizer.json is not the tokenizer",
     ),
     (
         "mlm-on-gpt",

@@ -223,7 +223,7 @@ def test_a_tokenizer_that_is_not_the_backbones_is_refused(tmp_path):
     other = text_backbone(BERT, texts=[t[::-1] for t in sample_texts()])  # another vocabulary
     other.processor.save_pretrained(str(target))
     with pytest.raises(
-        ConfigError, match=r"the tokenizer does not match its backbone \(tokenizer.json is not the file"
+        ConfigError, match=r"the tokenizer does not match its backbone \(tokenizer.json is not the tokenizer"
     ):
         build_backbone({**BERT, "init": str(tmp_path)})
 

@@ -144,7 +144,7 @@ class TransformersBackbone(Backbone):
                 config, hf_source = AutoConfig.from_pretrained(str(directory)), meta.get("source")
             else:
                 config, hf_source = hf_config(model_cfg, tokenizer), None
-            check_tokenizer(tokenizer, config.vocab_size, what, meta.get("tokenizer"), directory)
+            check_tokenizer(tokenizer, config.vocab_size, what, meta.get("tokenizer"))
             return cls(_from_config(config), tokenizer, pooling, hf_source)
         if data is None or not hasattr(data, "texts"):
             raise ConfigError(
@@ -213,7 +213,7 @@ class TransformersBackbone(Backbone):
                 "max_positions": config.max_position_embeddings,
                 "vocab_size": config.vocab_size,
             }
-        return {**spec, "tokenizer": getattr(self, "_tokenizer_record", None)}
+        return {**spec, "tokenizer": tokenizer_record(self.tokenizer)}
 
     @property
     def described(self) -> str:
@@ -234,7 +234,6 @@ class TransformersBackbone(Backbone):
         """The tokenizer (``tokenizer.json`` ...) and the transformers config (``config.json``)."""
         self.tokenizer.save_pretrained(str(directory))
         self.model.config.save_pretrained(str(directory))
-        self._tokenizer_record = tokenizer_record(self.tokenizer, directory)  # into config.yaml's spec
 
     def tokens(self, batch: dict) -> torch.Tensor:
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state

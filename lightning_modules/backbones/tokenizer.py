@@ -13,13 +13,15 @@ numbered by name afterwards (special tokens first). No character limit is set: t
 drops characters among equally rare ones in hash-map order too.
 
 The hand-off saves the tokenizer into ``backbone/`` (``tokenizer.json`` + ``tokenizer_config.json``) and
-records ``tokenizer_record``: the file's sha256, the vocabulary size and the special ids; a fine-tune loading
-that directory refuses a tokenizer that is not the one recorded, or that does not fit the backbone.
+records ``tokenizer_record``: a hash of the tokenizer's content, the vocabulary size and the special ids; a
+fine-tune loading that directory refuses a tokenizer that is not the one recorded, or that does not fit the
+backbone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -116,14 +118,17 @@ def special_ids(tokenizer) -> dict[str, int]:
     return out
 
 
-def file_sha256(directory: Path) -> str | None:
-    path = Path(directory) / TOKENIZER_FILE
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+def tokenizer_sha256(tokenizer) -> str:
+    """A hash of what the tokenizer does (its vocabulary, merges, normalizer, ... as ``tokenizers`` serialises
+    them), not of a file: the truncation and padding a call last set are left out."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    state["truncation"] = state["padding"] = None
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
 
-def tokenizer_record(tokenizer, directory: Path) -> dict:
-    """What ``backbone/config.yaml`` records about the tokenizer saved in ``directory``."""
-    return {"sha256": file_sha256(directory), "vocab_size": len(tokenizer), "special_ids": special_ids(tokenizer)}
+def tokenizer_record(tokenizer) -> dict:
+    """What ``backbone/config.yaml`` records about the backbone's tokenizer, to check the one loaded with it."""
+    return {"sha256": tokenizer_sha256(tokenizer), "vocab_size": len(tokenizer), "special_ids": special_ids(tokenizer)}
 
 
 def load_tokenizer(directory: Path, what: str):
@@ -137,13 +142,13 @@ def load_tokenizer(directory: Path, what: str):
         raise ConfigError(f"{what}: no usable tokenizer in {directory} ({_first_line(err)})") from err
 
 
-def check_tokenizer(tokenizer, vocab_rows: int, what: str, recorded: dict | None = None, directory=None) -> None:
+def check_tokenizer(tokenizer, vocab_rows: int, what: str, recorded: dict | None = None) -> None:
     """Refuse a tokenizer that does not belong to its backbone: ids past the embedding rows, or (when
-    ``recorded``, from config.yaml) another file or other special ids than the backbone was trained with."""
+    ``recorded``, from config.yaml) another tokenizer or other special ids than the backbone was trained with."""
     problems = []
     if recorded:
-        if recorded.get("sha256") and file_sha256(directory) != recorded["sha256"]:
-            problems.append(f"{TOKENIZER_FILE} is not the file it was trained with (sha256 differs)")
+        if recorded.get("sha256") and tokenizer_sha256(tokenizer) != recorded["sha256"]:
+            problems.append(f"{TOKENIZER_FILE} is not the tokenizer it was trained with (sha256 differs)")
         if recorded.get("vocab_size") not in (None, len(tokenizer)):
             problems.append(f"vocabulary {len(tokenizer)} vs {recorded['vocab_size']} recorded")
         if recorded.get("special_ids") not in (None, special_ids(tokenizer)):
