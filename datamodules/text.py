@@ -34,8 +34,11 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[dict[str, to
 
 
 class PaddedBatchLoader(BatchLoader):
-    """A ``BatchLoader`` over right-padded ``(N, max_length)`` id tensors that cuts each batch to the longest
-    example (``lengths``) of its global batch."""
+    """A ``BatchLoader`` whose right-padded ``(N, max_length)`` token tensors (``input_ids``, ``attention_mask``)
+    are cut, batch by batch, to the longest example (``lengths``) of the global batch; other entries (labels,
+    images next to captions) pass as they are."""
+
+    TOKEN_KEYS = ("input_ids", "attention_mask")
 
     def __init__(self, tensors: dict[str, torch.Tensor], lengths: torch.Tensor, *args, **kwargs):
         super().__init__(tensors, *args, **kwargs)
@@ -43,7 +46,7 @@ class PaddedBatchLoader(BatchLoader):
 
     def take(self, idx: torch.Tensor, global_idx: torch.Tensor) -> dict:
         width = int(self.lengths[global_idx].max())
-        return {k: v[idx, :width] if v.ndim == 2 else v[idx] for k, v in self.tensors.items()}
+        return {k: v[idx, :width] if k in self.TOKEN_KEYS else v[idx] for k, v in self.tensors.items()}
 
 
 class TextDataModule(PretuneDataModule):
