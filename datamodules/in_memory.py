@@ -14,6 +14,7 @@ from sklearn.model_selection import train_test_split
 from datamodules.augment import BatchAugment
 from datamodules.base import PretuneDataModule
 from datamodules.spec import ImageSpec
+from lightning_modules.backbones.base import FEATURES
 from lightning_modules.config.errors import ConfigError
 from lightning_modules.config.schema import check
 
@@ -142,6 +143,17 @@ class InMemoryImageDataModule(PretuneDataModule):
         self.augment = BatchAugment(**(augment or {}))
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
         self.spec: ImageSpec | None = None
+        # Normalisation per channel; None: the statistics of the training images (use_backbone may set both).
+        self.norm_mean: list[float] | None = None
+        self.norm_std: list[float] | None = None
+
+    def use_backbone(self, backbone) -> None:
+        """Weights trained elsewhere expect images as they were trained on (``backbone.preprocessing``): their
+        size (images are loaded at it) and their mean/std. Nothing for weights trained on this data."""
+        pre = getattr(backbone, "preprocessing", None) or {}
+        if pre.get("input_size"):
+            self.image_size = check("datamodule.image_size", int(pre["input_size"]))
+        self.norm_mean, self.norm_std = pre.get("mean"), pre.get("std")
 
     # --- what a subclass provides -------------------------------------------------------
     def load(self) -> tuple[torch.Tensor, np.ndarray, tuple[str, ...]]:
@@ -183,8 +195,13 @@ class InMemoryImageDataModule(PretuneDataModule):
         splits, classes = self.load_splits()
         train_x, train_y = splits["train"]
         # Normalise with statistics of all training images (labeled or not), shared by every split and
-        # by both stages, so a fine-tune sees inputs on the scale its backbone was pre-trained on.
+        # by both stages, so a fine-tune sees inputs on the scale its backbone was pre-trained on; or with
+        # the mean/std the backbone's weights were trained with (use_backbone).
         mean, std = train_x.mean(), train_x.std().clamp_min(1e-6)
+        if self.norm_mean is not None:
+            mean = torch.tensor(self.norm_mean, dtype=train_x.dtype).view(-1, 1, 1)
+        if self.norm_std is not None:
+            std = torch.tensor(self.norm_std, dtype=train_x.dtype).view(-1, 1, 1)
         if self.labeled and self.label_fraction < 1:
             train_x, train_y = self._label_subset(train_x, train_y)
         splits["train"] = (train_x, train_y)
@@ -229,6 +246,16 @@ class InMemoryImageDataModule(PretuneDataModule):
 
     def test_dataloader(self):
         return self.eval_loader("test")
+
+    def can_cache_features(self) -> bool:
+        return self.augment.is_identity  # augmented training images would need new features at every step
+
+    def cache_features(self, encode) -> None:
+        """Store each example's features next to it (``features``): ``encode(split, images, batches)`` returns
+        them for the split's batches in order (callbacks/feature_cache.py); every batch then carries them."""
+        for name, tensors in self.splits.items():
+            batches = BatchLoader(dict(tensors), self.eval_batch_size, shuffle=False, drop_last=False)
+            tensors[FEATURES] = encode(name, tensors["image"], batches)  # in place: loaders made already see it
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         # Augment training batches only, on whatever device they landed on.
