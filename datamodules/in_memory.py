@@ -1,7 +1,20 @@
-"""In-memory image DataModule: the shared splitting, label-fraction and batching logic.
+"""In-memory image DataModule: the shared splitting, label-fraction, storage and batching logic.
 
-Small datasets live as one tensor; each batch is a single index into it, so loading costs
-next to nothing. Subclasses only say how to read their images and labels (``load``).
+Small datasets live as one tensor per split; each batch is a single index into it, so loading costs next to
+nothing. Subclasses only say how to read their images and labels (``load``).
+
+Storage. Images from an 8-bit source (digits 0..16, MNIST and image files 0..255) are kept as ``uint8`` at the
+resolution they were read at, a quarter of float32's memory (digits at 8x8: a 64th of 32x32 float32), and every
+batch is decoded when it is taken: ``/ pixel_max``, resized to ``image_size`` (bilinear, antialiased), normalised
+with the training split's mean and std. Those are the operations the float32 path applied to the whole split at
+set-up, per image and elementwise, so the decoded batches are bit-for-bit the images that path held (tested on
+digits, MNIST-5k and an image folder).
+
+Placement. On an accelerator the stored splits go onto the device once (``place``), when they fit
+``datamodule.device_budget`` (a fraction of its memory): batches are then indexed, decoded and augmented there
+and nothing crosses the bus during training. Above the budget they stay in host memory and each batch is gathered
+into pinned memory and copied with ``non_blocking=True`` (still as uint8), decoded on the device. On the CPU the
+splits stay where they are: the device path and the CPU path are the same code.
 """
 
 from __future__ import annotations
@@ -17,6 +30,11 @@ from datamodules.spec import ImageSpec
 from lightning_modules.config.errors import ConfigError
 from lightning_modules.config.schema import check
 
+# Mean and std of the training pixels are computed over the whole decoded split at once when it holds at most
+# this many values (1 GiB as float32): exactly as the float32 path did. Larger splits are reduced in chunks in
+# float64 instead, never holding the float32 copy whose memory uint8 storage saves.
+EXACT_STATS_VALUES = 2**28
+
 
 class BatchLoader:
     """Iterates over dict batches of in-memory tensors.
@@ -31,6 +49,11 @@ class BatchLoader:
     ``rank`` takes its contiguous slice of each. So B per rank on W ranks sees, step by step, exactly
     the images that batch W*B sees on one process. (Not a torch DataLoader: Lightning injects no
     DistributedSampler here, this is its replacement.)
+
+    Where the batches come from and go: ``tensors`` may live on an accelerator (indexed there; the order is
+    drawn on the CPU, as everywhere, and copied over once a pass) or on the CPU; with ``device`` set to an
+    accelerator, CPU tensors are gathered into pinned memory and copied without blocking. ``transform`` (e.g.
+    the datamodule's ``decode``) is applied to each batch where it landed. Nothing here waits for the device.
     """
 
     def __init__(
@@ -44,13 +67,18 @@ class BatchLoader:
         num_batches: int | None = None,
         rank: int = 0,
         world: int = 1,
+        transform=None,
+        device: torch.device | str | None = None,
     ):
         self.tensors, self.batch_size = tensors, batch_size
         self.rank, self.world = rank, world
         self.global_batch = global_batch = batch_size * world
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.epoch_fn = epoch_fn or (lambda: 0)
-        self.n = len(next(iter(tensors.values())))
+        self.transform = transform
+        first = next(iter(tensors.values()))
+        self.n, self.store = len(first), first.device
+        self.device = self.store if device is None else torch.device(device)
         # Where each global batch starts in the order; an epoch of num_batches repeats this pass.
         self.starts = list(range(0, self.n - global_batch + 1 if drop_last else self.n, global_batch))
         if world > 1 and len(self.starts) > 1 and self.n - self.starts[-1] < world:
@@ -70,9 +98,23 @@ class BatchLoader:
 
     def _order(self, repeat: int) -> torch.Tensor:
         if not self.shuffle:
-            return torch.arange(self.n)
+            return torch.arange(self.n, device=self.store)
         gen = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch_fn()) * 1_009 + repeat)
-        return torch.randperm(self.n, generator=gen)
+        order = torch.randperm(self.n, generator=gen)  # on the CPU: the same order whatever the device
+        if self.store.type != "cpu":  # one copy a pass, from pinned memory: the host does not wait
+            order = order.pin_memory().to(self.store, non_blocking=True)
+        return order
+
+    def _take(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.store == self.device or self.device.type == "cpu":
+            batch = {k: v.index_select(0, idx) for k, v in self.tensors.items()}
+        else:  # host-resident data for an accelerator: gather into pinned memory, copy without waiting
+            batch = {}
+            for k, v in self.tensors.items():
+                pinned = torch.empty((len(idx), *v.shape[1:]), dtype=v.dtype, pin_memory=True)
+                torch.index_select(v, 0, idx, out=pinned)
+                batch[k] = pinned.to(self.device, non_blocking=True)
+        return self.transform(batch) if self.transform is not None else batch
 
     def __iter__(self):
         for i in range(self.num_batches):
@@ -83,8 +125,7 @@ class BatchLoader:
             # The last eval batch runs to the end (it may have absorbed a small remainder).
             end = self.n if not self.drop_last and j + 1 == self.per_pass else start + self.global_batch
             # Near-equal contiguous slices: B each for a full batch; a short last eval batch splits evenly.
-            idx = torch.tensor_split(order[start:end], self.world)[self.rank]
-            yield {k: v[idx] for k, v in self.tensors.items()}
+            yield self._take(torch.tensor_split(order[start:end], self.world)[self.rank])
 
 
 class InMemoryImageDataModule(PretuneDataModule):
@@ -95,6 +136,7 @@ class InMemoryImageDataModule(PretuneDataModule):
     """
 
     name = "images"
+    pixel_max = 255  # the largest value of the source's 8-bit pixels (digits: 16)
 
     def __init__(
         self,
@@ -110,6 +152,7 @@ class InMemoryImageDataModule(PretuneDataModule):
         labeled: bool = True,
         augment: dict | None = None,
         train_batches_per_epoch: int | None = None,
+        device_budget: float = 0.25,
     ):
         super().__init__()
         self.batch_size = check("datamodule.batch_size", batch_size)
@@ -125,13 +168,19 @@ class InMemoryImageDataModule(PretuneDataModule):
         self.split_seed, self.label_seed, self.labeled = split_seed, label_seed, labeled
         check("datamodule.train_batches_per_epoch", train_batches_per_epoch)  # null: one pass over the data
         self.train_batches_per_epoch = train_batches_per_epoch
+        self.device_budget = float(check("datamodule.device_budget", device_budget))
         self.augment = BatchAugment(**(augment or {}))
+        # The stored splits: {"image": uint8 (N, C, h, w) at the size read, "label": long (N,)}; see decode().
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
+        self.mean = self.std = None  # of the decoded training pixels, 0-dim float32, on the splits' device
+        self.placement = "cpu"  # where the splits live: cpu, device (an accelerator), or pinned (copied per batch)
+        self.target = torch.device("cpu")  # where batches go
         self.spec: ImageSpec | None = None
 
     # --- what a subclass provides -------------------------------------------------------
     def load(self) -> tuple[torch.Tensor, np.ndarray, tuple[str, ...]]:
-        """Return images (N, C, H, W) float in [0, 1], integer labels (N,), and class names."""
+        """Return images (N, C, h, w) as uint8 in 0..``pixel_max`` (or float in [0, 1] for a source that is
+        not 8-bit) at any size, integer labels (N,), and class names. ``decode`` resizes them per batch."""
         raise NotImplementedError
 
     def load_splits(self):
@@ -163,6 +212,36 @@ class InMemoryImageDataModule(PretuneDataModule):
             antialias=True,
         )
 
+    def to_unit(self, images: torch.Tensor) -> torch.Tensor:
+        """Stored images as float32 in [0, 1] at ``image_size``, before normalisation."""
+        x = images.float() / self.pixel_max if images.dtype == torch.uint8 else images.float()
+        return self.resize(x)
+
+    def decode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A batch as the model sees it: images in [0, 1], resized, normalised with the training statistics."""
+        return dict(batch, image=(self.to_unit(batch["image"]) - self.mean) / self.std)
+
+    def images(self, split: str) -> torch.Tensor:
+        """A whole split decoded (for inspection and tests; training decodes batch by batch)."""
+        return self.decode(self.splits[split])["image"]
+
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for split in self.splits.values() for t in split.values())
+
+    def _statistics(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of all decoded training pixels (before normalisation), as 0-dim float32 tensors."""
+        values = len(images) * self.channels * self.image_size**2
+        if values <= EXACT_STATS_VALUES:
+            x = self.to_unit(images)
+            return x.mean(), x.std().clamp_min(1e-6)
+        total = squares = torch.zeros((), dtype=torch.float64)
+        for chunk in images.split(max(1, EXACT_STATS_VALUES // (values // len(images)))):
+            x = self.to_unit(chunk).double()
+            total, squares = total + x.sum(), squares + (x * x).sum()
+        mean = total / values
+        std = ((squares - values * mean**2) / (values - 1)).clamp_min(0).sqrt()
+        return mean.float(), std.float().clamp_min(1e-6)
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
@@ -170,12 +249,12 @@ class InMemoryImageDataModule(PretuneDataModule):
         train_x, train_y = splits["train"]
         # Normalise with statistics of all training images (labeled or not), shared by every split and
         # by both stages, so a fine-tune sees inputs on the scale its backbone was pre-trained on.
-        mean, std = train_x.mean(), train_x.std().clamp_min(1e-6)
+        self.mean, self.std = self._statistics(train_x)
         if self.labeled and self.label_fraction < 1:
             train_x, train_y = self._label_subset(train_x, train_y)
         splits["train"] = (train_x, train_y)
         for name, (x, y) in splits.items():
-            batch = {"image": ((x - mean) / std).float().contiguous()}
+            batch = {"image": x.contiguous()}
             if self.labeled or name != "train":
                 batch["label"] = torch.as_tensor(y, dtype=torch.long)
             self.splits[name] = batch
@@ -198,6 +277,34 @@ class InMemoryImageDataModule(PretuneDataModule):
         idx = np.sort(idx)
         return x[idx], y[idx]
 
+    def place(self, device: torch.device | str) -> str:
+        """Put the stored splits where batches for ``device`` come from, once: on an accelerator if they fit
+        ``device_budget`` of its memory (``device``), else in host memory, copied per batch (``pinned``); on the
+        CPU nothing moves (``cpu``). Returns the placement."""
+        device = torch.device(device)
+        if device.type != "cuda" or self.placement != "cpu":  # (other accelerators: Lightning copies each batch)
+            return self.placement
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        size = self.stored_bytes()
+        if size <= self.device_budget * torch.cuda.get_device_properties(device).total_memory:
+            self.splits = {s: {k: v.to(device) for k, v in split.items()} for s, split in self.splits.items()}
+            self.placement = "device"
+        else:
+            self.placement = "pinned"
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        self.target = device
+        where = f"on {device}" if self.placement == "device" else f"in host memory, copied to {device} per batch"
+        _info(f"data: the splits ({size / 2**20:.1f} MiB as stored) are {where} (datamodule.device_budget)")
+        return self.placement
+
+    def _loader_device(self) -> dict:
+        """Place the splits for the trainer's device (once) and say where this placement's batches go."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            self.place(trainer.strategy.root_device)
+        return {"device": self.target} if self.placement == "pinned" else {}
+
     def train_dataloader(self):
         return BatchLoader(
             self.splits["train"],
@@ -207,13 +314,18 @@ class InMemoryImageDataModule(PretuneDataModule):
             seed=self.label_seed,
             epoch_fn=self.epoch,
             num_batches=self.train_batches_per_epoch,
+            transform=self.decode,
+            **self._loader_device(),
             **self.shard(),
         )
 
     def eval_loader(self, split: str, batch_size: int | None = None, sharded: bool = True):
         """A split in order; ``sharded=False``: all of it on this process (e.g. the forgetting probe)."""
         shard = self.shard() if sharded else {}
-        return BatchLoader(self.splits[split], batch_size or self.eval_batch_size, False, False, **shard)
+        size = batch_size or self.eval_batch_size
+        return BatchLoader(
+            self.splits[split], size, False, False, transform=self.decode, **self._loader_device(), **shard
+        )
 
     def val_dataloader(self):
         return self.eval_loader("val")
@@ -227,3 +339,9 @@ class InMemoryImageDataModule(PretuneDataModule):
         if trainer is not None and trainer.training and not self.augment.is_identity:
             batch = dict(batch, image=self.augment(batch["image"]))
         return batch
+
+
+def _info(message: str) -> None:
+    from pytorch_lightning.utilities import rank_zero_info
+
+    rank_zero_info(message)

@@ -119,7 +119,14 @@ def plain_run(cfg: DictConfig) -> dict:
     optimizer = build_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True), backbone, objective)
     epochs, epoch = cfg.trainer.max_epochs, 0
     train = BatchLoader(
-        dm.splits["train"], dm.batch_size, True, True, dm.label_seed, lambda: epoch, dm.train_batches_per_epoch
+        dm.splits["train"],
+        dm.batch_size,
+        True,
+        True,
+        dm.label_seed,
+        lambda: epoch,
+        dm.train_batches_per_epoch,
+        transform=dm.decode,
     )
     total = epochs * len(train)
     schedule = build_scheduler(OmegaConf.to_container(cfg.scheduler, resolve=True), optimizer, total, len(train))
@@ -168,7 +175,7 @@ def loader_options(batches: int = 300) -> list[tuple[str, float, float]]:
 
     dm = instantiate(make_cfg("finetune", [], _scratch()).datamodule)
     dm.setup("fit")
-    data = dm.splits["train"]
+    data = dm.decode(dm.splits["train"])  # float32, as the workers would hand them over
 
     class Batches(torch.utils.data.Dataset):  # one item = one whole batch, indexed from the tensors
         def __len__(self):

@@ -61,6 +61,7 @@ RULES: dict[str, Rule] = {
     "datamodule.image_size": Rule(int, low=4),
     "datamodule.label_fraction": FRACTION,
     "datamodule.train_batches_per_epoch": Rule(int, low=1, nullable=True),
+    "datamodule.device_budget": Rule(float, low=0, high=1),  # fraction of the GPU's memory for the splits
     "trainer.max_epochs": Rule(int, low=-1, nullable=True),  # -1: no limit (Lightning's meaning)
     "objective.mask_ratio": Rule(float, low=0, high=1, low_open=True, high_open=True),
     "objective.temperature": POSITIVE,
