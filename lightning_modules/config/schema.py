@@ -46,10 +46,26 @@ class Rule:
         return value
 
 
+@dataclass(frozen=True)
+class Choice:
+    """One of a few words (or booleans)."""
+
+    options: tuple
+
+    def allowed(self) -> str:
+        words = [str(o).lower() if isinstance(o, bool) else repr(o) for o in self.options]
+        return ", ".join(words)
+
+    def check(self, key: str, value):
+        if any(value == o and isinstance(value, bool) == isinstance(o, bool) for o in self.options):
+            return value
+        raise ConfigError(f"{key}={value!r} is invalid: allowed are {self.allowed()}")
+
+
 POSITIVE = Rule(float, low=0, low_open=True)
 FRACTION = Rule(float, low=0, high=1, low_open=True)  # (0, 1]
 
-RULES: dict[str, Rule] = {
+RULES: dict[str, Rule | Choice] = {
     "seed": Rule(int),
     "optimizer.lr": POSITIVE,
     "optimizer.weight_decay": Rule(float, low=0),
@@ -75,6 +91,10 @@ RULES: dict[str, Rule] = {
     "freeze.probe_epochs": Rule(int, low=0),
     "freeze.ft_lr_scale": Rule(float, low=0, high=1, low_open=True),
     "finetune.l2_sp": Rule(float, low=0),
+    # Speed on GPUs: each 'auto' resolves to what is faster there and leaves the CPU as it was.
+    "optimizer.implementation": Choice(("auto", "fused", "foreach", "loop")),
+    "model.channels_last": Choice(("auto", True, False)),
+    "float32_matmul_precision": Choice(("auto", "highest", "high", "medium")),
 }
 # Keys that only some configs have (objective.mask_ratio with MAE, freeze.* when fine-tuning) are
 # checked where they exist.
