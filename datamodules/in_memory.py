@@ -69,13 +69,14 @@ class BatchLoader:
         world: int = 1,
         transform=None,
         device: torch.device | str | None = None,
+        skip_fn=None,
     ):
         self.tensors, self.batch_size = tensors, batch_size
         self.rank, self.world = rank, world
         self.global_batch = global_batch = batch_size * world
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.epoch_fn = epoch_fn or (lambda: 0)
-        self.transform = transform
+        self.transform, self.skip_fn = transform, skip_fn
         first = next(iter(tensors.values()))
         self.n, self.store = len(first), first.device
         self.device = self.store if device is None else torch.device(device)
@@ -116,10 +117,20 @@ class BatchLoader:
                 batch[k] = pinned.to(self.device, non_blocking=True)
         return self.transform(batch) if self.transform is not None else batch
 
+    # Lightning saves and restores these with its loop; the position itself is the loop's restored progress
+    # (skip_fn): the loader is one batch ahead of training when a checkpoint is taken (Lightning prefetches).
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch_fn()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
     def __iter__(self):
-        for i in range(self.num_batches):
+        skip = self.skip_fn() if self.skip_fn is not None else 0
+        order = None
+        for i in range(skip if 0 < skip < self.num_batches else 0, self.num_batches):
             repeat, j = divmod(i, self.per_pass)
-            if j == 0:
+            if j == 0 or order is None:
                 order = self._order(repeat)
             start = self.starts[j]
             # The last eval batch runs to the end (it may have absorbed a small remainder).
@@ -315,9 +326,19 @@ class InMemoryImageDataModule(PretuneDataModule):
             epoch_fn=self.epoch,
             num_batches=self.train_batches_per_epoch,
             transform=self.decode,
+            skip_fn=self._batches_trained,
             **self._loader_device(),
             **self.shard(),
         )
+
+    def _batches_trained(self) -> int:
+        """On a resume from a mid-epoch checkpoint, the epoch's batches already trained; else 0."""
+        from lightning_modules.callbacks.seeding import resuming_mid_epoch
+
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not resuming_mid_epoch(trainer):
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
     def eval_loader(self, split: str, batch_size: int | None = None, sharded: bool = True):
         """A split in order; ``sharded=False``: all of it on this process (e.g. the forgetting probe)."""

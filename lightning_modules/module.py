@@ -21,6 +21,7 @@ from collections import deque
 import pytorch_lightning as pl
 import torch
 
+from lightning_modules.callbacks.seeding import resuming_mid_epoch
 from lightning_modules.config.errors import TrainingDiverged
 from lightning_modules.config.schema import check
 from lightning_modules.optim import build_optimizer, build_scheduler, refresh_lrs
@@ -138,6 +139,20 @@ class PretuneModule(pl.LightningModule):
 
     def on_train_epoch_start(self):
         self._loss_sum, self._loss_steps = torch.zeros((), device=self.device), 0
+
+    def on_train_start(self):
+        restored, self._restored_loss = getattr(self, "_restored_loss", None), None
+        if restored is not None and resuming_mid_epoch(self.trainer):  # the epoch's running sum so far
+            self._loss_sum, self._loss_steps = restored["sum"].to(self.device), int(restored["steps"])
+
+    # A checkpoint taken mid-epoch carries the epoch's running loss sum, so train/loss_epoch of a resumed epoch is
+    # the mean over all of its steps, as in the uninterrupted run.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if hasattr(self, "_loss_sum"):
+            checkpoint["pretune_epoch_loss"] = {"sum": self._loss_sum.detach().cpu(), "steps": self._loss_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._restored_loss = checkpoint.get("pretune_epoch_loss")
 
     def _check_finite(self, loss_sum: float, step: int):
         if not math.isfinite(loss_sum):  # a sum that is nan/inf means some step's loss was

@@ -156,3 +156,17 @@ def test_host_reports_are_read_at_once_on_the_cpu():
     ((tag, values),) = reports.ready()
     assert tag == "step 9" and values[0] == 1.5 and values[1] != values[1]
     assert reports.ready() == []
+
+
+def test_last_checkpoint_cadence_is_one_of_epochs_steps_or_minutes(tmp_path):
+    from lightning_modules.callbacks.checkpoint import LastCheckpoint
+
+    assert LastCheckpoint(dirpath=tmp_path).every_n_epochs == 1
+    steps = LastCheckpoint(dirpath=tmp_path, every_n_train_steps=500)
+    assert steps.every_n_epochs == 0 and steps._every_n_train_steps == 500  # the steps replace the epoch cadence
+    minutes = LastCheckpoint(dirpath=tmp_path, every_minutes=30)
+    assert minutes.every_n_epochs == 0 and minutes._train_time_interval.total_seconds() == 1800
+    with pytest.raises(ConfigError, match=r"every_n_train_steps=5 and callbacks.last_checkpoint.every_minutes=1"):
+        LastCheckpoint(dirpath=tmp_path, every_n_train_steps=5, every_minutes=1)
+    with pytest.raises(ConfigError, match=r"callbacks.last_checkpoint.every_n_train_steps=0 is out of range"):
+        check_config(make_cfg("finetune", ["callbacks.last_checkpoint.every_n_train_steps=0"], tmp_path))

@@ -91,6 +91,9 @@ RULES: dict[str, Rule | Choice] = {
     "freeze.probe_epochs": Rule(int, low=0),
     "freeze.ft_lr_scale": Rule(float, low=0, high=1, low_open=True),
     "finetune.l2_sp": Rule(float, low=0),
+    "callbacks.last_checkpoint.every_n_epochs": Rule(int, low=1, nullable=True),
+    "callbacks.last_checkpoint.every_n_train_steps": Rule(int, low=1, nullable=True),
+    "callbacks.last_checkpoint.every_minutes": Rule(float, low=0, low_open=True, nullable=True),
     # Speed on GPUs: each 'auto' resolves to what is faster there and leaves the CPU as it was.
     "optimizer.implementation": Choice(("auto", "fused", "foreach", "loop")),
     "model.channels_last": Choice(("auto", True, False)),
