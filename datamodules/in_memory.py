@@ -309,8 +309,8 @@ class InMemoryImageDataModule(PretuneDataModule):
         _info(f"data: the splits ({size / 2**20:.1f} MiB as stored) are {where} (datamodule.device_budget)")
         return self.placement
 
-    def _loader_device(self) -> dict:
-        """Place the splits for the trainer's device (once) and say where this placement's batches go."""
+    def batch_device(self) -> dict:
+        """Place the splits for the trainer's device (once); the loader argument saying where batches go."""
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             self.place(trainer.strategy.root_device)
@@ -327,7 +327,7 @@ class InMemoryImageDataModule(PretuneDataModule):
             num_batches=self.train_batches_per_epoch,
             transform=self.decode,
             skip_fn=self._batches_trained,
-            **self._loader_device(),
+            **self.batch_device(),
             **self.shard(),
         )
 
@@ -345,7 +345,7 @@ class InMemoryImageDataModule(PretuneDataModule):
         shard = self.shard() if sharded else {}
         size = batch_size or self.eval_batch_size
         return BatchLoader(
-            self.splits[split], size, False, False, transform=self.decode, **self._loader_device(), **shard
+            self.splits[split], size, False, False, transform=self.decode, **self.batch_device(), **shard
         )
 
     def val_dataloader(self):

@@ -243,4 +243,4 @@ def test_on_the_cpu_nothing_is_placed():
     dm.setup()
     before = dm.splits["train"]["image"]
     assert dm.place("cpu") == "cpu" and dm.splits["train"]["image"] is before
-    assert dm._loader_device() == {}
+    assert dm.batch_device() == {}
