@@ -738,9 +738,12 @@ def gpu_benchmark(
                     torch.cuda.empty_cache()
                 if loop == "hand":
                     runs[loop].append(gpu_plain_run(cfg, compile_options if compiled else None))
-                else:
-                    run_module.COMPILE_OPTIONS = compile_options
+                    continue
+                before, run_module.COMPILE_OPTIONS = run_module.COMPILE_OPTIONS, compile_options
+                try:
                     runs[loop].append(gpu_pretune_run(cfg))
+                finally:
+                    run_module.COMPILE_OPTIONS = before
         cfg = gpu_cfg(stage, extra, tmp / "shape", tiny)
         results[case] = dict(
             runs,
