@@ -106,17 +106,6 @@ class BatchLoader:
             order = order.pin_memory().to(self.store, non_blocking=True)
         return order
 
-    def _take(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.store == self.device or self.device.type == "cpu":
-            batch = {k: v.index_select(0, idx) for k, v in self.tensors.items()}
-        else:  # host-resident data for an accelerator: gather into pinned memory, copy without waiting
-            batch = {}
-            for k, v in self.tensors.items():
-                pinned = torch.empty((len(idx), *v.shape[1:]), dtype=v.dtype, pin_memory=True)
-                torch.index_select(v, 0, idx, out=pinned)
-                batch[k] = pinned.to(self.device, non_blocking=True)
-        return self.transform(batch) if self.transform is not None else batch
-
     # Lightning saves and restores these with its loop; the position itself is the loop's restored progress
     # (skip_fn): the loader is one batch ahead of training when a checkpoint is taken (Lightning prefetches).
     def state_dict(self) -> dict:
@@ -136,7 +125,30 @@ class BatchLoader:
             # The last eval batch runs to the end (it may have absorbed a small remainder).
             end = self.n if not self.drop_last and j + 1 == self.per_pass else start + self.global_batch
             # Near-equal contiguous slices: B each for a full batch; a short last eval batch splits evenly.
-            yield self._take(torch.tensor_split(order[start:end], self.world)[self.rank])
+            global_idx = order[start:end]
+            batch = self.take(torch.tensor_split(global_idx, self.world)[self.rank], global_idx)
+            yield self.transform(batch) if self.transform is not None else batch
+
+    def take(self, idx: torch.Tensor, global_idx: torch.Tensor) -> dict:
+        """The batch of rows ``idx``: this rank's share of the global batch ``global_idx`` (a subclass may
+        shape the batch by the global one, e.g. pad text to its longest example), where batches go."""
+        if self.store == self.device or self.device.type == "cpu":
+            return {k: v.index_select(0, idx) for k, v in self.tensors.items()}
+        batch = {}  # host-resident data for an accelerator: gather into pinned memory, copy without waiting
+        for k, v in self.tensors.items():
+            pinned = torch.empty((len(idx), *v.shape[1:]), dtype=v.dtype, pin_memory=True)
+            torch.index_select(v, 0, idx, out=pinned)
+            batch[k] = pinned.to(self.device, non_blocking=True)
+        return batch
+
+
+def label_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a stratified, seeded ``fraction`` of the labels ``y`` (at least one per class)."""
+    keep = max(len(np.unique(y)), round(fraction * len(y)))
+    if keep >= len(y):
+        return np.arange(len(y))
+    idx, _ = train_test_split(np.arange(len(y)), train_size=keep, stratify=y, random_state=seed)
+    return np.sort(idx)
 
 
 class InMemoryImageDataModule(PretuneDataModule):
@@ -280,12 +292,7 @@ class InMemoryImageDataModule(PretuneDataModule):
 
     def _label_subset(self, x: torch.Tensor, y: np.ndarray):
         """Keep a stratified, seeded ``label_fraction`` of the training labels (at least one per class)."""
-        n_classes = len(np.unique(y))
-        keep = max(n_classes, round(self.label_fraction * len(y)))
-        if keep >= len(y):
-            return x, y
-        idx, _ = train_test_split(np.arange(len(y)), train_size=keep, stratify=y, random_state=self.label_seed)
-        idx = np.sort(idx)
+        idx = label_subset(y, self.label_fraction, self.label_seed)
         return x[idx], y[idx]
 
     def place(self, device: torch.device | str) -> str:
@@ -326,19 +333,10 @@ class InMemoryImageDataModule(PretuneDataModule):
             epoch_fn=self.epoch,
             num_batches=self.train_batches_per_epoch,
             transform=self.decode,
-            skip_fn=self._batches_trained,
+            skip_fn=self.batches_trained,
             **self.batch_device(),
             **self.shard(),
         )
-
-    def _batches_trained(self) -> int:
-        """On a resume from a mid-epoch checkpoint, the epoch's batches already trained; else 0."""
-        from lightning_modules.callbacks.seeding import resuming_mid_epoch
-
-        trainer = getattr(self, "trainer", None)
-        if trainer is None or not resuming_mid_epoch(trainer):
-            return 0
-        return trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
     def eval_loader(self, split: str, batch_size: int | None = None, sharded: bool = True):
         """A split in order; ``sharded=False``: all of it on this process (e.g. the forgetting probe)."""
