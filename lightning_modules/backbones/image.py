@@ -46,8 +46,6 @@ class TimmBackbone(Backbone):
             raise
         except TypeError as err:
             raise ConfigError(f"model.kwargs for {name} are not accepted by timm: {err}") from err
-        if model_cfg.get("channels_last"):  # NHWC: depthwise convolutions (EfficientNet) run ~2x faster on CPU
-            backbone.model.to(memory_format=torch.channels_last)
         overrides = {k: model_cfg.get(k) for k in PREPROCESS_KEYS if model_cfg.get(k) is not None}
         backbone.set_preprocessing(overrides, from_weights=init == "timm" or is_file_init(init))
         return backbone

@@ -21,6 +21,7 @@ import warnings
 from pytorch_lightning.callbacks import BaseFinetuning
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_modules.callbacks.seeding import resuming_mid_epoch
 from lightning_modules.config.errors import ConfigError
 from lightning_modules.config.schema import check
 from lightning_modules.optim import refresh_lrs
@@ -95,6 +96,13 @@ class LayerFreezing(BaseFinetuning):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         super().on_train_epoch_start(trainer, pl_module)  # calls finetune_function(epoch)
         self._set_eval()  # after Lightning's model.train() for the new epoch
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Resumed mid-epoch, Lightning skips the epoch's start: put that epoch's state in place here.
+        if resuming_mid_epoch(trainer):
+            for optimizer in trainer.optimizers:
+                self.finetune_function(pl_module, trainer.current_epoch, optimizer)
+            self._set_eval()
 
 
 class FreezeLayers(LayerFreezing):
