@@ -28,9 +28,8 @@ def check_config(cfg: DictConfig) -> None:
         if value is not _ABSENT:  # e.g. freeze.* when pre-training
             rule.check(key, value)
     check_modalities(cfg)
-    for key in ("model.compile", "model.channels_last"):
-        if not isinstance(_get(cfg, key) or False, bool):
-            raise ConfigError(f"{key}={_get(cfg, key)!r} is invalid: allowed are true, false")
+    if not isinstance(_get(cfg, "model.compile") or False, bool):
+        raise ConfigError(f"model.compile={_get(cfg, 'model.compile')!r} is invalid: allowed are true, false")
     init = str(_get(cfg, "model.init"))
     _check_preprocessing(cfg)
     from lightning_modules.backbones.weight_files import check_init_map, is_file_init, weight_file_path
