@@ -69,6 +69,9 @@ class PretuneModule(pl.LightningModule):
             return out["loss"] + penalty
         return out["loss"]
 
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.objective.after_step()  # after the optimizer's update (e.g. CLIP's logit scale clamped)
+
     def on_train_epoch_end(self):
         if self._loss_steps:
             self._check_finite()
