@@ -161,6 +161,23 @@ def state_differences(own: dict, saved: dict) -> str:
     )
 
 
+def saved_objective(source: dict | None, backbone, data):
+    """The pre-training objective saved next to a backbone (its config in ``config.yaml``, its heads in
+    ``objective.safetensors``), rebuilt on ``backbone`` and ``data`` with those weights; None when ``source`` (a
+    resolved ``model.init``) is not a pretune pre-training run that saved one."""
+    from safetensors.torch import load_file
+
+    from lightning_modules.objectives.base import build_objective
+
+    backbone_dir = Path(source["path"]) if source and "path" in source else None  # not hf:, a model of its own
+    meta = read_backbone_config(backbone_dir) if backbone_dir else {}
+    if not meta.get("objective") or not (backbone_dir / OBJECTIVE_WEIGHTS).is_file():
+        return None
+    objective = build_objective(meta["objective"], backbone, data)
+    objective.load_state_dict(load_file(str(backbone_dir / OBJECTIVE_WEIGHTS)), strict=True)
+    return objective
+
+
 def resolve_init(init: str) -> dict | None:
     """Where ``model.init``'s weights come from, as a run records it in its config (``model.source``):
     the backbone dir, the sha256 of its weights, and the W&B artifact when it was fetched from one.

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from lightning_modules.backbones.handoff import OBJECTIVE_WEIGHTS, read_backbone_config
+from lightning_modules.backbones.handoff import OBJECTIVE_WEIGHTS, saved_objective
 from lightning_modules.config.errors import ConfigError
-from lightning_modules.objectives.base import build_objective
 from lightning_modules.runtime.distributed import alone
 
 
@@ -22,20 +21,12 @@ class ForgettingProbe(Callback):
 
     def __init__(self, init: str, source: dict | None, backbone, datamodule, batch_size: int = 256):
         """``source``: where ``model.init`` resolved to (``handoff.resolve_init``); None for none/timm."""
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
-        backbone_dir = Path(source["path"]) if source and "path" in source else None  # not hf:, a model of its own
-        meta = read_backbone_config(backbone_dir) if backbone_dir else {}
-        weights = backbone_dir / OBJECTIVE_WEIGHTS if backbone_dir else None
-        if not meta.get("objective") or not weights.is_file():
+        self.objective = saved_objective(source, backbone, datamodule.spec)
+        if self.objective is None:
             raise ConfigError(
                 f"finetune.measure_forgetting=true needs model.init to be a pretune pre-training run whose"
                 f" backbone/ holds {OBJECTIVE_WEIGHTS}; model.init={init} does not"
             )
-        self.objective = build_objective(meta["objective"], backbone, datamodule.spec)
-        self.objective.load_state_dict(load_file(str(weights)), strict=True)
         self.datamodule, self.batch_size = datamodule, batch_size
         self.before: float | None = None
         self.after: float | None = None

@@ -108,7 +108,13 @@ def _choice(cfg: DictConfig, group: str) -> str:
     return f"{group} {str(target).rsplit('.', 1)[-1]}"
 
 
+# scripts/evaluate.py task -> (the model's modality, the datamodule's modality) it takes
+EVALUATIONS = {"zero_shot": ("image_text", "image"), "retrieval": ("image_text", "image_text")}
+
+
 def check_modalities(cfg: DictConfig) -> None:
+    if OmegaConf.select(cfg, "stage") == "evaluate":
+        return _check_evaluation(cfg)
     model = model_modality(cfg.model)
     data = DATAMODULES.get(OmegaConf.select(cfg, "datamodule._target_", default=None))
     objective = OBJECTIVES.get(OmegaConf.select(cfg, "objective._target_", default=None))
@@ -134,6 +140,31 @@ def check_modalities(cfg: DictConfig) -> None:
         )
 
 
+def _check_evaluation(cfg: DictConfig) -> None:
+    task = OmegaConf.select(cfg, "task")
+    if task not in EVALUATIONS:
+        raise ConfigError(f"task={task!r} is invalid: allowed are {', '.join(repr(t) for t in EVALUATIONS)}")
+    need_model, need_data = EVALUATIONS[task]
+    model = model_modality(cfg.model)
+    if model != need_model:
+        raise ConfigError(
+            f"task={task} evaluates an image–text model (a CLIP pre-training run, model=clip_micro), but"
+            f" {_choice(cfg, 'model')} is {model}"
+        )
+    data = DATAMODULES.get(OmegaConf.select(cfg, "datamodule._target_", default=None))
+    if data is not None and data != need_data:
+        example = "datamodule=digits, mnist5k or image_folder" if need_data == "image" else "datamodule=image_text"
+        raise ConfigError(
+            f"task={task} takes {need_data} data ({example}), but {_choice(cfg, 'datamodule')} gives {data}"
+        )
+    _check_towers(cfg.model)
+    if str(cfg.model.get("init", "none")) in ("none", "timm"):
+        raise ConfigError(
+            f"model.init={cfg.model.get('init')}: task={task} evaluates a pre-trained model; allowed is a CLIP"
+            " pre-training run dir (or its backbone/ dir)"
+        )
+
+
 def _check_towers(model) -> None:
     """Each tower of a dual encoder is a backbone of the modality its place asks for; freeze.<tower> needs the tower."""
     towers = TOWERS.get(backbone_type(model), {})
@@ -145,8 +176,8 @@ def _check_towers(model) -> None:
         if type_ in TOWERS or BACKBONE_TYPES.get(type_, (None, None))[1] != modality:
             allowed = sorted(t for t, (_, m) in BACKBONE_TYPES.items() if m == modality)
             raise ConfigError(
-                f"model.{name}.type={type_} is not a {modality} backbone: allowed {'is' if len(allowed) == 1 else 'are'}"
-                f" {', '.join(allowed)}"
+                f"model.{name}.type={type_} cannot be the {name} tower, which takes {modality} inputs: allowed"
+                f" {'is' if len(allowed) == 1 else 'are'} {', '.join(allowed)}"
             )
     if towers and str(model.get("init", "none")) != "none":
         for name in towers:

@@ -126,6 +126,11 @@ RULES: dict[str, Rule | Choice] = {
     "freeze.probe_epochs": Rule(int, low=0),
     "freeze.ft_lr_scale": Rule(float, low=0, high=1, low_open=True),
     "finetune.l2_sp": Rule(float, low=0),
+    # scripts/evaluate.py
+    "zero_shot.split": Choice(("train", "val", "test")),
+    "zero_shot.batch_size": Rule(int, low=1),
+    "retrieval.split": Choice(("train", "val")),
+    "retrieval.batch_size": Rule(int, low=1),
 }
 # A dual encoder's text tower (model.text.*) takes the rules of a text model (its image tower's keys are timm's).
 RULES |= {

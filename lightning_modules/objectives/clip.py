@@ -16,7 +16,7 @@
   written for, and identical captions count as one (the embedded digits' captions repeat across a class).
 - Zero-shot classification (``zero_shot_logits``): each class name is put through prompt templates, the prompts'
   embeddings are averaged per class (and normalised again), and an image gets the class whose embedding is
-  nearest; ``lightning_modules/evaluation/zero_shot.py`` runs it on any labeled image datamodule.
+  nearest; ``scripts/evaluate.py zero_shot`` (``runtime/evaluate.py``) runs it on any labeled image datamodule.
 """
 
 from __future__ import annotations
@@ -136,9 +136,8 @@ class CLIP(Objective):
             )
         self.image_proj = nn.Linear(towers["image"].num_features, self.embed_dim, bias=False)
         self.text_proj = nn.Linear(towers["text"].num_features, self.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(
-            torch.tensor(math.log(1 / temperature)), requires_grad=check("objective.learn_temperature", learn_temperature)
-        )
+        learn = check("objective.learn_temperature", learn_temperature)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)), requires_grad=learn)
 
     # --- embeddings ----------------------------------------------------------------------------------------
     def embed_images(self, backbone, batch: dict) -> torch.Tensor:
