@@ -384,6 +384,24 @@ def test_a_locked_tower_is_bit_for_bit_unchanged_after_training(pretrained, tmp_
     assert config["model"]["text"]["source"]["path"] == str(source.resolve())  # recorded as model.init is
 
 
+@pytest.mark.slow
+def test_wandb_logs_each_tower_as_an_artifact_and_the_lr_and_frozen_flag_of_every_group(tmp_path, monkeypatch):
+    from tests.wandb_log import read_offline_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    _pretrain(tmp_path / "run", "logger=wandb", "freeze.text=1", "trainer.log_every_n_steps=1")
+    logged = read_offline_run(tmp_path / "run")
+    artifacts = {a["name"]: a for a in logged["artifacts"]}
+    assert set(artifacts) == {"backbone-dual-clip", "backbone-vit_tiny_patch16_224-clip", "backbone-bert-clip"}
+    assert {"tokenizer.json", "model.safetensors", "config.yaml"} <= set(artifacts["backbone-bert-clip"]["files"])
+    assert {"image/model.safetensors", "text/tokenizer.json"} <= set(artifacts["backbone-dual-clip"]["files"])
+    assert {"lr/image/stem", "lr/text/embeddings", "frozen/text/embeddings", "frozen/image/stem"} <= logged[
+        "history_keys"
+    ]
+    last = [row for row in logged["history"] if "frozen/text/embeddings" in row][-1]
+    assert (last["frozen/text/embeddings"], last["frozen/text/encoder.layer.0"], last["frozen/image/stem"]) == (1, 0, 0)
+
+
 def test_evaluate_zero_shot_and_retrieval_through_the_script(pretrained, tmp_path):
     def evaluate(*args: str) -> dict:
         result = subprocess.run(
@@ -541,6 +559,18 @@ def _tower_dir(root: Path) -> Path:
     return export_backbone(build_backbone(model["text"], data=ImageTextDataModule()), root / "text")
 
 
+def _dual_dir(root: Path) -> Path:
+    """A clip_micro dual encoder exported as a pre-training would (untrained), its text tower pooling CLS."""
+    from omegaconf import OmegaConf
+
+    from datamodules.image_text import ImageTextDataModule
+    from lightning_modules.backbones.handoff import build_backbone, export_backbone
+
+    cfg = make_cfg("pretrain", ["datamodule=image_text"])
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    return export_backbone(build_backbone(model, data=ImageTextDataModule()), root / "dual" / "backbone")
+
+
 PAIRS = ["datamodule=image_text", "datamodule.path={bad}", "datamodule.channels=3"]
 BAD = [
     ("single-modality-data", "pretrain", ["objective=clip", "model=clip_micro"], None,
@@ -560,6 +590,11 @@ BAD = [
     ("tower-init-mismatch", "pretrain", ["datamodule=image_text", "model.text.init={bad}", "model.text.layers=3"],
      _tower_dir, "model.text.init={bad}: the backbone's architecture does not match the model config (layers: 2 (saved)"
      " vs 3 (model))"),
+    ("dual-init-other-pooling", "pretrain", ["datamodule=image_text", "model.init={bad}", "model.text.pooling=mean"],
+     _dual_dir, "model.init={bad}: the backbone's architecture does not match the model config (text.pooling: cls"
+     " (saved) vs mean (model))"),
+    ("dual-and-tower-init", "pretrain", ["datamodule=image_text", "model.init={tmp}", "model.text.init=hf:{tmp}"],
+     None, "model.text.init=hf:{tmp}: model.init={tmp} already loads every tower; allowed is model.text.init=none"),
     ("tower-init-missing", "pretrain", ["datamodule=image_text", "model.image.init={tmp}/nothing"], None,
      "model.image.init={tmp}/nothing: no such path"),
     ("tower-of-the-wrong-kind", "pretrain", ["datamodule=image_text", "model@model.image=bert_micro"], None,

@@ -69,19 +69,23 @@ class DualEncoder(Backbone):
     @staticmethod
     def spec_of(model_cfg: dict, saved: dict | None = None) -> dict:
         """Both towers' specs, each as its own class asks for it (compared with a saved dual encoder's, tower by
-        tower: ``text.layers``, ``image.kwargs.depth`` ...)."""
+        tower: ``text.layers``, ``image.kwargs.depth`` ...), and a text tower's pooling: the projection was trained
+        on those features, so a dual encoder loads back only with the pooling it was trained with (a tower loaded
+        alone, to fine-tune, takes any)."""
         from lightning_modules.backbones.handoff import backbone_class
         from lightning_modules.config.modalities import backbone_type, towers_of
 
         spec = {"type": DualEncoder.type, "name": "dual"}
         for name, tower_cfg in towers_of(model_cfg).items():
             tower_saved = (saved or {}).get(name) if isinstance((saved or {}).get(name), dict) else None
-            spec[name] = backbone_class(backbone_type(tower_cfg)).spec_of(tower_cfg, tower_saved)
+            tower_spec = backbone_class(backbone_type(tower_cfg)).spec_of(tower_cfg, tower_saved)
+            spec[name] = _with_pooling(tower_spec, tower_cfg.get("pooling"))
         return spec
 
     @property
     def spec(self) -> dict:
-        return {"type": self.type, "name": "dual", **{name: tower.spec for name, tower in self.towers().items()}}
+        towers = {name: _with_pooling(t.spec, getattr(t, "pooling", None)) for name, t in self.towers().items()}
+        return {"type": self.type, "name": "dual", **towers}
 
     # --- the contract --------------------------------------------------------------------------------------
     def towers(self) -> dict[str, Backbone]:
@@ -108,3 +112,7 @@ class DualEncoder(Backbone):
             for name, tower in self.model.items()
             for group in tower.layer_groups()
         ]
+
+
+def _with_pooling(spec: dict, pooling: str | None) -> dict:
+    return spec if pooling is None else {**spec, "pooling": pooling}
