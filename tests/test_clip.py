@@ -292,6 +292,13 @@ def test_pairs_from_a_file_group_captions_by_image_and_hold_out_images(tmp_path,
     assert sorted(train["count"].tolist() + val["count"].tolist()) == [1, 1, 1, 1, 1, 2]  # img/0.png: 2 captions
 
 
+def test_a_validation_file_is_used_as_it_is(tmp_path):
+    train = _write_pairs(tmp_path / "train")
+    val = _write_pairs(tmp_path / "val", rows=[("img/5.png", "five"), ("img/4.png", "four"), ("img/5.png", "5")])
+    dm = _pairs_module(path=str(train), val_path=str(val), channels=3, image_size=8, batch_size=2)
+    assert len(dm.splits["train"]["first"]) == 6 and dm.splits["val"]["count"].tolist() == [2, 1]
+
+
 def test_jsonl_takes_a_list_of_captions(tmp_path):
     path = _write_pairs(tmp_path, "jsonl", rows=[(f"img/{i}.png", [f"photo {i}", f"picture {i}"]) for i in range(6)])
     dm = _pairs_module(path=str(path), channels=3, image_size=8, batch_size=2)
@@ -595,6 +602,8 @@ BAD = [
      " (saved) vs mean (model))"),
     ("dual-and-tower-init", "pretrain", ["datamodule=image_text", "model.init={tmp}", "model.text.init=hf:{tmp}"],
      None, "model.text.init=hf:{tmp}: model.init={tmp} already loads every tower; allowed is model.text.init=none"),
+    ("forgetting-of-one-tower", "finetune", ["model.init={bad}/image", "finetune.measure_forgetting=true"], _dual_dir,
+     "model.init={bad}/image does not (it is the image tower of one: its pre-training loss needs every tower)"),
     ("tower-init-missing", "pretrain", ["datamodule=image_text", "model.image.init={tmp}/nothing"], None,
      "model.image.init={tmp}/nothing: no such path"),
     ("tower-of-the-wrong-kind", "pretrain", ["datamodule=image_text", "model@model.image=bert_micro"], None,

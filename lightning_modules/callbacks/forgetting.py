@@ -23,9 +23,11 @@ class ForgettingProbe(Callback):
         """``source``: where ``model.init`` resolved to (``handoff.resolve_init``); None for none/timm."""
         self.objective = saved_objective(source, backbone, datamodule.spec)
         if self.objective is None:
+            tower = _tower_of(source)
             raise ConfigError(
                 f"finetune.measure_forgetting=true needs model.init to be a pretune pre-training run whose"
                 f" backbone/ holds {OBJECTIVE_WEIGHTS}; model.init={init} does not"
+                + (f" (it is the {tower} tower of one: its pre-training loss needs every tower)" if tower else "")
             )
         self.datamodule, self.batch_size = datamodule, batch_size
         self.before: float | None = None
@@ -64,3 +66,14 @@ class ForgettingProbe(Callback):
                 count += n
         backbone.train(was_training)
         return total / count
+
+
+def _tower_of(source: dict | None) -> str | None:
+    """The tower name, when ``source`` is one tower exported by a pre-training of a backbone made of towers."""
+    from pathlib import Path
+
+    from lightning_modules.backbones.handoff import read_backbone_config
+
+    if not source or "path" not in source:
+        return None
+    return (read_backbone_config(Path(source["path"])).get("provenance") or {}).get("tower")

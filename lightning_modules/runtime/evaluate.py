@@ -36,6 +36,11 @@ def evaluate(cfg: DictConfig) -> dict:
     try:
         with open_dict(cfg):
             cfg.model.source = resolve_init(str(cfg.model.init))
+            if OmegaConf.select(cfg, "logger.wandb") is not None:  # named and grouped as a run is
+                from lightning_modules.runtime.wandb_runs import run_identity
+
+                identity = run_identity(Path(cfg.paths.log_dir), out_dir)
+                cfg.logger.wandb.merge_with({k: v for k, v in identity.items() if cfg.logger.wandb.get(k) is None})
         write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         metrics = {"status": "ok", "stage": "evaluate", "task": cfg.task, **_evaluate(cfg)}
     except BaseException as err:
@@ -50,6 +55,9 @@ def evaluate(cfg: DictConfig) -> dict:
             logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=0)
             logger.save()
             if type(logger).__name__ == "WandbLogger":
+                from lightning_modules.runtime import wandb_runs
+
+                wandb_runs.record_use(logger.experiment, str(cfg.model.init))  # lineage: which artifact it evaluated
                 logger.experiment.summary.update(metrics)
     finally:
         _finish(loggers)
