@@ -30,7 +30,8 @@ from lightning_modules.config.modalities import tower_errors
 
 
 class DualEncoder(Backbone):
-    """``self.model`` holds the two tower backbones (a ``ModuleDict``: ``image``, ``text``)."""
+    """``self.model`` holds the two tower backbones (a ``ModuleDict``: ``image``, ``text``); ``num_features`` is
+    each tower's width, by name."""
 
     modality = "image_text"
     type = "dual_encoder"

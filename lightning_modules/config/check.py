@@ -33,9 +33,9 @@ def check_config(cfg: DictConfig) -> None:
     if not isinstance(_get(cfg, "model.compile") or False, bool):
         raise ConfigError(f"model.compile={_get(cfg, 'model.compile')!r} is invalid: allowed are true, false")
     _check_init("model", str(_get(cfg, "model.init")))
-    for name, tower in towers_of(cfg.model).items():
-        _check_init(f"model.{name}", str(tower.get("init", "none")))
     towers = towers_of(cfg.model)
+    for name, tower in towers.items():
+        _check_init(f"model.{name}", str(tower.get("init", "none")))
     for name in sorted({n for names in TOWERS.values() for n in names}):
         value = _get(cfg, f"freeze.{name}")
         if value is not None and name not in towers:
