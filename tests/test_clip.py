@@ -374,6 +374,27 @@ def test_a_pretraining_run_exports_each_tower_and_both_load_back_bit_for_bit(pre
     assert all(torch.equal(v, dual[k]) for k, v in whole.model.state_dict().items())
 
 
+def test_each_tower_fine_tunes_like_any_backbone(pretrained, tmp_path):
+    from lightning_modules.runtime.run import run
+
+    image = run(
+        make_cfg("finetune", ["debug=limit", f"model.init={pretrained}/backbone/image", "freeze=lp_ft"], tmp_path / "i")
+    )
+    assert image["status"] == "ok" and 0 <= image["test/acc"] <= 1 and image["params/trainable_start"] == 650
+    text_model = ["model=bert_micro", "model.layers=2", "model.intermediate=128", "model.max_positions=32"]
+    text = run(
+        make_cfg(
+            "finetune",
+            ["debug=limit", "datamodule=text_classification", *text_model, "model.vocab_size=1000"]
+            + ["datamodule.max_length=32", f"model.init={pretrained}/backbone/text", "freeze.layers=1"],
+            tmp_path / "t",
+        )
+    )
+    assert text["status"] == "ok" and text["params/frozen"] > 0  # the embeddings: the tokenizer came with them
+    source = yaml.safe_load((tmp_path / "t" / "config.yaml").read_text())["model"]["source"]
+    assert source["path"] == str((pretrained / "backbone" / "text").resolve())
+
+
 def test_a_locked_tower_is_bit_for_bit_unchanged_after_training(pretrained, tmp_path):
     from safetensors.torch import load_file
 
