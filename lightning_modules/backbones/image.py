@@ -19,6 +19,7 @@ class TimmBackbone(Backbone):
 
     def __init__(self, name: str, kwargs: dict | None = None, pretrained: bool = False):
         self.name, self.kwargs = name, dict(kwargs or {})
+        self.pretrained = pretrained  # timm's pretrained weights: a streaming datamodule takes their normalisation
         super().__init__(timm.create_model(name, pretrained=pretrained, num_classes=0, **self.kwargs), 0)
         self.num_features = self.model.num_features
 

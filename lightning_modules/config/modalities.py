@@ -21,6 +21,7 @@ DATAMODULES = {
     "datamodules.digits.DigitsDataModule": "image",
     "datamodules.mnist5k.MNIST5kDataModule": "image",
     "datamodules.image_folder.ImageFolderDataModule": "image",
+    "datamodules.shards.ShardsDataModule": "image",
 }
 # objective _target_ -> the modalities it takes
 OBJECTIVES = {

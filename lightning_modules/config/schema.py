@@ -46,10 +46,26 @@ class Rule:
         return value
 
 
+@dataclass(frozen=True)
+class Choice:
+    """A value from a fixed list of words (and null when ``nullable``)."""
+
+    words: tuple
+    nullable: bool = False
+
+    def allowed(self) -> str:
+        return "one of " + ", ".join([repr(w) for w in self.words] + (["null"] if self.nullable else []))
+
+    def check(self, key: str, value):
+        if value is None and self.nullable or any(type(value) is type(w) and value == w for w in self.words):
+            return value
+        raise ConfigError(f"{key}={value!r} is invalid: allowed is {self.allowed()}")
+
+
 POSITIVE = Rule(float, low=0, low_open=True)
 FRACTION = Rule(float, low=0, high=1, low_open=True)  # (0, 1]
 
-RULES: dict[str, Rule] = {
+RULES: dict[str, Rule | Choice] = {
     "seed": Rule(int),
     "optimizer.lr": POSITIVE,
     "optimizer.weight_decay": Rule(float, low=0),
@@ -61,6 +77,13 @@ RULES: dict[str, Rule] = {
     "datamodule.image_size": Rule(int, low=4),
     "datamodule.label_fraction": FRACTION,
     "datamodule.train_batches_per_epoch": Rule(int, low=1, nullable=True),
+    # streaming (datamodule=image_folder, shards)
+    "datamodule.loading": Choice(("auto", "memory", "stream")),
+    "datamodule.memory_budget_gb": Rule(float, low=0),
+    "datamodule.num_workers": Rule(int, low=0, nullable=True),  # null: this node's cores / its processes
+    "datamodule.on_bad_sample": Choice(("error", "skip")),
+    "datamodule.transforms.auto_augment": Choice(("randaugment", "trivialaugment", "autoaugment"), nullable=True),
+    "datamodule.transforms.eval_crop_pct": FRACTION,
     "trainer.max_epochs": Rule(int, low=-1, nullable=True),  # -1: no limit (Lightning's meaning)
     "objective.mask_ratio": Rule(float, low=0, high=1, low_open=True, high_open=True),
     "objective.temperature": POSITIVE,
