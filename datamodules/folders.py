@@ -31,7 +31,7 @@ def to_channels(im: Image.Image, channels: int) -> Image.Image:
     if im.mode.startswith("I") or im.mode == "F":  # 16-bit (I;16*) and 32-bit grayscale: scale to 8 bits
         arr = np.asarray(im, dtype=np.float64)
         top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
+        im = Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L")
     elif im.mode == "P":  # palette: through RGBA, so a transparent palette converts without PIL's warning
         im = im.convert("RGBA")
     return im.convert(target)

@@ -20,7 +20,7 @@ from datamodules.folders import decode, folder_splits
 from datamodules.in_memory import InMemoryImageDataModule
 from datamodules.loading import Loading, choose, default_workers
 from datamodules.spec import ImageSpec
-from datamodules.streaming import BadSamples, IndexedLoader, ItemsDataset
+from datamodules.streaming import BadSamples, IndexedLoader, ItemsDataset, OpenLoaders
 from datamodules.transforms import Normalize, channel_stats, eval_transform, train_transform
 from lightning_modules.config.errors import ConfigError
 from lightning_modules.config.schema import check
@@ -99,6 +99,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         self.normalization: tuple[list[float], list[float]] | None = None
         self._files: dict | None = None
         self._pretrained_norm = None
+        self.open_loaders = OpenLoaders()
 
     def use_backbone(self, backbone) -> None:
         self._pretrained_norm = pretrained_normalization(backbone)
@@ -213,7 +214,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
     def train_dataloader(self):
         if not self.streams:
             return super().train_dataloader()
-        return IndexedLoader(
+        loader = IndexedLoader(
             self._items("train", train=True),
             self.batch_size,
             shuffle=True,
@@ -225,6 +226,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
             consumed=self.consumed,
             **self._loader_options(),
         )
+        return self.open_loaders.add(loader)
 
     def eval_loader(self, split: str, batch_size: int | None = None, sharded: bool = True):
         if not self.streams:
@@ -233,7 +235,11 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         if not sharded:
             options.update(rank=0, world=1)
         items = self._items(split, train=False)
-        return IndexedLoader(items, batch_size or self.eval_batch_size, False, False, self.bad, **options)
+        loader = IndexedLoader(items, batch_size or self.eval_batch_size, False, False, self.bad, **options)
+        return self.open_loaders.add(loader)
+
+    def teardown(self, stage: str) -> None:
+        self.open_loaders.close()  # the workers end with the fit (or test), not when the collector gets to them
 
     def consumed(self) -> int | None:
         """Training batches the trainer finished in this epoch (what a mid-epoch checkpoint has trained on)."""

@@ -26,11 +26,10 @@ from datamodules.image_folder import check_transforms, fit_channels, pretrained_
 from datamodules.loading import Loading, default_workers
 from datamodules.prepare import FORMAT, META, VERSION
 from datamodules.spec import ImageSpec
-from datamodules.streaming import BadSamples, IndexedLoader, ItemsDataset, Snapshots
+from datamodules.streaming import BadSamples, IndexedLoader, ItemsDataset, OpenLoaders, Snapshots, stop_workers
 from datamodules.transforms import Normalize, eval_transform, load_sample, sample_key, train_transform
 from lightning_modules.config.errors import ConfigError
 from lightning_modules.config.schema import check
-
 
 # litdata splits the items among workers itself, so Lightning's guess that __len__ may be off does not apply.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
@@ -119,11 +118,21 @@ def _streaming_loader():
             if not self.restore:  # a new epoch: litdata counts from 1, adding one as the iteration starts
                 self.current_epoch = self.epoch_fn()
             self.snapshots.reset()
-            for batch in super().__iter__():
-                self.snapshots.record(self._num_samples_yielded_streaming // self.batch_size, self._counters())
-                batch = self.bad.screen(batch)
-                if batch is not None:
-                    yield batch
+            try:
+                for batch in super().__iter__():
+                    self.snapshots.record(self._num_samples_yielded_streaming // self.batch_size, self._counters())
+                    batch = self.bad.screen(batch)
+                    if batch is not None:
+                        yield batch
+            except GeneratorExit:
+                raise
+            except BaseException:
+                stop_workers(self._iterator, self)
+                raise
+
+        def close(self) -> None:
+            if self._iterator is not None:
+                stop_workers(self._iterator, self)
 
         def state_dict(self) -> dict:
             counters = self.snapshots.at_consumed(None)
@@ -196,6 +205,7 @@ class ShardsDataModule(PretuneDataModule):
         self.loading: Loading | None = None
         self.meta: dict | None = None
         self._pretrained_norm = None
+        self.open_loaders = OpenLoaders()
 
     def use_backbone(self, backbone) -> None:
         self._pretrained_norm = pretrained_normalization(backbone)
@@ -263,9 +273,12 @@ class ShardsDataModule(PretuneDataModule):
         transform = eval_transform(self.image_size, self.transforms["eval_crop_pct"])
         items = ItemsDataset(raw, self.meta["splits"][split], self.channels, self.image_size, transform)
         shard = self.shard() if sharded else {}
-        return IndexedLoader(
-            items, batch_size or self.eval_batch_size, False, False, self.bad, **shard, **self._options()
-        )
+        batch_size = batch_size or self.eval_batch_size
+        loader = IndexedLoader(items, batch_size, False, False, self.bad, **shard, **self._options())
+        return self.open_loaders.add(loader)
+
+    def teardown(self, stage: str) -> None:
+        self.open_loaders.close()
 
     def val_dataloader(self):
         return self.eval_loader("val")

@@ -18,6 +18,7 @@ training loader that resumes in the middle of an epoch, and one policy for unrea
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -72,6 +73,31 @@ class BadSamples:
         return int(count)
 
 
+class OpenLoaders:
+    """The streaming loaders a datamodule handed out, to stop their workers at ``teardown``. Left to the garbage
+    collector (a Trainer holds them in reference cycles), stopping them waits out torch's timeouts, 5 s a
+    worker, whenever the collector gets to them: in the middle of the next run of a sweep."""
+
+    def __init__(self):
+        self.loaders = weakref.WeakSet()
+
+    def add(self, loader):
+        self.loaders.add(loader)
+        return loader
+
+    def close(self) -> None:
+        for loader in list(self.loaders):
+            loader.close()
+
+
+def stop_workers(iterator, loader: DataLoader) -> None:
+    """Stop a DataLoader's worker processes now (torch has no public call for it)."""
+    if loader._iterator is iterator:
+        loader._iterator = None
+    if hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+
+
 class Snapshots:
     """A training loader's state after each batch it handed out this epoch; ``at_consumed`` is the state a
     checkpoint must hold: the one after the batches the trainer finished, not after what it prefetched."""
@@ -121,13 +147,14 @@ class _OrderedBatches:
 
     def __iter__(self):
         # Not a generator itself: the epoch and the first batch are fixed when the DataLoader asks for the
-        # iterator, before any batch is drawn (IndexedLoader reads them then).
+        # iterator, before any batch is drawn (IndexedLoader reads them then). torch asks twice.
         self.epoch = self.epoch_fn()
-        resume, self.resume = self.resume, None
+        resume = self.resume
         self.first = resume["batches"] if resume and resume["epoch"] == self.epoch else 0
         return self._batches(self.epoch, self.first)
 
     def _batches(self, epoch: int, first: int):
+        self.resume = None  # applied once: the next epoch is whole
         for i, batch in enumerate(self.order):
             if i >= first:
                 repeat = i // self.order.per_pass
@@ -167,27 +194,38 @@ class IndexedLoader:
             persistent_workers=persistent and num_workers > 0,
             pin_memory=pin_memory,
             prefetch_factor=2 if num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(seed),  # not the global stream: the loader leaves it alone
         )
-        if consumed is not None:  # only a training loader is stateful (Lightning saves any loader that is)
-            self.state_dict, self.load_state_dict = self._state_dict, self._load_state_dict
 
     def __len__(self) -> int:
         return len(self.batches)
+
+    def close(self) -> None:
+        """Stop the worker processes (the datamodule's ``teardown`` does, at the end of fit and test)."""
+        if self.loader._iterator is not None:
+            stop_workers(self.loader._iterator, self.loader)
 
     def __iter__(self):
         iterator = iter(self.loader)  # the sampler's __iter__ runs here: it fixes this epoch's order and start
         epoch, handed_out = self.batches.epoch, self.batches.first
         self.snapshots.reset()
-        for batch in iterator:
-            handed_out += 1
-            self.snapshots.record(handed_out, {"epoch": epoch, "batches": handed_out})
-            batch = self.bad.screen(batch)
-            if batch is not None:
-                yield batch
+        try:
+            for batch in iterator:
+                handed_out += 1
+                self.snapshots.record(handed_out, {"epoch": epoch, "batches": handed_out})
+                batch = self.bad.screen(batch)
+                if batch is not None:
+                    yield batch
+        except GeneratorExit:  # the consumer stopped early (a step limit): the workers serve the next epoch
+            raise
+        except BaseException:
+            stop_workers(iterator, self.loader)
+            raise
 
-    def _state_dict(self) -> dict:
+    def state_dict(self) -> dict:
+        """Where this epoch stands (Lightning saves it with a checkpoint of a training loader)."""
         done = self.snapshots.consumed() or 0
         return dict(self.snapshots.at_consumed({"epoch": self.batches.epoch, "batches": done}))
 
-    def _load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.batches.resume = dict(state)
