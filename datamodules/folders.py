@@ -37,7 +37,7 @@ def to_channels(im: Image.Image, channels: int) -> Image.Image:
     return im.convert(target)
 
 
-def _scan(root, split_dir: Path, require_images: bool) -> dict[str, list[Path]]:
+def _scan(where: str, split_dir: Path, require_images: bool) -> dict[str, list[Path]]:
     classes, empty = {}, []
     for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
@@ -47,7 +47,7 @@ def _scan(root, split_dir: Path, require_images: bool) -> dict[str, list[Path]]:
             empty.append(class_dir.name)
     if require_images and classes and empty:  # a class without examples would silently shift the labels
         raise ConfigError(
-            f"datamodule.root={root}: class folder {split_dir.name}/{empty[0]}/ holds no images"
+            f"{where}: class folder {split_dir.name}/{empty[0]}/ holds no images"
             f" ({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the folder"
         )
     return classes
@@ -59,25 +59,26 @@ def _flat(by_class: dict[str, list[Path]], classes: list[str]) -> tuple[np.ndarr
     return np.asarray(paths, dtype=object), np.asarray(labels, dtype=np.int64)
 
 
-def folder_splits(root, val_fraction: float, test_fraction: float, split_seed: int):
+def folder_splits(root, val_fraction: float, test_fraction: float, split_seed: int, key: str = "datamodule.root"):
     """{"train"|"val"|"test": (paths, labels)} and the class names of ``root/train/<class>/*``: ``val/`` and
     ``test/`` folders when present, else carved off train (seeded, stratified). The in-memory path, the
-    streaming path and ``scripts/prepare_data.py`` all split a folder with this."""
+    streaming path and ``scripts/prepare_data.py`` all split a folder with this. ``key``: how errors name root."""
     if not root:
-        raise ConfigError("datamodule.root is not set: allowed is a folder with train/<class>/ images")
+        raise ConfigError(f"{key} is not set: allowed is a folder with train/<class>/ images")
+    where = f"{key}={root}"
     folder = Path(root).expanduser()
     train_dir = folder / "train"
     if not train_dir.is_dir():
-        raise ConfigError(f"datamodule.root={root}: no train/ folder (expected train/<class>/*.png|jpg)")
-    train = _scan(root, train_dir, require_images=True)
+        raise ConfigError(f"{where}: no train/ folder (expected train/<class>/*.png|jpg)")
+    train = _scan(where, train_dir, require_images=True)
     if not train:
-        raise ConfigError(f"datamodule.root={root}: train/ holds no class folder with images")
+        raise ConfigError(f"{where}: train/ holds no class folder with images")
     classes = sorted(train)
-    held = {s: _scan(root, folder / s, require_images=False) for s in ("val", "test") if (folder / s).is_dir()}
+    held = {s: _scan(where, folder / s, require_images=False) for s in ("val", "test") if (folder / s).is_dir()}
     for split, by_class in held.items():
         unknown = sorted(set(by_class) - set(train))
         if unknown:
-            raise ConfigError(f"datamodule.root={root}: {split}/ has classes not in train/: {unknown}")
+            raise ConfigError(f"{where}: {split}/ has classes not in train/: {unknown}")
     files = {"train": _flat(train, classes)}
     n_total = len(files["train"][1])
     for split, fraction in (("val", val_fraction), ("test", test_fraction)):
@@ -88,7 +89,7 @@ def folder_splits(root, val_fraction: float, test_fraction: float, split_seed: i
         x, y = files["train"]
         n_hold = max(len(classes), round(fraction * n_total))
         if n_hold >= len(y):
-            raise ConfigError(f"datamodule.root={root}: too few training images to split off {split}/")
+            raise ConfigError(f"{where}: too few training images to split off {split}/")
         keep, hold = train_test_split(np.arange(len(y)), test_size=n_hold, stratify=y, random_state=split_seed)
         files["train"], files[split] = (x[keep], y[keep]), (x[hold], y[hold])
     return files, tuple(classes)

@@ -20,7 +20,7 @@ from datamodules.folders import decode, folder_splits
 from datamodules.in_memory import InMemoryImageDataModule
 from datamodules.loading import Loading, choose, default_workers
 from datamodules.spec import ImageSpec
-from datamodules.streaming import BadSamples, IndexedLoader, ItemsDataset, OpenLoaders
+from datamodules.streaming import BadSamples, IndexedLoader, ItemsDataset, OpenLoaders, TrainLoaderState
 from datamodules.transforms import Normalize, channel_stats, eval_transform, train_transform
 from lightning_modules.config.errors import ConfigError
 from lightning_modules.config.schema import check
@@ -100,6 +100,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         self._files: dict | None = None
         self._pretrained_norm = None
         self.open_loaders = OpenLoaders()
+        self.train_state = TrainLoaderState()
 
     def use_backbone(self, backbone) -> None:
         self._pretrained_norm = pretrained_normalization(backbone)
@@ -226,7 +227,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
             consumed=self.consumed,
             **self._loader_options(),
         )
-        return self.open_loaders.add(loader)
+        return self.train_state.track(self.open_loaders.add(loader))
 
     def eval_loader(self, split: str, batch_size: int | None = None, sharded: bool = True):
         if not self.streams:
@@ -237,6 +238,12 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         items = self._items(split, train=False)
         loader = IndexedLoader(items, batch_size or self.eval_batch_size, False, False, self.bad, **options)
         return self.open_loaders.add(loader)
+
+    def state_dict(self) -> dict:
+        return self.train_state.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.train_state.load_state_dict(state_dict)
 
     def teardown(self, stage: str) -> None:
         self.open_loaders.close()  # the workers end with the fit (or test), not when the collector gets to them

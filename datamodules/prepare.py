@@ -277,7 +277,7 @@ def _check_written(directory: Path, expected: int) -> None:
 def _image_folder_entries(root, val_fraction, test_fraction, split_seed, on_bad_sample):
     from datamodules.folders import folder_splits
 
-    files, classes = folder_splits(root, val_fraction, test_fraction, split_seed)
+    files, classes = folder_splits(root, val_fraction, test_fraction, split_seed, key="root")
     base = Path(root).expanduser()
     entries, skipped, moments = {}, [], None
     for split in SPLITS:

@@ -21,12 +21,23 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import torch
+from litdata import StreamingDataLoader, StreamingDataset
+
 from datamodules.base import PretuneDataModule
 from datamodules.image_folder import check_transforms, fit_channels, pretrained_normalization
 from datamodules.loading import Loading, default_workers
 from datamodules.prepare import FORMAT, META, VERSION
 from datamodules.spec import ImageSpec
-from datamodules.streaming import BadSamples, IndexedLoader, ItemsDataset, OpenLoaders, Snapshots, stop_workers
+from datamodules.streaming import (
+    BadSamples,
+    IndexedLoader,
+    ItemsDataset,
+    OpenLoaders,
+    Snapshots,
+    TrainLoaderState,
+    stop_workers,
+)
 from datamodules.transforms import Normalize, eval_transform, load_sample, sample_key, train_transform
 from lightning_modules.config.errors import ConfigError
 from lightning_modules.config.schema import check
@@ -74,83 +85,86 @@ def read_meta(path: str, cache_dir: str | None = None) -> dict:
     return meta
 
 
-def _streaming_dataset():
-    from litdata import StreamingDataset
+class TrainShards(StreamingDataset):
+    """litdata's dataset, decoding and transforming each item as it is read (in the loader's workers)."""
 
-    class TrainShards(StreamingDataset):
-        """litdata's dataset, decoding and transforming each item as it is read (in the loader's workers)."""
+    def __init__(self, path, cache_dir, seed, channels, size, transform, labeled):
+        super().__init__(path, cache_dir=cache_dir, shuffle=True, seed=seed, drop_last=True)
+        # Not ``self.transform``: litdata applies an attribute of that name to the raw item itself.
+        self.channels, self.size, self.image_transform, self.labeled = channels, size, transform, labeled
 
-        def __init__(self, path, cache_dir, seed, channels, size, transform, labeled):
-            super().__init__(path, cache_dir=cache_dir, shuffle=True, seed=seed, drop_last=True)
-            # Not ``self.transform``: litdata applies an attribute of that name to the raw item itself.
-            self.channels, self.size, self.image_transform, self.labeled = channels, size, transform, labeled
-
-        def __getitem__(self, index):
-            item = super().__getitem__(index)
-            i = index.index if hasattr(index, "index") else int(index)
-            key = sample_key(self.seed, self.current_epoch, 0, i)
-            label = item.get("label") if self.labeled else None
-            image, name, transform = bytes(item["image"]), item["name"], self.image_transform
-            return load_sample(image, label, name, self.channels, self.size, transform, key)
-
-    return TrainShards
+    def __getitem__(self, index):
+        item = super().__getitem__(index)
+        i = index.index if hasattr(index, "index") else int(index)
+        key = sample_key(self.seed, self.current_epoch, 0, i)
+        label = item.get("label") if self.labeled else None
+        image, name, transform = bytes(item["image"]), item["name"], self.image_transform
+        return load_sample(image, label, name, self.channels, self.size, transform, key)
 
 
-def _streaming_loader():
-    from litdata import StreamingDataLoader
+class ShardLoader(StreamingDataLoader):
+    """litdata's loader, with the epoch the trainer's and the checkpointed state the trained batches'."""
 
-    class ShardLoader(StreamingDataLoader):
-        """litdata's loader, with the epoch the trainer's and the checkpointed state the trained batches'."""
+    def __init__(self, dataset, batch_size, num_workers, pin_memory, bad, epoch_fn, consumed):
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            drop_last=True,
+            # torch draws each iterator's worker seed from this, not from the global stream: a run resumed
+            # mid-epoch then draws its masks and dropout exactly as the uninterrupted run
+            generator=torch.Generator().manual_seed(0),
+        )
+        self.bad, self.epoch_fn, self.snapshots = bad, epoch_fn, Snapshots(consumed)
+        self._resumed_pass = False
 
-        def __init__(self, dataset, batch_size, num_workers, pin_memory, bad, epoch_fn, consumed):
-            super().__init__(
-                dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, drop_last=True
-            )
-            self.bad, self.epoch_fn, self.snapshots = bad, epoch_fn, Snapshots(consumed)
+    def _counters(self) -> tuple:
+        return self.current_epoch, self._num_samples_yielded_streaming, self._latest_worker_idx
 
-        def _counters(self) -> tuple:
-            return self.current_epoch, self._num_samples_yielded_streaming, self._latest_worker_idx
+    def _set(self, counters: tuple) -> None:
+        self.current_epoch, self._num_samples_yielded_streaming, self._latest_worker_idx = counters
 
-        def _set(self, counters: tuple) -> None:
-            self.current_epoch, self._num_samples_yielded_streaming, self._latest_worker_idx = counters
+    def __iter__(self):
+        if self.restore and self._resumed_pass:
+            # The resumed epoch was handed out, but Lightning stops at the loader's length without exhausting
+            # it, and litdata would then resume the same position again: this pass is a new epoch.
+            self.restore = False
+        self._resumed_pass = self.restore
+        if not self.restore:  # a new epoch: litdata counts from 1, adding one as the iteration starts
+            self.current_epoch = self.epoch_fn()
+        self.snapshots.reset()
+        try:
+            for batch in super().__iter__():
+                self.snapshots.record(self._num_samples_yielded_streaming // self.batch_size, self._counters())
+                batch = self.bad.screen(batch)
+                if batch is not None:
+                    yield batch
+        except GeneratorExit:
+            raise
+        except BaseException:
+            stop_workers(self._iterator, self)
+            raise
 
-        def __iter__(self):
-            if not self.restore:  # a new epoch: litdata counts from 1, adding one as the iteration starts
-                self.current_epoch = self.epoch_fn()
-            self.snapshots.reset()
-            try:
-                for batch in super().__iter__():
-                    self.snapshots.record(self._num_samples_yielded_streaming // self.batch_size, self._counters())
-                    batch = self.bad.screen(batch)
-                    if batch is not None:
-                        yield batch
-            except GeneratorExit:
-                raise
-            except BaseException:
-                stop_workers(self._iterator, self)
-                raise
+    def close(self) -> None:
+        if self._iterator is not None:
+            stop_workers(self._iterator, self)
 
-        def close(self) -> None:
-            if self._iterator is not None:
-                stop_workers(self._iterator, self)
+    def state_dict(self) -> dict:
+        counters = self.snapshots.at_consumed(None)
+        if counters is None:
+            return super().state_dict()
+        now = self._counters()
+        self._set(counters)
+        try:
+            return super().state_dict()
+        finally:
+            self._set(now)
 
-        def state_dict(self) -> dict:
-            counters = self.snapshots.at_consumed(None)
-            if counters is None:
-                return super().state_dict()
-            now = self._counters()
-            self._set(counters)
-            try:
-                return super().state_dict()
-            finally:
-                self._set(now)
-
-        def load_state_dict(self, state: dict) -> None:
-            if state["num_samples_yielded"] >= len(self) * self.batch_size:
-                return  # saved at an epoch's end: the next epoch starts afresh (its number from the trainer)
-            super().load_state_dict(state)
-
-    return ShardLoader
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_samples_yielded"] >= len(self) * self.batch_size:
+            return  # saved at an epoch's end: the next epoch starts afresh (its number from the trainer)
+        super().load_state_dict(state)
 
 
 class _ShardItems:
@@ -164,8 +178,6 @@ class _ShardItems:
 
     def __call__(self, index: int):
         if self._dataset is None:
-            from litdata import StreamingDataset
-
             self._dataset = StreamingDataset(self.path, cache_dir=self.cache_dir)
         item = self._dataset[index]
         return bytes(item["image"]), item.get("label") if self.labeled else None, item["name"]
@@ -206,6 +218,7 @@ class ShardsDataModule(PretuneDataModule):
         self.meta: dict | None = None
         self._pretrained_norm = None
         self.open_loaders = OpenLoaders()
+        self.train_state = TrainLoaderState()
 
     def use_backbone(self, backbone) -> None:
         self._pretrained_norm = pretrained_normalization(backbone)
@@ -254,19 +267,14 @@ class ShardsDataModule(PretuneDataModule):
         # made, and the trainer has started it by now.
         t = self.transforms
         transform = train_transform(self.image_size, t["scale"], t["ratio"], t["flip"], t["auto_augment"])
-        dataset = _streaming_dataset()(
+        dataset = TrainShards(
             f"{self.path}/train", self.cache_dir, self.seed, self.channels, self.image_size, transform, self.labeled
         )
         options = self._options()
-        return _streaming_loader()(
-            dataset,
-            self.batch_size,
-            options["num_workers"],
-            options["pin_memory"],
-            self.bad,
-            self.epoch,
-            self.consumed,
+        loader = ShardLoader(
+            dataset, self.batch_size, options["num_workers"], options["pin_memory"], self.bad, self.epoch, self.consumed
         )
+        return self.train_state.track(self.open_loaders.add(loader))
 
     def eval_loader(self, split: str, batch_size: int | None = None, sharded: bool = True):
         raw = _ShardItems(f"{self.path}/{split}", self.cache_dir, labeled=True)
@@ -276,6 +284,12 @@ class ShardsDataModule(PretuneDataModule):
         batch_size = batch_size or self.eval_batch_size
         loader = IndexedLoader(items, batch_size, False, False, self.bad, **shard, **self._options())
         return self.open_loaders.add(loader)
+
+    def state_dict(self) -> dict:
+        return self.train_state.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.train_state.load_state_dict(state_dict)
 
     def teardown(self, stage: str) -> None:
         self.open_loaders.close()

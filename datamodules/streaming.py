@@ -90,6 +90,33 @@ class OpenLoaders:
             loader.close()
 
 
+class TrainLoaderState:
+    """The training loader's position, kept in the checkpoint through the datamodule's own state.
+
+    Lightning also saves a stateful training loader with its fit loop, but hands the state back only if the
+    loader is made after the checkpoint is restored; pretune's schedulers ask for the loader's length first
+    (``estimated_stepping_batches``), so it exists by then and the state would never be applied (litData
+    #775). The datamodule's state is restored before anything asks for a loader."""
+
+    def __init__(self):
+        self.loader = None
+        self.pending: dict | None = None
+
+    def track(self, loader):
+        self.loader = weakref.ref(loader)
+        if self.pending is not None:
+            loader.load_state_dict(self.pending)
+            self.pending = None
+        return loader
+
+    def state_dict(self) -> dict:
+        loader = self.loader() if self.loader is not None else None
+        return {"train_loader": loader.state_dict()} if loader is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pending = state.get("train_loader")
+
+
 def stop_workers(iterator, loader: DataLoader) -> None:
     """Stop a DataLoader's worker processes now (torch has no public call for it)."""
     if loader._iterator is iterator:

@@ -46,6 +46,20 @@ class PretuneModule(pl.LightningModule):
     def on_train_epoch_start(self):
         self._loss_sum, self._loss_steps = torch.zeros((), device=self.device), 0
 
+    # A checkpoint written in the middle of an epoch carries the epoch's running loss: a run resumed there
+    # (Lightning then skips on_train_epoch_start) logs the mean over all of the epoch's steps, as uninterrupted.
+    def on_save_checkpoint(self, checkpoint):
+        if getattr(self, "_loss_sum", None) is not None:
+            checkpoint["train_loss_running"] = [self._loss_sum.detach().cpu(), self._loss_steps]
+
+    def on_load_checkpoint(self, checkpoint):
+        if "train_loss_running" in checkpoint:
+            self._loss_sum, self._loss_steps = checkpoint["train_loss_running"]
+
+    def on_train_start(self):
+        if getattr(self, "_loss_sum", None) is not None:  # restored mid-epoch: onto this module's device
+            self._loss_sum = self._loss_sum.to(self.device)
+
     def _check_finite(self):
         if not torch.isfinite(self._loss_sum):  # a sum that is nan/inf means some step's loss was
             raise TrainingDiverged(

@@ -49,8 +49,12 @@ class EpochSeed(Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         pl.seed_everything(self.seed * 10_007 + trainer.current_epoch, workers=True, verbose=False)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Resumed in the middle of an epoch (Lightning then skips on_train_epoch_start): the generators as
+        # they were after the checkpoint's last batch.
         resume, self._resume = self._resume, None
-        done = _batches_done(trainer)  # > 0 only when resuming in the middle of this epoch
+        done = _batches_done(trainer)
         if resume and done and resume["epoch"] == trainer.current_epoch and resume["batches"] == done:
             set_rng_states(resume["rng"])
 
