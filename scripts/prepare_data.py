@@ -3,7 +3,7 @@
 
     python scripts/prepare_data.py image_folder root=/data/pets out=/data/pets-shards
     python scripts/prepare_data.py text file=corpus.jsonl out=/data/corpus-shards [text_column=text label_column=label]
-    python scripts/prepare_data.py image_text file=pairs.csv out=/data/pairs-shards [image_column=image text_column=caption]
+    python scripts/prepare_data.py image_text file=pairs.csv out=/data/pairs [image_column=image text_column=caption]
 
 Options (key=value): out (required; must not exist, or overwrite=true), val_fraction=0.15, test_fraction=0.15,
 split_seed=0 (splits not given by val/ test/ folders or a ``split`` column), chunk_mb=64, workers=<cores>,
