@@ -21,57 +21,34 @@ from datamodules.in_memory import InMemoryImageDataModule
 from datamodules.loading import Loading, choose, default_workers
 from datamodules.spec import ImageSpec
 from datamodules.streaming import BadSamples, IndexedLoader, ItemsDataset, OpenLoaders, TrainLoaderState
-from datamodules.transforms import Normalize, channel_stats, eval_transform, train_transform
+from datamodules.transforms import (
+    Normalize,
+    channel_stats,
+    check_transforms,
+    eval_transform,
+    fit_channels,
+    pretrained_normalization,
+    train_transform,
+)
 from lightning_modules.config.errors import ConfigError
 from lightning_modules.config.schema import check
 
-# Per-image transforms of the streaming path (conf/datamodule/image_folder.yaml: transforms).
-TRANSFORMS = {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "flip": True, "auto_augment": None, "eval_crop_pct": 0.875}
 STATS_SAMPLE = 256  # training images that estimate the data's mean and std when streaming
 
 
-def check_transforms(transforms: dict | None) -> dict:
-    out = dict(TRANSFORMS, **(transforms or {}))
-    unknown = sorted(set(out) - set(TRANSFORMS))
-    if unknown:
-        raise ConfigError(f"datamodule.transforms.{unknown[0]} is unknown: allowed are {sorted(TRANSFORMS)}")
-    for key in ("scale", "ratio"):
-        lo, hi = (float(v) for v in out[key])
-        if not (0 < lo <= hi and (key != "scale" or hi <= 1)):
-            bound = "0 < low <= high <= 1" if key == "scale" else "0 < low <= high"
-            raise ConfigError(f"datamodule.transforms.{key}={[lo, hi]} is invalid: allowed is [low, high] with {bound}")
-        out[key] = (lo, hi)
-    check("datamodule.transforms.auto_augment", out["auto_augment"])
-    check("datamodule.transforms.eval_crop_pct", out["eval_crop_pct"])
-    return out
-
-
-def pretrained_normalization(backbone) -> tuple[list[float], list[float]] | None:
-    """The mean and std a backbone's pretrained weights expect (timm's ``pretrained_cfg``), if its weights
-    came pretrained (``model.init=timm``); None for a backbone trained from scratch or by pretune."""
-    if backbone is None or not getattr(backbone, "pretrained", False):
-        return None
-    cfg = getattr(getattr(backbone, "model", None), "pretrained_cfg", None) or {}
-    if cfg.get("mean") is None or cfg.get("std") is None:
-        return None
-    return list(cfg["mean"]), list(cfg["std"])
-
-
-def fit_channels(values: list[float], channels: int) -> list[float]:
-    """Statistics for ``channels`` channels from RGB ones (a grayscale run of an RGB-pretrained model)."""
-    if len(values) == channels:
-        return list(values)
-    return [float(np.mean(values))] * channels
-
-
 class _Files:
-    """``raw(index)`` for a folder: the file's path, its label (None when unlabeled), its name."""
+    """``raw(index)`` for a folder: the file's path, its label (None when unlabeled), its name.
+
+    The paths are one fixed-width bytes array, not a list of Python strings: a forked worker reading a Python
+    object writes its reference count, which copies the page, so each worker's memory would grow with every
+    file it touched (pytorch#13246); a numpy buffer stays shared."""
 
     def __init__(self, paths: np.ndarray, labels: np.ndarray | None):
-        self.paths, self.labels = paths, labels
+        self.paths = np.array([str(p).encode("utf-8", "surrogateescape") for p in paths], dtype=np.bytes_)
+        self.labels = labels
 
     def __call__(self, index: int):
-        path = str(self.paths[index])
+        path = self.paths[index].decode("utf-8", "surrogateescape")
         return path, None if self.labels is None else int(self.labels[index]), path
 
 

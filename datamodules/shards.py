@@ -25,7 +25,6 @@ import torch
 from litdata import StreamingDataLoader, StreamingDataset
 
 from datamodules.base import PretuneDataModule
-from datamodules.image_folder import check_transforms, fit_channels, pretrained_normalization
 from datamodules.loading import Loading, default_workers
 from datamodules.prepare import FORMAT, META, VERSION
 from datamodules.spec import ImageSpec
@@ -38,7 +37,16 @@ from datamodules.streaming import (
     TrainLoaderState,
     stop_workers,
 )
-from datamodules.transforms import Normalize, eval_transform, load_sample, sample_key, train_transform
+from datamodules.transforms import (
+    Normalize,
+    check_transforms,
+    eval_transform,
+    fit_channels,
+    load_sample,
+    pretrained_normalization,
+    sample_key,
+    train_transform,
+)
 from lightning_modules.config.errors import ConfigError
 from lightning_modules.config.schema import check
 

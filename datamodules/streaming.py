@@ -5,10 +5,11 @@ training loader that resumes in the middle of an epoch, and one policy for unrea
   in ``BatchLoader``'s order: seeded by (seed, epoch), rank ``r`` of ``W`` decoding only its contiguous slice
   of every global batch. So a streamed folder sees, step by step, the images the in-memory path sees, and
   under DDP each rank reads its own part of every epoch, the same global batches as one process.
-- **Mid-epoch resume.** Lightning saves a training loader's ``state_dict()`` in every checkpoint and hands it
-  back (``load_state_dict``) when a run resumes. Lightning fetches one batch ahead of the step it trains, so
-  what a loader has handed out is not what was trained on: the state saved is the one after the batches the
-  trainer had finished (``consumed``), recorded per batch as they are handed out (``Snapshots``).
+- **Mid-epoch resume.** The training loader's position (``state_dict``) travels in every checkpoint, through
+  the datamodule's state (``TrainLoaderState``), and is handed back (``load_state_dict``) when a run resumes.
+  Lightning fetches one batch ahead of the step it trains, so what a loader has handed out is not what was
+  trained on: the position saved is the one after the batches the trainer had finished (``consumed``),
+  recorded per batch as they are handed out (``Snapshots``).
 - **Bad samples.** A worker never raises on a file it cannot decode (a traceback from a worker is twenty
   lines); it marks the sample, and the main process either stops with one line naming the file
   (``on_bad_sample=error``) or drops it from its batch and counts it (``skip``; ``data/skipped_samples`` in
@@ -162,7 +163,7 @@ class ItemsDataset(Dataset):
 
 class _OrderedBatches:
     """The batch sampler: BatchLoader's order of indices for the epoch, each index with its transform seed;
-    the first ``skip`` batches of a resumed epoch are left out without being decoded."""
+    the batches a resumed epoch had finished are left out without being decoded."""
 
     def __init__(self, order: BatchLoader, seed: int, epoch_fn: Callable[[], int]):
         self.order, self.seed, self.epoch_fn = order, seed, epoch_fn

@@ -23,6 +23,8 @@ import torch
 from torchvision.transforms import v2
 
 from datamodules.folders import decode
+from lightning_modules.config.errors import ConfigError
+from lightning_modules.config.schema import check
 
 # datamodule.transforms.auto_augment -> torchvision's policy (defaults as in their papers' ImageNet settings)
 AUTO_AUGMENT = {
@@ -30,6 +32,44 @@ AUTO_AUGMENT = {
     "trivialaugment": v2.TrivialAugmentWide,
     "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
 }
+
+
+# Per-image transforms of the streaming path (conf/datamodule/image_folder.yaml: transforms).
+TRANSFORMS = {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "flip": True, "auto_augment": None, "eval_crop_pct": 0.875}
+
+
+def check_transforms(transforms: dict | None) -> dict:
+    out = dict(TRANSFORMS, **(transforms or {}))
+    unknown = sorted(set(out) - set(TRANSFORMS))
+    if unknown:
+        raise ConfigError(f"datamodule.transforms.{unknown[0]} is unknown: allowed are {sorted(TRANSFORMS)}")
+    for key in ("scale", "ratio"):
+        lo, hi = (float(v) for v in out[key])
+        if not (0 < lo <= hi and (key != "scale" or hi <= 1)):
+            bound = "0 < low <= high <= 1" if key == "scale" else "0 < low <= high"
+            raise ConfigError(f"datamodule.transforms.{key}={[lo, hi]} is invalid: allowed is [low, high] with {bound}")
+        out[key] = (lo, hi)
+    check("datamodule.transforms.auto_augment", out["auto_augment"])
+    check("datamodule.transforms.eval_crop_pct", out["eval_crop_pct"])
+    return out
+
+
+def pretrained_normalization(backbone) -> tuple[list[float], list[float]] | None:
+    """The mean and std a backbone's pretrained weights expect (timm's ``pretrained_cfg``), if its weights
+    came pretrained (``model.init=timm``); None for a backbone trained from scratch or by pretune."""
+    if backbone is None or not getattr(backbone, "pretrained", False):
+        return None
+    cfg = getattr(getattr(backbone, "model", None), "pretrained_cfg", None) or {}
+    if cfg.get("mean") is None or cfg.get("std") is None:
+        return None
+    return list(cfg["mean"]), list(cfg["std"])
+
+
+def fit_channels(values: list[float], channels: int) -> list[float]:
+    """Statistics for ``channels`` channels from RGB ones (a grayscale run of an RGB-pretrained model)."""
+    if len(values) == channels:
+        return list(values)
+    return [sum(values) / len(values)] * channels
 
 
 def eval_transform(size: int, crop_pct: float = 0.875):

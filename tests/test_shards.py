@@ -126,6 +126,7 @@ def _rank_items(rank: int, world: int, port: int, path: str, out: str) -> None:
     os._exit(0)
 
 
+@pytest.mark.slow
 def test_each_ddp_rank_reads_its_own_part_of_every_epoch(prepared, tmp_path):
     from tests.test_ddp import _free_port
 

@@ -55,7 +55,8 @@ def test_a_streaming_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tm
         keys = ("train/loss", "val/acc", "val/acc_best", "test/acc", "test/loss", "steps")
     else:
         shards = prepare("image_folder", out=str(tmp_path / "shards"), root=str(images), workers=1)
-        script, args = "pretrain", ["objective=mae", "model=vit_micro", "datamodule=shards", f"datamodule.path={shards}"]
+        script, args = "pretrain", ["objective=mae", "model=vit_micro", "datamodule=shards"]
+        args.append(f"datamodule.path={shards}")
         keys = ("train/loss", "val/loss", "val/loss_best", "steps")
     args += COMMON + EVERY_2_STEPS
 
