@@ -42,7 +42,10 @@ class BadSamples:
         self.skipped, self._named = 0, set()
 
     def screen(self, batch: dict) -> dict | None:
-        """The batch without the markers, without its bad samples under ``skip`` (None if none is left)."""
+        """The batch without the markers, without its bad samples under ``skip`` (None if none is left).
+        A batch without markers (a source that cannot fail to decode, e.g. text) passes as it is."""
+        if "_error" not in batch:
+            return batch
         errors, names = batch.pop("_error"), batch.pop("_name")
         bad = [i for i, error in enumerate(errors) if error]
         if not bad:

@@ -197,22 +197,25 @@ def memory(tmp: Path, budget_mb: float, image_size: int, workers: int) -> list[s
         cmd = [sys.executable, __file__, "--memory-child", str(root), loading, str(workers), str(image_size)]
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
         rows.append((factor, loading, json.loads(out.strip().splitlines()[-1])))
-    base = rows[1][2]["main_mb"] + rows[1][2]["workers_mb"]
+    base = rows[1][2]
     lines = [
         f"Peak RSS streaming one epoch of 1x and 10x the images a {budget_mb:g} MB budget holds ({one} and"
         f" {10 * one} JPEGs of {image_size} px, uint8 {per_image / 1e3:.1f} kB each in memory), {workers} workers,"
-        " each case in a fresh process: the training process's peak above its RSS after imports, plus the sum of"
-        " its workers' peaks (each counts the pages it shares with the training process).",
+        " each case in a fresh process: the training process's peak above its RSS after imports, and the sum of"
+        " its workers' peaks (each counts the pages it shares with the training process: torch, the libraries).",
         "",
-        "| images | path | training process: RSS after imports + peak above it, MB | workers' peaks (sum), MB |"
-        " process + workers, MB | / streaming 1x |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| images | path | training process: RSS after imports + peak above it, MB | / streaming 1x"
+        " | workers' peaks (sum), MB | / streaming 1x | process + workers / streaming 1x |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for factor, loading, r in rows:
-        total = r["main_mb"] + r["workers_mb"]
+        total = (r["imports_mb"] + r["main_mb"] + r["workers_mb"]) / (
+            base["imports_mb"] + base["main_mb"] + base["workers_mb"]
+        )
+        workers = f"{r['workers_mb']:.0f} | {r['workers_mb'] / base['workers_mb']:.3f}" if r["workers_mb"] else "– | –"
         lines.append(
             f"| {factor}x ({r['images']} seen) | {loading} | {r['imports_mb']:.0f} + {r['main_mb']:.0f}"
-            f" | {r['workers_mb']:.0f} | {total:.0f} | {total / base:.3f} |"
+            f" | {r['main_mb'] / base['main_mb']:.2f} | {workers} | {total:.3f} |"
         )
     return lines
 
