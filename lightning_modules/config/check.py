@@ -34,6 +34,10 @@ def check_config(cfg: DictConfig) -> None:
     if init.startswith("wandb:"):  # fetched when the run starts; only its form can be checked here
         if init.count("/") != 2 or ":" not in init.removeprefix("wandb:"):
             raise ConfigError(f"model.init={init} is invalid: allowed is wandb:<entity>/<project>/<name>:<alias>")
+    elif init.startswith("hf:"):  # a local model dir, or a hub name (not when offline, unless cached)
+        from lightning_modules.config.modalities import hf_local_dir
+
+        hf_local_dir(init.removeprefix("hf:"))
     elif init not in ("none", "timm"):
         from lightning_modules.backbones.handoff import find_backbone_dir
 

@@ -48,18 +48,22 @@ class Rule:
 
 @dataclass(frozen=True)
 class Choice:
-    """A value from a fixed list of words (and null when ``nullable``)."""
+    """One of a few words (``words``), or any non-empty string when ``words`` is empty."""
 
-    words: tuple
+    words: tuple = ()
     nullable: bool = False
 
     def allowed(self) -> str:
-        return "one of " + ", ".join([repr(w) for w in self.words] + (["null"] if self.nullable else []))
+        text = ", ".join(repr(w) for w in self.words) if self.words else "a non-empty string"
+        return text + (" or null" if self.nullable else "")
 
     def check(self, key: str, value):
-        if value is None and self.nullable or any(type(value) is type(w) and value == w for w in self.words):
+        if value is None and self.nullable:
             return value
-        raise ConfigError(f"{key}={value!r} is invalid: allowed is {self.allowed()}")
+        ok = value in self.words if self.words else isinstance(value, str) and value.strip() != ""
+        if not ok:
+            raise ConfigError(f"{key}={value!r} is invalid: allowed {'are' if self.words else 'is'} {self.allowed()}")
+        return value
 
 
 POSITIVE = Rule(float, low=0, low_open=True)
@@ -77,6 +81,26 @@ RULES: dict[str, Rule | Choice] = {
     "datamodule.image_size": Rule(int, low=4),
     "datamodule.label_fraction": FRACTION,
     "datamodule.train_batches_per_epoch": Rule(int, low=1, nullable=True),
+    "datamodule.val_fraction": Rule(float, low=0, high=1, low_open=True, high_open=True),
+    "datamodule.test_fraction": Rule(float, low=0, high=1, low_open=True, high_open=True),
+    # text data
+    "datamodule.max_length": Rule(int, low=4),  # tokens per example: [CLS] + text + [SEP] needs room
+    "datamodule.document": Choice(("file", "line")),
+    "datamodule.path": Choice(nullable=True),
+    "datamodule.val_path": Choice(nullable=True),
+    "datamodule.test_path": Choice(nullable=True),
+    "datamodule.text_column": Choice(),
+    "datamodule.label_column": Choice(),
+    "datamodule.families": Rule(int, low=2),
+    # text backbones built from scratch
+    "model.layers": Rule(int, low=1),
+    "model.hidden": Rule(int, low=1),
+    "model.heads": Rule(int, low=1),
+    "model.intermediate": Rule(int, low=1),
+    "model.max_positions": Rule(int, low=4),
+    "model.vocab_size": Rule(int, low=300),  # byte-level BPE alone starts from 256 byte tokens
+    "model.dropout": Rule(float, low=0, high=1, high_open=True),
+    "model.pooling": Choice(("cls", "mean", "last")),
     # streaming (datamodule=image_folder, shards)
     "datamodule.loading": Choice(("auto", "memory", "stream")),
     "datamodule.memory_budget_gb": Rule(float, low=0),
@@ -91,6 +115,9 @@ RULES: dict[str, Rule | Choice] = {
     "objective.cutmix": Rule(float, low=0),
     "objective.mix_prob": Rule(float, low=0, high=1),
     "objective.label_smoothing": Rule(float, low=0, high=1, high_open=True),
+    "objective.mlm_probability": Rule(float, low=0, high=1, low_open=True, high_open=True),
+    "objective.mask_replace_prob": Rule(float, low=0, high=1),
+    "objective.random_replace_prob": Rule(float, low=0, high=1),
     "freeze.layers": Rule(int, low=0, words=("all",)),  # its upper bound is the backbone's, checked on it
     "freeze.start": Rule(int, low=0),
     "freeze.every": Rule(int, low=1),
