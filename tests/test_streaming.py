@@ -213,3 +213,35 @@ def test_evaluation_keeps_the_aspect_ratio():
     wide.paste((255, 255, 255), (0, 0, 10, 20))  # a white band on the left quarter
     out = eval_transform(16, crop_pct=1.0)(wide)
     assert out.shape == (3, 16, 16) and out.float().mean() < 10  # centre crop of the resized image: no band
+
+
+def test_pretraining_streams_images_only_and_fine_tuning_keeps_its_label_fraction(folder):
+    unlabeled = stream(folder, labeled=False, label_fraction=0.2)
+    batch = next(iter(unlabeled.train_dataloader()))
+    assert set(batch) == {"image"} and len(unlabeled.stream["train"][1]) == 42  # every training image
+    assert "label" in next(iter(unlabeled.eval_loader("val")))
+    few = stream(folder, label_fraction=0.2, batch_size=4)
+    in_memory = stream(folder, label_fraction=0.2, batch_size=4, loading="memory")
+    assert sorted(few.stream["train"][1].tolist()) == sorted(in_memory.splits["train"]["label"].tolist())
+    assert len(few.stream["train"][1]) == round(0.2 * 42)
+
+
+def test_normalisation_is_the_pretrained_weights_when_they_came_from_timm_else_the_datas(folder):
+    from types import SimpleNamespace
+
+    imagenet = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    weights = SimpleNamespace(pretrained_cfg={"mean": imagenet[0], "std": imagenet[1]})
+    pretrained = SimpleNamespace(pretrained=True, model=weights)
+    scratch = SimpleNamespace(pretrained=False, model=weights)
+    for backbone, channels, expected in ((pretrained, 3, imagenet), (pretrained, 1, ([0.449], [0.226]))):
+        dm = ImageFolderDataModule(root=str(folder), image_size=16, channels=channels, loading="stream", batch_size=8)
+        dm.use_backbone(backbone)
+        dm.setup()
+        _made.append(dm)
+        assert dm.normalization[0] == pytest.approx(expected[0], abs=1e-3), channels
+        assert dm.normalization[1] == pytest.approx(expected[1], abs=1e-3), channels
+    dm = ImageFolderDataModule(root=str(folder), image_size=16, channels=3, loading="stream", batch_size=8)
+    dm.use_backbone(scratch)
+    dm.setup()
+    mean, std = dm.normalization  # the data's: each class folder is bright in its own channel
+    assert all(0.35 < m < 0.55 for m in mean) and mean != imagenet[0]
