@@ -105,7 +105,9 @@ def _train_rate(model: str, device: str, batch: int, steps: int) -> float:
     return steps * batch / (time.perf_counter() - start)
 
 
-def throughput(tmp: Path, images: int, workers: list[int], model: str, device: str, train_batch: int) -> list[str]:
+def throughput(
+    tmp: Path, images: int, workers: list[int], model: str, device: str, train_batch: int, repeats: int = 3
+) -> list[str]:
     from datamodules.image_folder import ImageFolderDataModule
     from datamodules.prepare import prepare
     from datamodules.shards import ShardsDataModule
@@ -113,7 +115,7 @@ def throughput(tmp: Path, images: int, workers: list[int], model: str, device: s
     root = write_jpegs(tmp / "jpegs", images, 224)
     shards = prepare("image_folder", out=str(tmp / "jpeg_shards"), root=str(root), workers=max(workers))
     batch = 64
-    rows = []
+    configs = []
     for aa in (None, "randaugment"):
         for w in workers:
             common = dict(batch_size=batch, image_size=224, channels=3, num_workers=w)
@@ -122,20 +124,23 @@ def throughput(tmp: Path, images: int, workers: list[int], model: str, device: s
             folder.setup()
             shard = ShardsDataModule(path=str(shards), transforms=transforms, **common)
             shard.setup()
-            n = max(4, (len(folder.stream["train"][1]) // batch) - 2)
-            rows.append(
-                (
-                    f"{w} worker{'s' if w > 1 else ''}, RRC + flip{' + RandAugment' if aa else ''}",
-                    _loader_rate(folder.train_dataloader, n),
-                    _loader_rate(shard.train_dataloader, n),
-                )
-            )
-            folder.teardown("fit"), shard.teardown("fit")
+            name = f"{w} worker{'s' if w > 1 else ''}, RRC + flip{' + RandAugment' if aa else ''}"
+            configs.append((name, folder, shard))
+    n = max(4, images // batch - 2)
+    rates = {name: ([], []) for name, _, _ in configs}
+    for repeat in range(repeats):  # interleaved: the machine's drift falls on every configuration alike
+        for name, folder, shard in configs if repeat % 2 == 0 else configs[::-1]:
+            rates[name][0].append(_loader_rate(folder.train_dataloader, n))
+            rates[name][1].append(_loader_rate(shard.train_dataloader, n))
+    for _, folder, shard in configs:
+        folder.teardown("fit"), shard.teardown("fit")
+    rows = [(name, statistics.median(a), statistics.median(b)) for name, (a, b) in rates.items()]
     train = _train_rate(model, device, train_batch, steps=3 if device == "cpu" else 30)
     lines = [
         f"Streaming 224-px JPEGs ({images} files of 224 x 224, quality 90) to batches of {batch} at 224 px, on"
         f" {cores()} cores, against a training step of `{model}` (batch {train_batch}, {device}"
-        f"{', bf16 autocast' if device == 'cuda' else ', fp32'}): {train:.1f} images/s.",
+        f"{', bf16 autocast' if device == 'cuda' else ', fp32'}): {train:.1f} images/s. Loaders: images/s after"
+        f" the first batch over {n} batches, median of {repeats} interleaved repeats.",
         "",
         "| loader | image folder, images/s | litdata shards, images/s | folder / training | shards / training |",
         "|---|---:|---:|---:|---:|",
@@ -302,7 +307,7 @@ def accuracy(tmp: Path, seeds: list[int], epochs: int) -> list[str]:
 def add_arguments(parser) -> None:
     """``--stream-*`` options of ``scripts/benchmark.py --loaders-folder`` (prefixed: benchmark.py has its own)."""
     add = parser.add_argument
-    add("--stream-images", type=int, default=512, help="--loaders-folder throughput: how many JPEGs")
+    add("--stream-images", type=int, default=1024, help="--loaders-folder throughput: how many JPEGs")
     add("--stream-workers", type=int, nargs="+", default=None, help="--loaders-folder: worker counts (1 and cores)")
     add("--stream-model", default="resnet18", help="--loaders-folder throughput: the model whose step is compared")
     add("--stream-device", default="cpu", help="--loaders-folder throughput: cpu or cuda, for the training step")
