@@ -20,14 +20,12 @@ from datamodules.folders import decode, folder_splits
 from datamodules.in_memory import InMemoryImageDataModule
 from datamodules.loading import Loading, choose, default_workers
 from datamodules.spec import ImageSpec
-from datamodules.streaming import BadSamples, IndexedLoader, ItemsDataset, OpenLoaders, TrainLoaderState
+from datamodules.streaming import BadSamples, IndexedLoader, ItemsDataset, OpenLoaders
 from datamodules.transforms import (
     Normalize,
     channel_stats,
     check_transforms,
     eval_transform,
-    fit_channels,
-    pretrained_normalization,
     train_transform,
 )
 from lightning_modules.config.errors import ConfigError
@@ -75,12 +73,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         self.loading: Loading | None = None  # the path this run took, once set up
         self.normalization: tuple[list[float], list[float]] | None = None
         self._files: dict | None = None
-        self._pretrained_norm = None
         self.open_loaders = OpenLoaders()
-        self.train_state = TrainLoaderState()
-
-    def use_backbone(self, backbone) -> None:
-        self._pretrained_norm = pretrained_normalization(backbone)
 
     def split_files(self) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple[str, ...]]:
         """{"train"|"val"|"test": (paths, labels)} and the class names: the split both paths use."""
@@ -123,8 +116,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
             self.bad.screen({"_error": [error for _, error in decoded], "_name": [str(p) for p in paths]})
         if not keep:
             raise ConfigError(f"datamodule.root={self.root}: no readable image among {len(paths)} files of a split")
-        # Float in [0, 1] from the 8-bit pixels, as InMemoryImageDataModule.setup takes them.
-        images = torch.stack([decoded[i][0] for i in keep]).float().div_(255)
+        images = torch.stack([decoded[i][0] for i in keep])  # uint8: stored 8-bit, decoded per batch
         labels = labels[keep]
         return images, labels
 
@@ -147,12 +139,12 @@ class ImageFolderDataModule(InMemoryImageDataModule):
                 f" (label_fraction={self.label_fraction}); allowed is at most {n_train}"
             )
         self.stream = files
-        # Normalisation: the backbone's pretrained statistics if it has them, else the data's, estimated on a
-        # seeded sample of all training images (labeled or not), as the in-memory path uses all of them.
-        if self._pretrained_norm is not None:
-            mean, std = (fit_channels(v, self.channels) for v in self._pretrained_norm)
-        else:
-            mean, std = self._data_stats(train_paths)
+        # Normalisation: the statistics the backbone's weights were trained with (``use_backbone``: their
+        # ``preprocessing``), else the data's, per channel, estimated on a seeded sample of all training images
+        # (labeled or not), as the in-memory path uses all of them.
+        mean, std = self._data_stats(train_paths) if self.norm_mean is None or self.norm_std is None else (None, None)
+        mean = list(self.norm_mean) if self.norm_mean is not None else mean
+        std = list(self.norm_std) if self.norm_std is not None else std
         self.normalization = (mean, std)
         self.normalize = Normalize(mean, std)
         self.spec = ImageSpec(self.channels, self.image_size, len(classes), tuple(classes))
@@ -201,10 +193,10 @@ class ImageFolderDataModule(InMemoryImageDataModule):
             seed=self.label_seed,
             epoch_fn=self.epoch,
             num_batches=self.train_batches_per_epoch,
-            consumed=self.consumed,
+            skip_fn=self.batches_trained,
             **self._loader_options(),
         )
-        return self.train_state.track(self.open_loaders.add(loader))
+        return self.open_loaders.add(loader)
 
     def eval_loader(self, split: str, batch_size: int | None = None, sharded: bool = True):
         if not self.streams:
@@ -216,19 +208,8 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         loader = IndexedLoader(items, batch_size or self.eval_batch_size, False, False, self.bad, **options)
         return self.open_loaders.add(loader)
 
-    def state_dict(self) -> dict:
-        return self.train_state.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.train_state.load_state_dict(state_dict)
-
     def teardown(self, stage: str) -> None:
         self.open_loaders.close()  # the workers end with the fit (or test), not when the collector gets to them
-
-    def consumed(self) -> int | None:
-        """Training batches the trainer finished in this epoch (what a mid-epoch checkpoint has trained on)."""
-        trainer = getattr(self, "trainer", None)
-        return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else None
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if not self.streams:

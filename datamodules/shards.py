@@ -6,9 +6,9 @@ object-store URL (``s3://``, ``gs://``, ``azure://``, ``hf://``; chunks are cach
   and workers) reads the same batches. Under DDP and multi-node litdata gives each rank its own chunks of every
   epoch (its own distributed logic, not pretune's global-batch slices: the global batches differ from one
   process's, the data seen per epoch is the same). Each image's transform is seeded by (seed, epoch, index).
-- **Mid-epoch resume**: the loader's litdata state travels in the checkpoint, taken after the batches the
-  trainer finished (``streaming.Snapshots``), so a resumed run reads exactly the batches the uninterrupted
-  run reads; the epoch follows the trainer's, not litdata's own counter.
+- **Mid-epoch resume**: a resumed epoch starts litdata where the uninterrupted run's loader stood after the
+  batches already trained (the datamodule's ``batches_trained()``, Lightning's restored progress), so it reads
+  exactly the batches the uninterrupted run reads; the epoch follows the trainer's, not litdata's counter.
 - **Evaluation** reads val/test by index, in order, each rank its slice of every global batch
   (``streaming.IndexedLoader``): every item is evaluated once, as in memory, whatever the number of ranks.
 - Decoding, transforms, normalisation on the device and the bad-sample policy are the image folder's.
@@ -28,22 +28,13 @@ from datamodules.base import PretuneDataModule
 from datamodules.loading import Loading, default_workers
 from datamodules.prepare import FORMAT, META, VERSION
 from datamodules.spec import ImageSpec
-from datamodules.streaming import (
-    BadSamples,
-    IndexedLoader,
-    ItemsDataset,
-    OpenLoaders,
-    Snapshots,
-    TrainLoaderState,
-    stop_workers,
-)
+from datamodules.streaming import BadSamples, IndexedLoader, ItemsDataset, OpenLoaders, stop_workers
 from datamodules.transforms import (
     Normalize,
     check_transforms,
     eval_transform,
     fit_channels,
     load_sample,
-    pretrained_normalization,
     sample_key,
     train_transform,
 )
@@ -111,9 +102,10 @@ class TrainShards(StreamingDataset):
 
 
 class ShardLoader(StreamingDataLoader):
-    """litdata's loader, with the epoch the trainer's and the checkpointed state the trained batches'."""
+    """litdata's loader with the epoch the trainer's, and a resumed epoch started where the uninterrupted run's
+    loader stood after the batches already trained (``skip_fn``), as the in-memory loader does."""
 
-    def __init__(self, dataset, batch_size, num_workers, pin_memory, bad, epoch_fn, consumed):
+    def __init__(self, dataset, batch_size, num_workers, pin_memory, bad, epoch_fn, skip_fn):
         super().__init__(
             dataset,
             batch_size=batch_size,
@@ -124,27 +116,21 @@ class ShardLoader(StreamingDataLoader):
             # mid-epoch then draws its masks and dropout exactly as the uninterrupted run
             generator=torch.Generator().manual_seed(0),
         )
-        self.bad, self.epoch_fn, self.snapshots = bad, epoch_fn, Snapshots(consumed)
-        self._resumed_pass = False
-
-    def _counters(self) -> tuple:
-        return self.current_epoch, self._num_samples_yielded_streaming, self._latest_worker_idx
-
-    def _set(self, counters: tuple) -> None:
-        self.current_epoch, self._num_samples_yielded_streaming, self._latest_worker_idx = counters
+        self.bad, self.epoch_fn, self.skip_fn = bad, epoch_fn, skip_fn
 
     def __iter__(self):
-        if self.restore and self._resumed_pass:
-            # The resumed epoch was handed out, but Lightning stops at the loader's length without exhausting
-            # it, and litdata would then resume the same position again: this pass is a new epoch.
-            self.restore = False
-        self._resumed_pass = self.restore
-        if not self.restore:  # a new epoch: litdata counts from 1, adding one as the iteration starts
-            self.current_epoch = self.epoch_fn()
-        self.snapshots.reset()
+        skip, epoch = self.skip_fn(), self.epoch_fn()
+        if 0 < skip < len(self):
+            # litdata's position after ``skip`` batches of this epoch, exactly what its own state said then (its
+            # workers take turns, a batch each): litdata resumes from it, skipping the items in its workers.
+            self.current_epoch = epoch + 1
+            self._num_samples_yielded_streaming = skip * self.batch_size
+            self._latest_worker_idx = (skip - 1) % max(1, self.num_workers)
+            super().load_state_dict(super().state_dict())
+        else:  # a new epoch (litdata counts from 1, adding one as it starts); nothing half-done carries over
+            self.restore, self.current_epoch = False, epoch
         try:
             for batch in super().__iter__():
-                self.snapshots.record(self._num_samples_yielded_streaming // self.batch_size, self._counters())
                 batch = self.bad.screen(batch)
                 if batch is not None:
                     yield batch
@@ -158,21 +144,13 @@ class ShardLoader(StreamingDataLoader):
         if self._iterator is not None:
             stop_workers(self._iterator, self)
 
+    # As BatchLoader: Lightning saves and restores these with its loop; the position is its restored progress.
+    # (litdata's own state is a batch ahead of training when a checkpoint is taken: Lightning prefetches.)
     def state_dict(self) -> dict:
-        counters = self.snapshots.at_consumed(None)
-        if counters is None:
-            return super().state_dict()
-        now = self._counters()
-        self._set(counters)
-        try:
-            return super().state_dict()
-        finally:
-            self._set(now)
+        return {"epoch": self.epoch_fn()}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state["num_samples_yielded"] >= len(self) * self.batch_size:
-            return  # saved at an epoch's end: the next epoch starts afresh (its number from the trainer)
-        super().load_state_dict(state)
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
 
 
 class _ShardItems:
@@ -224,12 +202,17 @@ class ShardsDataModule(PretuneDataModule):
         self.transforms = check_transforms(transforms)
         self.loading: Loading | None = None
         self.meta: dict | None = None
-        self._pretrained_norm = None
+        self.norm_mean: list[float] | None = None  # the backbone's weights' statistics (use_backbone), if any
+        self.norm_std: list[float] | None = None
         self.open_loaders = OpenLoaders()
-        self.train_state = TrainLoaderState()
 
     def use_backbone(self, backbone) -> None:
-        self._pretrained_norm = pretrained_normalization(backbone)
+        """As the in-memory datamodules: weights trained elsewhere bring the input size and the mean/std they
+        were trained with (``backbone.preprocessing``); else the data's statistics, from ``pretune.json``."""
+        pre = getattr(backbone, "preprocessing", None) or {}
+        if pre.get("input_size"):
+            self.image_size = check("datamodule.image_size", int(pre["input_size"]))
+        self.norm_mean, self.norm_std = pre.get("mean"), pre.get("std")
 
     def setup(self, stage: str | None = None) -> None:
         if self.spec is not None:
@@ -247,8 +230,9 @@ class ShardsDataModule(PretuneDataModule):
                 f"datamodule.batch_size={self.batch_size} is larger than the {n_train} training images;"
                 f" allowed is at most {n_train}"
             )
-        mean, std = self._pretrained_norm or (meta["mean"], meta["std"])
-        self.normalize = Normalize(fit_channels(mean, self.channels), fit_channels(std, self.channels))
+        mean = self.norm_mean if self.norm_mean is not None else fit_channels(meta["mean"], self.channels)
+        std = self.norm_std if self.norm_std is not None else fit_channels(meta["std"], self.channels)
+        self.normalize = Normalize(list(mean), list(std))
         self.normalization = (self.normalize.mean, self.normalize.std)
         total = sum(meta["splits"].values())
         self.loading = Loading(
@@ -266,10 +250,6 @@ class ShardsDataModule(PretuneDataModule):
         cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
         return {"num_workers": workers, "pin_memory": cuda}
 
-    def consumed(self) -> int | None:
-        trainer = getattr(self, "trainer", None)
-        return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else None
-
     def train_dataloader(self):
         # Built here, not in setup: litdata reads the process group (rank, world size) when the dataset is
         # made, and the trainer has started it by now.
@@ -278,11 +258,9 @@ class ShardsDataModule(PretuneDataModule):
         dataset = TrainShards(
             f"{self.path}/train", self.cache_dir, self.seed, self.channels, self.image_size, transform, self.labeled
         )
-        options = self._options()
-        loader = ShardLoader(
-            dataset, self.batch_size, options["num_workers"], options["pin_memory"], self.bad, self.epoch, self.consumed
-        )
-        return self.train_state.track(self.open_loaders.add(loader))
+        workers, pin = self._options().values()
+        loader = ShardLoader(dataset, self.batch_size, workers, pin, self.bad, self.epoch, self.batches_trained)
+        return self.open_loaders.add(loader)
 
     def eval_loader(self, split: str, batch_size: int | None = None, sharded: bool = True):
         raw = _ShardItems(f"{self.path}/{split}", self.cache_dir, labeled=True)
@@ -292,12 +270,6 @@ class ShardsDataModule(PretuneDataModule):
         batch_size = batch_size or self.eval_batch_size
         loader = IndexedLoader(items, batch_size, False, False, self.bad, **shard, **self._options())
         return self.open_loaders.add(loader)
-
-    def state_dict(self) -> dict:
-        return self.train_state.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.train_state.load_state_dict(state_dict)
 
     def teardown(self, stage: str) -> None:
         self.open_loaders.close()

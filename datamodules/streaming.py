@@ -5,11 +5,10 @@ training loader that resumes in the middle of an epoch, and one policy for unrea
   in ``BatchLoader``'s order: seeded by (seed, epoch), rank ``r`` of ``W`` decoding only its contiguous slice
   of every global batch. So a streamed folder sees, step by step, the images the in-memory path sees, and
   under DDP each rank reads its own part of every epoch, the same global batches as one process.
-- **Mid-epoch resume.** The training loader's position (``state_dict``) travels in every checkpoint, through
-  the datamodule's state (``TrainLoaderState``), and is handed back (``load_state_dict``) when a run resumes.
-  Lightning fetches one batch ahead of the step it trains, so what a loader has handed out is not what was
-  trained on: the position saved is the one after the batches the trainer had finished (``consumed``),
-  recorded per batch as they are handed out (``Snapshots``).
+- **Mid-epoch resume.** As the in-memory loader (``BatchLoader``): a training loader skips, undecoded, the
+  batches of the epoch that a resumed run had already trained (``skip_fn``: the datamodule's
+  ``batches_trained()``, Lightning's restored progress); the order and every image's transform are functions
+  of (seed, epoch), so the rest of the epoch is the uninterrupted run's.
 - **Bad samples.** A worker never raises on a file it cannot decode (a traceback from a worker is twenty
   lines); it marks the sample, and the main process either stops with one line naming the file
   (``on_bad_sample=error``) or drops it from its batch and counts it (``skip``; ``data/skipped_samples`` in
@@ -94,58 +93,12 @@ class OpenLoaders:
             loader.close()
 
 
-class TrainLoaderState:
-    """The training loader's position, kept in the checkpoint through the datamodule's own state.
-
-    Lightning also saves a stateful training loader with its fit loop, but hands the state back only if the
-    loader is made after the checkpoint is restored; pretune's schedulers ask for the loader's length first
-    (``estimated_stepping_batches``), so it exists by then and the state would never be applied (litData
-    #775). The datamodule's state is restored before anything asks for a loader."""
-
-    def __init__(self):
-        self.loader = None
-        self.pending: dict | None = None
-
-    def track(self, loader):
-        self.loader = weakref.ref(loader)
-        if self.pending is not None:
-            loader.load_state_dict(self.pending)
-            self.pending = None
-        return loader
-
-    def state_dict(self) -> dict:
-        loader = self.loader() if self.loader is not None else None
-        return {"train_loader": loader.state_dict()} if loader is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.pending = state.get("train_loader")
-
-
 def stop_workers(iterator, loader: DataLoader) -> None:
     """Stop a DataLoader's worker processes now (torch has no public call for it)."""
     if loader._iterator is iterator:
         loader._iterator = None
     if hasattr(iterator, "_shutdown_workers"):
         iterator._shutdown_workers()
-
-
-class Snapshots:
-    """A training loader's state after each batch it handed out this epoch; ``at_consumed`` is the state a
-    checkpoint must hold: the one after the batches the trainer finished, not after what it prefetched."""
-
-    def __init__(self, consumed: Callable[[], int | None] | None):
-        self.consumed = consumed or (lambda: None)
-        self.states: dict[int, object] = {}
-
-    def reset(self) -> None:
-        self.states = {}
-
-    def record(self, handed_out: int, state) -> None:
-        self.states[handed_out] = state
-        self.states.pop(handed_out - 16, None)  # the trainer is never more than a batch or two behind
-
-    def at_consumed(self, default):
-        return self.states.get(self.consumed(), default)
 
 
 class ItemsDataset(Dataset):
@@ -165,27 +118,19 @@ class ItemsDataset(Dataset):
 
 
 class _OrderedBatches:
-    """The batch sampler: BatchLoader's order of indices for the epoch, each index with its transform seed;
-    the batches a resumed epoch had finished are left out without being decoded."""
+    """The batch sampler: BatchLoader's order of indices for the epoch, each index with its transform seed; the
+    batches a resumed epoch had trained (``skip_fn``) are left out without being decoded."""
 
-    def __init__(self, order: BatchLoader, seed: int, epoch_fn: Callable[[], int]):
-        self.order, self.seed, self.epoch_fn = order, seed, epoch_fn
-        self.resume: dict | None = None  # {"epoch": e, "batches": k} from a checkpoint
-        self.epoch, self.first = 0, 0
+    def __init__(self, order: BatchLoader, seed: int, epoch_fn: Callable[[], int], skip_fn=None):
+        self.order, self.seed, self.epoch_fn, self.skip_fn = order, seed, epoch_fn, skip_fn
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __iter__(self):
-        # Not a generator itself: the epoch and the first batch are fixed when the DataLoader asks for the
-        # iterator, before any batch is drawn (IndexedLoader reads them then). torch asks twice.
-        self.epoch = self.epoch_fn()
-        resume = self.resume
-        self.first = resume["batches"] if resume and resume["epoch"] == self.epoch else 0
-        return self._batches(self.epoch, self.first)
-
-    def _batches(self, epoch: int, first: int):
-        self.resume = None  # applied once: the next epoch is whole
+        skip = self.skip_fn() if self.skip_fn is not None else 0
+        first = skip if 0 < skip < len(self.order) else 0
+        epoch = self.epoch_fn()
         for i, batch in enumerate(self.order):
             if i >= first:
                 repeat = i // self.order.per_pass
@@ -193,8 +138,8 @@ class _OrderedBatches:
 
 
 class IndexedLoader:
-    """Batches of ``dataset`` decoded by ``num_workers`` worker processes, in BatchLoader's order; with
-    ``consumed`` (the trainer's finished batches this epoch) it is resumable mid-epoch."""
+    """Batches of ``dataset`` decoded by ``num_workers`` worker processes, in BatchLoader's order; a training
+    loader skips the batches a resumed epoch had trained (``skip_fn``)."""
 
     def __init__(
         self,
@@ -211,13 +156,13 @@ class IndexedLoader:
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent: bool = True,
-        consumed: Callable[[], int] | None = None,
+        skip_fn: Callable[[], int] | None = None,
     ):
-        epoch_fn = epoch_fn or (lambda: 0)
+        self.epoch_fn = epoch_fn or (lambda: 0)
         index = {"index": torch.arange(len(dataset))}
-        order = BatchLoader(index, batch_size, shuffle, drop_last, seed, epoch_fn, num_batches, rank, world)
-        self.batches = _OrderedBatches(order, seed, epoch_fn)
-        self.bad, self.snapshots = bad, Snapshots(consumed)
+        order = BatchLoader(index, batch_size, shuffle, drop_last, seed, self.epoch_fn, num_batches, rank, world)
+        self.batches = _OrderedBatches(order, seed, self.epoch_fn, skip_fn)
+        self.bad = bad
         self.loader = DataLoader(
             dataset,
             batch_sampler=self.batches,
@@ -237,13 +182,9 @@ class IndexedLoader:
             stop_workers(self.loader._iterator, self.loader)
 
     def __iter__(self):
-        iterator = iter(self.loader)  # the sampler's __iter__ runs here: it fixes this epoch's order and start
-        epoch, handed_out = self.batches.epoch, self.batches.first
-        self.snapshots.reset()
+        iterator = iter(self.loader)
         try:
             for batch in iterator:
-                handed_out += 1
-                self.snapshots.record(handed_out, {"epoch": epoch, "batches": handed_out})
                 batch = self.bad.screen(batch)
                 if batch is not None:
                     yield batch
@@ -253,10 +194,10 @@ class IndexedLoader:
             stop_workers(iterator, self.loader)
             raise
 
+    # As BatchLoader: Lightning saves and restores these with its loop (a loader without them is "not
+    # resumable" to it); the position itself is the loop's restored progress (skip_fn).
     def state_dict(self) -> dict:
-        """Where this epoch stands (Lightning saves it with a checkpoint of a training loader)."""
-        done = self.snapshots.consumed() or 0
-        return dict(self.snapshots.at_consumed({"epoch": self.batches.epoch, "batches": done}))
+        return {"epoch": self.epoch_fn()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.batches.resume = dict(state)
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass

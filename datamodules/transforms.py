@@ -54,19 +54,8 @@ def check_transforms(transforms: dict | None) -> dict:
     return out
 
 
-def pretrained_normalization(backbone) -> tuple[list[float], list[float]] | None:
-    """The mean and std a backbone's pretrained weights expect (timm's ``pretrained_cfg``), if its weights
-    came pretrained (``model.init=timm``); None for a backbone trained from scratch or by pretune."""
-    if backbone is None or not getattr(backbone, "pretrained", False):
-        return None
-    cfg = getattr(getattr(backbone, "model", None), "pretrained_cfg", None) or {}
-    if cfg.get("mean") is None or cfg.get("std") is None:
-        return None
-    return list(cfg["mean"]), list(cfg["std"])
-
-
 def fit_channels(values: list[float], channels: int) -> list[float]:
-    """Statistics for ``channels`` channels from RGB ones (a grayscale run of an RGB-pretrained model)."""
+    """Statistics for ``channels`` channels from RGB ones (prepared shards read as grayscale)."""
     if len(values) == channels:
         return list(values)
     return [sum(values) / len(values)] * channels

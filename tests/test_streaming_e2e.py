@@ -21,7 +21,7 @@ from tests.conftest import ROOT
 from tests.test_streaming import _corrupt, write_folder
 
 # Checkpoints every 2 steps: with 5 batches an epoch, some of them fall in the middle of an epoch.
-EVERY_2_STEPS = ["callbacks.last_checkpoint.every_n_epochs=null", "+callbacks.last_checkpoint.every_n_train_steps=2"]
+EVERY_2_STEPS = ["callbacks.last_checkpoint.every_n_train_steps=2"]
 COMMON = [
     "datamodule.image_size=16",
     "datamodule.batch_size=8",

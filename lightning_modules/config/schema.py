@@ -48,19 +48,24 @@ class Rule:
 
 @dataclass(frozen=True)
 class Choice:
-    """One of a few words (``words``), or any non-empty string when ``words`` is empty."""
+    """One of a few words (``words``; true/false count as words, never as 1/0), or any non-empty string when
+    ``words`` is empty."""
 
     words: tuple = ()
     nullable: bool = False
 
     def allowed(self) -> str:
-        text = ", ".join(repr(w) for w in self.words) if self.words else "a non-empty string"
+        words = [str(w).lower() if isinstance(w, bool) else repr(w) for w in self.words]
+        text = ", ".join(words) if self.words else "a non-empty string"
         return text + (" or null" if self.nullable else "")
 
     def check(self, key: str, value):
         if value is None and self.nullable:
             return value
-        ok = value in self.words if self.words else isinstance(value, str) and value.strip() != ""
+        if self.words:
+            ok = any(value == w and isinstance(value, bool) == isinstance(w, bool) for w in self.words)
+        else:
+            ok = isinstance(value, str) and value.strip() != ""
         if not ok:
             raise ConfigError(f"{key}={value!r} is invalid: allowed {'are' if self.words else 'is'} {self.allowed()}")
         return value
@@ -81,6 +86,7 @@ RULES: dict[str, Rule | Choice] = {
     "datamodule.image_size": Rule(int, low=4),
     "datamodule.label_fraction": FRACTION,
     "datamodule.train_batches_per_epoch": Rule(int, low=1, nullable=True),
+    "datamodule.device_budget": Rule(float, low=0, high=1),  # fraction of the GPU's memory for the splits
     "datamodule.val_fraction": Rule(float, low=0, high=1, low_open=True, high_open=True),
     "datamodule.test_fraction": Rule(float, low=0, high=1, low_open=True, high_open=True),
     # text data
@@ -101,6 +107,7 @@ RULES: dict[str, Rule | Choice] = {
     "model.vocab_size": Rule(int, low=300),  # byte-level BPE alone starts from 256 byte tokens
     "model.dropout": Rule(float, low=0, high=1, high_open=True),
     "model.pooling": Choice(("cls", "mean", "last")),
+    "model.input_size": Rule(int, low=4, nullable=True),  # null: the weights' pretrained input size, or the data's
     # streaming (datamodule=image_folder, shards)
     "datamodule.loading": Choice(("auto", "memory", "stream")),
     "datamodule.memory_budget_gb": Rule(float, low=0),
@@ -124,6 +131,13 @@ RULES: dict[str, Rule | Choice] = {
     "freeze.probe_epochs": Rule(int, low=0),
     "freeze.ft_lr_scale": Rule(float, low=0, high=1, low_open=True),
     "finetune.l2_sp": Rule(float, low=0),
+    "callbacks.last_checkpoint.every_n_epochs": Rule(int, low=1, nullable=True),
+    "callbacks.last_checkpoint.every_n_train_steps": Rule(int, low=1, nullable=True),
+    "callbacks.last_checkpoint.every_minutes": Rule(float, low=0, low_open=True, nullable=True),
+    # Speed on GPUs: each 'auto' resolves to what is faster there and leaves the CPU as it was.
+    "optimizer.implementation": Choice(("auto", "fused", "foreach", "loop")),
+    "model.channels_last": Choice(("auto", True, False)),
+    "float32_matmul_precision": Choice(("auto", "highest", "high", "medium")),
 }
 # Keys that only some configs have (objective.mask_ratio with MAE, freeze.* when fine-tuning) are
 # checked where they exist.
