@@ -123,7 +123,7 @@ class ShardLoader(StreamingDataLoader):
         if 0 < skip < len(self):
             # litdata's position after ``skip`` batches of this epoch, exactly what its own state said then (its
             # workers take turns, a batch each): litdata resumes from it, skipping the items in its workers.
-            self.current_epoch = epoch + 1
+            self.current_epoch = self.dataset.current_epoch = epoch + 1
             self._num_samples_yielded_streaming = skip * self.batch_size
             self._latest_worker_idx = (skip - 1) % max(1, self.num_workers)
             super().load_state_dict(super().state_dict())

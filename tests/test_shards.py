@@ -85,19 +85,22 @@ def test_training_batches_are_seeded_and_evaluation_reads_every_item_once(prepar
 
 
 def test_a_resumed_epoch_starts_where_the_uninterrupted_runs_loader_stood(prepared):
-    dm = shards(prepared)
-    full = [x["image"] for x in dm.train_dataloader()]
-    trainer = {"epoch": 0, "trained": 2}  # Lightning's restored progress, on a resume from a mid-epoch checkpoint
+    def epoch_of(dm, epoch):
+        dm.epoch = lambda: epoch
+        return [x["image"] for x in dm.train_dataloader()]
+
+    uninterrupted = shards(prepared)
+    full, following = epoch_of(uninterrupted, 1), epoch_of(uninterrupted, 2)
+    dm = shards(prepared)  # a fresh process resuming epoch 1 after its first two batches
+    trainer = {"epoch": 1, "trained": 2}  # Lightning's restored progress, on a resume from a mid-epoch checkpoint
     dm.epoch, dm.batches_trained = (lambda: trainer["epoch"]), (lambda: trainer["trained"])
     loader = dm.train_dataloader()
     rest = [x["image"] for x in loader]
     assert len(rest) == len(full) - 2 and all(torch.equal(x, y) for x, y in zip(rest, full[2:], strict=True))
     # The next epoch is whole, and the uninterrupted run's (its number from the trainer, not litdata's counter).
-    trainer.update(epoch=1, trained=0)
+    trainer.update(epoch=2, trained=0)
     second = [x["image"] for x in loader]
-    fresh = shards(prepared)
-    fresh.epoch = lambda: 1
-    expected = [x["image"] for x in fresh.train_dataloader()]
+    expected = following
     assert len(second) == len(full) and torch.equal(torch.cat(second), torch.cat(expected))
 
 
