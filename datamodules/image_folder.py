@@ -84,6 +84,10 @@ class ImageFolderDataModule(InMemoryImageDataModule):
     def streams(self) -> bool:
         return self.loading is not None and self.loading.streams
 
+    def can_cache_features(self) -> bool:
+        """Streamed images are re-decoded and re-augmented per batch: nothing holds them to cache features of."""
+        return not self.streams and super().can_cache_features()
+
     def setup(self, stage: str | None = None) -> None:
         if self.spec is not None:
             return
@@ -139,6 +143,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
                 f" (label_fraction={self.label_fraction}); allowed is at most {n_train}"
             )
         self.stream = files
+        self.placement = "stream"  # metrics.json's data/placement: neither held on the device nor in memory
         # Normalisation: the statistics the backbone's weights were trained with (``use_backbone``: their
         # ``preprocessing``), else the data's, per channel, estimated on a seeded sample of all training images
         # (labeled or not), as the in-memory path uses all of them.

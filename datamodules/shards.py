@@ -174,6 +174,7 @@ class ShardsDataModule(PretuneDataModule):
 
     modality = "image"
     name = "shards"
+    placement = "stream"  # metrics.json's data/placement (in-memory data: cpu, device or pinned)
 
     def __init__(
         self,

@@ -65,7 +65,8 @@ def test_the_budget_picks_memory_or_streaming_and_says_why(folder):
     assert choose("data", 10, 3, 8, "stream", 4).path == "stream"  # forced either way
     assert choose("data", 10**6, 3, 224, "memory", 4).path == "memory"
     # 60 images of 3 x 16 x 16 bytes are 46 kB: over a 40 kB budget they stream, under 50 kB they stay
-    assert stream(folder, loading="auto", memory_budget_gb=40e-6).streams
+    streamed = stream(folder, loading="auto", memory_budget_gb=40e-6, augment={})
+    assert streamed.streams and not streamed.can_cache_features()  # (a frozen backbone's feature cache)
     in_memory = stream(folder, loading="auto", memory_budget_gb=50e-6)
     assert not in_memory.streams and in_memory.splits["train"]["image"].shape[1:] == (3, 16, 16)
     with pytest.raises(ConfigError, match=r"datamodule.loading='disk' is invalid: allowed are 'auto', 'memory', 's"):
