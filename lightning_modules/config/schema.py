@@ -98,6 +98,10 @@ RULES: dict[str, Rule | Choice] = {
     "datamodule.text_column": Choice(),
     "datamodule.label_column": Choice(),
     "datamodule.families": Rule(int, low=2),
+    # image–caption pairs
+    "datamodule.image_column": Choice(),
+    "datamodule.caption_column": Choice(),
+    "datamodule.channels": Choice((1, 3)),
     # text backbones built from scratch
     "model.layers": Rule(int, low=1),
     "model.hidden": Rule(int, low=1),
@@ -122,10 +126,15 @@ RULES: dict[str, Rule | Choice] = {
     "objective.cutmix": Rule(float, low=0),
     "objective.mix_prob": Rule(float, low=0, high=1),
     "objective.label_smoothing": Rule(float, low=0, high=1, high_open=True),
+    "objective.embed_dim": Rule(int, low=1),
+    "objective.learn_temperature": Choice((True, False)),
+    "objective.max_logit_scale": Rule(float, low=1),
     "objective.mlm_probability": Rule(float, low=0, high=1, low_open=True, high_open=True),
     "objective.mask_replace_prob": Rule(float, low=0, high=1),
     "objective.random_replace_prob": Rule(float, low=0, high=1),
     "freeze.layers": Rule(int, low=0, words=("all",)),  # its upper bound is the backbone's, checked on it
+    "freeze.image": Rule(int, low=0, words=("all",), nullable=True),  # a dual encoder's tower; null: the strategy's
+    "freeze.text": Rule(int, low=0, words=("all",), nullable=True),
     "freeze.start": Rule(int, low=0),
     "freeze.every": Rule(int, low=1),
     "freeze.probe_epochs": Rule(int, low=0),
@@ -138,6 +147,16 @@ RULES: dict[str, Rule | Choice] = {
     "optimizer.implementation": Choice(("auto", "fused", "foreach", "loop")),
     "model.channels_last": Choice(("auto", True, False)),
     "float32_matmul_precision": Choice(("auto", "highest", "high", "medium")),
+    # scripts/evaluate.py
+    "zero_shot.split": Choice(("train", "val", "test")),
+    "zero_shot.batch_size": Rule(int, low=1),
+    "retrieval.split": Choice(("train", "val")),
+    "retrieval.batch_size": Rule(int, low=1),
+}
+# A dual encoder's text tower (model.text.*) takes the rules of a text model (its image tower's keys are timm's).
+RULES |= {
+    f"model.text.{k}": RULES[f"model.{k}"]
+    for k in ("layers", "hidden", "heads", "intermediate", "max_positions", "vocab_size", "dropout", "pooling")
 }
 # Keys that only some configs have (objective.mask_ratio with MAE, freeze.* when fine-tuning) are
 # checked where they exist.

@@ -33,7 +33,11 @@ def main(cfg: DictConfig):
     """Run one job; returns ``optimized_metric`` for Hydra sweepers."""
     try:
         check_config(cfg)
-        from lightning_modules.runtime.run import run  # heavy imports only once the config is known good
+        # heavy imports only once the config is known good
+        if cfg.get("stage") == "evaluate":
+            from lightning_modules.runtime.evaluate import evaluate as run
+        else:
+            from lightning_modules.runtime.run import run
 
         metrics = run(cfg)
     except (ConfigError, TrainingDiverged) as err:

@@ -27,6 +27,7 @@ from lightning_modules.callbacks.forgetting import ForgettingProbe
 from lightning_modules.callbacks.monitor import LayerGroupMonitor, count_params
 from lightning_modules.callbacks.seeding import EpochSeed
 from lightning_modules.config.errors import ConfigError
+from lightning_modules.config.modalities import tower_errors, towers_of
 from lightning_modules.config.schema import check
 from lightning_modules.module import PretuneModule
 from lightning_modules.objectives.base import build_objective
@@ -131,6 +132,9 @@ def run(cfg: DictConfig) -> dict:
         with open_dict(cfg):  # recorded with the config: which weights, by path and hash (and artifact)
             cfg.model.source = resolve_init(str(cfg.model.init))
             cfg.float32_matmul_precision = matmul_precision(cfg)  # what "auto" became
+            for name, tower in towers_of(cfg.model).items():  # a dual encoder's towers: each from its own init
+                with tower_errors(name, tower):
+                    tower.source = resolve_init(str(tower.init))
             if OmegaConf.select(cfg, "logger.wandb") is not None:  # unset name/group come from the Hydra job
                 from lightning_modules.runtime.wandb_runs import run_identity
 
@@ -215,12 +219,12 @@ def _record_loading(cfg: DictConfig, out_dir: Path, datamodule) -> None:
 
 
 def _callbacks(cfg: DictConfig, out_dir: Path, backbone, datamodule, objective) -> list:
-    """The configured callbacks, then what the stage adds: per-epoch seeding; when fine-tuning the freezing
-    strategy, the per-group monitor, the feature cache (a backbone frozen throughout) and the forgetting probe;
-    when pre-training the backbone export."""
+    """The configured callbacks, then what the stage adds: per-epoch seeding, the freezing strategy (fine-tuning,
+    and pre-training too: e.g. a locked CLIP tower) and the per-group monitor, the feature cache (a backbone
+    frozen throughout); when fine-tuning the forgetting probe; when pre-training the backbone export."""
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(EpochSeed(cfg.seed))
-    if cfg.stage == "finetune":
+    if cfg.get("freeze") is not None:
         freezer = build(cfg.freeze)
         freezer.validate(backbone)  # e.g. freeze.layers beyond the backbone's groups: fail before training
         callbacks += [freezer, LayerGroupMonitor()]
@@ -228,6 +232,7 @@ def _callbacks(cfg: DictConfig, out_dir: Path, backbone, datamodule, objective) 
         if OmegaConf.select(cfg, "finetune.cache_features", default=False) and epochs > 0:
             if FeatureCache.reason_not(freezer, backbone, datamodule, objective, epochs) is None:
                 callbacks.append(FeatureCache())
+    if cfg.stage == "finetune":
         if OmegaConf.select(cfg, "finetune.measure_forgetting", default=False):
             callbacks.append(ForgettingProbe(str(cfg.model.init), cfg.model.source, backbone, datamodule))
     else:
