@@ -32,6 +32,7 @@ DATAMODULES = {
     "datamodules.digits.DigitsDataModule": "image",
     "datamodules.mnist5k.MNIST5kDataModule": "image",
     "datamodules.image_folder.ImageFolderDataModule": "image",
+    "datamodules.shards.ShardsDataModule": "image",
     "datamodules.text_corpus.TextCorpusDataModule": "text",
     "datamodules.text_classification.TextClassificationDataModule": "text",
     "datamodules.image_text.ImageTextDataModule": "image_text",

@@ -112,6 +112,13 @@ RULES: dict[str, Rule | Choice] = {
     "model.dropout": Rule(float, low=0, high=1, high_open=True),
     "model.pooling": Choice(("cls", "mean", "last")),
     "model.input_size": Rule(int, low=4, nullable=True),  # null: the weights' pretrained input size, or the data's
+    # streaming (datamodule=image_folder, shards)
+    "datamodule.loading": Choice(("auto", "memory", "stream")),
+    "datamodule.memory_budget_gb": Rule(float, low=0),
+    "datamodule.num_workers": Rule(int, low=0, nullable=True),  # null: this node's cores / its processes
+    "datamodule.on_bad_sample": Choice(("error", "skip")),
+    "datamodule.transforms.auto_augment": Choice(("randaugment", "trivialaugment", "autoaugment"), nullable=True),
+    "datamodule.transforms.eval_crop_pct": FRACTION,
     "trainer.max_epochs": Rule(int, low=-1, nullable=True),  # -1: no limit (Lightning's meaning)
     "objective.mask_ratio": Rule(float, low=0, high=1, low_open=True, high_open=True),
     "objective.temperature": POSITIVE,

@@ -160,6 +160,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True), data=datamodule)
     datamodule.use_backbone(backbone)
     datamodule.setup("fit")
+    _record_loading(cfg, out_dir, datamodule)
     objective = build_objective(cfg.objective, backbone, datamodule.spec)
     module = PretuneModule(
         backbone,
@@ -202,6 +203,19 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     if trainer.is_global_zero:
         write_metrics(out_dir, metrics)
     return metrics
+
+
+def _record_loading(cfg: DictConfig, out_dir: Path, datamodule) -> None:
+    """Which path the data took (held in memory or streamed, ``datamodules/loading.py``): printed once and
+    recorded in config.yaml as ``datamodule.loaded``."""
+    loading = getattr(datamodule, "loading", None)
+    if loading is None:
+        return
+    with open_dict(cfg):
+        cfg.datamodule.loaded = loading.path
+    if is_rank_zero():
+        print(f"data: {loading.reason}", flush=True)
+        write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def _callbacks(cfg: DictConfig, out_dir: Path, backbone, datamodule, objective) -> list:
@@ -294,7 +308,8 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_
         # Test the checkpoint that validation selected, not whatever the last epoch left.
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
         metrics.update({k: float(v) for k, v in tested[0].items()})
-    for callback in trainer.callbacks:  # what callbacks measured (the forgetting probe, the group monitor)
-        if hasattr(callback, "run_metrics"):
-            metrics.update(callback.run_metrics())
+    # What callbacks measured (the forgetting probe, the group monitor) and the data counted (skipped samples).
+    for source in [*trainer.callbacks, datamodule]:
+        if hasattr(source, "run_metrics"):
+            metrics.update(source.run_metrics())
     return metrics
