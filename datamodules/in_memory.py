@@ -15,7 +15,7 @@ from datamodules.augment import BatchAugment
 from datamodules.base import PretuneDataModule
 from datamodules.spec import ImageSpec
 from lightning_modules.config.errors import ConfigError
-from lightning_modules.config.schema import check
+from lightning_modules.config.schema import check, check_together
 
 
 class BatchLoader:
@@ -114,18 +114,17 @@ class InMemoryImageDataModule(PretuneDataModule):
         super().__init__()
         self.batch_size = check("datamodule.batch_size", batch_size)
         self.eval_batch_size = check("datamodule.eval_batch_size", eval_batch_size)
-        self.image_size, self.channels = check("datamodule.image_size", image_size), channels
+        self.image_size = check("datamodule.image_size", image_size)
+        self.channels = check("datamodule.channels", channels)
         self.label_fraction = float(check("datamodule.label_fraction", label_fraction))
-        self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise ConfigError(
-                f"datamodule.val_fraction={val_fraction} / test_fraction={test_fraction}: "
-                "each must be in (0, 1) and together below 1"
-            )
-        self.split_seed, self.label_seed, self.labeled = split_seed, label_seed, labeled
+        self.val_fraction = check("datamodule.val_fraction", val_fraction)
+        self.test_fraction = check("datamodule.test_fraction", test_fraction)
+        check_together({"datamodule.val_fraction": val_fraction, "datamodule.test_fraction": test_fraction})
+        self.split_seed = check("datamodule.split_seed", split_seed)
+        self.label_seed, self.labeled = check("datamodule.label_seed", label_seed), labeled
         check("datamodule.train_batches_per_epoch", train_batches_per_epoch)  # null: one pass over the data
         self.train_batches_per_epoch = train_batches_per_epoch
-        self.augment = BatchAugment(**(augment or {}))
+        self.augment = BatchAugment.from_config("datamodule.augment", augment)
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
         self.spec: ImageSpec | None = None
 
@@ -153,6 +152,10 @@ class InMemoryImageDataModule(PretuneDataModule):
 
     # --- shared logic -------------------------------------------------------------------
     def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) as the config asks: ``channels`` (grey repeated to RGB, RGB averaged to grey),
+        ``image_size``."""
+        if images.shape[1] != self.channels:
+            images = images.repeat(1, self.channels, 1, 1) if images.shape[1] == 1 else images.mean(1, keepdim=True)
         if images.shape[-1] == self.image_size and images.shape[-2] == self.image_size:
             return images
         return F.interpolate(

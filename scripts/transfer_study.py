@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from lightning_modules.config.errors import ConfigError  # noqa: E402
 
 
-def _run_stage(stage: str, overrides: list[str], out_dir: Path) -> dict:
+def _stage_config(stage: str, overrides: list[str], out_dir: Path) -> DictConfig:
+    """A stage's config as its script would compose it, checked (before anything heavy is imported)."""
     from hydra import compose
 
     from lightning_modules.config.check import check_config
-    from lightning_modules.runtime.run import run
 
     cfg = compose(config_name=stage, overrides=[*overrides, f"paths.output_dir={out_dir}"])
     check_config(cfg)
@@ -33,23 +33,67 @@ def _run_stage(stage: str, overrides: list[str], out_dir: Path) -> dict:
             "trainer=ddp/fsdp is not supported inside the transfer study (its stages run in one process);"
             " run scripts/pretrain.py and scripts/finetune.py with trainer=ddp instead"
         )
-    return run(cfg)
+    return cfg
+
+
+def _run_stage(stage: str, overrides: list[str], out_dir: Path) -> dict:
+    from lightning_modules.runtime.run import run
+
+    return run(_stage_config(stage, overrides, out_dir))
+
+
+def _finetune_overrides(cfg: DictConfig, name: str, init: str, fraction: float, lr: float, seed: int) -> list[str]:
+    return [
+        *cfg.common,
+        *cfg.finetune,
+        *cfg.strategies[name].overrides,
+        f"model.init={init}",
+        f"datamodule.label_fraction={fraction}",
+        f"optimizer.lr={lr}",
+        f"seed={seed}",
+    ]
+
+
+def check_study(cfg: DictConfig, study_dir: Path) -> None:
+    """The study's own values, then every stage config it will compose (each strategy once, from scratch:
+    the pre-trained backbone does not exist yet), so a bad override fails now, not after the pre-training."""
+    from hydra.errors import HydraException
+
+    from lightning_modules.config.check import check_values
+    from lightning_modules.config.schema import STUDY_RULES
+
+    check_values(cfg, STUDY_RULES)
+    if "scratch" not in cfg.strategies:
+        raise ConfigError("strategies has no scratch entry: the report compares every strategy with it")
+    stages = {"pretrain": [*cfg.common, *cfg.pretrain]}
+    for name in cfg.strategies:
+        fraction = cfg.strategies[name].get("label_fractions", cfg.label_fractions)[0]
+        stages[f"strategies.{name}"] = _finetune_overrides(cfg, name, "none", fraction, 1e-3, cfg.seeds[0])
+    for where, overrides in stages.items():
+        try:
+            _stage_config("pretrain" if where == "pretrain" else "finetune", overrides, study_dir / "check")
+        except HydraException as err:  # an override Hydra cannot apply (unknown key, bad syntax)
+            raise ConfigError(f"{where}: {str(err).splitlines()[0]}") from err
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from err
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="transfer_study")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from lightning_modules.runtime.failure import report as report_failure
+
     study_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         report = study(cfg, study_dir)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as err:
+        sys.exit(report_failure(err, study_dir))  # one line (HYDRA_FULL_ERROR=1: the traceback)
     print(f"\nReport: {report}")
 
 
 def study(cfg: DictConfig, study_dir: Path) -> Path:
+    check_study(cfg, study_dir)
     import logging
     import warnings
 
@@ -78,16 +122,7 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
     rows = []
     for i, (fraction, name, lr, seed) in enumerate(jobs, 1):
         strategy = cfg.strategies[name]
-        init = f"model.init={pre_dir}" if strategy.pretrained else "model.init=none"
-        overrides = [
-            *cfg.common,
-            *cfg.finetune,
-            *strategy.overrides,
-            init,
-            f"datamodule.label_fraction={fraction}",
-            f"optimizer.lr={lr}",
-            f"seed={seed}",
-        ]
+        overrides = _finetune_overrides(cfg, name, str(pre_dir) if strategy.pretrained else "none", fraction, lr, seed)
         out = study_dir / "finetune" / f"labels{fraction:g}_{name}_lr{lr:g}_seed{seed}"
         m = _run_stage("finetune", overrides, out)
         rows.append(

@@ -9,6 +9,7 @@ from timm.models import group_parameters
 
 from lightning_modules.backbones.base import Backbone
 from lightning_modules.config.errors import ConfigError
+from lightning_modules.config.library import library_error
 
 
 class TimmBackbone(Backbone):
@@ -32,9 +33,9 @@ class TimmBackbone(Backbone):
         except RuntimeError as err:
             if "Unknown model" in str(err):
                 raise ConfigError(f"model.name={name} is not a timm model (see timm.list_models())") from err
-            raise
-        except TypeError as err:
-            raise ConfigError(f"model.kwargs for {name} are not accepted by timm: {err}") from err
+            raise library_error("model", {"name": name, "kwargs": kwargs}, err) from err
+        except Exception as err:  # timm (or torch) refusing a keyword argument: its message, naming the key
+            raise library_error("model", {"name": name, "kwargs": kwargs}, err) from err
 
     @staticmethod
     def spec_of(model_cfg: dict) -> dict:

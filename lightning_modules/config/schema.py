@@ -1,20 +1,66 @@
 """The rules for the config's values, in one table.
 
-``config_check`` applies them to the composed config before anything heavy is imported; the
-components apply the same rule to their own arguments when built from Python. Either way a bad
-value gives the same one line: the key, the value, what is allowed.
+Every key a user can set is either in ``RULES`` (checked by ``config/check.py`` on the composed config
+before anything heavy is imported, and by the component itself through ``check(key, value)`` when built
+from Python) or in ``PASSED_THROUGH``, which names the library that validates it when the component is
+built (its error then becomes the same one line: ``config/library.py``). ``tests/test_config_coverage.py``
+walks every composed config and fails on a key that is in neither, naming the line to add.
+
+Adding a rule is one line; a key may be a pattern (``*`` is one segment, ``**`` one or more):
+
+    "datamodule.num_workers": Rule(int, low=0),                          # numbers, with bounds
+    "datamodule.on_bad_sample": Choice("skip", "fail"),                  # words
+    "freeze.image": Flag(),                                              # true / false
+    "objective.tokenizer": Text(r"[\\w./-]+", "a tokenizer name or path"), # strings matching a pattern
+    "model.init_map": ExistingPath("file", nullable=True),               # paths that must exist
+    "datamodule.sizes": ListOf(Rule(int, low=1), min_len=1),             # lists
+    "model.init": Custom(check_init, "none, timm, ..."),                 # anything else: a function
+
+and a rule over several keys is one entry of ``TOGETHER``:
+
+    Together(("datamodule.val_fraction", "datamodule.test_fraction"), lambda v, t: v + t < 1, "sum below 1"),
+
+A bad value gives one line: the key, the value, what is allowed.
 """
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from lightning_modules.config.errors import ConfigError
+from lightning_modules.config.modalities import BACKBONE_TYPES
+
+
+def show(value) -> str:
+    """A value as it would be typed on the command line: strings quoted, null, true/false, nan."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {show(v)}" for k, v in value.items()) + "}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _invalid(key: str, value, allowed: str, why: str = "is invalid") -> ConfigError:
+    return ConfigError(f"{key}={show(value)} {why}: allowed is {allowed}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
 class Rule:
-    kind: type  # int or float (an int is a valid float; a bool is neither)
+    """A number: ``kind`` int or float (an int is a valid float; a bool is neither; nan and inf never are)."""
+
+    kind: type
     low: float | None = None
     high: float | None = None
     low_open: bool = False  # low itself excluded
@@ -34,51 +80,369 @@ class Rule:
         return text + "".join(f" or {e}" for e in extras)
 
     def check(self, key: str, value):
-        if value is None and self.nullable or value in self.words:
+        if value is None and self.nullable or isinstance(value, str) and value in self.words:
             return value
-        right_type = isinstance(value, int) if self.kind is int else isinstance(value, (int, float))
-        if isinstance(value, bool) or not right_type:
-            raise ConfigError(f"{key}={value!r} is invalid: allowed is {self.allowed()}")
+        right_type = isinstance(value, int) if self.kind is int else _is_number(value)
+        if not _is_number(value) or not right_type or not math.isfinite(value):
+            raise _invalid(key, value, self.allowed())
         too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
         if too_low or too_high:
-            raise ConfigError(f"{key}={value!r} is out of range: allowed is {self.allowed()}")
+            raise _invalid(key, value, self.allowed(), "is out of range")
         return value
 
 
+@dataclass(frozen=True, init=False)
+class Choice:
+    """One of a few words (or numbers): compared by type and value, so ``true`` is not ``1``."""
+
+    words: tuple
+    nullable: bool = False
+
+    def __init__(self, *words, nullable: bool = False):
+        object.__setattr__(self, "words", words)
+        object.__setattr__(self, "nullable", nullable)
+
+    def allowed(self) -> str:
+        return "one of " + ", ".join(show(w) for w in self.words) + (" or null" if self.nullable else "")
+
+    def check(self, key: str, value):
+        if value is None and self.nullable or any(type(value) is type(w) and value == w for w in self.words):
+            return value
+        raise _invalid(key, value, self.allowed())
+
+
+@dataclass(frozen=True)
+class Flag:
+    """true or false."""
+
+    nullable: bool = False
+
+    def allowed(self) -> str:
+        return "true or false" + (" or null" if self.nullable else "")
+
+    def check(self, key: str, value):
+        if isinstance(value, bool) or value is None and self.nullable:
+            return value
+        raise _invalid(key, value, self.allowed())
+
+
+@dataclass(frozen=True)
+class Text:
+    """A string matching ``pattern`` (whole string); ``what`` says it in words."""
+
+    pattern: str = r".+"
+    what: str = "a non-empty string"
+    nullable: bool = False
+
+    def allowed(self) -> str:
+        return self.what + (" or null" if self.nullable else "")
+
+    def check(self, key: str, value):
+        if value is None and self.nullable:
+            return value
+        if not isinstance(value, str) or not re.fullmatch(self.pattern, value):
+            raise _invalid(key, value, self.allowed())
+        return value
+
+
+@dataclass(frozen=True)
+class ExistingPath:
+    """A path that must exist: ``kind`` "file", "dir" or "any"; ``words`` allowed besides (e.g. "last")."""
+
+    kind: str = "any"
+    nullable: bool = False
+    words: tuple = ()
+
+    def allowed(self) -> str:
+        what = {"file": "an existing file", "dir": "an existing directory"}.get(self.kind, "an existing path")
+        return what + "".join(f" or {w!r}" for w in self.words) + (" or null" if self.nullable else "")
+
+    def check(self, key: str, value):
+        if value is None and self.nullable or isinstance(value, str) and value in self.words:
+            return value
+        if not isinstance(value, str) or not value.strip():
+            raise _invalid(key, value, self.allowed())
+        path = Path(value).expanduser()
+        found = path.is_file() if self.kind == "file" else path.is_dir() if self.kind == "dir" else path.exists()
+        if not found:
+            raise ConfigError(f"{key}={value}: no such {'path' if self.kind == 'any' else self.kind}")
+        return value
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A list whose items each obey ``item``; an item's mistake names it as ``key[i]``."""
+
+    item: object
+    min_len: int = 0
+    max_len: int | None = None
+    ascending: bool = False
+    nullable: bool = False
+
+    def allowed(self) -> str:
+        if self.min_len == self.max_len:
+            size = f"{self.min_len}"
+        elif self.max_len is None:
+            size = f"at least {self.min_len}" if self.min_len else "any number of"
+        else:
+            size = f"{self.min_len} to {self.max_len}"
+        order = ", in ascending order" if self.ascending else ""
+        return f"a list of {size} items, each {self.item.allowed()}{order}" + (" or null" if self.nullable else "")
+
+    def check(self, key: str, value):
+        if value is None and self.nullable:
+            return value
+        if not isinstance(value, Sequence) or isinstance(value, str):  # a list, a tuple, Hydra's ListConfig
+            raise _invalid(key, value, self.allowed())
+        items = list(value)
+        if len(items) < self.min_len or self.max_len is not None and len(items) > self.max_len:
+            raise _invalid(key, items, self.allowed())
+        for i, item in enumerate(items):
+            self.item.check(f"{key}[{i}]", item)
+        if self.ascending and items != sorted(items):
+            raise _invalid(key, items, self.allowed())
+        return value
+
+
+@dataclass(frozen=True)
+class Custom:
+    """Whatever the other kinds cannot say: ``test(key, value)`` returns the value or raises a ConfigError."""
+
+    test: Callable
+    what: str
+
+    def allowed(self) -> str:
+        return self.what
+
+    def check(self, key: str, value):
+        return self.test(key, value)
+
+
+@dataclass(frozen=True)
+class Together:
+    """A rule over several keys, applied where all of them are set and each obeys its own rule."""
+
+    keys: tuple
+    test: Callable  # called with the values of ``keys``, in order; True when they fit together
+    says: str  # what must hold, e.g. "val_fraction + test_fraction must be below 1"
+
+    def check(self, values: dict) -> None:
+        if not self.test(*(values[k] for k in self.keys)):
+            raise ConfigError(", ".join(f"{k}={show(values[k])}" for k in self.keys) + f": {self.says}")
+
+
+def _check_type(key: str, value):
+    if not isinstance(value, str) or value not in BACKBONE_TYPES:
+        raise ConfigError(f"{key}={value} is unknown: allowed are {sorted(BACKBONE_TYPES)}")
+    return value
+
+
+def _check_init(key: str, value):
+    """model.init: none, timm, a W&B artifact (fetched when the run starts: only its form is checked
+    here), or a directory holding a backbone/ (found here, so a typo fails at once)."""
+    if not isinstance(value, str) or not value:
+        raise _invalid(key, value, INIT)
+    if value.startswith("wandb:"):
+        if value.count("/") != 2 or ":" not in value.removeprefix("wandb:"):
+            raise ConfigError(f"{key}={value} is invalid: allowed is wandb:<entity>/<project>/<name>:<alias>")
+    elif value not in ("none", "timm"):
+        from lightning_modules.backbones.handoff import find_backbone_dir  # light: no torch
+
+        find_backbone_dir(value)  # raises a ConfigError naming model.init when there is nothing there
+    return value
+
+
+INIT = "none, timm, wandb:<entity>/<project>/<name>:<alias>, a pre-training run dir or a backbone/ dir"
 POSITIVE = Rule(float, low=0, low_open=True)
 FRACTION = Rule(float, low=0, high=1, low_open=True)  # (0, 1]
+PROBABILITY = Rule(float, low=0, high=1)
+SEED = Rule(int, low=0, high=2**32 - 1)  # numpy's and scikit-learn's seeds (Lightning's seed_everything)
+WIDTH = Rule(int, low=1, high=65536)  # a layer's width: the bound only catches a typo's 1e9
+DEPTH = Rule(int, low=0, high=1024)
+TARGET = Text(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", "a dotted path to a class, e.g. mypkg.data.MyDataModule")
+METRIC = Text(r"(train|val|test)/[\w./-]+", "a logged metric, e.g. val/acc or val/loss")
+PATH = Text(r"\s*\S.*", "a path")
+# Image augmentation (datamodule.augment.* for labeled batches, objective.augment.* for SimCLR's views).
+# Images are normalised to mean 0, std 1: brightness and noise are in standard deviations.
+AUGMENT = {
+    "scale": ListOf(Rule(float, low=0, high=1, low_open=True), 2, 2, ascending=True),  # crop area fraction
+    "rotate": Rule(float, low=0, high=180),  # degrees, either way
+    "translate": Rule(float, low=0, high=1),  # fraction of the image
+    "flip": Flag(),
+    "brightness": Rule(float, low=0, high=5),
+    "contrast": Rule(float, low=0, high=1),  # 1 + U(-c, c): above 1 it would invert images
+    "noise": Rule(float, low=0, high=5),
+    "erase": PROBABILITY,
+}
 
-RULES: dict[str, Rule] = {
-    "seed": Rule(int),
-    "optimizer.lr": POSITIVE,
-    "optimizer.weight_decay": Rule(float, low=0),
-    "optimizer.backbone_lr_scale": Rule(float, low=0),
-    "optimizer.layer_decay": Rule(float, low=0, high=1, low_open=True, nullable=True),
-    "scheduler.warmup_fraction": Rule(float, low=0, high=1, high_open=True),
+RULES: dict[str, object] = {
+    # the run
+    "stage": Choice("pretrain", "finetune"),
+    "seed": SEED,
+    "optimized_metric": METRIC,  # that the objective logs it is checked once the objective is built
+    "optimized_mode": Choice("min", "max"),
+    "ckpt_path": ExistingPath("any", nullable=True, words=("last",)),  # a file, a run dir, or last
+    "paths.root_dir": PATH,
+    "paths.log_dir": PATH,
+    "paths.output_dir": PATH,  # made when the run starts; a failure there is one line too
+    # model
+    "model.type": Custom(_check_type, "a model.type listed in config/modalities.py"),
+    "model.name": Text(r"[\w.\-/]+", "a model name, e.g. resnet18 or vit_tiny_patch16_224"),
+    "model.init": Custom(_check_init, INIT),
+    "model.compile": Flag(),
+    # data
+    "datamodule._target_": TARGET,
+    "datamodule.root": ExistingPath("dir"),
     "datamodule.batch_size": Rule(int, low=1),
     "datamodule.eval_batch_size": Rule(int, low=1),
-    "datamodule.image_size": Rule(int, low=4),
+    "datamodule.image_size": Rule(int, low=4, high=1024),  # held in memory: 1024 is already 1 MB an image
+    "datamodule.channels": Choice(1, 3),  # grey or RGB
     "datamodule.label_fraction": FRACTION,
+    "datamodule.label_seed": SEED,
+    "datamodule.split_seed": SEED,
+    "datamodule.val_fraction": Rule(float, low=0, high=1, low_open=True, high_open=True),
+    "datamodule.test_fraction": Rule(float, low=0, high=1, low_open=True, high_open=True),
     "datamodule.train_batches_per_epoch": Rule(int, low=1, nullable=True),
-    "trainer.max_epochs": Rule(int, low=-1, nullable=True),  # -1: no limit (Lightning's meaning)
+    **{f"datamodule.augment.{k}": rule for k, rule in AUGMENT.items()},
+    # objectives
+    "objective._target_": TARGET,
     "objective.mask_ratio": Rule(float, low=0, high=1, low_open=True, high_open=True),
+    "objective.decoder_dim": WIDTH,
+    "objective.decoder_depth": DEPTH,
+    "objective.decoder_heads": Rule(int, low=1, high=1024),
+    "objective.norm_pix_loss": Flag(),
     "objective.temperature": POSITIVE,
+    "objective.proj_hidden": WIDTH,
+    "objective.proj_dim": WIDTH,
+    "objective.proj_bn": Flag(),
+    **{f"objective.augment.{k}": rule for k, rule in AUGMENT.items()},
+    "objective.label_smoothing": Rule(float, low=0, high=1, high_open=True),
+    "objective.head_dropout": Rule(float, low=0, high=1, high_open=True),
     "objective.mixup": Rule(float, low=0),  # the Beta alpha; 0 = off
     "objective.cutmix": Rule(float, low=0),
-    "objective.mix_prob": Rule(float, low=0, high=1),
-    "objective.label_smoothing": Rule(float, low=0, high=1, high_open=True),
+    "objective.mix_prob": PROBABILITY,
+    # fine-tuning
+    "freeze._target_": TARGET,
     "freeze.layers": Rule(int, low=0, words=("all",)),  # its upper bound is the backbone's, checked on it
     "freeze.start": Rule(int, low=0),
     "freeze.every": Rule(int, low=1),
     "freeze.probe_epochs": Rule(int, low=0),
     "freeze.ft_lr_scale": Rule(float, low=0, high=1, low_open=True),
+    "freeze.train_bn": Flag(),
     "finetune.l2_sp": Rule(float, low=0),
+    "finetune.measure_forgetting": Flag(),
+    # optimizer and schedule
+    "optimizer.name": Choice("adamw", "adam", "sgd"),
+    "optimizer.lr": POSITIVE,
+    "optimizer.weight_decay": Rule(float, low=0),
+    "optimizer.betas": ListOf(Rule(float, low=0, high=1, high_open=True), 2, 2),
+    "optimizer.momentum": Rule(float, low=0, high=1, high_open=True),
+    "optimizer.nesterov": Flag(),
+    "optimizer.backbone_lr_scale": Rule(float, low=0),
+    "optimizer.layer_decay": Rule(float, low=0, high=1, low_open=True, nullable=True),
+    "scheduler.name": Choice("cosine", "step", "plateau", "none"),
+    "scheduler.warmup_fraction": Rule(float, low=0, high=1, high_open=True),
+    "scheduler.min_lr_ratio": PROBABILITY,
+    "scheduler.step_epochs": POSITIVE,
+    "scheduler.gamma": FRACTION,
+    "scheduler.patience": Rule(int, low=0),
+    "scheduler.monitor": METRIC,
+    "scheduler.mode": Choice("min", "max"),
+    # the trainer: Lightning checks the rest (PASSED_THROUGH)
+    "trainer._target_": TARGET,
+    "trainer.max_epochs": Rule(int, low=-1, nullable=True),  # -1: no limit (Lightning's meaning)
+    "**._target_": TARGET,  # callbacks, loggers, strategies: Hydra reports one it cannot import
 }
-# Keys that only some configs have (objective.mask_ratio with MAE, freeze.* when fine-tuning) are
-# checked where they exist.
+
+# Keys checked by the library that receives them, when it is built (its message, one line, names the key).
+PASSED_THROUGH: dict[str, str] = {
+    "trainer": "Lightning's Trainer (pytorch_lightning.Trainer arguments, type-checked against its signature)",
+    "callbacks": "Lightning's callbacks (ModelCheckpoint, EarlyStopping, ...)",
+    "logger": "Lightning's loggers (CSVLogger, TensorBoardLogger, WandbLogger)",
+    "model.kwargs": "timm.create_model's keyword arguments",
+    "hydra": "Hydra",
+}
+
+TOGETHER: list[Together] = [
+    Together(
+        ("datamodule.val_fraction", "datamodule.test_fraction"),
+        lambda val, test: val + test < 1,
+        "val_fraction + test_fraction must be below 1 (the rest is the training split)",
+    ),
+    Together(
+        ("optimizer.nesterov", "optimizer.momentum"),
+        lambda nesterov, momentum: not nesterov or momentum > 0,
+        "nesterov=true needs a momentum > 0",
+    ),
+    Together(
+        ("objective.decoder_dim", "objective.decoder_heads"),
+        lambda dim, heads: dim % heads == 0,
+        "decoder_dim must be a multiple of decoder_heads",
+    ),
+]
+
+# The transfer study's own config (conf/transfer_study.yaml); its list entries are overrides of the stage
+# configs, checked by composing those.
+OVERRIDE = Text(r"[~+]{0,2}[\w./@-]+(=.*)?", "a Hydra override, e.g. optimizer.lr=1e-3")
+STUDY_RULES: dict[str, object] = {
+    **{key: rule for key, rule in RULES.items() if key.startswith("paths.")},
+    "seeds": ListOf(SEED, min_len=1),
+    "label_fractions": ListOf(FRACTION, min_len=1),
+    "common": ListOf(OVERRIDE),
+    "pretrain": ListOf(OVERRIDE),
+    "finetune": ListOf(OVERRIDE),
+    "strategies.*.pretrained": Flag(),
+    "strategies.*.overrides": ListOf(OVERRIDE),
+    "strategies.*.lrs": ListOf(POSITIVE, min_len=1),
+    "strategies.*.label_fractions": ListOf(FRACTION, min_len=1),
+    "strategies.*.frozen_groups": Rule(int, low=0, words=("all",)),
+}
+
+
+def _match(pattern: list[str], key: list[str]) -> bool:
+    if not pattern:
+        return not key
+    if not key:
+        return False
+    head = pattern[0]
+    if head == "**":
+        return any(_match(pattern[1:], key[i:]) for i in range(1, len(key) + 1))
+    return (head == "*" or head == key[0]) and _match(pattern[1:], key[1:])
+
+
+def rule_for(key: str, rules: dict | None = None):
+    """The rule for ``key``: its own entry, else the most specific pattern that matches; None if none."""
+    rules = RULES if rules is None else rules
+    if key in rules:
+        return rules[key]
+    parts = key.split(".")
+    matches = [p for p in rules if "*" in p and _match(p.split("."), parts)]
+    if not matches:
+        return None
+    return rules[max(matches, key=lambda p: sum(s not in ("*", "**") for s in p.split(".")))]
+
+
+def passed_through(key: str) -> str | None:
+    """Which library validates ``key`` (it or a parent is in PASSED_THROUGH); None if none."""
+    parts = key.split(".")
+    for prefix, library in PASSED_THROUGH.items():
+        n = len(prefix.split("."))
+        if _match(prefix.split("."), parts[:n]):
+            return library
+    return None
 
 
 def check(key: str, value):
     """``value`` if it obeys ``key``'s rule, else a ConfigError naming both."""
-    return RULES[key].check(key, value)
+    rule = rule_for(key)
+    if rule is None:
+        raise KeyError(f"no rule for {key} in lightning_modules/config/schema.py")
+    return rule.check(key, value)
+
+
+def check_together(values: dict) -> None:
+    """Apply every TOGETHER rule whose keys are all in ``values`` (key -> value)."""
+    for rule in TOGETHER:
+        if all(k in values for k in rule.keys):
+            rule.check(values)

@@ -41,6 +41,6 @@ class Objective(nn.Module):
 def build_objective(conf, backbone, data) -> Objective:
     """The objective ``conf`` names, on ``backbone`` and the data ``spec``. Both are passed as they are:
     given to Hydra's ``instantiate`` directly, a dataclass spec would be turned into a config."""
-    from hydra.utils import instantiate
+    from lightning_modules.config.library import build
 
-    return instantiate(conf, _partial_=True)(backbone=backbone, data=data)
+    return build(conf, "objective", _partial_=True)(backbone=backbone, data=data)

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -26,6 +24,7 @@ from lightning_modules.callbacks.forgetting import ForgettingProbe
 from lightning_modules.callbacks.monitor import LayerGroupMonitor, count_params
 from lightning_modules.callbacks.seeding import EpochSeed
 from lightning_modules.config.errors import ConfigError
+from lightning_modules.config.library import build
 from lightning_modules.module import PretuneModule
 from lightning_modules.objectives.base import build_objective
 from lightning_modules.runtime.cuda_check import runtime_cuda_check
@@ -35,15 +34,15 @@ from lightning_modules.runtime.results import is_rank_zero, write_atomic, write_
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
-def build(conf, **kwargs):
-    """Hydra's ``instantiate``, except that a mistake a component reports (a ConfigError) stays the
-    one line it is, instead of Hydra's InstantiationException with a traceback around it."""
-    try:
-        return instantiate(conf, **kwargs)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, ConfigError):
-            raise err.__cause__ from None
-        raise
+def check_monitored(cfg: DictConfig, objective) -> None:
+    """``optimized_metric`` (what checkpoints and sweeps select on) and the plateau schedule's ``monitor``
+    must be metrics this objective logs at validation: otherwise Lightning would fail after the first epoch."""
+    metrics = objective.make_metrics("val/")
+    logged = ["val/loss", *(metrics.keys(keep_base=False) if metrics is not None else [])]
+    for key in ("optimized_metric", "scheduler.monitor"):
+        metric = OmegaConf.select(cfg, key, default=None)
+        if metric is not None and metric not in logged:
+            raise ConfigError(f"{key}={metric} is not logged by this objective: allowed is one of {', '.join(logged)}")
 
 
 def _final_metrics(trainer: pl.Trainer) -> dict:
@@ -64,7 +63,7 @@ def _loggers(cfg: DictConfig, out_dir: Path) -> list:
             from lightning_modules.runtime.wandb_runs import offline_default
 
             conf = OmegaConf.merge(conf, {"offline": offline_default()})
-        loggers.append(build(conf))
+        loggers.append(build(conf, f"logger.{name}"))
     return loggers
 
 
@@ -134,11 +133,12 @@ def run(cfg: DictConfig) -> dict:
 def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     finetune = cfg.stage == "finetune"
-    datamodule = build(cfg.datamodule, labeled=finetune)
+    datamodule = build(cfg.datamodule, "datamodule", labeled=finetune)
     backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True), data=datamodule)
     datamodule.use_backbone(backbone)
     datamodule.setup("fit")
     objective = build_objective(cfg.objective, backbone, datamodule.spec)
+    check_monitored(cfg, objective)
     module = PretuneModule(
         backbone,
         objective,
@@ -155,6 +155,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     checkpoints = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     trainer: pl.Trainer = build(
         cfg.trainer,
+        "trainer",
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(out_dir),
@@ -184,10 +185,10 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
 def _callbacks(cfg: DictConfig, out_dir: Path, backbone, datamodule) -> list:
     """The configured callbacks, then what the stage adds: per-epoch seeding; when fine-tuning the freezing
     strategy, the per-group monitor and the forgetting probe; when pre-training the backbone export."""
-    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = [build(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
     callbacks.append(EpochSeed(cfg.seed))
     if cfg.stage == "finetune":
-        freezer = build(cfg.freeze)
+        freezer = build(cfg.freeze, "freeze")
         freezer.validate(backbone)  # e.g. freeze.layers beyond the backbone's groups: fail before training
         callbacks += [freezer, LayerGroupMonitor()]
         if OmegaConf.select(cfg, "finetune.measure_forgetting", default=False):
