@@ -19,14 +19,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from lightning_modules.config.errors import ConfigError  # noqa: E402
 
 
-def _stage_config(stage: str, overrides: list[str], out_dir: Path) -> DictConfig:
-    """A stage's config as its script would compose it, checked (before anything heavy is imported)."""
+def _stage_config(stage: str, overrides: list[str], out_dir: Path, pending: tuple = ()) -> DictConfig:
+    """A stage's config as its script would compose it, checked (before anything heavy is imported);
+    ``pending``: keys whose value does not exist yet (the pre-training run's backbone, before it ran)."""
     from hydra import compose
 
     from lightning_modules.config.check import check_config
 
     cfg = compose(config_name=stage, overrides=[*overrides, f"paths.output_dir={out_dir}"])
-    check_config(cfg)
+    check_config(cfg, pending)
     # A DDP/FSDP rank re-runs its Hydra job: here that would be the whole study, once per rank.
     if "parallel." in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
         raise ConfigError(
@@ -55,8 +56,9 @@ def _finetune_overrides(cfg: DictConfig, name: str, init: str, fraction: float, 
 
 
 def check_study(cfg: DictConfig, study_dir: Path) -> None:
-    """The study's own values, then every stage config it will compose (each strategy once, from scratch:
-    the pre-trained backbone does not exist yet), so a bad override fails now, not after the pre-training."""
+    """The study's own values, then every stage config it will compose (each strategy once; model.init of the
+    pre-trained ones is pending: the backbone does not exist yet), so a bad override fails now, not after the
+    pre-training."""
     from hydra.errors import HydraException
 
     from lightning_modules.config.check import check_values
@@ -65,13 +67,16 @@ def check_study(cfg: DictConfig, study_dir: Path) -> None:
     check_values(cfg, STUDY_RULES)
     if "scratch" not in cfg.strategies:
         raise ConfigError("strategies has no scratch entry: the report compares every strategy with it")
-    stages = {"pretrain": [*cfg.common, *cfg.pretrain]}
-    for name in cfg.strategies:
-        fraction = cfg.strategies[name].get("label_fractions", cfg.label_fractions)[0]
-        stages[f"strategies.{name}"] = _finetune_overrides(cfg, name, "none", fraction, 1e-3, cfg.seeds[0])
-    for where, overrides in stages.items():
+    stages = {"pretrain": ([*cfg.common, *cfg.pretrain], ())}
+    for name, strategy in cfg.strategies.items():
+        fraction = strategy.get("label_fractions", cfg.label_fractions)[0]
+        init = str(study_dir / "pretrain") if strategy.pretrained else "none"
+        overrides = _finetune_overrides(cfg, name, init, fraction, cfg.strategies[name].lrs[0], cfg.seeds[0])
+        stages[f"strategies.{name}"] = (overrides, ("model.init",) if strategy.pretrained else ())
+    for where, (overrides, pending) in stages.items():
         try:
-            _stage_config("pretrain" if where == "pretrain" else "finetune", overrides, study_dir / "check")
+            stage = "pretrain" if where == "pretrain" else "finetune"
+            _stage_config(stage, overrides, study_dir / "check", pending)
         except HydraException as err:  # an override Hydra cannot apply (unknown key, bad syntax)
             raise ConfigError(f"{where}: {str(err).splitlines()[0]}") from err
         except ConfigError as err:

@@ -33,9 +33,9 @@ class TimmBackbone(Backbone):
         except RuntimeError as err:
             if "Unknown model" in str(err):
                 raise ConfigError(f"model.name={name} is not a timm model (see timm.list_models())") from err
-            raise library_error("model", {"name": name, "kwargs": kwargs}, err) from err
+            raise library_error("model", {"name": name, "kwargs": kwargs}, err, f"model.kwargs for {name}") from err
         except Exception as err:  # timm (or torch) refusing a keyword argument: its message, naming the key
-            raise library_error("model", {"name": name, "kwargs": kwargs}, err) from err
+            raise library_error("model", {"name": name, "kwargs": kwargs}, err, f"model.kwargs for {name}") from err
 
     @staticmethod
     def spec_of(model_cfg: dict) -> dict:

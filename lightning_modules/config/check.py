@@ -4,37 +4,45 @@ with one line naming the key, the value and what is allowed."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_modules.config.errors import ConfigError
 from lightning_modules.config.modalities import check_modalities
-from lightning_modules.config.schema import RULES, check_together, rule_for
+from lightning_modules.config.schema import REQUIRED_GROUPS, RULES, Section, check_together, rule_for, show
 
 
 def keys(cfg: DictConfig, rules: dict = RULES, prefix: str = "") -> Iterator[str]:
-    """Every key of ``cfg`` that is a leaf or has a rule of its own (a rule covers everything below it),
-    in the config's order. A list is a leaf."""
+    """Every key of ``cfg`` that is a leaf or has a rule of its own, in the config's order. A rule covers
+    everything below its key, except a Section's, whose keys follow it. A list is a leaf."""
     for name in cfg.keys():
         key = f"{prefix}{name}"
         child = cfg._get_node(name)
-        if rule_for(key, rules) is None and isinstance(child, DictConfig) and not child._is_none():
-            if child._is_interpolation():
-                yield key
-            else:
-                yield from keys(child, rules, f"{key}.")
-        else:
+        rule = rule_for(key, rules)
+        section = isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation()
+        if rule is not None:
             yield key
+        if section and (rule is None or isinstance(rule, Section)):
+            yield from keys(child, rules, f"{key}.")
+        elif rule is None:
+            yield key
+
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+UNKNOWN = object()  # a value only the Hydra app can resolve
 
 
 def value(cfg: DictConfig, key: str):
     """The resolved value at ``key`` (containers as plain dicts and lists); a reference that cannot be
-    resolved is the user's mistake too (``optimizer.lr=${nope}``)."""
+    resolved is the user's mistake too (``optimizer.lr=${nope}``). UNKNOWN for what only the Hydra app knows."""
     try:
         found = OmegaConf.select(cfg, key, throw_on_missing=True)
         if isinstance(found, (DictConfig, ListConfig)):
             found = OmegaConf.to_container(found, resolve=True)
     except Exception as err:  # omegaconf's InterpolationResolutionError and kin
+        if "HydraConfig was not set" in str(err):  # ${hydra:...}, composed outside the Hydra app (a test)
+            return UNKNOWN
         raise ConfigError(f"{key}={_raw(cfg, key)} cannot be resolved: {str(err).splitlines()[0]}") from None
     return found
 
@@ -53,35 +61,44 @@ def _raw(cfg: DictConfig, key: str):
     return _parent(cfg, key)._get_node(_last(key))._value()
 
 
-def _resolvable_here(cfg: DictConfig, key: str) -> bool:
-    """False for a value that only the Hydra app knows (``${hydra:runtime.output_dir}`` composed in a test)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return HydraConfig.initialized() or "${hydra:" not in str(_raw(cfg, key))
-
-
-def check_values(cfg: DictConfig, rules: dict = RULES) -> dict:
-    """Apply each key's rule, then the rules over several keys; returns the checked values."""
-    checked = {}
+def check_values(cfg: DictConfig, rules: dict = RULES, pending: tuple = ()) -> dict:
+    """Apply each key's rule, then the rules over several keys; returns the checked values. ``pending``: keys
+    whose value is not there yet (the transfer study's pre-trained backbone), left out of both."""
+    checked = {}  # every key's value, passed through or not: a rule over several keys may read any
     # Values set directly first: a bad value then names the key it was set at (seed), not one that refers
     # to it (datamodule.label_seed: ${seed}).
     for key in sorted(keys(cfg, rules), key=lambda k: OmegaConf.is_interpolation(_parent(cfg, k), _last(k))):
-        if not _resolvable_here(cfg, key):
+        if key in pending:
+            continue
+        rule = rule_for(key, rules)
+        if isinstance(rule, Section):  # its keys are checked on their own: only its kind here, unresolved
+            rule.check(key, OmegaConf.select(cfg, key))
             continue
         found = value(cfg, key)  # every reference must resolve, passed through or not
-        rule = rule_for(key, rules)
-        if rule is not None:  # else passed through to a library (schema.PASSED_THROUGH), or a key of the user's own
-            checked[key] = rule.check(key, found)
+        if found is UNKNOWN:
+            continue
+        if rule is not None:  # else passed through to a library (schema.PASSED_THROUGH), or the user's own key
+            rule.check(key, found)
+        checked[key] = found
     check_together(checked)
     return checked
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: DictConfig, pending: tuple = ()) -> None:
     try:
         missing = sorted(OmegaConf.missing_keys(cfg))
     except Exception:  # a reference that cannot be resolved: check_values names it
         missing = []
     if missing:
         raise ConfigError(f"{missing[0]} is required but not set (e.g. {missing[0]}=<value> on the command line)")
-    check_values(cfg)
+    stage = value(cfg, "stage") if "stage" in cfg else None
+    for group in REQUIRED_GROUPS.get(stage, ()) if isinstance(stage, str) else ():
+        node = cfg._get_node(group) if group in cfg else None
+        if not isinstance(node, DictConfig) or node._is_none() or node._is_interpolation():
+            options = ", ".join(sorted(p.stem for p in (CONF / group).glob("*.yaml")))
+            raise ConfigError(
+                f"{group}={show(None if node is None else node._value())}: a {stage} run needs a {group} config;"
+                f" allowed is {group}=<one of: {options}>"
+            )
+    check_values(cfg, pending=pending)
     check_modalities(cfg)

@@ -50,30 +50,33 @@ def _overridden() -> set[str]:
 
 def culprit(prefix: str, values, message: str) -> str | None:
     """The key under ``prefix`` that ``message`` is about: the one it names (``devices=0``, ``Precision
-    'fp8'``), preferring a value it quotes and a key the user set; None when it names none."""
-    overridden, best, best_score = _overridden(), None, 0
+    'fp8'``, ``plugin`` for ``plugins``), else whose word value it quotes (``gpu``); between equals, a key the
+    user set, then the one named first. None when it names none."""
+    overridden, ranked = _overridden(), []
     for key, value in _leaves(values, prefix).items():
-        name = re.escape(key.rsplit(".", 1)[-1])
+        name = key.rsplit(".", 1)[-1]
+        pattern = rf"\b{re.escape(name.removesuffix('s'))}s?\b"
+        named = re.search(pattern, message, re.IGNORECASE)
+        said = isinstance(value, str) and len(value) >= 3 and re.search(rf"\b{re.escape(value)}\b", message)
         score = 0
-        if re.search(rf"\b{name}\s*=", message, re.IGNORECASE):
-            score += 3
-        elif re.search(rf"\b{name}\b", message, re.IGNORECASE):
-            score += 2
-        if score and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            score += str(value) in message
-        if score and key in overridden:
-            score += 1
-        if score > best_score:
-            best, best_score = key, score
-    return best
+        if named:
+            score = 3 if re.match(r"\s*=", message[named.end() :]) else 2
+            score += isinstance(value, (str, int, float)) and not isinstance(value, bool) and str(value) in message
+        elif said:
+            score = 1
+        if score:
+            first = (named or said).start()
+            ranked.append((score + (key in overridden), -first, key))
+    return max(ranked)[2] if ranked else None
 
 
-def library_error(prefix: str, values, err: BaseException) -> ConfigError:
-    """A library's rejection of a value under ``prefix`` (``values``: the arguments it was given), as one line."""
+def library_error(prefix: str, values, err: BaseException, label: str | None = None) -> ConfigError:
+    """A library's rejection of a value under ``prefix`` (``values``: the arguments it was given), as one line;
+    ``label`` heads it when the message names no key (default: the prefix)."""
     message = message_of(err)
     key = culprit(prefix, values, message)
     if key is None:
-        return ConfigError(f"{prefix}: {message}")
+        return ConfigError(f"{label or prefix}: {message}")
     value = _leaves(values, prefix)[key]
     return ConfigError(f"{key}={show(value)}: {message}")
 

@@ -14,6 +14,7 @@ Adding a rule is one line; a key may be a pattern (``*`` is one segment, ``**`` 
     "objective.tokenizer": Text(r"[\\w./-]+", "a tokenizer name or path"), # strings matching a pattern
     "model.init_map": ExistingPath("file", nullable=True),               # paths that must exist
     "datamodule.sizes": ListOf(Rule(int, low=1), min_len=1),             # lists
+    "datamodule.tokenizer": Section(),                                   # a mapping (its keys have rules too)
     "model.init": Custom(check_init, "none, timm, ..."),                 # anything else: a function
 
 and a rule over several keys is one entry of ``TOGETHER``:
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,7 +165,10 @@ class ExistingPath:
         if not isinstance(value, str) or not value.strip():
             raise _invalid(key, value, self.allowed())
         path = Path(value).expanduser()
-        found = path.is_file() if self.kind == "file" else path.is_dir() if self.kind == "dir" else path.exists()
+        try:
+            found = path.is_file() if self.kind == "file" else path.is_dir() if self.kind == "dir" else path.exists()
+        except OSError as err:  # e.g. a name too long for the file system
+            raise ConfigError(f"{key}={value}: {err.strerror or err}") from None
         if not found:
             raise ConfigError(f"{key}={value}: no such {'path' if self.kind == 'any' else self.kind}")
         return value
@@ -220,6 +224,25 @@ class Custom:
 
 
 @dataclass(frozen=True)
+class Section:
+    """A group of keys (a mapping; null: none), each with rules of its own; ``component``: it is built from
+    its ``_target_``. Its keys are checked too (a section's rule does not cover them, unlike other kinds')."""
+
+    nullable: bool = True
+    component: bool = False
+
+    def allowed(self) -> str:
+        return "a mapping" + (" with a _target_" if self.component else "") + (" or null" if self.nullable else "")
+
+    def check(self, key: str, value):
+        if value is None and self.nullable:
+            return value
+        if not isinstance(value, Mapping) or self.component and "_target_" not in value:
+            raise _invalid(key, value, self.allowed())
+        return value
+
+
+@dataclass(frozen=True)
 class Together:
     """A rule over several keys, applied where all of them are set and each obeys its own rule."""
 
@@ -249,7 +272,10 @@ def _check_init(key: str, value):
     elif value not in ("none", "timm"):
         from lightning_modules.backbones.handoff import find_backbone_dir  # light: no torch
 
-        find_backbone_dir(value)  # raises a ConfigError naming model.init when there is nothing there
+        try:
+            find_backbone_dir(value)  # raises a ConfigError naming model.init when there is nothing there
+        except OSError as err:  # e.g. a name too long for the file system
+            raise ConfigError(f"{key}={value}: {err.strerror or err}") from None
     return value
 
 
@@ -286,11 +312,17 @@ RULES: dict[str, object] = {
     "paths.root_dir": PATH,
     "paths.log_dir": PATH,
     "paths.output_dir": PATH,  # made when the run starts; a failure there is one line too
+    "finetune": Section(),
+    "callbacks": Section(),
+    "callbacks.*": Section(component=True),
+    "logger": Section(),
+    "logger.*": Section(component=True),
     # model
     "model.type": Custom(_check_type, "a model.type listed in config/modalities.py"),
     "model.name": Text(r"[\w.\-/]+", "a model name, e.g. resnet18 or vit_tiny_patch16_224"),
     "model.init": Custom(_check_init, INIT),
     "model.compile": Flag(),
+    "model.kwargs": Section(),
     # data
     "datamodule._target_": TARGET,
     "datamodule.root": ExistingPath("dir"),
@@ -304,6 +336,7 @@ RULES: dict[str, object] = {
     "datamodule.val_fraction": Rule(float, low=0, high=1, low_open=True, high_open=True),
     "datamodule.test_fraction": Rule(float, low=0, high=1, low_open=True, high_open=True),
     "datamodule.train_batches_per_epoch": Rule(int, low=1, nullable=True),
+    "datamodule.augment": Section(),
     **{f"datamodule.augment.{k}": rule for k, rule in AUGMENT.items()},
     # objectives
     "objective._target_": TARGET,
@@ -316,6 +349,7 @@ RULES: dict[str, object] = {
     "objective.proj_hidden": WIDTH,
     "objective.proj_dim": WIDTH,
     "objective.proj_bn": Flag(),
+    "objective.augment": Section(),
     **{f"objective.augment.{k}": rule for k, rule in AUGMENT.items()},
     "objective.label_smoothing": Rule(float, low=0, high=1, high_open=True),
     "objective.head_dropout": Rule(float, low=0, high=1, high_open=True),
@@ -364,6 +398,13 @@ PASSED_THROUGH: dict[str, str] = {
     "hydra": "Hydra",
 }
 
+# The config groups a run cannot do without (``trainer=null`` removes one).
+REQUIRED_GROUPS = {
+    "pretrain": ("datamodule", "model", "objective", "optimizer", "scheduler", "trainer"),
+    "finetune": ("datamodule", "model", "objective", "optimizer", "scheduler", "trainer", "freeze"),
+}
+
+# Rules over several keys; a key here may be one passed through (the model's kwargs must fit the data).
 TOGETHER: list[Together] = [
     Together(
         ("datamodule.val_fraction", "datamodule.test_fraction"),
@@ -374,6 +415,21 @@ TOGETHER: list[Together] = [
         ("optimizer.nesterov", "optimizer.momentum"),
         lambda nesterov, momentum: not nesterov or momentum > 0,
         "nesterov=true needs a momentum > 0",
+    ),
+    Together(
+        ("model.kwargs.in_chans", "datamodule.channels"),
+        lambda model, data: model == data,
+        "the model's input channels must be the data's (leave model.kwargs.in_chans at ${datamodule.channels})",
+    ),
+    Together(
+        ("model.kwargs.img_size", "datamodule.image_size"),
+        lambda model, data: model == data,
+        "the model's image size must be the data's (leave model.kwargs.img_size at ${datamodule.image_size})",
+    ),
+    Together(
+        ("finetune.measure_forgetting", "model.init"),
+        lambda measure, init: not measure or init not in ("none", "timm"),
+        "measuring forgetting needs model.init to be a pretune pre-training run (its objective's heads)",
     ),
     Together(
         ("objective.decoder_dim", "objective.decoder_heads"),

@@ -34,7 +34,20 @@ def full_error() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
+def _os_error(err: BaseException) -> OSError | None:
+    """The file-system error behind ``err``, when a library wrapped one (TensorBoard: a name too long)."""
+    for _ in range(8):
+        if isinstance(err, OSError) and err.strerror:
+            return err
+        err = err.__cause__ or err.__context__
+        if err is None:
+            return None
+    return None
+
+
 def exit_code(err: BaseException) -> int:
+    if _os_error(err) is not None:
+        return 2
     names = {c.__name__ for c in type(err).__mro__}
     if isinstance(err, ConfigError) or isinstance(err, (OSError, MemoryError)) or names & set(_ENVIRONMENT):
         return 2
@@ -65,9 +78,10 @@ def describe(err: BaseException) -> str:
     """What failed, in one line (without where the traceback went)."""
     if isinstance(err, (ConfigError, TrainingDiverged)):
         return str(err)
-    if isinstance(err, OSError) and err.strerror:
-        target = f": {err.filename}" if err.filename else ""
-        return f"{err.strerror}{target} ({type(err).__name__} in {_where(err)})"
+    cause = _os_error(err)
+    if cause is not None:
+        target = f": {cause.filename}" if cause.filename else ""
+        return f"{cause.strerror}{target} ({type(cause).__name__} in {_where(err)})"
     kind = "a bug" if exit_code(err) == 1 else "the environment"
     return f"{type(err).__name__}: {_first_line(err)} (in {_where(err)}; {kind})"
 

@@ -24,7 +24,8 @@ from lightning_modules.callbacks.forgetting import ForgettingProbe
 from lightning_modules.callbacks.monitor import LayerGroupMonitor, count_params
 from lightning_modules.callbacks.seeding import EpochSeed
 from lightning_modules.config.errors import ConfigError
-from lightning_modules.config.library import build
+from lightning_modules.config.library import build, message_of
+from lightning_modules.config.schema import show
 from lightning_modules.module import PretuneModule
 from lightning_modules.objectives.base import build_objective
 from lightning_modules.runtime.cuda_check import runtime_cuda_check
@@ -35,14 +36,36 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def check_monitored(cfg: DictConfig, objective) -> None:
-    """``optimized_metric`` (what checkpoints and sweeps select on) and the plateau schedule's ``monitor``
-    must be metrics this objective logs at validation: otherwise Lightning would fail after the first epoch."""
+    """``optimized_metric`` (what checkpoints and sweeps select on), the plateau schedule's ``monitor`` and
+    the callbacks' must be metrics this run logs: otherwise Lightning would fail after the first epoch."""
     metrics = objective.make_metrics("val/")
-    logged = ["val/loss", *(metrics.keys(keep_base=False) if metrics is not None else [])]
-    for key in ("optimized_metric", "scheduler.monitor"):
+    validation = ["val/loss", *(metrics.keys(keep_base=False) if metrics is not None else [])]
+    monitors = {"optimized_metric": validation, "scheduler.monitor": validation}
+    for name in cfg.get("callbacks") or {}:
+        monitors[f"callbacks.{name}.monitor"] = [*validation, "train/loss_epoch", "train/loss_step"]
+    for key, logged in monitors.items():
         metric = OmegaConf.select(cfg, key, default=None)
         if metric is not None and metric not in logged:
-            raise ConfigError(f"{key}={metric} is not logged by this objective: allowed is one of {', '.join(logged)}")
+            raise ConfigError(f"{key}={metric} is not logged by this run: allowed is one of {', '.join(logged)}")
+
+
+def check_fits(backbone, datamodule) -> None:
+    """Two validation examples through the backbone, before training: a model that does not take the data
+    (model.kwargs overriding its image size or channels, a patch size that does not divide the image, images
+    too small for the network) fails here in one line, not in the first training step. Eval mode and no
+    gradient: nothing changes, no random number is drawn."""
+    batch = next(iter(datamodule.eval_loader("val", batch_size=2, sharded=False)))
+    inputs = ", ".join(f"{k} {'x'.join(map(str, v.shape[1:]))}" for k, v in batch.items() if k != "label")
+    training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            backbone(batch)
+    except Exception as err:
+        model = ", ".join(f"model.{k}={show(v)}" for k, v in backbone.spec.items() if k != "type")
+        raise ConfigError(f"{model}: the model does not take this data ({inputs}): {message_of(err)}") from err
+    finally:
+        backbone.train(training)
 
 
 def _final_metrics(trainer: pl.Trainer) -> dict:
@@ -137,6 +160,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True), data=datamodule)
     datamodule.use_backbone(backbone)
     datamodule.setup("fit")
+    check_fits(backbone, datamodule)
     objective = build_objective(cfg.objective, backbone, datamodule.spec)
     check_monitored(cfg, objective)
     module = PretuneModule(
