@@ -105,6 +105,14 @@ def test_a_stale_success_is_overwritten_by_a_failure(tmp_path, capsys):
     assert json.loads((out_dir / "metrics.json").read_text())["status"] == "failed"
 
 
+def test_no_test_batches_is_a_run_without_test_metrics(tmp_path):
+    """Found by the fuzz: trainer.limit_test_batches=0 used to fail after training (an empty test result)."""
+    out_dir = tmp_path / "run"
+    main(make_cfg("finetune", ["model=resnet_micro", "debug=limit", "trainer.limit_test_batches=0"], out_dir))
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and not any(k.startswith("test/") for k in metrics)
+
+
 def test_the_transfer_study_checks_every_stage_before_it_runs_one(tmp_path):
     result = _script(
         "transfer_study.py", 'finetune=["datamodule.batch_size=0"]', f"hydra.run.dir={tmp_path}/study", tmp=tmp_path

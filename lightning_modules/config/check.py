@@ -10,7 +10,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_modules.config.errors import ConfigError
 from lightning_modules.config.modalities import check_modalities
-from lightning_modules.config.schema import REQUIRED_GROUPS, RULES, Section, check_together, rule_for, show
+from lightning_modules.config.schema import (
+    REQUIRED_GROUPS,
+    RULES,
+    Section,
+    check_together,
+    passed_through,
+    rule_for,
+    show,
+)
 
 
 def keys(cfg: DictConfig, rules: dict = RULES, prefix: str = "") -> Iterator[str]:
@@ -61,6 +69,24 @@ def _raw(cfg: DictConfig, key: str):
     return _parent(cfg, key)._get_node(_last(key))._value()
 
 
+def _in_component(cfg: DictConfig, key: str) -> bool:
+    """Whether ``key`` is inside a node built from its ``_target_`` (which refuses an argument it does not take)."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        node = OmegaConf.select(cfg, ".".join(parts[:i]), default=None)
+        if isinstance(node, DictConfig) and "_target_" in node:
+            return True
+    return False
+
+
+def _unknown(cfg: DictConfig, key: str, rules: dict) -> None:
+    """A key that nothing reads (``+optimizer.momentun=0.9``): refused rather than silently ignored."""
+    parent = key.rpartition(".")[0]
+    siblings = _parent(cfg, key).keys()
+    known = sorted(k for k in siblings if rule_for(f"{parent}.{k}" if parent else str(k), rules) is not None)
+    raise ConfigError(f"{key} is unknown: {parent or 'the config'} takes {', '.join(map(str, known))}")
+
+
 def check_values(cfg: DictConfig, rules: dict = RULES, pending: tuple = ()) -> dict:
     """Apply each key's rule, then the rules over several keys; returns the checked values. ``pending``: keys
     whose value is not there yet (the transfer study's pre-trained backbone), left out of both."""
@@ -77,8 +103,10 @@ def check_values(cfg: DictConfig, rules: dict = RULES, pending: tuple = ()) -> d
         found = value(cfg, key)  # every reference must resolve, passed through or not
         if found is UNKNOWN:
             continue
-        if rule is not None:  # else passed through to a library (schema.PASSED_THROUGH), or the user's own key
+        if rule is not None:
             rule.check(key, found)
+        elif passed_through(key) is None and not _in_component(cfg, key):
+            _unknown(cfg, key, rules)  # else passed through to a library, or an argument of a component
         checked[key] = found
     check_together(checked)
     return checked

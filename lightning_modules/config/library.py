@@ -90,7 +90,7 @@ def build(conf, key: str, **kwargs):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    values = OmegaConf.to_container(conf, resolve=True)
+    values = OmegaConf.to_container(conf, resolve=True) if OmegaConf.is_config(conf) else dict(conf)
     target = str(values.get("_target_", ""))
     own = target.startswith(OWN)
     if not own and importable(target) is not None:
@@ -103,15 +103,16 @@ def build(conf, key: str, **kwargs):
             raise cause from None
         if str(err).startswith("Error locating target"):
             raise ConfigError(f"{key}._target_={target}: cannot be imported ({message_of(cause or err)})") from err
-        if cause is not None and (not own or _bad_arguments(cause)):
+        if cause is not None and (not own or bad_arguments(cause, "/hydra/")):
             raise library_error(key, values, cause) from cause
         raise
 
 
-def _bad_arguments(err: BaseException) -> bool:
-    """A TypeError from the call itself (an unknown or missing argument), not from inside the component."""
+def bad_arguments(err: BaseException, caller: str) -> bool:
+    """Whether ``err`` is a TypeError of the call itself (an unknown or missing argument), not one from inside
+    the component: the innermost frame of its traceback is the caller's (a file whose path holds ``caller``)."""
     frames = traceback.extract_tb(err.__traceback__)
-    return isinstance(err, TypeError) and bool(frames) and "/hydra/" in frames[-1].filename
+    return isinstance(err, TypeError) and bool(frames) and caller in frames[-1].filename
 
 
 # --- the arguments against the signature ---------------------------------------------------------------

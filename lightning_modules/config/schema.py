@@ -383,9 +383,11 @@ RULES: dict[str, object] = {
     "scheduler.patience": Rule(int, low=0),
     "scheduler.monitor": METRIC,
     "scheduler.mode": Choice("min", "max"),
-    # the trainer: Lightning checks the rest (PASSED_THROUGH)
+    # the trainer: Lightning checks the rest (PASSED_THROUGH); these it accepts when built, then fails on
     "trainer._target_": TARGET,
     "trainer.max_epochs": Rule(int, low=-1, nullable=True),  # -1: no limit (Lightning's meaning)
+    "trainer.check_val_every_n_epoch": Rule(int, low=1, nullable=True),  # null: by val_check_interval only
+    "trainer.accumulate_grad_batches": Rule(int, low=1),
     "**._target_": TARGET,  # callbacks, loggers, strategies: Hydra reports one it cannot import
 }
 
@@ -398,7 +400,7 @@ PASSED_THROUGH: dict[str, str] = {
     "hydra": "Hydra",
 }
 
-# The config groups a run cannot do without (``trainer=null`` removes one).
+# The config groups a run cannot do without (``~trainer`` on the command line removes one).
 REQUIRED_GROUPS = {
     "pretrain": ("datamodule", "model", "objective", "optimizer", "scheduler", "trainer"),
     "finetune": ("datamodule", "model", "objective", "optimizer", "scheduler", "trainer", "freeze"),
@@ -415,6 +417,11 @@ TOGETHER: list[Together] = [
         ("optimizer.nesterov", "optimizer.momentum"),
         lambda nesterov, momentum: not nesterov or momentum > 0,
         "nesterov=true needs a momentum > 0",
+    ),
+    Together(
+        ("trainer.max_epochs", "trainer.max_steps"),
+        lambda epochs, steps: epochs != -1 or isinstance(steps, int) and steps > 0,
+        "no limit on epochs needs a limit on steps: the learning-rate schedule spans the whole run",
     ),
     Together(
         ("model.kwargs.in_chans", "datamodule.channels"),

@@ -82,8 +82,8 @@ def describe(err: BaseException) -> str:
     if cause is not None:
         target = f": {cause.filename}" if cause.filename else ""
         return f"{cause.strerror}{target} ({type(cause).__name__} in {_where(err)})"
-    kind = "a bug" if exit_code(err) == 1 else "the environment"
-    return f"{type(err).__name__}: {_first_line(err)} (in {_where(err)}; {kind})"
+    kind = "; a bug" if exit_code(err) == 1 else ""  # else memory, or a setting Lightning refused mid-run
+    return f"{type(err).__name__}: {_first_line(err)} (in {_where(err)}{kind})"
 
 
 def _hydra_log() -> Path | None:

@@ -49,6 +49,31 @@ def check_monitored(cfg: DictConfig, objective) -> None:
             raise ConfigError(f"{key}={metric} is not logged by this run: allowed is one of {', '.join(logged)}")
 
 
+def check_launcher(cfg: DictConfig, trainer: pl.Trainer) -> None:
+    """Several processes on one machine need trainer=ddp or trainer=fsdp, whose ranks re-run this Hydra job in
+    its run dir (runtime/parallel.py). Lightning's own launcher (what ``trainer.devices=2`` alone gets) would
+    re-run the command line: new run dirs, and inside another program (the study, a test) that program.
+    Several nodes need someone to start the others (SLURM, torchrun, or by hand with MASTER_ADDR): else this
+    process would wait for them forever."""
+    from lightning_fabric.plugins.environments import LightningEnvironment
+    from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if trainer.num_nodes > 1 and type(environment) is LightningEnvironment and "MASTER_ADDR" not in os.environ:
+        raise ConfigError(
+            f"trainer.num_nodes={trainer.num_nodes}: nothing starts the other nodes (no SLURM, no torchrun, no"
+            " MASTER_ADDR/NODE_RANK set by hand, see README 'Scaling out'), so this process would wait for them"
+        )
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if type(launcher) is _SubprocessScriptLauncher and launcher.num_processes > 1:  # children started here
+        keys = ", ".join(f"trainer.{k}={show(OmegaConf.select(cfg.trainer, k))}" for k in ("devices", "num_nodes"))
+        raise ConfigError(
+            f"{keys}: {launcher.num_processes} processes need trainer=ddp (or trainer=fsdp), whose ranks re-run this"
+            " job in its own run dir; e.g. trainer=ddp trainer.devices=2"
+        )
+
+
 def check_fits(backbone, datamodule) -> None:
     """Two validation examples through the backbone, before training: a model that does not take the data
     (model.kwargs overriding its image size or channels, a patch size that does not divide the image, images
@@ -185,6 +210,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         default_root_dir=str(out_dir),
         enable_checkpointing=checkpoints,
     )
+    check_launcher(cfg, trainer)
     for logger in trainer.loggers:  # the resolved config is every logger's run config
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
@@ -277,7 +303,7 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_
     if cfg.stage == "finetune":
         # Test the checkpoint that validation selected, not whatever the last epoch left.
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
-        metrics.update({k: float(v) for k, v in tested[0].items()})
+        metrics.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})  # none: limit_test_batches=0
     for callback in trainer.callbacks:  # what callbacks measured (the forgetting probe, the group monitor)
         if hasattr(callback, "run_metrics"):
             metrics.update(callback.run_metrics())
