@@ -142,10 +142,16 @@ class InMemoryImageDataModule(PretuneDataModule):
         images, labels, classes = self.load()
         idx = np.arange(len(labels))
         held = self.val_fraction + self.test_fraction
-        train_idx, rest = train_test_split(idx, test_size=held, stratify=labels, random_state=self.split_seed)
-        val_idx, test_idx = train_test_split(
-            rest, test_size=self.test_fraction / held, stratify=labels[rest], random_state=self.split_seed
-        )
+        try:
+            train_idx, rest = train_test_split(idx, test_size=held, stratify=labels, random_state=self.split_seed)
+            val_idx, test_idx = train_test_split(
+                rest, test_size=self.test_fraction / held, stratify=labels[rest], random_state=self.split_seed
+            )
+        except ValueError as err:  # a split too small to hold every class (scikit-learn says which)
+            raise ConfigError(
+                f"datamodule.val_fraction={self.val_fraction}, datamodule.test_fraction={self.test_fraction}:"
+                f" each split of the {len(labels)} images needs an image of every class ({err})"
+            ) from err
         return {
             s: (images[i], labels[i]) for s, i in (("train", train_idx), ("val", val_idx), ("test", test_idx))
         }, classes

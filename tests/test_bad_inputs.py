@@ -172,6 +172,14 @@ CASES = [
         None,
         "trainer.max_epochs=-1, trainer.max_steps=-1: no limit on epochs needs a limit on steps",
     ),
+    ("split-too-small", "finetune", ["datamodule.test_fraction=1e-12"], None, "needs an image of every class"),
+    (
+        "early-stopping-never-validated",
+        "finetune",
+        ["callbacks=early_stopping", "trainer.max_steps=1"],
+        None,
+        "callbacks.early_stopping.monitor='val/acc': Early stopping conditioned on metric `val/acc` which is not",
+    ),
     ("callback-not-a-component", "finetune", ["callbacks.model_checkpoint=5"], None, "callbacks.model_checkpoint=5"),
     (
         "batch-larger-than-data",

@@ -15,6 +15,7 @@ import traceback
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
 
 from lightning_modules.config.errors import ConfigError
 from lightning_modules.config.schema import show
@@ -113,6 +114,25 @@ def bad_arguments(err: BaseException, caller: str) -> bool:
     the component: the innermost frame of its traceback is the caller's (a file whose path holds ``caller``)."""
     frames = traceback.extract_tb(err.__traceback__)
     return isinstance(err, TypeError) and bool(frames) and caller in frames[-1].filename
+
+
+@contextmanager
+def blamed_on(components: dict):
+    """An error raised by one of ``components`` (key -> (the object, the config values it was built from))
+    itself, such as a callback refusing the run it is in once training started, as one line naming its key.
+    Only what the component's own method raised: an error from deeper (a file system, a bug elsewhere) is not
+    the component's configuration, and goes on as it is."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as err:
+        frames = list(traceback.walk_tb(err.__traceback__))
+        owner = frames[-1][0].f_locals.get("self") if frames else None
+        key = next((k for k, (obj, _values) in components.items() if obj is owner), None)
+        if key is None:
+            raise
+        raise library_error(key, components[key][1], err) from err
 
 
 # --- the arguments against the signature ---------------------------------------------------------------

@@ -24,73 +24,15 @@ from lightning_modules.callbacks.forgetting import ForgettingProbe
 from lightning_modules.callbacks.monitor import LayerGroupMonitor, count_params
 from lightning_modules.callbacks.seeding import EpochSeed
 from lightning_modules.config.errors import ConfigError
-from lightning_modules.config.library import build, message_of
-from lightning_modules.config.schema import show
+from lightning_modules.config.library import blamed_on, build
 from lightning_modules.module import PretuneModule
 from lightning_modules.objectives.base import build_objective
 from lightning_modules.runtime.cuda_check import runtime_cuda_check
+from lightning_modules.runtime.preflight import check_fits, check_launcher, check_monitored
 from lightning_modules.runtime.results import is_rank_zero, write_atomic, write_metrics
 
 # Lightning's own deprecation noise, nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-
-
-def check_monitored(cfg: DictConfig, objective) -> None:
-    """``optimized_metric`` (what checkpoints and sweeps select on), the plateau schedule's ``monitor`` and
-    the callbacks' must be metrics this run logs: otherwise Lightning would fail after the first epoch."""
-    metrics = objective.make_metrics("val/")
-    validation = ["val/loss", *(metrics.keys(keep_base=False) if metrics is not None else [])]
-    monitors = {"optimized_metric": validation, "scheduler.monitor": validation}
-    for name in cfg.get("callbacks") or {}:
-        monitors[f"callbacks.{name}.monitor"] = [*validation, "train/loss_epoch", "train/loss_step"]
-    for key, logged in monitors.items():
-        metric = OmegaConf.select(cfg, key, default=None)
-        if metric is not None and metric not in logged:
-            raise ConfigError(f"{key}={metric} is not logged by this run: allowed is one of {', '.join(logged)}")
-
-
-def check_launcher(cfg: DictConfig, trainer: pl.Trainer) -> None:
-    """Several processes on one machine need trainer=ddp or trainer=fsdp, whose ranks re-run this Hydra job in
-    its run dir (runtime/parallel.py). Lightning's own launcher (what ``trainer.devices=2`` alone gets) would
-    re-run the command line: new run dirs, and inside another program (the study, a test) that program.
-    Several nodes need someone to start the others (SLURM, torchrun, or by hand with MASTER_ADDR): else this
-    process would wait for them forever."""
-    from lightning_fabric.plugins.environments import LightningEnvironment
-    from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-
-    environment = getattr(trainer.strategy, "cluster_environment", None)
-    if trainer.num_nodes > 1 and type(environment) is LightningEnvironment and "MASTER_ADDR" not in os.environ:
-        raise ConfigError(
-            f"trainer.num_nodes={trainer.num_nodes}: nothing starts the other nodes (no SLURM, no torchrun, no"
-            " MASTER_ADDR/NODE_RANK set by hand, see README 'Scaling out'), so this process would wait for them"
-        )
-
-    launcher = getattr(trainer.strategy, "launcher", None)
-    if type(launcher) is _SubprocessScriptLauncher and launcher.num_processes > 1:  # children started here
-        keys = ", ".join(f"trainer.{k}={show(OmegaConf.select(cfg.trainer, k))}" for k in ("devices", "num_nodes"))
-        raise ConfigError(
-            f"{keys}: {launcher.num_processes} processes need trainer=ddp (or trainer=fsdp), whose ranks re-run this"
-            " job in its own run dir; e.g. trainer=ddp trainer.devices=2"
-        )
-
-
-def check_fits(backbone, datamodule) -> None:
-    """Two validation examples through the backbone, before training: a model that does not take the data
-    (model.kwargs overriding its image size or channels, a patch size that does not divide the image, images
-    too small for the network) fails here in one line, not in the first training step. Eval mode and no
-    gradient: nothing changes, no random number is drawn."""
-    batch = next(iter(datamodule.eval_loader("val", batch_size=2, sharded=False)))
-    inputs = ", ".join(f"{k} {'x'.join(map(str, v.shape[1:]))}" for k, v in batch.items() if k != "label")
-    training = backbone.training
-    backbone.eval()
-    try:
-        with torch.no_grad():
-            backbone(batch)
-    except Exception as err:
-        model = ", ".join(f"model.{k}={show(v)}" for k, v in backbone.spec.items() if k != "type")
-        raise ConfigError(f"{model}: the model does not take this data ({inputs}): {message_of(err)}") from err
-    finally:
-        backbone.train(training)
 
 
 def _final_metrics(trainer: pl.Trainer) -> dict:
@@ -198,7 +140,8 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     if cfg.model.get("compile"):  # torch.compile of forward (backbone + objective's loss); weights stay as they are
         module.compile()
 
-    callbacks = _callbacks(cfg, out_dir, backbone, datamodule)
+    configured = _configured(cfg)
+    callbacks = _callbacks(cfg, out_dir, backbone, datamodule, configured)
     loggers = _loggers(cfg, out_dir)
     # Checkpoints are what the callbacks config says (callbacks=none: none), not a checkpoint Lightning adds.
     checkpoints = any(isinstance(c, ModelCheckpoint) for c in callbacks)
@@ -218,7 +161,8 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
 
         for experiment in _wandb_runs(trainer):
             wandb_runs.record_use(experiment, str(cfg.model.init))
-        with runtime_cuda_check(enabled=isinstance(trainer.accelerator, CPUAccelerator)):
+        # A configured callback refusing this run mid-way (EarlyStopping's metric never logged): one line.
+        with runtime_cuda_check(enabled=isinstance(trainer.accelerator, CPUAccelerator)), blamed_on(configured):
             metrics = _fit_and_test(cfg, trainer, module, datamodule, out_dir)
         metrics["time/run_s"] = round(time.time() - started, 2)
         for experiment in _wandb_runs(trainer):
@@ -232,10 +176,19 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     return metrics
 
 
-def _callbacks(cfg: DictConfig, out_dir: Path, backbone, datamodule) -> list:
+def _configured(cfg: DictConfig) -> dict:
+    """``callbacks.<name>`` -> (the callback the config describes, its values)."""
+    nodes = {name: c for name, c in (cfg.get("callbacks") or {}).items() if c is not None}
+    return {
+        f"callbacks.{name}": (build(c, f"callbacks.{name}"), OmegaConf.to_container(c, resolve=True))
+        for name, c in nodes.items()
+    }
+
+
+def _callbacks(cfg: DictConfig, out_dir: Path, backbone, datamodule, configured: dict) -> list:
     """The configured callbacks, then what the stage adds: per-epoch seeding; when fine-tuning the freezing
     strategy, the per-group monitor and the forgetting probe; when pre-training the backbone export."""
-    callbacks = [build(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
+    callbacks = [callback for callback, _values in configured.values()]
     callbacks.append(EpochSeed(cfg.seed))
     if cfg.stage == "finetune":
         freezer = build(cfg.freeze, "freeze")
