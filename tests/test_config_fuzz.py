@@ -311,3 +311,39 @@ def test_fuzzed_overrides_larger_draw(bases, tmp_path, capsys, monkeypatch, requ
         pytest.skip("the larger draw runs with: pytest -m fuzz tests/test_config_fuzz.py")
     n = int(os.environ.get("PRETUNE_FUZZ_CASES", "4000"))
     _fuzz(bases, n, n // 40, 8, tmp_path, capsys, monkeypatch)
+
+
+def test_fuzzed_study_overrides_are_refused_in_one_line_or_accepted(tmp_path):
+    """conf/transfer_study.yaml's own keys: every draw checked against STUDY_RULES (milliseconds); a few
+    accepted ones also through check_study, which composes every stage config the study would run."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from transfer_study import check_study
+
+    from lightning_modules.config.check import check_values
+    from lightning_modules.config.schema import STUDY_RULES
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        base = compose(config_name="transfer_study", overrides=[f"paths.output_dir={tmp_path}"])
+        keys = {k: d for k, d in _keys(base).items() if not k.startswith("paths.")}
+        cases, counts, composed = draw({"study": (base, keys)}, 150, SEED), {}, 0
+        for case in cases:
+            try:
+                cfg = apply(base, case.overrides)
+            except Exception:
+                counts["hydra"] = counts.get("hydra", 0) + 1
+                continue
+            try:
+                check_values(cfg, STUDY_RULES)
+                if composed < 4:  # the stage configs, composed: ~0.1 s each
+                    composed += 1
+                    check_study(cfg, tmp_path / "study")
+                counts["accepted"] = counts.get("accepted", 0) + 1
+            except ConfigError as err:
+                line = str(err)
+                assert "\n" not in line, f"{case}: more than one line: {line}"
+                stage = line.split(":", 1)[0]  # check_study's lines start with the stage they composed
+                named = any(k in line for k in case.keys) or stage == "pretrain" or stage.startswith("strategies.")
+                assert named, f"{case}: the line names none of {case.keys}: {line}"
+                counts["refused"] = counts.get("refused", 0) + 1
+    print(f"\n{len(cases)} study cases: {counts}")  # shown with -s
+    assert counts.get("refused", 0) > 50 and counts.get("accepted", 0) > 10, counts
