@@ -201,7 +201,7 @@ class InMemoryImageDataModule(PretuneDataModule):
         """Keep a stratified, seeded ``label_fraction`` of the training labels (at least one per class)."""
         n_classes = len(np.unique(y))
         keep = max(n_classes, round(self.label_fraction * len(y)))
-        if keep >= len(y):
+        if keep > len(y) - n_classes:  # (nearly) all: the rest could not hold one of each class to split off
             return x, y
         idx, _ = train_test_split(np.arange(len(y)), train_size=keep, stratify=y, random_state=self.label_seed)
         idx = np.sort(idx)

@@ -143,7 +143,7 @@ def test_passed_through_names_a_library_for_each_prefix():
         (Rule(int, low=0, words=("all",)), [0, "all"], ["most", -1], "or 'all'"),
         (Choice("skip", "fail"), ["skip"], ["Skip", "", None, 1], "one of 'skip', 'fail'"),
         (Choice(1, 3), [1, 3], [True, 2, 1.0], "one of 1, 3"),
-        (Flag(), [True, False], [0, "true", None], "true or false"),
+        (Flag(), [True, False], [0, "true", None], "allowed are true, false"),
         (Text(r"[a-z]+", "a lowercase word"), ["abc"], ["", "ABC", 3, None], "a lowercase word"),
         (ListOf(Rule(float, low=0), 2, 2, True), [[0.1, 0.2], (1, 1)], [[0.2, 0.1], [1], "a", [-1]], "allowed"),
         (ListOf(Text(), min_len=1, nullable=True), [["a"], None], [[], [""], [1]], "allowed is a"),

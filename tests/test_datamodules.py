@@ -163,3 +163,10 @@ def test_fixed_length_epochs_repeat_a_small_labeled_set():
     assert len({tuple(row.flatten().tolist()) for row in seen}) == 48  # no repeats within a pass
     with pytest.raises(ConfigError, match="datamodule.train_batches_per_epoch=0 is out of range"):
         DigitsDataModule(train_batches_per_epoch=0)
+
+
+def test_a_label_fraction_just_below_one_keeps_every_label():
+    """Found by the config fuzz: 0.999 left one label to split off, fewer than the classes (scikit-learn refused)."""
+    full, dm = DigitsDataModule(), DigitsDataModule(label_fraction=0.999)
+    full.setup(), dm.setup()
+    assert _labels(dm) == _labels(full)

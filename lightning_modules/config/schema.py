@@ -120,12 +120,12 @@ class Flag:
     nullable: bool = False
 
     def allowed(self) -> str:
-        return "true or false" + (" or null" if self.nullable else "")
+        return "true, false" + (", null" if self.nullable else "")
 
     def check(self, key: str, value):
         if isinstance(value, bool) or value is None and self.nullable:
             return value
-        raise _invalid(key, value, self.allowed())
+        raise ConfigError(f"{key}={show(value)} is invalid: allowed are {self.allowed()}")
 
 
 @dataclass(frozen=True)
