@@ -83,8 +83,23 @@ class BatchLoader:
             # The last eval batch runs to the end (it may have absorbed a small remainder).
             end = self.n if not self.drop_last and j + 1 == self.per_pass else start + self.global_batch
             # Near-equal contiguous slices: B each for a full batch; a short last eval batch splits evenly.
-            idx = torch.tensor_split(order[start:end], self.world)[self.rank]
-            yield {k: v[idx] for k, v in self.tensors.items()}
+            global_idx = order[start:end]
+            yield self.take(torch.tensor_split(global_idx, self.world)[self.rank], global_idx)
+
+    def take(self, idx: torch.Tensor, global_idx: torch.Tensor) -> dict:
+        """The batch of rows ``idx``: this rank's share of the global batch ``global_idx`` (a subclass may
+        shape the batch by the global one, e.g. pad text to its longest example)."""
+        return {k: v[idx] for k, v in self.tensors.items()}
+
+
+def label_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a stratified, seeded ``fraction`` of the labels ``y`` (at least one per class)."""
+    n_classes = len(np.unique(y))
+    keep = max(n_classes, round(fraction * len(y)))
+    if keep > len(y) - n_classes:  # (nearly) all: the rest could not hold one of each class to split off
+        return np.arange(len(y))
+    idx, _ = train_test_split(np.arange(len(y)), train_size=keep, stratify=y, random_state=seed)
+    return np.sort(idx)
 
 
 class InMemoryImageDataModule(PretuneDataModule):
@@ -199,12 +214,7 @@ class InMemoryImageDataModule(PretuneDataModule):
 
     def _label_subset(self, x: torch.Tensor, y: np.ndarray):
         """Keep a stratified, seeded ``label_fraction`` of the training labels (at least one per class)."""
-        n_classes = len(np.unique(y))
-        keep = max(n_classes, round(self.label_fraction * len(y)))
-        if keep > len(y) - n_classes:  # (nearly) all: the rest could not hold one of each class to split off
-            return x, y
-        idx, _ = train_test_split(np.arange(len(y)), train_size=keep, stratify=y, random_state=self.label_seed)
-        idx = np.sort(idx)
+        idx = label_subset(y, self.label_fraction, self.label_seed)
         return x[idx], y[idx]
 
     def train_dataloader(self):

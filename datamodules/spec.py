@@ -6,8 +6,8 @@ Each spec names its ``modality`` (the batch entries it fills): ``image`` batches
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
@@ -18,3 +18,20 @@ class ImageSpec:
     image_size: int
     num_classes: int = 0  # 0 when unlabeled (pre-training)
     class_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """Text data as the backbone's tokenizer turned it into ids: batches hold ``input_ids`` and
+    ``attention_mask`` (right-padded with ``pad_id``, at most ``max_length`` long) and, when labeled, ``label``.
+    ``tokenizer`` is the backbone's (``backbone.processor``): the objectives read its special tokens (MLM's
+    ``[MASK]``) from it."""
+
+    modality: ClassVar[str] = "text"
+
+    vocab_size: int  # len(tokenizer): ids are below it
+    max_length: int
+    pad_id: int
+    num_classes: int = 0  # 0 when unlabeled (pre-training)
+    class_names: tuple[str, ...] = ()
+    tokenizer: Any = field(default=None, compare=False, repr=False)

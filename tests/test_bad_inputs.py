@@ -193,12 +193,169 @@ CASES = [
 
 @pytest.mark.parametrize(("stage", "overrides", "builder", "needle"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_gives_one_line_naming_key_and_value(stage, overrides, builder, needle, tmp_path, capsys):
+    _assert_one_line(stage, TINY, overrides, builder, needle, tmp_path, capsys)
+
+
+def _text_file(name: str, content: bytes):
+    def build(root: Path) -> Path:
+        path = root / name
+        path.write_bytes(content)
+        return path
+
+    return build
+
+
+def _not_a_model(root: Path) -> Path:
+    (root / "weights").mkdir()
+    (root / "weights" / "model.safetensors").write_bytes(b"")
+    return root / "weights"
+
+
+def _foreign_tokenizer(root: Path) -> Path:
+    """A bert_micro backbone/ whose tokenizer.json was swapped for one trained on other texts."""
+    from tests.text_helpers import BERT, sample_texts, text_backbone
+
+    micro = {**BERT, **{k: v for k, v in make_cfg("finetune", ["model=bert_micro"]).model.items() if k in BERT}}
+    target = export_backbone(text_backbone(micro), root / "pre" / "backbone")
+    text_backbone(micro, texts=[t[::-1] for t in sample_texts()]).processor.save_pretrained(str(target))
+    return target.parent
+
+
+CSV_TWO_COLUMNS = b"sentence,label\nfine,a\nbad,b\n"
+# (id, stage, overrides, builder of a bad file for {bad}, the key=value the line names): datamodule=text_* picks
+# model=bert_micro (and, for text_corpus, objective=mlm) unless the overrides name others.
+TEXT_CASES = [
+    (
+        "corpus-matches-nothing",
+        "pretrain",
+        ["datamodule=text_corpus", "datamodule.paths=[{tmp}/none/*.txt]"],
+        None,
+        "datamodule.paths: {tmp}/none/*.txt matches no file",
+    ),
+    (
+        "corpus-empty-file",
+        "pretrain",
+        ["datamodule=text_corpus", "datamodule.paths=[{bad}]"],
+        _text_file("empty.txt", b"  \n\n"),
+        "datamodule.paths: {bad} is empty",
+    ),
+    (
+        "corpus-not-utf8",
+        "pretrain",
+        ["datamodule=text_corpus", "datamodule.paths=[{bad}]"],
+        _text_file("latin1.txt", "caf\u00e9 cr\u00e8me".encode("latin-1")),
+        "datamodule.paths: {bad} is not UTF-8 text (byte 0xe9 at position 3)",
+    ),
+    (
+        "missing-text-column",
+        "finetune",
+        ["datamodule=text_classification", "datamodule.path={bad}"],
+        _text_file("two.csv", CSV_TWO_COLUMNS),
+        "datamodule.text_column=text: no such column in {bad} (columns: sentence, label)",
+    ),
+    (
+        "missing-label-column",
+        "finetune",
+        ["datamodule=text_classification", "datamodule.path={bad}"],
+        _text_file("rows.jsonl", b'{"text": "fine", "label": "a"}\n{"text": "bad"}\n'),
+        "datamodule.label_column=label: line 2 of {bad} has no such key",
+    ),
+    (
+        "one-class",
+        "finetune",
+        ["datamodule=text_classification", "datamodule.path={bad}"],
+        _text_file("one.tsv", b"text\tlabel\nfine\tpos\ngreat\tpos\n"),
+        "datamodule.label_column=label: {bad} has only one class ('pos'); allowed is at least 2",
+    ),
+    (
+        "hf-dir-not-a-model",
+        "finetune",
+        ["datamodule=text_classification", "model.init=hf:{bad}"],
+        _not_a_model,
+        "model.init=hf:{bad}: not a Hugging Face model directory (no config.json in it)",
+    ),
+    (
+        "hf-name-offline",
+        "finetune",
+        ["datamodule=text_classification", "model.init=hf:pretune-tests/no-such-model"],
+        None,
+        "model.init=hf:pretune-tests/no-such-model: a Hugging Face Hub name, but the hub is offline",
+    ),
+    (
+        "tokenizer-not-the-backbones",
+        "finetune",
+        ["datamodule=text_classification", "model.init={bad}"],
+        _foreign_tokenizer,
+        "model.init={bad}: the tokenizer does not match its backbone (tokenizer.json is not the tokenizer",
+    ),
+    (
+        "mlm-on-gpt",
+        "pretrain",
+        ["datamodule=text_corpus", "model=gpt_micro"],
+        None,
+        "objective=mlm needs a BERT-style encoder, but model=gpt_micro is a GPT-style decoder; use objective=clm",
+    ),
+    (
+        "clm-on-bert",
+        "pretrain",
+        ["datamodule=text_corpus", "objective=clm"],
+        None,
+        "objective=clm needs a GPT-style decoder, but model=bert_micro is a BERT-style encoder; use objective=mlm",
+    ),
+    (
+        "mae-on-text",
+        "pretrain",
+        ["datamodule=text_corpus", "objective=mae"],
+        None,
+        "objective=mae takes image inputs, but model=bert_micro is text",
+    ),
+    (
+        "text-model-on-images",
+        "finetune",
+        ["datamodule=digits", "model=bert_micro"],
+        None,
+        "model=bert_micro takes text inputs, but datamodule=digits gives image",
+    ),
+    (
+        "pooling-word",
+        "finetune",
+        ["datamodule=text_classification", "model.pooling=max"],
+        None,
+        "model.pooling='max' is invalid: allowed are 'cls', 'mean', 'last'",
+    ),
+    (
+        "max-length-beyond-positions",
+        "pretrain",
+        ["datamodule=text_corpus", "datamodule.paths=[{bad}]", "datamodule.max_length=256"],
+        _text_file("notes.txt", b"some notes\nmore notes\n"),
+        "datamodule.max_length=256 is longer than the backbone's 128 positions; allowed is at most 128",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("stage", "overrides", "builder", "needle"), [c[1:] for c in TEXT_CASES], ids=[c[0] for c in TEXT_CASES]
+)
+def test_bad_text_input_gives_one_line_naming_key_and_value(stage, overrides, builder, needle, tmp_path, capsys):
+    _assert_one_line(stage, ["debug=limit"], overrides, builder, needle, tmp_path, capsys)
+
+
+def _assert_one_line(stage, tiny, overrides, builder, needle, tmp_path, capsys):
     bad = builder(tmp_path) if builder else None
     fill = lambda text: text.format(tmp=tmp_path, bad=bad)  # noqa: E731
     out_dir = tmp_path / "run"
-    cfg = make_cfg(stage, [*TINY, *map(fill, overrides)], out_dir)
-    with pytest.raises(SystemExit) as exit_:
-        main(cfg)
+    cfg = make_cfg(stage, [*tiny, *map(fill, overrides)], out_dir, return_hydra=True)
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    HydraConfig.instance().set_config(cfg)  # as a script's job sees it: the line names model=..., not its class
+    with open_dict(cfg):
+        del cfg["hydra"]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
     assert exit_.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and fill(needle) in errors[0], errors

@@ -112,7 +112,7 @@ def test_the_modality_tables_agree_with_the_classes():
     """config/modalities.py answers before torch is imported; the classes are what a run builds."""
     import importlib
 
-    from lightning_modules.config.modalities import BACKBONE_TYPES, DATAMODULES, OBJECTIVES
+    from lightning_modules.config.modalities import BACKBONE_TYPES, DATAMODULES, OBJECTIVE_TEXT_KINDS, OBJECTIVES
 
     def cls(target):
         module, name = target.rsplit(".", 1)
@@ -124,6 +124,7 @@ def test_the_modality_tables_agree_with_the_classes():
         assert cls(target).modality == modality, target
     for target, modalities in OBJECTIVES.items():
         assert tuple(cls(target).modalities) == modalities, target
+        assert cls(target).text_kind == OBJECTIVE_TEXT_KINDS.get(target), target
     # every shipped datamodule and objective config is in the tables
     from omegaconf import OmegaConf
 
@@ -137,5 +138,5 @@ def test_an_unknown_model_type_is_one_line(tmp_path):
     from lightning_modules.config.check import check_config
     from lightning_modules.config.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"model.type=foo is unknown: allowed are \['timm'\]"):
+    with pytest.raises(ConfigError, match=r"model.type=foo is unknown: allowed are \['timm', 'transformers'\]"):
         check_config(make_cfg("finetune", ["model.type=foo"], tmp_path))

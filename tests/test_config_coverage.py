@@ -30,7 +30,7 @@ from lightning_modules.config.schema import (
 from tests.conftest import CONF
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "paths", "hparams_search"))
-PRETRAIN_OBJECTIVES = {"mae", "simclr"}  # the others fine-tune (a text branch may add mlm/clm here)
+PRETRAIN_OBJECTIVES = {"mae", "simclr", "mlm", "clm"}  # the others fine-tune
 
 
 def _options(group: str) -> list[str]:

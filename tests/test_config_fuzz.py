@@ -40,8 +40,9 @@ TINY = [
     "datamodule.batch_size=16",
     "datamodule.eval_batch_size=64",
 ]
-# name -> (stage, overrides, whether a sample of its accepted draws runs for real). Between them every option
-# of every group; DDP (it starts processes) and W&B (it writes outside the run dir) are checked, not run.
+# name -> (stage, overrides, whether a sample of its accepted draws runs for real: True, False, or "large" for
+# the larger draw only). Between them every option of every group; DDP (it starts processes) and W&B (it
+# writes outside the run dir) are checked, not run.
 BASES = {
     "pretrain-mae-vit": ("pretrain", ["objective=mae", "model=vit_micro"], True),
     "pretrain-simclr-mnist": (
@@ -74,6 +75,23 @@ BASES = {
     "finetune-gpu": ("finetune", ["trainer=gpu", "trainer.accelerator=gpu", "model=resnet_micro"], True),
     "pretrain-fsdp": ("pretrain", ["trainer=fsdp", "objective=mae", "model=vit_micro"], False),
     "finetune-ddp-wandb": ("finetune", ["trainer=ddp", "logger=wandb", "model=resnet_micro"], False),
+    # Text trains a tokenizer first (seconds): run in the larger draw only. The parsed corpus is a cache shared
+    # by runs on purpose (datamodule.cache_dir), kept outside the run dirs.
+    "pretrain-mlm-text": (
+        "pretrain",
+        ["datamodule=text_corpus", "model=bert_micro", "objective=mlm", "datamodule.cache_dir={cache}"],
+        "large",
+    ),
+    "pretrain-clm-text": (
+        "pretrain",
+        ["datamodule=text_corpus", "model=gpt_micro", "objective=clm", "datamodule.cache_dir={cache}"],
+        "large",
+    ),
+    "finetune-text": (
+        "finetune",
+        ["datamodule=text_classification", "model=gpt_micro", "datamodule.families=4", "datamodule.cache_dir={cache}"],
+        "large",
+    ),
 }
 COSTLY = {"model.compile": True}  # accepted values that cost minutes (torch.compile), not run here
 MOVES_OUTPUTS = (".save_dir", ".dirpath")  # a logger's or checkpoint's own dir: outside the run dir if the user says
@@ -183,10 +201,11 @@ def _number(text: str):
         return None
 
 
-def runnable(case: Case, bases_spec: dict, keys: dict) -> bool:
+def runnable(case: Case, bases_spec: dict, keys: dict, large: bool = False) -> bool:
     """Whether an accepted case is cheap enough to run: a runnable base, no costly value, numbers at most
     twice their default (or 64), nothing that moves the run dir or a part of it elsewhere."""
-    if not bases_spec[case.base][2]:
+    runs = bases_spec[case.base][2]
+    if not (runs is True or runs == "large" and large):
         return False
     for text, key in zip(case.overrides, case.keys, strict=True):
         value = text.split("=", 1)[1]
@@ -238,13 +257,13 @@ def bases(folder) -> dict:
     out = {}
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         for name, (stage, overrides, _run) in BASES.items():
-            filled = [o.format(folder=folder) for o in overrides]
+            filled = [o.format(folder=folder, cache=folder.parent / "cache") for o in overrides]
             cfg = compose(config_name=stage, overrides=[*FAST, *filled, *TINY, f"paths.output_dir={folder.parent}/out"])
             out[name] = (cfg, {k: d for k, d in _keys(cfg).items() if not k.startswith("paths.output_dir")})
     return out
 
 
-def _fuzz(bases, n_cases: int, n_runs: int, n_scripts: int, tmp_path, capsys, monkeypatch):
+def _fuzz(bases, n_cases: int, n_runs: int, n_scripts: int, tmp_path, capsys, monkeypatch, large: bool = False):
     from lightning_modules.runtime.cli import main
 
     cases = draw(bases, n_cases, SEED)
@@ -252,7 +271,7 @@ def _fuzz(bases, n_cases: int, n_runs: int, n_scripts: int, tmp_path, capsys, mo
     counts = {k: sum(v == k for v in outcomes.values()) for k in ("refused", "accepted", "hydra")}
     print(f"\n{len(cases)} cases: {counts}")  # shown with -s
     accepted = [c for i, c in enumerate(cases) if outcomes[i] == "accepted"]
-    to_run = [c for c in accepted if runnable(c, BASES, bases[c.base][1])]
+    to_run = [c for c in accepted if runnable(c, BASES, bases[c.base][1], large)]
 
     results = []
     for i, case in enumerate(to_run[:n_runs]):
@@ -272,13 +291,14 @@ def _fuzz(bases, n_cases: int, n_runs: int, n_scripts: int, tmp_path, capsys, mo
         results.append((case, assert_one_line_or_trained(case, code, out, err, work / "out", work)))
 
     # Through the real scripts: one refused draw, then accepted ones.
-    refused = [c for i, c in enumerate(cases) if outcomes[i] == "refused" and BASES[c.base][2]]
+    refused = [c for i, c in enumerate(cases) if outcomes[i] == "refused" and BASES[c.base][2] is True]
     for i, case in enumerate((refused[:1] + to_run[n_runs:])[:n_scripts]):
         work = tmp_path / f"script{i}"
         (work / "tmp").mkdir(parents=True)
         stage, overrides, _ = BASES[case.base]
         folder = Path(bases["pretrain-simclr-folder"][0].datamodule.root)
-        args = [*FAST, *[o.format(folder=folder) for o in overrides], *TINY, *case.overrides]
+        filled = [o.format(folder=folder, cache=folder.parent / "cache") for o in overrides]
+        args = [*FAST, *filled, *TINY, *case.overrides]
         env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
         env.update(TMPDIR=str(work / "tmp"), OMP_NUM_THREADS="1")
         proc = subprocess.run(
@@ -310,7 +330,7 @@ def test_fuzzed_overrides_larger_draw(bases, tmp_path, capsys, monkeypatch, requ
     if "fuzz" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("the larger draw runs with: pytest -m fuzz tests/test_config_fuzz.py")
     n = int(os.environ.get("PRETUNE_FUZZ_CASES", "4000"))
-    _fuzz(bases, n, n // 40, 8, tmp_path, capsys, monkeypatch)
+    _fuzz(bases, n, n // 40, 8, tmp_path, capsys, monkeypatch, large=True)
 
 
 def test_fuzzed_study_overrides_are_refused_in_one_line_or_accepted(tmp_path):

@@ -50,6 +50,19 @@ class Backbone(nn.Module):
         self.num_features = int(num_features)
 
     # --- what a subclass provides ---------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, model_cfg: dict, data=None, directory=None) -> Backbone:
+        """The backbone the ``model`` config describes, as ``handoff.build_backbone`` builds it: ``data`` is the
+        datamodule (a text backbone from scratch trains its tokenizer on its texts), ``directory`` a
+        ``backbone/`` whose processor to load (the caller loads its weights next)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def spec_of(model_cfg: dict, saved: dict | None = None) -> dict:
+        """The spec the ``model`` config asks for, compared with ``saved`` (a ``backbone/config.yaml``) before
+        its weights are loaded; ``saved`` lets a backbone whose architecture travels with it say so."""
+        raise NotImplementedError
+
     def forward(self, batch: dict) -> torch.Tensor:
         """Pooled features ``(B, num_features)``."""
         raise NotImplementedError

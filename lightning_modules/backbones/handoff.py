@@ -28,7 +28,8 @@ def find_backbone_dir(init: str) -> Path:
             return candidate
     if not path.exists():
         raise ConfigError(
-            f"model.init={init}: no such path; allowed: none, timm, a pre-training run dir or a backbone/ dir"
+            f"model.init={init}: no such path; allowed: none, timm, a pre-training run dir, a backbone/ dir"
+            " or hf:<Hugging Face model>"
         )
     raise ConfigError(f"model.init={init}: found no backbone/ with {WEIGHTS} and {CONFIG} there")
 
@@ -154,6 +155,8 @@ def resolve_init(init: str) -> dict | None:
     ``none`` and ``timm`` have no local source."""
     if init in ("none", "timm"):
         return None
+    if init.startswith("hf:"):
+        return _hf_source(init.removeprefix("hf:"))
     source = {}
     if init.startswith("wandb:"):
         from lightning_modules.runtime.wandb_runs import fetch_backbone
@@ -163,6 +166,18 @@ def resolve_init(init: str) -> dict | None:
     else:
         backbone_dir = find_backbone_dir(init)
     return {"path": str(backbone_dir.resolve()), "sha256": sha256_of(backbone_dir / WEIGHTS), **source}
+
+
+def _hf_source(name: str) -> dict:
+    """A Hugging Face model's source: ``hf`` (the local dir, or the hub name) and, for a local dir, the
+    sha256 of its weights file."""
+    from lightning_modules.config.modalities import hf_local_dir
+
+    where = hf_local_dir(name)
+    if not Path(where).is_dir():
+        return {"hf": where}
+    weights = [Path(where) / f for f in ("model.safetensors", "pytorch_model.bin") if (Path(where) / f).is_file()]
+    return {"hf": str(Path(where).resolve()), **({"sha256": sha256_of(weights[0])} if weights else {})}
 
 
 def backbone_class(type_: str):
@@ -181,9 +196,11 @@ def build_backbone(model_cfg: dict, data=None):
     """Build the backbone ``model`` describes and initialise it as ``model.init`` says (from
     ``model.source`` when the run already resolved it). ``data``: the datamodule, for a backbone that
     needs something from it to be built (a text backbone trains its tokenizer on its texts)."""
-    cls = backbone_class(model_cfg.get("type", "timm"))
+    from lightning_modules.config.modalities import backbone_type
+
+    cls = backbone_class(backbone_type(model_cfg))
     init = str(model_cfg.get("init", "none"))
-    if init == "none":
+    if init == "none" or init.startswith("hf:"):  # from scratch, or a Hugging Face model (the class loads it)
         return cls.from_config(model_cfg, data)
     if init == "timm":
         name, kwargs = model_cfg["name"], dict(model_cfg.get("kwargs") or {})
@@ -203,7 +220,7 @@ def build_backbone(model_cfg: dict, data=None):
         raise ConfigError(
             f"model.init={init}: {WEIGHTS} is corrupt or truncated (its sha256 is not the one {CONFIG} recorded)"
         )
-    diffs = spec_differences(saved, cls.spec_of(model_cfg))
+    diffs = spec_differences(saved, cls.spec_of(model_cfg, saved))
     if diffs:
         raise ConfigError(
             f"model.init={init}: the backbone's architecture does not match the model config ("

@@ -38,8 +38,8 @@ class TimmBackbone(Backbone):
             raise library_error("model", {"name": name, "kwargs": kwargs}, err, f"model.kwargs for {name}") from err
 
     @staticmethod
-    def spec_of(model_cfg: dict) -> dict:
-        """The spec a model config asks for, to compare with a saved backbone's."""
+    def spec_of(model_cfg: dict, saved: dict | None = None) -> dict:
+        """The spec a model config asks for, to compare with a saved backbone's (``saved``, unused here)."""
         return {"type": "timm", "name": model_cfg["name"], "kwargs": dict(model_cfg.get("kwargs") or {})}
 
     @property

@@ -26,7 +26,7 @@ class ForgettingProbe(Callback):
 
         from safetensors.torch import load_file
 
-        backbone_dir = Path(source["path"]) if source else None
+        backbone_dir = Path(source["path"]) if source and "path" in source else None  # not hf:, a model of its own
         meta = read_backbone_config(backbone_dir) if backbone_dir else {}
         weights = backbone_dir / OBJECTIVE_WEIGHTS if backbone_dir else None
         if not meta.get("objective") or not weights.is_file():

@@ -8,6 +8,9 @@ them. A component of a user's own (a ``_target_`` not listed here) is checked by
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.config.errors import ConfigError
@@ -15,23 +18,45 @@ from lightning_modules.config.errors import ConfigError
 # model.type -> (the Backbone class that builds it, its modality)
 BACKBONE_TYPES = {
     "timm": ("lightning_modules.backbones.image.TimmBackbone", "image"),
+    "transformers": ("lightning_modules.backbones.text.TransformersBackbone", "text"),
 }
+# model.name of a text backbone built from scratch -> its kind: a BERT-style encoder or a GPT-style decoder
+TEXT_ARCH_KINDS = {"bert": "encoder", "gpt2": "decoder"}
 # datamodule _target_ -> the modality of its batches
 DATAMODULES = {
     "datamodules.digits.DigitsDataModule": "image",
     "datamodules.mnist5k.MNIST5kDataModule": "image",
     "datamodules.image_folder.ImageFolderDataModule": "image",
+    "datamodules.text_corpus.TextCorpusDataModule": "text",
+    "datamodules.text_classification.TextClassificationDataModule": "text",
 }
 # objective _target_ -> the modalities it takes
 OBJECTIVES = {
     "lightning_modules.objectives.classification.Classification": ("image", "text"),
     "lightning_modules.objectives.mae.MAE": ("image",),
     "lightning_modules.objectives.simclr.SimCLR": ("image",),
+    "lightning_modules.objectives.mlm.MLM": ("text",),
+    "lightning_modules.objectives.clm.CLM": ("text",),
 }
+# objective _target_ -> the kind of text backbone it needs (the class says the same: ``Objective.text_kind``)
+OBJECTIVE_TEXT_KINDS = {
+    "lightning_modules.objectives.mlm.MLM": "encoder",
+    "lightning_modules.objectives.clm.CLM": "decoder",
+}
+KIND_WORDS = {"encoder": "a BERT-style encoder", "decoder": "a GPT-style decoder"}
+KIND_OBJECTIVES = {"encoder": "objective=mlm", "decoder": "objective=clm"}
+
+
+def backbone_type(model) -> str:
+    """The model.type that builds the backbone: ``model.init=hf:...`` is always a transformers model,
+    whatever the preset, so ``model=`` can be left out for a Hugging Face model."""
+    if str(model.get("init", "none")).startswith("hf:"):
+        return "transformers"
+    return model.get("type", "timm")
 
 
 def model_modality(model: DictConfig) -> str:
-    type_ = model.get("type", "timm")
+    type_ = backbone_type(model)
     if type_ not in BACKBONE_TYPES:
         raise ConfigError(f"model.type={type_} is unknown: allowed are {sorted(BACKBONE_TYPES)}")
     return BACKBONE_TYPES[type_][1]
@@ -41,6 +66,9 @@ def _choice(cfg: DictConfig, group: str) -> str:
     """How the user named a component: ``datamodule=digits`` (Hydra's choice), else its class."""
     from hydra.core.hydra_config import HydraConfig
 
+    init = str(OmegaConf.select(cfg, "model.init", default=None))
+    if group == "model" and init.startswith("hf:"):
+        return f"model.init={init}"
     if HydraConfig.initialized():
         choice = HydraConfig.get().runtime.choices.get(group)
         if choice:
@@ -64,3 +92,49 @@ def check_modalities(cfg: DictConfig) -> None:
         raise ConfigError(
             f"{_choice(cfg, 'model')} takes {model} inputs, but {_choice(cfg, 'datamodule')} gives {data}"
         )
+    _check_text_kind(cfg)
+
+
+def _check_text_kind(cfg: DictConfig) -> None:
+    """MLM on a GPT-style decoder, CLM on a BERT-style encoder: refused here for the presets; a Hugging Face
+    model's kind is known once it is loaded, where the objective refuses it with the same line."""
+    need = OBJECTIVE_TEXT_KINDS.get(OmegaConf.select(cfg, "objective._target_", default=None))
+    model = cfg.model
+    if need is None or backbone_type(model) != "transformers" or str(model.get("init")).startswith("hf:"):
+        return
+    kind = TEXT_ARCH_KINDS.get(model.get("name"))
+    if kind is not None and kind != need:
+        raise ConfigError(kind_mismatch(_choice(cfg, "objective"), need, _choice(cfg, "model"), kind))
+
+
+def kind_mismatch(objective: str, need: str, model: str, kind: str) -> str:
+    return f"{objective} needs {KIND_WORDS[need]}, but {model} is {KIND_WORDS[kind]}; use {KIND_OBJECTIVES[kind]}"
+
+
+def hf_offline() -> bool:
+    flags = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in flags)
+
+
+def hf_local_dir(source: str) -> str:
+    """``model.init=hf:<source>`` as ``from_pretrained`` takes it: a local model directory (it must hold a
+    ``config.json``) or a hub name (refused offline unless it is in the local Hugging Face cache)."""
+    what = f"model.init=hf:{source}"
+    if not source:
+        raise ConfigError(f"{what} is invalid: allowed is hf:<local model dir> or hf:<hub name>")
+    path = Path(source).expanduser()
+    if source.startswith(("/", ".", "~")) or path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{what}: no such directory")
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{what}: not a Hugging Face model directory (no config.json in it)")
+        return str(path)
+    if hf_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(source, "config.json"), str):
+            raise ConfigError(
+                f"{what}: a Hugging Face Hub name, but the hub is offline (HF_HUB_OFFLINE=1) and the model is not"
+                " in the local cache; use hf:<local model dir>, or go online once to download it"
+            )
+    return source

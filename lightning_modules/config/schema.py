@@ -269,6 +269,10 @@ def _check_init(key: str, value):
     if value.startswith("wandb:"):
         if value.count("/") != 2 or ":" not in value.removeprefix("wandb:"):
             raise ConfigError(f"{key}={value} is invalid: allowed is wandb:<entity>/<project>/<name>:<alias>")
+    elif value.startswith("hf:"):  # a local model dir, or a hub name (not when offline, unless cached)
+        from lightning_modules.config.modalities import hf_local_dir
+
+        hf_local_dir(value.removeprefix("hf:"))
     elif value not in ("none", "timm"):
         from lightning_modules.backbones.handoff import find_backbone_dir  # light: no torch
 
@@ -279,7 +283,7 @@ def _check_init(key: str, value):
     return value
 
 
-INIT = "none, timm, wandb:<entity>/<project>/<name>:<alias>, a pre-training run dir or a backbone/ dir"
+INIT = "none, timm, hf:<model dir or hub name>, wandb:<entity>/<project>/<name>:<alias>, a run dir or a backbone/ dir"
 POSITIVE = Rule(float, low=0, low_open=True)
 FRACTION = Rule(float, low=0, high=1, low_open=True)  # (0, 1]
 PROBABILITY = Rule(float, low=0, high=1)
@@ -323,6 +327,15 @@ RULES: dict[str, object] = {
     "model.init": Custom(_check_init, INIT),
     "model.compile": Flag(),
     "model.kwargs": Section(),
+    # text backbones built from scratch (model=bert_micro, gpt_micro)
+    "model.layers": DEPTH,
+    "model.hidden": WIDTH,
+    "model.heads": Rule(int, low=1, high=1024),
+    "model.intermediate": WIDTH,
+    "model.max_positions": Rule(int, low=4, high=1 << 20),
+    "model.vocab_size": Rule(int, low=300, high=1 << 22),  # byte-level BPE alone starts from 256 byte tokens
+    "model.dropout": Rule(float, low=0, high=1, high_open=True),
+    "model.pooling": Choice("cls", "mean", "last"),
     # data
     "datamodule._target_": TARGET,
     "datamodule.root": ExistingPath("dir"),
@@ -338,6 +351,18 @@ RULES: dict[str, object] = {
     "datamodule.train_batches_per_epoch": Rule(int, low=1, nullable=True),
     "datamodule.augment": Section(),
     **{f"datamodule.augment.{k}": rule for k, rule in AUGMENT.items()},
+    # text data (datamodule=text_corpus, text_classification)
+    "datamodule.max_length": Rule(int, low=4),  # tokens per example: [CLS] + text + [SEP] needs room
+    "datamodule.document": Choice("file", "line"),
+    "datamodule.paths": ListOf(Text(r"\s*\S.*", "a .txt file or a glob"), min_len=1, nullable=True),
+    "datamodule.path": ExistingPath("file", nullable=True),  # null: the embedded task
+    "datamodule.val_path": ExistingPath("file", nullable=True),
+    "datamodule.test_path": ExistingPath("file", nullable=True),
+    "datamodule.text_column": Text(),
+    "datamodule.label_column": Text(),
+    "datamodule.families": Rule(int, low=2),
+    "datamodule.shuffle_seed": SEED,
+    "datamodule.cache_dir": Text(r"\s*\S.*", "a directory", nullable=True),  # null: parse every time
     # objectives
     "objective._target_": TARGET,
     "objective.mask_ratio": Rule(float, low=0, high=1, low_open=True, high_open=True),
@@ -356,6 +381,9 @@ RULES: dict[str, object] = {
     "objective.mixup": Rule(float, low=0),  # the Beta alpha; 0 = off
     "objective.cutmix": Rule(float, low=0),
     "objective.mix_prob": PROBABILITY,
+    "objective.mlm_probability": Rule(float, low=0, high=1, low_open=True, high_open=True),
+    "objective.mask_replace_prob": PROBABILITY,
+    "objective.random_replace_prob": PROBABILITY,
     # fine-tuning
     "freeze._target_": TARGET,
     "freeze.layers": Rule(int, low=0, words=("all",)),  # its upper bound is the backbone's, checked on it
@@ -437,6 +465,16 @@ TOGETHER: list[Together] = [
         ("finetune.measure_forgetting", "model.init"),
         lambda measure, init: not measure or init not in ("none", "timm"),
         "measuring forgetting needs model.init to be a pretune pre-training run (its objective's heads)",
+    ),
+    Together(
+        ("datamodule.max_length", "model.max_positions", "model.init"),
+        lambda length, positions, init: str(init).startswith("hf:") or length <= positions,
+        "max_length must fit the backbone's position embeddings (a hf: model brings its own)",
+    ),
+    Together(
+        ("objective.mask_replace_prob", "objective.random_replace_prob"),
+        lambda mask, random: mask + random <= 1,
+        "mask_replace_prob + random_replace_prob must be at most 1 (the rest is kept as it was)",
     ),
     Together(
         ("objective.decoder_dim", "objective.decoder_heads"),

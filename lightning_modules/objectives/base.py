@@ -19,6 +19,8 @@ class Objective(nn.Module):
     """
 
     modalities: ClassVar[tuple[str, ...]] = ("image",)
+    # For text: the kind of backbone it needs ("encoder": BERT-style, "decoder": GPT-style), or None for either.
+    text_kind: ClassVar[str | None] = None
 
     def __init__(self, backbone, data):
         super().__init__()
@@ -29,6 +31,12 @@ class Objective(nn.Module):
                 raise ConfigError(
                     f"objective {name} takes {' or '.join(self.modalities)} inputs, but the {what} is {modality}"
                 )
+        kind = getattr(backbone, "kind", None)
+        if self.text_kind is not None and kind is not None and kind != self.text_kind:
+            from lightning_modules.config.modalities import kind_mismatch
+
+            described = getattr(backbone, "described", f"the {type(backbone).__name__}")
+            raise ConfigError(kind_mismatch(f"objective={name.lower()}", self.text_kind, described, kind))
 
     def make_metrics(self, prefix: str):
         """A torchmetrics collection fed by ``update_metrics``; ``None`` when the loss is the metric."""

@@ -73,3 +73,16 @@ def shard_draw(draw: Callable[[int], torch.Tensor], n: int) -> torch.Tensor:
     if world == 1:
         return draw(n)
     return draw(n * world)[rank * n : (rank + 1) * n]
+
+
+def global_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``total`` (a sum over this rank's items: tokens, say) divided so that DDP's gradient averaging gives
+    the mean over the items of the *global* batch: ``total * world / (count summed over ranks)``. Ranks may
+    hold different numbers of items (selected or real tokens), so a per-rank mean would weigh them wrongly.
+    On one process: ``total / count``. The count carries no gradient."""
+    rank, world = rank_world()
+    count = count.detach().to(total.dtype)
+    if world > 1:
+        count = count.clone()
+        dist.all_reduce(count)
+    return total * world / count.clamp_min(1)

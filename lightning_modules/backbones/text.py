@@ -1,0 +1,283 @@
+"""Text backbones from transformers (``model.type=transformers``): a BERT-style encoder or a GPT-style decoder,
+built from a transformers config (``model=bert_micro``, ``model=gpt_micro``: no download) or loaded with its
+tokenizer from a Hugging Face model (``model.init=hf:<local dir or hub name>``).
+
+- Reads ``batch["input_ids"]`` and ``batch["attention_mask"]`` (right-padded); ``forward`` pools the last
+  hidden states (``model.pooling``: ``cls`` the first token, ``mean`` over the real tokens, ``last`` the last
+  real token, the one a GPT-style decoder has read everything up to); ``tokens`` returns them all, for MLM/CLM.
+- Layer groups: the embeddings, then each transformer layer. What follows the last layer (GPT-2's final
+  ``ln_f``) belongs to the last group: every pooled feature passes through it, so a linear probe
+  (``freeze.layers=all``) freezes it too, and ``freeze.layers=N < all`` trains it with the top layer. A
+  pooler (BERT's dense+tanh on ``[CLS]``, trained by next-sentence prediction, which pretune does not do) is
+  dropped: the objective's head is the only thing above the backbone.
+- ``kind``: ``encoder`` (bidirectional: MLM, classification) or ``decoder`` (causal: CLM, classification).
+- ``processor`` is the tokenizer; ``save_processor`` writes it and the transformers config (``config.json``)
+  into ``backbone/``, and the spec records the tokenizer's hash, size and special ids, checked on load.
+
+The architecture: from the model config's sizes (``model.layers``, ``hidden``, ``heads``, ``intermediate``,
+``max_positions``, ``vocab_size``) when built here, and compared with a saved backbone's as for images; from
+the Hugging Face config with ``hf:`` (the preset's sizes are then ignored), and from the saved ``config.json``
+for a pretune backbone that was itself pre-trained from an ``hf:`` model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_modules.backbones.base import Backbone
+from lightning_modules.backbones.tokenizer import (
+    KINDS,
+    check_tokenizer,
+    load_tokenizer,
+    tokenizer_record,
+    train_tokenizer,
+)
+from lightning_modules.config.errors import ConfigError
+from lightning_modules.config.schema import check
+
+ARCHS = ("bert", "gpt2")  # what model.name builds from scratch
+
+
+def hf_config(model_cfg: dict, tokenizer=None):
+    """The transformers config of a backbone built from ``model``'s sizes (and the tokenizer's special ids)."""
+    from transformers import AutoConfig
+
+    name = model_cfg.get("name")
+    if name not in ARCHS:
+        raise ConfigError(f"model.name={name} is not a text architecture pretune builds: allowed are {list(ARCHS)}")
+    sizes = {k: check(f"model.{k}", model_cfg[k]) for k in ("layers", "hidden", "heads", "intermediate")}
+    max_positions, vocab_size = check("model.max_positions", model_cfg["max_positions"]), model_cfg["vocab_size"]
+    check("model.vocab_size", vocab_size)
+    dropout = float(check("model.dropout", model_cfg.get("dropout", 0.1)))
+    if sizes["hidden"] % sizes["heads"]:
+        raise ConfigError(f"model.hidden={sizes['hidden']} is not divisible by model.heads={sizes['heads']}")
+    ids = {}
+    if tokenizer is not None:
+        ids = {"pad_token_id": tokenizer.pad_token_id}
+        if name == "gpt2":
+            ids |= {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if name == "bert":
+        return AutoConfig.for_model(
+            "bert",
+            vocab_size=vocab_size,
+            hidden_size=sizes["hidden"],
+            num_hidden_layers=sizes["layers"],
+            num_attention_heads=sizes["heads"],
+            intermediate_size=sizes["intermediate"],
+            max_position_embeddings=max_positions,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+            **ids,
+        )
+    return AutoConfig.for_model(
+        "gpt2",
+        vocab_size=vocab_size,
+        n_embd=sizes["hidden"],
+        n_layer=sizes["layers"],
+        n_head=sizes["heads"],
+        n_inner=sizes["intermediate"],
+        n_positions=max_positions,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        **{"bos_token_id": None, "eos_token_id": None, **ids},  # GPT-2's defaults (50256) lie outside a small vocab
+    )
+
+
+def text_kind(config) -> str | None:
+    """``encoder`` for a masked-LM architecture (BERT, RoBERTa, ...), ``decoder`` for a causal LM (GPT-2, ...)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "encoder"
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "decoder"
+    return None
+
+
+class TransformersBackbone(Backbone):
+    """Wraps a transformers base model (``AutoModel``: ``BertModel``, ``GPT2Model``, ...) and its tokenizer."""
+
+    modality = "text"
+    type = "transformers"
+
+    def __init__(self, model: nn.Module, tokenizer, pooling: str = "cls", hf_source: str | None = None):
+        super().__init__(model, model.config.hidden_size)
+        check("model.pooling", pooling)
+        if getattr(model, "pooler", None) is not None:
+            model.pooler = None  # see the module docstring: nothing of it is used
+        self.tokenizer, self.pooling, self.hf_source = tokenizer, pooling, hf_source
+        self.kind = text_kind(model.config)
+        self._layers = _layer_list(model)
+        if self.kind is None or self._layers is None:
+            raise ConfigError(
+                f"{self.described}: a {type(model).__name__} is not supported; pretune's text backbone takes"
+                " BERT-style encoders and GPT-style decoders"
+            )
+        if tokenizer.pad_token is None:  # GPT-2 has none: pad with its end-of-text token (masked out anyway)
+            tokenizer.pad_token = tokenizer.eos_token
+
+    # --- building ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, model_cfg: dict, data=None, directory=None) -> TransformersBackbone:
+        """With ``model.init=hf:...``: that model and its tokenizer. With ``directory`` (a ``backbone/`` whose
+        weights the caller loads next): the architecture and its saved tokenizer. Else from the sizes, with a
+        tokenizer trained on ``data.texts()`` (the datamodule's training texts)."""
+        from transformers import AutoConfig
+
+        init, pooling = str(model_cfg.get("init", "none")), model_cfg.get("pooling", "cls")
+        if init.startswith("hf:"):
+            return cls.from_hf(init.removeprefix("hf:"), pooling)
+        if directory is not None:
+            from lightning_modules.backbones.handoff import read_backbone_config
+
+            meta = read_backbone_config(Path(directory))
+            what = f"model.init={init}"
+            tokenizer = load_tokenizer(directory, what)
+            if meta.get("name") == "hf":  # pre-trained here from a Hugging Face model: its config came along
+                config, hf_source = AutoConfig.from_pretrained(str(directory)), meta.get("source")
+            else:
+                config, hf_source = hf_config(model_cfg, tokenizer), None
+            check_tokenizer(tokenizer, config.vocab_size, what, meta.get("tokenizer"))
+            return cls(_from_config(config), tokenizer, pooling, hf_source)
+        if data is None or not hasattr(data, "texts"):
+            raise ConfigError(
+                f"model.name={model_cfg.get('name')} from scratch trains its tokenizer on the datamodule's texts;"
+                " pass a text datamodule (or use model.init=<backbone dir> / hf:<model>)"
+            )
+        hf_config(model_cfg)  # every size checked before the tokenizer is trained
+        name, vocab_size = model_cfg["name"], model_cfg["vocab_size"]
+        tokenizer = train_tokenizer(KINDS[name], data.texts(), vocab_size, model_cfg["max_positions"])
+        if len(tokenizer) > vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={vocab_size} is too small for this data: its tokenizer needs {len(tokenizer)}"
+                f" tokens; allowed is at least {len(tokenizer)}"
+            )
+        return cls(_from_config(hf_config(model_cfg, tokenizer)), tokenizer, pooling)
+
+    @classmethod
+    def from_hf(cls, source: str, pooling: str = "cls") -> TransformersBackbone:
+        """A pre-trained Hugging Face model and its tokenizer: a local directory, or a hub name (downloaded
+        when online; from the local cache when offline)."""
+        from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
+
+        from lightning_modules.config.modalities import hf_local_dir
+
+        what = f"model.init=hf:{source}"
+        directory = hf_local_dir(source)  # a local dir checked to hold a model, or a hub name (refused offline)
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a bar per weight file, no news in a run's log
+        try:
+            model = AutoModel.from_pretrained(directory)
+        except (OSError, ValueError, KeyError) as err:  # no weights, unknown architecture, offline hub ...
+            raise ConfigError(f"{what}: could not load it as a Hugging Face model ({_first_line(err)})") from err
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
+        tokenizer = load_tokenizer(directory, what)
+        check_tokenizer(tokenizer, model.config.vocab_size, what)
+        return cls(model, tokenizer, pooling, hf_source=source)
+
+    @staticmethod
+    def spec_of(model_cfg: dict, saved: dict | None = None) -> dict:
+        """The spec a model config asks for, to compare with a saved backbone's. A backbone pre-trained from a
+        Hugging Face model carries its architecture (``config.json``): the model config's sizes do not apply."""
+        if saved is not None and saved.get("name") == "hf":
+            return {"type": "transformers", "name": "hf"}
+        keys = ("layers", "hidden", "heads", "intermediate", "max_positions", "vocab_size")
+        return {"type": "transformers", "name": model_cfg.get("name"), **{k: model_cfg.get(k) for k in keys}}
+
+    @property
+    def spec(self) -> dict:
+        """For a backbone built here: its sizes. For one from a Hugging Face model: ``name: hf``, the source
+        and the model type (the architecture itself travels as ``config.json``). Both: the tokenizer record."""
+        config = self.model.config
+        if self.hf_source is not None:
+            spec = {"type": self.type, "name": "hf", "source": self.hf_source, "model_type": config.model_type}
+        else:
+            name = config.model_type
+            spec = {
+                "type": self.type,
+                "name": name,
+                "layers": config.num_hidden_layers,
+                "hidden": config.hidden_size,
+                "heads": config.num_attention_heads,
+                "intermediate": config.intermediate_size if name == "bert" else config.n_inner,
+                "max_positions": config.max_position_embeddings,
+                "vocab_size": config.vocab_size,
+            }
+        return {**spec, "tokenizer": tokenizer_record(self.tokenizer)}
+
+    @property
+    def described(self) -> str:
+        """How the user named this backbone, for messages: ``model.init=hf:...`` or ``model.name=...``."""
+        return f"model.init=hf:{self.hf_source}" if self.hf_source else f"model.name={self.model.config.model_type}"
+
+    # --- the contract --------------------------------------------------------------------------------------
+    @property
+    def processor(self):
+        return self.tokenizer
+
+    @property
+    def max_positions(self) -> int:
+        """The longest input the backbone takes (its position embeddings)."""
+        return int(self.model.config.max_position_embeddings)
+
+    def save_processor(self, directory: Path) -> None:
+        """The tokenizer (``tokenizer.json`` ...) and the transformers config (``config.json``)."""
+        self.tokenizer.save_pretrained(str(directory))
+        self.model.config.save_pretrained(str(directory))
+
+    def tokens(self, batch: dict) -> torch.Tensor:
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        hidden = self.tokens(batch)
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = batch["attention_mask"]
+        if self.pooling == "mean":
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        last = (mask.sum(1) - 1).clamp_min(0)  # right padding: the last real token
+        return hidden[torch.arange(len(hidden), device=hidden.device), last]
+
+    def grouped_parameter_names(self) -> list[tuple[str | None, list[str]]]:
+        layers_path, layers = self._layers
+        index = {id(p): i for i, layer in enumerate(layers) for p in layer.parameters()}
+        groups: list[list[str]] = [[] for _ in range(len(layers) + 1)]
+        seen_layer = False
+        for name, param in self.model.named_parameters():
+            if id(param) in index:
+                groups[index[id(param)] + 1].append(name)
+                seen_layer = True
+            else:  # before the layers: the embeddings; after them (a final norm): with the last layer
+                groups[-1 if seen_layer else 0].append(name)
+        return [("embeddings", groups[0])] + [(None, names) for names in groups[1:]]
+
+
+def _layer_list(model: nn.Module):
+    """(path, ModuleList) of the model's transformer layers: the ModuleList with one entry per hidden layer."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return path, module
+    return None
+
+
+def _from_config(config):
+    from transformers import AutoModel
+
+    return AutoModel.from_config(config)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
