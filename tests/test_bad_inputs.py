@@ -117,7 +117,7 @@ CASES = [
         "trainer.devices=0: `Trainer(devices=0)` value is not a valid input using cpu accelerator",
     ),
     ("precision-fp8", "finetune", ["trainer.precision=fp8"], None, "trainer.precision='fp8' is invalid: Trainer takes"),
-    ("optimizer-unknown", "finetune", ["optimizer.name=foo"], None, "optimizer.name='foo' is invalid: allowed is one"),
+    ("optimizer-unknown", "finetune", ["optimizer.name=foo"], None, "optimizer.name='foo' is invalid: allowed are"),
     ("warmup-two", "finetune", ["scheduler.warmup_fraction=2"], None, "scheduler.warmup_fraction=2 is out of range"),
     ("model-unknown", "finetune", ["model.name=no_such_model"], None, "model.name=no_such_model is not a timm model"),
     ("freeze-fraction", "finetune", ["freeze.layers=2.5"], None, "freeze.layers=2.5 is invalid"),

@@ -110,7 +110,8 @@ class Choice:
     def check(self, key: str, value):
         if value is None and self.nullable or any(type(value) is type(w) and value == w for w in self.words):
             return value
-        raise _invalid(key, value, self.allowed())
+        words = ", ".join(show(w) for w in self.words) + (", null" if self.nullable else "")
+        raise ConfigError(f"{key}={show(value)} is invalid: allowed are {words}")
 
 
 @dataclass(frozen=True)
@@ -465,16 +466,6 @@ TOGETHER: list[Together] = [
         ("finetune.measure_forgetting", "model.init"),
         lambda measure, init: not measure or init not in ("none", "timm"),
         "measuring forgetting needs model.init to be a pretune pre-training run (its objective's heads)",
-    ),
-    Together(
-        ("datamodule.max_length", "model.max_positions", "model.init"),
-        lambda length, positions, init: str(init).startswith("hf:") or length <= positions,
-        "max_length must fit the backbone's position embeddings (a hf: model brings its own)",
-    ),
-    Together(
-        ("objective.mask_replace_prob", "objective.random_replace_prob"),
-        lambda mask, random: mask + random <= 1,
-        "mask_replace_prob + random_replace_prob must be at most 1 (the rest is kept as it was)",
     ),
     Together(
         ("objective.decoder_dim", "objective.decoder_heads"),
