@@ -17,6 +17,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,10 +267,12 @@ def bases(folder) -> dict:
 def _fuzz(bases, n_cases: int, n_runs: int, n_scripts: int, tmp_path, capsys, monkeypatch, large: bool = False):
     from lightning_modules.runtime.cli import main
 
+    started = time.perf_counter()
     cases = draw(bases, n_cases, SEED)
     outcomes = {case_id: check_case(bases[c.base][0], c) for case_id, c in enumerate(cases)}
     counts = {k: sum(v == k for v in outcomes.values()) for k in ("refused", "accepted", "hydra")}
-    print(f"\n{len(cases)} cases: {counts}")  # shown with -s
+    with capsys.disabled():  # shown with -s
+        print(f"\n{len(cases)} cases: {counts}, checked in {time.perf_counter() - started:.1f}s")
     accepted = [c for i, c in enumerate(cases) if outcomes[i] == "accepted"]
     to_run = [c for c in accepted if runnable(c, BASES, bases[c.base][1], large)]
 
@@ -290,6 +293,7 @@ def _fuzz(bases, n_cases: int, n_runs: int, n_scripts: int, tmp_path, capsys, mo
         out, err = capsys.readouterr()
         results.append((case, assert_one_line_or_trained(case, code, out, err, work / "out", work)))
 
+    print(f"{len(results)} runs in-process: {time.perf_counter() - started:.1f}s so far")
     # Through the real scripts: one refused draw, then accepted ones.
     refused = [c for i, c in enumerate(cases) if outcomes[i] == "refused" and BASES[c.base][2] is True]
     for i, case in enumerate((refused[:1] + to_run[n_runs:])[:n_scripts]):
@@ -314,15 +318,16 @@ def _fuzz(bases, n_cases: int, n_runs: int, n_scripts: int, tmp_path, capsys, mo
         results.append(
             (case, assert_one_line_or_trained(case, proc.returncode, proc.stdout, proc.stderr, work / "out", work))
         )
+    print(f"and through the scripts: {time.perf_counter() - started:.1f}s in all")
     for case, result in results:
         print(f"  {case}: {result}")
     return counts, results
 
 
 def test_fuzzed_overrides_are_refused_in_one_line_or_train(bases, tmp_path, capsys, monkeypatch):
-    counts, results = _fuzz(bases, 400, 12, 3, tmp_path, capsys, monkeypatch)
+    counts, results = _fuzz(bases, 400, 12, 2, tmp_path, capsys, monkeypatch)
     assert counts["refused"] > 200 and counts["accepted"] > 20  # the draw reaches both sides of the rules
-    assert len(results) == 15
+    assert len(results) == 14
 
 
 @pytest.mark.fuzz
