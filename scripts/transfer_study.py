@@ -88,7 +88,9 @@ def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from lightning_modules.runtime.failure import report as report_failure
+    from lightning_modules.runtime.failure import warnings_to_log
 
+    warnings_to_log()
     study_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         report = study(cfg, study_dir)

@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.config.check import check_config
-from lightning_modules.runtime.failure import report
+from lightning_modules.runtime.failure import report, warnings_to_log
 from lightning_modules.runtime.results import is_rank_zero, write_metrics
 
 
@@ -40,6 +40,7 @@ def _record_failure(cfg: DictConfig, out_dir: Path | None, err: Exception) -> No
 
 def main(cfg: DictConfig):
     """Run one job; returns ``optimized_metric`` for Hydra sweepers."""
+    warnings_to_log()
     try:
         check_config(cfg)
         from lightning_modules.runtime.run import run  # heavy imports only once the config is known good

@@ -30,6 +30,15 @@ ROOT = Path(__file__).resolve().parents[2]
 _ENVIRONMENT = ("MisconfigurationException", "OutOfMemoryError")
 
 
+def warnings_to_log() -> None:
+    """Library warnings go to the logging system, i.e. the run's log and Hydra's console (stdout), so that
+    stderr holds nothing but what failed. Only in the Hydra app (a test's own warning capture stays as it is)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        logging.captureWarnings(True)
+
+
 def full_error() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
