@@ -150,6 +150,13 @@ CASES = [
         "optimizer.nesterov=true, optimizer.momentum=0: nesterov=true needs a momentum > 0",
     ),
     ("mae-patch", "pretrain", ["objective=mae", "model=vit_micro", "model.kwargs.patch_size=3"], None, "patch_size=3"),
+    (
+        "mae-one-pixel-patches",
+        "pretrain",
+        ["objective=mae", "model=vit_micro", "model.kwargs.patch_size=1"],
+        None,
+        "objective.norm_pix_loss=true needs patches of two values or more",
+    ),
     ("model-kwargs-refused", "finetune", ["model.kwargs.layers=[a,b]"], None, "model.kwargs for resnet18: unsupported"),
     ("model-not-for-data", "finetune", ["model.kwargs.channels=[8,8]"], None, "the model does not take this data"),
     (
