@@ -4,10 +4,13 @@
 - ``spec`` after ``setup``: an ``ImageSpec``/``TextSpec`` for the objectives and backbones.
 - ``use_backbone(backbone)``: called by the run before ``setup``, so a source can take from the backbone what
   turns its raw input into tensors (a text source its tokenizer); an image source needs nothing.
+- ``can_cache_features()`` / ``cache_features(encode)``: whether a frozen backbone's features can be computed
+  once and carried in the batches (in-memory data, no augmentation), and doing it (callbacks/feature_cache.py).
 - ``eval_loader(split, batch_size=None, sharded=True)``: a split in order, as validation and test see it
   (``sharded=False``: all of it on this process).
 - Loaders shard every global batch across ranks (``shard``) and reshuffle by epoch (``epoch``), so a run
-  resumed at epoch k, or split over W processes, sees the batches the uninterrupted single process sees.
+  resumed at epoch k, or split over W processes, sees the batches the uninterrupted single process sees; a
+  train loader skips ``batches_trained()`` batches, so a run resumed from a mid-epoch checkpoint does too.
 """
 
 from __future__ import annotations
@@ -22,9 +25,26 @@ class PretuneDataModule(pl.LightningDataModule):
     def use_backbone(self, backbone) -> None:
         """Take what this source needs from the backbone before ``setup`` (nothing, by default)."""
 
+    def can_cache_features(self) -> bool:
+        """Whether ``cache_features`` can store features for every example (False: a source that streams)."""
+        return False
+
+    def cache_features(self, encode) -> None:
+        raise NotImplementedError
+
     def epoch(self) -> int:
         trainer = getattr(self, "trainer", None)
         return trainer.current_epoch if trainer is not None else 0
+
+    def batches_trained(self) -> int:
+        """On a resume from a mid-epoch checkpoint, the current epoch's batches already trained (Lightning's
+        restored progress), which the train loader skips; else 0."""
+        from lightning_modules.callbacks.seeding import resuming_mid_epoch
+
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not resuming_mid_epoch(trainer):
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
     def shard(self) -> dict:
         """This process's place in a distributed run: every loader shards each global batch by it."""

@@ -42,7 +42,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
                 try:
                     with Image.open(f) as im:
                         im = im.convert(mode).resize((self.image_size, self.image_size), Image.BILINEAR)
-                        arr = np.asarray(im, dtype=np.float32) / 255.0
+                        arr = np.asarray(im, dtype=np.uint8)  # stored 8-bit, decoded per batch
                 except (UnidentifiedImageError, OSError) as err:
                     raise ConfigError(f"datamodule.root={self.root}: cannot read image {f} ({err})") from err
                 images.append(arr.reshape(self.image_size, self.image_size, -1))

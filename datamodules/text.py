@@ -132,6 +132,7 @@ class TextDataModule(PretuneDataModule):
             seed=self.shuffle_seed,
             epoch_fn=self.epoch,
             num_batches=self.train_batches_per_epoch,
+            skip_fn=self.batches_trained,
             **self.shard(),
         )
 

@@ -56,6 +56,16 @@ def param_groups(backbone, head: torch.nn.Module, cfg: dict) -> list[dict]:
     return groups
 
 
+def implementation(choice: str, params) -> dict:
+    """torch's keyword for ``optimizer.implementation``: ``fused`` (one kernel for all parameters; CUDA),
+    ``foreach`` (a few batched kernels), ``loop`` (a loop over tensors). ``auto`` is ``fused`` when every
+    parameter is on a CUDA device, and torch's own default elsewhere (on the CPU: the loop), so CPU runs are
+    unchanged."""
+    if check("optimizer.implementation", choice) == "auto":
+        return {"fused": True} if params and all(p.is_cuda for p in params) else {}
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[choice]
+
+
 def build_optimizer(cfg: dict, backbone, head) -> torch.optim.Optimizer:
     name = check("optimizer.name", cfg.get("name", "adamw"))
     extra = {}
@@ -63,8 +73,10 @@ def build_optimizer(cfg: dict, backbone, head) -> torch.optim.Optimizer:
         extra = {"momentum": cfg.get("momentum", 0.9), "nesterov": cfg.get("nesterov", False)}
     elif "betas" in cfg:
         extra = {"betas": tuple(cfg["betas"])}
+    groups = param_groups(backbone, head, cfg)
+    extra.update(implementation(cfg.get("implementation", "auto"), [p for g in groups for p in g["params"]]))
     try:
-        return OPTIMIZERS[name](param_groups(backbone, head, cfg), lr=cfg["lr"], **extra)
+        return OPTIMIZERS[name](groups, lr=cfg["lr"], **extra)
     except (ValueError, TypeError) as err:  # torch refusing a value: its message, naming the key
         raise library_error("optimizer", cfg, err) from err
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""The main job: what did pre-training buy? Pre-train once, then fine-tune from scratch and from the
-pre-trained backbone under several strategies at a low label fraction, over several seeds, each
-strategy at its own best learning rate (chosen on validation), and write a report.
+"""The main job: what did pre-training buy? Pre-train once, then fine-tune from scratch, from the
+pre-trained backbone under several strategies and from ImageNet weights, at low label fractions, over
+several seeds, each strategy at its own best learning rate (chosen on validation), and write a report.
 
     python scripts/transfer_study.py                 # what `make run` runs
     python scripts/transfer_study.py 'seeds=[0,1,2,3,4]' 'label_fractions=[0.02,0.1]'
@@ -43,12 +43,13 @@ def _run_stage(stage: str, overrides: list[str], out_dir: Path) -> dict:
     return run(_stage_config(stage, overrides, out_dir))
 
 
-def _finetune_overrides(cfg: DictConfig, name: str, init: str, fraction: float, lr: float, seed: int) -> list[str]:
+def _finetune_overrides(cfg: DictConfig, name: str, init, fraction: float, lr: float, seed: int) -> list[str]:
+    """A fine-tuning job's overrides; ``init`` None keeps the model config's own model.init."""
     return [
         *cfg.common,
         *cfg.finetune,
         *cfg.strategies[name].overrides,
-        f"model.init={init}",
+        *([f"model.init={init}"] if init is not None else []),
         f"datamodule.label_fraction={fraction}",
         f"optimizer.lr={lr}",
         f"seed={seed}",
@@ -70,9 +71,10 @@ def check_study(cfg: DictConfig, study_dir: Path) -> None:
     stages = {"pretrain": ([*cfg.common, *cfg.pretrain], ())}
     for name, strategy in cfg.strategies.items():
         fraction = strategy.get("label_fractions", cfg.label_fractions)[0]
-        init = str(study_dir / "pretrain") if strategy.pretrained else "none"
+        own = strategy.get("init") == "model"  # the model config's own model.init: there already, checked
+        init = None if own else str(study_dir / "pretrain") if strategy.pretrained else "none"
         overrides = _finetune_overrides(cfg, name, init, fraction, cfg.strategies[name].lrs[0], cfg.seeds[0])
-        stages[f"strategies.{name}"] = (overrides, ("model.init",) if strategy.pretrained else ())
+        stages[f"strategies.{name}"] = (overrides, ("model.init",) if strategy.pretrained and not own else ())
     for where, (overrides, pending) in stages.items():
         try:
             stage = "pretrain" if where == "pretrain" else "finetune"
@@ -114,9 +116,12 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     started = time.time()
     pre_dir = study_dir / "pretrain"
-    print(f"pre-training ({' '.join(cfg.pretrain)}) ...", flush=True)
-    pre = _run_stage("pretrain", [*cfg.common, *cfg.pretrain], pre_dir)
-    print(f"  done in {pre['time/run_s']:.0f}s, val/loss {pre['val/loss']:.3f}", flush=True)
+    pre = None
+    # Pre-train only when a strategy starts from this study's backbone (init: model strategies bring their own).
+    if any(s.pretrained and s.get("init") != "model" for s in cfg.strategies.values()):
+        print(f"pre-training ({' '.join(cfg.pretrain)}) ...", flush=True)
+        pre = _run_stage("pretrain", [*cfg.common, *cfg.pretrain], pre_dir)
+        print(f"  done in {pre['time/run_s']:.0f}s, val/loss {pre['val/loss']:.3f}", flush=True)
 
     jobs = [
         (fraction, name, lr, seed)
@@ -129,7 +134,9 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
     rows = []
     for i, (fraction, name, lr, seed) in enumerate(jobs, 1):
         strategy = cfg.strategies[name]
-        overrides = _finetune_overrides(cfg, name, str(pre_dir) if strategy.pretrained else "none", fraction, lr, seed)
+        # init: model keeps the model config's own model.init (weights from elsewhere, e.g. ImageNet's)
+        init = None if strategy.get("init") == "model" else str(pre_dir) if strategy.pretrained else "none"
+        overrides = _finetune_overrides(cfg, name, init, fraction, lr, seed)
         out = study_dir / "finetune" / f"labels{fraction:g}_{name}_lr{lr:g}_seed{seed}"
         m = _run_stage("finetune", overrides, out)
         rows.append(
@@ -137,6 +144,7 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
                 "label_fraction": fraction,
                 "strategy": name,
                 "pretrained": bool(strategy.pretrained),
+                "start": strategy.get("start") or ("pre-trained" if strategy.pretrained else "random"),
                 "frozen_groups": strategy.get("frozen_groups", ""),
                 "forgetting": m.get("forgetting/increase", ""),
                 "lr": lr,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from lightning_modules.backbones.weight_files import is_file_init, weight_file_path
 from lightning_modules.config.errors import ConfigError
 
 FORMAT = "pretune-backbone/1"
@@ -29,7 +30,7 @@ def find_backbone_dir(init: str) -> Path:
     if not path.exists():
         raise ConfigError(
             f"model.init={init}: no such path; allowed: none, timm, a pre-training run dir, a backbone/ dir"
-            " or hf:<Hugging Face model>"
+            ", file:<weight file> or hf:<Hugging Face model>"
         )
     raise ConfigError(f"model.init={init}: found no backbone/ with {WEIGHTS} and {CONFIG} there")
 
@@ -151,10 +152,13 @@ def state_differences(own: dict, saved: dict) -> str:
 
 def resolve_init(init: str) -> dict | None:
     """Where ``model.init``'s weights come from, as a run records it in its config (``model.source``):
-    the backbone dir, the sha256 of its weights, and the W&B artifact when it was fetched from one.
-    ``none`` and ``timm`` have no local source."""
+    the backbone dir (or the weight file of ``file:<path>``), the sha256 of its weights, and the W&B artifact
+    when it was fetched from one. ``none`` and ``timm`` have no local source."""
     if init in ("none", "timm"):
         return None
+    if is_file_init(init):
+        path = weight_file_path(init)
+        return {"path": str(path.resolve()), "sha256": sha256_of(path), "file": True}
     if init.startswith("hf:"):
         return _hf_source(init.removeprefix("hf:"))
     source = {}
@@ -203,9 +207,11 @@ def build_backbone(model_cfg: dict, data=None):
     if init == "none" or init.startswith("hf:"):  # from scratch, or a Hugging Face model (the class loads it)
         return cls.from_config(model_cfg, data)
     if init == "timm":
-        name, kwargs = model_cfg["name"], dict(model_cfg.get("kwargs") or {})
+        name = model_cfg["name"]
         try:
-            return cls(name, kwargs, pretrained=True)
+            return cls.from_config(model_cfg, data)
+        except ConfigError:
+            raise
         except Exception as err:  # timm/hub raise many types when offline or the weights don't exist
             raise ConfigError(
                 f"model.init=timm: could not load timm's pretrained weights for model.name={name}"
@@ -214,6 +220,8 @@ def build_backbone(model_cfg: dict, data=None):
                 " name with published weights"
             ) from err
     source = model_cfg.get("source") or resolve_init(init)
+    if is_file_init(init):
+        return _from_weight_file(cls, model_cfg, data, init, Path(source["path"]))
     backbone_dir = Path(source["path"])
     saved = read_backbone_config(backbone_dir)
     if saved.get("sha256") not in (None, source["sha256"]):
@@ -229,4 +237,17 @@ def build_backbone(model_cfg: dict, data=None):
         )
     backbone = cls.from_config(model_cfg, data, directory=backbone_dir)
     load_backbone_weights(backbone, backbone_dir)
+    return backbone
+
+
+def _from_weight_file(cls, model_cfg: dict, data, init: str, path: Path):
+    """``model.init=file:<path>``: the configured backbone with the file's weights (backbones/weight_files.py)."""
+    if not hasattr(cls, "load_weight_file"):
+        raise ConfigError(f"model.init={init}: a weight file loads into model.type=timm, not {cls.type}")
+    backbone = cls.from_config(model_cfg, data)
+    notes = backbone.load_weight_file(path, model_cfg.get("init_map"), init)
+    from pytorch_lightning.utilities import rank_zero_info
+
+    for note in notes:
+        rank_zero_info(f"model.init={init}: {note}")
     return backbone

@@ -3,12 +3,18 @@
 The pre-training run saved its objective's heads next to the backbone; here they are rebuilt and
 evaluated on the validation images (never used in pre-training), with the objective's randomness
 (masks, views) fixed, so before and after differ only by what fine-tuning did to the backbone.
+
+Weights from a file (``model.init=file:``, e.g. ImageNet's) come with their classifier, not with their data:
+the loss is then the classifier's cross-entropy against its own predictions before fine-tuning on the same
+held-out images (``ClassifierDrift``): their entropy before, and the increase is KL(before || after).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
+from torch import nn
 
 from lightning_modules.backbones.handoff import OBJECTIVE_WEIGHTS, read_backbone_config
 from lightning_modules.config.errors import ConfigError
@@ -26,6 +32,18 @@ class ForgettingProbe(Callback):
 
         from safetensors.torch import load_file
 
+        self.datamodule, self.batch_size = datamodule, batch_size
+        self.before: float | None = None
+        self.after: float | None = None
+        if source and source.get("file"):
+            head = getattr(backbone, "pretrained_head", None)
+            if head is None:
+                raise ConfigError(
+                    f"finetune.measure_forgetting=true with model.init={init} needs the file's classifier"
+                    " (a linear layer on the pooled features); this file holds none"
+                )
+            self.objective = ClassifierDrift(*head)
+            return
         backbone_dir = Path(source["path"]) if source and "path" in source else None  # not hf:, a model of its own
         meta = read_backbone_config(backbone_dir) if backbone_dir else {}
         weights = backbone_dir / OBJECTIVE_WEIGHTS if backbone_dir else None
@@ -36,9 +54,6 @@ class ForgettingProbe(Callback):
             )
         self.objective = build_objective(meta["objective"], backbone, datamodule.spec)
         self.objective.load_state_dict(load_file(str(weights)), strict=True)
-        self.datamodule, self.batch_size = datamodule, batch_size
-        self.before: float | None = None
-        self.after: float | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.before = self.loss(pl_module.backbone)
@@ -62,6 +77,8 @@ class ForgettingProbe(Callback):
         backbone.eval()
         self.objective.to(device).eval()
         total, count = 0.0, 0
+        if isinstance(self.objective, ClassifierDrift):
+            self.objective.rewind()
         # alone(): under DDP every rank probes all the images by itself, as before fine-tuning (no process
         # group yet); SimCLR would otherwise gather the other ranks' copies of the same images as negatives.
         with alone(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -73,3 +90,26 @@ class ForgettingProbe(Callback):
                 count += n
         backbone.train(was_training)
         return total / count
+
+
+class ClassifierDrift(nn.Module):
+    """The pre-trained classifier's cross-entropy against its own predictions on the same images before
+    fine-tuning (kept from the first pass over them, in order)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.head = nn.Linear(weight.shape[1], weight.shape[0])
+        self.head.load_state_dict({"weight": weight, "bias": bias})
+        self.targets: list[torch.Tensor] = []
+        self._next = 0
+
+    def rewind(self) -> None:
+        self._next = 0
+
+    def forward(self, backbone, batch) -> dict:
+        log_p = F.log_softmax(self.head(backbone(batch).float()), dim=-1)
+        if self._next == len(self.targets):
+            self.targets.append(log_p.exp())
+        target = self.targets[self._next].to(log_p.device)
+        self._next += 1
+        return {"loss": -(target * log_p).sum(-1).mean()}

@@ -21,6 +21,7 @@ import warnings
 from pytorch_lightning.callbacks import BaseFinetuning
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_modules.callbacks.seeding import resuming_mid_epoch
 from lightning_modules.config.errors import ConfigError
 from lightning_modules.config.schema import check
 from lightning_modules.optim import refresh_lrs
@@ -48,6 +49,7 @@ class LayerFreezing(BaseFinetuning):
         super().__init__()
         self.train_bn = train_bn
         self.frozen_groups: list = []
+        self._backbone = None  # set while every group is frozen
 
     def frozen_count(self, epoch: int, num_groups: int) -> int:
         raise NotImplementedError
@@ -56,6 +58,11 @@ class LayerFreezing(BaseFinetuning):
         """Raise a ConfigError for parameters that do not fit this backbone, before training starts."""
         self.frozen_count(0, len(backbone.layer_groups()))
 
+    def frozen_throughout(self, num_groups: int, epochs: int) -> bool:
+        """Whether every group stays frozen, in eval mode, for all ``epochs``: the backbone is then a fixed
+        function of its input (what lets callbacks/feature_cache.py compute its features once)."""
+        return not self.train_bn and all(self.frozen_count(e, num_groups) == num_groups for e in range(epochs))
+
     def apply(self, pl_module, epoch: int) -> None:
         groups = pl_module.backbone.layer_groups()
         n = self.frozen_count(epoch, len(groups))
@@ -63,9 +70,14 @@ class LayerFreezing(BaseFinetuning):
             for p in group.params.values():
                 p.requires_grad = i >= n
         self.frozen_groups = groups[:n]
+        self._backbone = pl_module.backbone if n == len(groups) else None
         self._set_eval()
 
     def _set_eval(self) -> None:
+        # A wholly frozen backbone is a fixed feature extractor: all of it in eval mode, including modules that
+        # hold no parameters (a dropout before a removed classifier), so it computes the same features every time.
+        if self._backbone is not None:
+            self._backbone.eval()
         for group in self.frozen_groups:
             for module in group.modules:
                 module.eval()
@@ -84,6 +96,13 @@ class LayerFreezing(BaseFinetuning):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         super().on_train_epoch_start(trainer, pl_module)  # calls finetune_function(epoch)
         self._set_eval()  # after Lightning's model.train() for the new epoch
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Resumed mid-epoch, Lightning skips the epoch's start: put that epoch's state in place here.
+        if resuming_mid_epoch(trainer):
+            for optimizer in trainer.optimizers:
+                self.finetune_function(pl_module, trainer.current_epoch, optimizer)
+            self._set_eval()
 
 
 class FreezeLayers(LayerFreezing):

@@ -82,7 +82,7 @@ def library_error(prefix: str, values, err: BaseException, label: str | None = N
     return ConfigError(f"{key}={show(value)}: {message}")
 
 
-def build(conf, key: str, **kwargs):
+def build(conf, key: str | None = None, **kwargs):
     """Hydra's ``instantiate`` of the config node at ``key``, where every refusal is one line naming the key:
     a component's own ConfigError as it is; a library's arguments checked against its signature first, and
     its own error, if it still refuses a value, unwrapped from Hydra's InstantiationException and traceback
@@ -92,6 +92,8 @@ def build(conf, key: str, **kwargs):
     from omegaconf import OmegaConf
 
     values = OmegaConf.to_container(conf, resolve=True) if OmegaConf.is_config(conf) else dict(conf)
+    if key is None:  # the node's own place in the config (datamodule, callbacks.model_checkpoint, ...)
+        key = (conf._get_full_key(None) if OmegaConf.is_config(conf) else "") or "component"
     target = str(values.get("_target_", ""))
     own = target.startswith(OWN)
     if not own and importable(target) is not None:

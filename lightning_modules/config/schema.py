@@ -256,6 +256,25 @@ class Together:
             raise ConfigError(", ".join(f"{k}={show(values[k])}" for k in self.keys) + f": {self.says}")
 
 
+def _check_preprocessing(key: str, value):
+    """model.mean / model.std: null, or a list of numbers (std > 0), one per input channel or RGB."""
+    if value is None:
+        return value
+    numbers = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
+    positive = key.endswith("std")
+    if not numbers or not all(_is_number(v) and math.isfinite(v) and (v > 0 or not positive) for v in numbers):
+        allowed = "a list of numbers > 0" if positive else "a list of numbers"
+        raise ConfigError(f"{key}={show(value)} is invalid: allowed is null or {allowed}, one per channel")
+    return value
+
+
+def _check_init_map(key: str, value):
+    from lightning_modules.backbones.weight_files import check_init_map  # light: no torch
+
+    check_init_map(value)
+    return value
+
+
 def _check_type(key: str, value):
     if not isinstance(value, str) or value not in BACKBONE_TYPES:
         raise ConfigError(f"{key}={value} is unknown: allowed are {sorted(BACKBONE_TYPES)}")
@@ -270,6 +289,10 @@ def _check_init(key: str, value):
     if value.startswith("wandb:"):
         if value.count("/") != 2 or ":" not in value.removeprefix("wandb:"):
             raise ConfigError(f"{key}={value} is invalid: allowed is wandb:<entity>/<project>/<name>:<alias>")
+    elif value.startswith("file:"):  # a weight file (safetensors, .pth ...): the form, and that it is there
+        from lightning_modules.backbones.weight_files import weight_file_path
+
+        weight_file_path(value)
     elif value.startswith("hf:"):  # a local model dir, or a hub name (not when offline, unless cached)
         from lightning_modules.config.modalities import hf_local_dir
 
@@ -284,7 +307,10 @@ def _check_init(key: str, value):
     return value
 
 
-INIT = "none, timm, hf:<model dir or hub name>, wandb:<entity>/<project>/<name>:<alias>, a run dir or a backbone/ dir"
+INIT = (
+    "none, timm, file:<weights>, hf:<model dir or hub name>, wandb:<entity>/<project>/<name>:<alias>,"
+    " a run dir or a backbone/ dir"
+)
 POSITIVE = Rule(float, low=0, low_open=True)
 FRACTION = Rule(float, low=0, high=1, low_open=True)  # (0, 1]
 PROBABILITY = Rule(float, low=0, high=1)
@@ -327,7 +353,13 @@ RULES: dict[str, object] = {
     "model.name": Text(r"[\w.\-/]+", "a model name, e.g. resnet18 or vit_tiny_patch16_224"),
     "model.init": Custom(_check_init, INIT),
     "model.compile": Flag(),
+    "model.channels_last": Choice("auto", True, False),
     "model.kwargs": Section(),
+    # weights trained elsewhere (model.init=timm, file:): which tensor goes where, and their preprocessing
+    "model.init_map": Custom(_check_init_map, "null, positional or a list of rules (see weight_files.py)"),
+    "model.input_size": Rule(int, low=4, nullable=True),  # null: the weights' pretrained input size, or the data's
+    "model.mean": Custom(_check_preprocessing, "null or a list of numbers, one per channel"),  # null: the weights'
+    "model.std": Custom(_check_preprocessing, "null or a list of numbers > 0, one per channel"),
     # text backbones built from scratch (model=bert_micro, gpt_micro)
     "model.layers": DEPTH,
     "model.hidden": WIDTH,
@@ -350,6 +382,7 @@ RULES: dict[str, object] = {
     "datamodule.val_fraction": Rule(float, low=0, high=1, low_open=True, high_open=True),
     "datamodule.test_fraction": Rule(float, low=0, high=1, low_open=True, high_open=True),
     "datamodule.train_batches_per_epoch": Rule(int, low=1, nullable=True),
+    "datamodule.device_budget": Rule(float, low=0, high=1),  # fraction of the GPU's memory for the splits
     "datamodule.augment": Section(),
     **{f"datamodule.augment.{k}": rule for k, rule in AUGMENT.items()},
     # text data (datamodule=text_corpus, text_classification)
@@ -395,6 +428,7 @@ RULES: dict[str, object] = {
     "freeze.train_bn": Flag(),
     "finetune.l2_sp": Rule(float, low=0),
     "finetune.measure_forgetting": Flag(),
+    "finetune.cache_features": Flag(),  # a backbone frozen throughout: its features computed once
     # optimizer and schedule
     "optimizer.name": Choice("adamw", "adam", "sgd"),
     "optimizer.lr": POSITIVE,
@@ -404,6 +438,8 @@ RULES: dict[str, object] = {
     "optimizer.nesterov": Flag(),
     "optimizer.backbone_lr_scale": Rule(float, low=0),
     "optimizer.layer_decay": Rule(float, low=0, high=1, low_open=True, nullable=True),
+    "optimizer.implementation": Choice("auto", "fused", "foreach", "loop"),  # auto: the fastest on the device
+    "float32_matmul_precision": Choice("auto", "highest", "high", "medium"),
     "scheduler.name": Choice("cosine", "step", "plateau", "none"),
     "scheduler.warmup_fraction": Rule(float, low=0, high=1, high_open=True),
     "scheduler.min_lr_ratio": PROBABILITY,
@@ -418,6 +454,10 @@ RULES: dict[str, object] = {
     "trainer.check_val_every_n_epoch": Rule(int, low=1, nullable=True),  # null: by val_check_interval only
     "trainer.accumulate_grad_batches": Rule(int, low=1),
     "**._target_": TARGET,  # callbacks, loggers, strategies: Hydra reports one it cannot import
+    # last.ckpt's cadence (callbacks/checkpoint.py): each replaces every_n_epochs
+    "callbacks.last_checkpoint.every_n_epochs": Rule(int, low=1, nullable=True),
+    "callbacks.last_checkpoint.every_n_train_steps": Rule(int, low=1, nullable=True),
+    "callbacks.last_checkpoint.every_minutes": Rule(float, low=0, low_open=True, nullable=True),
 }
 
 # Keys checked by the library that receives them, when it is built (its message, one line, names the key).
@@ -489,6 +529,8 @@ STUDY_RULES: dict[str, object] = {
     "strategies.*.lrs": ListOf(POSITIVE, min_len=1),
     "strategies.*.label_fractions": ListOf(FRACTION, min_len=1),
     "strategies.*.frozen_groups": Rule(int, low=0, words=("all",)),
+    "strategies.*.init": Choice("model"),  # keep the model config's own model.init (weights from elsewhere)
+    "strategies.*.start": Text(),  # what the report calls the starting point
 }
 
 

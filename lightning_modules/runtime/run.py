@@ -20,16 +20,21 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_modules.backbones.handoff import build_backbone, resolve_init, state_differences
 from lightning_modules.callbacks.export import BackboneExport
+from lightning_modules.callbacks.feature_cache import FeatureCache
 from lightning_modules.callbacks.forgetting import ForgettingProbe
 from lightning_modules.callbacks.monitor import LayerGroupMonitor, count_params
 from lightning_modules.callbacks.seeding import EpochSeed
 from lightning_modules.config.errors import ConfigError
 from lightning_modules.config.library import blamed_on, build
+from lightning_modules.config.schema import check
 from lightning_modules.module import PretuneModule
 from lightning_modules.objectives.base import build_objective
 from lightning_modules.runtime.cuda_check import runtime_cuda_check
 from lightning_modules.runtime.preflight import check_fits, check_launcher, check_monitored
 from lightning_modules.runtime.results import is_rank_zero, write_atomic, write_metrics
+
+# Options for torch.compile when model.compile=true (tests use a backend that skips code generation).
+COMPILE_OPTIONS: dict = {}
 
 # Lightning's own deprecation noise, nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -90,6 +95,17 @@ def _progress_bar(cfg: DictConfig, callbacks: list) -> list:
     return [ThrottledProgressBar()]
 
 
+def matmul_precision(cfg: DictConfig) -> str:
+    """``float32_matmul_precision``: ``auto`` is ``high`` (float32 matmuls on TF32 tensor cores, as Lightning
+    suggests) when the run trains on a CUDA GPU, else ``highest`` (torch's default: the CPU is left alone)."""
+    choice = check("float32_matmul_precision", cfg.get("float32_matmul_precision", "auto"))
+    if choice != "auto":
+        return choice
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    on_gpu = accelerator in ("gpu", "cuda") or accelerator == "auto" and torch.cuda.is_available()
+    return "high" if on_gpu else "highest"
+
+
 def run(cfg: DictConfig) -> dict:
     """Every rank of a DDP run executes this; only global rank 0 writes the run's files (config.yaml,
     metrics.json, backbone/; Lightning already saves checkpoints and logs from rank 0 only)."""
@@ -103,6 +119,7 @@ def run(cfg: DictConfig) -> dict:
     try:
         with open_dict(cfg):  # recorded with the config: which weights, by path and hash (and artifact)
             cfg.model.source = resolve_init(str(cfg.model.init))
+            cfg.float32_matmul_precision = matmul_precision(cfg)  # what "auto" became
             if OmegaConf.select(cfg, "logger.wandb") is not None:  # unset name/group come from the Hydra job
                 from lightning_modules.runtime.wandb_runs import run_identity
 
@@ -122,6 +139,7 @@ def run(cfg: DictConfig) -> dict:
 
 def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     finetune = cfg.stage == "finetune"
     datamodule = build(cfg.datamodule, "datamodule", labeled=finetune)
     backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True), data=datamodule)
@@ -136,12 +154,13 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         OmegaConf.to_container(cfg.optimizer, resolve=True),
         OmegaConf.to_container(cfg.scheduler, resolve=True),
         l2_sp=OmegaConf.select(cfg, "finetune.l2_sp", default=0.0) or 0.0,
+        channels_last=cfg.model.get("channels_last", "auto"),
     )
     if cfg.model.get("compile"):  # torch.compile of forward (backbone + objective's loss); weights stay as they are
-        module.compile()
+        module.compile_forward(**COMPILE_OPTIONS)
 
     configured = _configured(cfg)
-    callbacks = _callbacks(cfg, out_dir, backbone, datamodule, configured)
+    callbacks = _callbacks(cfg, out_dir, backbone, datamodule, objective, configured)
     loggers = _loggers(cfg, out_dir)
     # Checkpoints are what the callbacks config says (callbacks=none: none), not a checkpoint Lightning adds.
     checkpoints = any(isinstance(c, ModelCheckpoint) for c in callbacks)
@@ -185,15 +204,20 @@ def _configured(cfg: DictConfig) -> dict:
     }
 
 
-def _callbacks(cfg: DictConfig, out_dir: Path, backbone, datamodule, configured: dict) -> list:
+def _callbacks(cfg: DictConfig, out_dir: Path, backbone, datamodule, objective, configured: dict) -> list:
     """The configured callbacks, then what the stage adds: per-epoch seeding; when fine-tuning the freezing
-    strategy, the per-group monitor and the forgetting probe; when pre-training the backbone export."""
+    strategy, the per-group monitor, the feature cache (a backbone frozen throughout) and the forgetting probe;
+    when pre-training the backbone export."""
     callbacks = [callback for callback, _values in configured.values()]
     callbacks.append(EpochSeed(cfg.seed))
     if cfg.stage == "finetune":
         freezer = build(cfg.freeze, "freeze")
         freezer.validate(backbone)  # e.g. freeze.layers beyond the backbone's groups: fail before training
         callbacks += [freezer, LayerGroupMonitor()]
+        epochs = cfg.trainer.get("max_epochs") or 0
+        if OmegaConf.select(cfg, "finetune.cache_features", default=False) and epochs > 0:
+            if FeatureCache.reason_not(freezer, backbone, datamodule, objective, epochs) is None:
+                callbacks.append(FeatureCache())
         if OmegaConf.select(cfg, "finetune.measure_forgetting", default=False):
             callbacks.append(ForgettingProbe(str(cfg.model.init), cfg.model.source, backbone, datamodule))
     else:
@@ -236,7 +260,15 @@ def _finish(loggers: list) -> None:
             logger.experiment.finish()
 
 
+def _compile_seconds() -> float:
+    """Seconds torch.compile has spent in this process so far (forward and backward graphs)."""
+    from torch._dynamo.utils import calculate_time_spent
+
+    return calculate_time_spent().get("total_wall_time", 0.0)
+
+
 def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_dir: Path) -> dict:
+    compiling = module.compiled and _compile_seconds()
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, module), weights_only=True)
     metrics = {
         "status": "ok",
@@ -247,6 +279,10 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_
         "steps": trainer.global_step,
         "threads": torch.get_num_threads(),  # torch threads this job trained with (joblib splits the cores)
     }
+    if module.compiled:  # compilation, apart from the training it delays
+        metrics["time/compile_s"] = round(_compile_seconds() - compiling, 2)
+    if getattr(datamodule, "placement", None):
+        metrics["data/placement"] = datamodule.placement  # cpu, device or pinned (datamodules/in_memory.py)
     checkpoint = trainer.checkpoint_callback
     best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
     if best:
