@@ -74,6 +74,7 @@ BASES = {
     ),
     "finetune-timm": ("finetune", ["model=timm", "freeze=none", "debug=limit"], True),
     "finetune-gpu": ("finetune", ["trainer=gpu", "trainer.accelerator=gpu", "model=resnet_micro"], True),
+    "finetune-lite0": ("finetune", ["model=efficientnet_lite0_imagenet", "model.input_size=32"], "large"),
     "pretrain-fsdp": ("pretrain", ["trainer=fsdp", "objective=mae", "model=vit_micro"], False),
     "finetune-ddp-wandb": ("finetune", ["trainer=ddp", "logger=wandb", "model=resnet_micro"], False),
     # Text trains a tokenizer first (seconds): run in the larger draw only. The parsed corpus is a cache shared
@@ -372,3 +373,16 @@ def test_fuzzed_study_overrides_are_refused_in_one_line_or_accepted(tmp_path):
                 counts["refused"] = counts.get("refused", 0) + 1
     print(f"\n{len(cases)} study cases: {counts}")  # shown with -s
     assert counts.get("refused", 0) > 50 and counts.get("accepted", 0) > 10, counts
+
+
+def test_the_bases_reach_every_key(bases):
+    """Every key of every composed config (tests/test_config_coverage.py) is in some base, so the draw reaches
+    it: a new group option with keys of its own needs a base here."""
+    from lightning_modules.config.check import keys
+    from lightning_modules.config.schema import RULES
+    from tests.test_config_coverage import composed
+
+    every = {k for _label, cfg, rules in composed() if rules is RULES for k in keys(cfg, rules)}
+    reached = {k for _cfg, base_keys in bases.values() for k in base_keys}
+    missing = sorted(k for k in every - reached if not k.startswith(("paths.", "hydra.")))
+    assert not missing, f"no base in BASES (tests/test_config_fuzz.py) has {missing}: add one with their option"
