@@ -187,6 +187,15 @@ CASES = [
         None,
         "callbacks.early_stopping.monitor='val/acc': Early stopping conditioned on metric `val/acc` which is not",
     ),
+    # through pretune's own LastCheckpoint to Lightning's ModelCheckpoint: its signature and its own message
+    ("last-filename-number", "finetune", ["callbacks.last_checkpoint.filename=inf"], None, "filename=inf is invalid"),
+    (
+        "last-top-k",
+        "finetune",
+        ["callbacks.last_checkpoint.save_top_k=3"],
+        None,
+        "callbacks.last_checkpoint.save_top_k=3: ModelCheckpoint(save_top_k=3, monitor=None) is not a valid",
+    ),
     ("callback-not-a-component", "finetune", ["callbacks.model_checkpoint=5"], None, "callbacks.model_checkpoint=5"),
     (
         "batch-larger-than-data",

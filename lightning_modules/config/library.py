@@ -21,6 +21,7 @@ from lightning_modules.config.errors import ConfigError
 from lightning_modules.config.schema import show
 
 OWN = ("datamodules.", "lightning_modules.")  # pretune's components: they check their arguments with RULES
+OWN_MODULES = tuple(p.rstrip(".") for p in OWN)
 
 
 def message_of(err: BaseException, limit: int = 400) -> str:
@@ -96,8 +97,8 @@ def build(conf, key: str | None = None, **kwargs):
         key = (conf._get_full_key(None) if OmegaConf.is_config(conf) else "") or "component"
     target = str(values.get("_target_", ""))
     own = target.startswith(OWN)
-    if not own and importable(target) is not None:
-        check_arguments(importable(target), {k: v for k, v in values.items() if k not in kwargs}, key)
+    if importable(target) is not None:  # pretune's own classes: only what they pass on to a library they extend
+        check_arguments(importable(target), {k: v for k, v in values.items() if k not in kwargs}, key, own)
     try:
         return instantiate(conf, **kwargs)
     except InstantiationException as err:
@@ -106,9 +107,16 @@ def build(conf, key: str | None = None, **kwargs):
             raise cause from None
         if str(err).startswith("Error locating target"):
             raise ConfigError(f"{key}._target_={target}: cannot be imported ({message_of(cause or err)})") from err
-        if cause is not None and (not own or bad_arguments(cause, "/hydra/")):
+        if cause is not None and (not own or bad_arguments(cause, "/hydra/") or raised_in_library(cause)):
             raise library_error(key, values, cause) from cause
         raise
+
+
+def raised_in_library(err: BaseException) -> bool:
+    """Whether ``err`` was raised inside an installed library (e.g. Lightning's ModelCheckpoint refusing a value
+    that pretune's LastCheckpoint passed on), not in pretune's own code."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and "site-packages" in frames[-1].filename
 
 
 def bad_arguments(err: BaseException, caller: str) -> bool:
@@ -140,9 +148,20 @@ def blamed_on(components: dict):
 # --- the arguments against the signature ---------------------------------------------------------------
 
 
-def _hints(target) -> dict:
-    """The annotations of ``target``'s parameters (a class: its ``__init__``), each resolved if it can be."""
-    function = target.__init__ if inspect.isclass(target) else target
+def _hints(target, library_only: bool = False) -> dict:
+    """The annotations of ``target``'s parameters, each resolved if it can be. A class: its ``__init__``'s and
+    those of the classes it extends (whose ``__init__`` takes what a subclass passes on through ``**kwargs``);
+    ``library_only``: only those of classes outside pretune."""
+    if not inspect.isclass(target):
+        return _function_hints(target)
+    hints = {}
+    for klass in reversed(target.__mro__[:-1]):  # the base classes first, the class itself last (it wins)
+        if "__init__" in vars(klass) and not (library_only and klass.__module__.startswith(OWN_MODULES)):
+            hints.update(_function_hints(vars(klass)["__init__"]))
+    return hints
+
+
+def _function_hints(function) -> dict:
     try:
         return typing.get_type_hints(function)
     except Exception:  # an annotation naming what is only imported for type checkers: resolve one by one
@@ -211,9 +230,10 @@ def describe(hint) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def check_arguments(target, values: Mapping, prefix: str) -> None:
-    """Refuse a value that cannot be what ``target``'s signature declares (nested ``_target_`` nodes too)."""
-    hints = _hints(target)
+def check_arguments(target, values: Mapping, prefix: str, library_only: bool = False) -> None:
+    """Refuse a value that cannot be what ``target``'s signature declares (nested ``_target_`` nodes too);
+    ``library_only``: only what the library classes it extends declare (pretune's own are checked by RULES)."""
+    hints = _hints(target, library_only)
     name = getattr(target, "__qualname__", str(target))
     for key, value in values.items():
         if str(key).startswith("_"):
@@ -223,7 +243,7 @@ def check_arguments(target, values: Mapping, prefix: str) -> None:
         if isinstance(value, Mapping) and isinstance(value.get("_target_"), str):
             nested = importable(value["_target_"])
             if nested is not None:
-                check_arguments(nested, value, f"{prefix}.{key}")
+                check_arguments(nested, value, f"{prefix}.{key}", value["_target_"].startswith(OWN))
 
 
 def importable(target: str):
