@@ -384,11 +384,15 @@ class InMemoryImageDataModule(PretuneDataModule):
         return self.augment.is_identity  # augmented training images would need new features at every step
 
     def cache_features(self, encode) -> None:
-        """Store each example's features next to it (``features``): ``encode(split, images, batches)`` returns
-        them for the split's batches in order (callbacks/feature_cache.py); every batch then carries them."""
+        """Store each example's features next to it (``features``): ``encode(split, identity, batches)`` returns
+        them for the split's batches in order (callbacks/feature_cache.py); every batch then carries them.
+        ``identity``: the tensors that determine what the backbone sees, the stored images and how they are
+        decoded (size, normalisation), so features are reused only for the same decoded inputs."""
+        decoding = [torch.tensor([self.image_size, self.pixel_max]), self.mean.cpu(), self.std.cpu()]
         for name, tensors in self.splits.items():
             batches = BatchLoader(dict(tensors), self.eval_batch_size, False, False, transform=self.decode)
-            tensors[FEATURES] = encode(name, tensors["image"], batches)  # in place: loaders made already see it
+            # in place: the loaders made already see it
+            tensors[FEATURES] = encode(name, [tensors["image"], *decoding], batches)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         # Augment training batches only, on whatever device they landed on.

@@ -192,6 +192,9 @@ class PretuneModule(pl.LightningModule):
             if in_step:  # the bar shows the latest value that arrived, a host number: no sync at each redraw
                 self.log("train/loss_step", torch.tensor(step_loss), prog_bar=True, logger=False)
 
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.objective.after_step()  # after the optimizer's update (e.g. CLIP's logit scale clamped)
+
     def on_train_epoch_end(self):
         self._read_reports(wait=True, in_step=False)
         if self._loss_steps:

@@ -44,12 +44,14 @@ def layer_scales(num_groups: int, layer_decay: float | None, backbone_lr_scale: 
 
 
 def param_groups(backbone, head: torch.nn.Module, cfg: dict) -> list[dict]:
+    """One group per layer group (two: with and without weight decay), then the head's. Layer decay counts each
+    tower of a backbone made of towers (a dual encoder) on its own: each tower's top group gets ``lr * d``."""
     groups = []
-    layer_groups = backbone.layer_groups()
-    scales = layer_scales(len(layer_groups), cfg.get("layer_decay"), cfg.get("backbone_lr_scale", 1.0))
     wd = cfg.get("weight_decay", 0.0)
-    for g, scale in zip(layer_groups, scales, strict=True):
-        groups += _split_decay(g.params, wd, {"name": g.name, "layer_scale": scale, "lr_scale": scale})
+    for layer_groups in backbone.tower_groups().values():
+        scales = layer_scales(len(layer_groups), cfg.get("layer_decay"), cfg.get("backbone_lr_scale", 1.0))
+        for g, scale in zip(layer_groups, scales, strict=True):
+            groups += _split_decay(g.params, wd, {"name": g.name, "layer_scale": scale, "lr_scale": scale})
     head_params = dict(head.named_parameters())
     if head_params:
         groups += _split_decay(head_params, wd, {"name": "head", "layer_scale": 1.0, "lr_scale": 1.0})

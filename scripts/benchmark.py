@@ -832,6 +832,16 @@ def main() -> None:
     )
     parser.add_argument("--peak-tflops", type=float, help="the GPU's peak for MFU (default: a measured bf16 matmul)")
     parser.add_argument("--memory-child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--loaders-folder",
+        nargs="?",
+        const="all",
+        choices=["throughput", "memory", "accuracy", "all"],
+        help="streaming data: loader vs training throughput, flat memory, in-memory vs streamed accuracy",
+    )
+    from scripts import bench_streaming
+
+    bench_streaming.add_arguments(parser)
     args = parser.parse_args()
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     if args.device == "cuda":
@@ -840,6 +850,8 @@ def main() -> None:
         return gpu_benchmark(args.tiny, repeats=2 if args.repeats == 5 else args.repeats, peak_tflops=args.peak_tflops)
     if args.memory_child:
         return memory_child(args.memory_child[0], args.memory_child[1], args.memory_child[2:])
+    if args.loaders_folder:
+        return bench_streaming.run_mode(args.loaders_folder, args)
     if args.loaders:
         print("| loader | s to first batch | batches/s |\n|---|---:|---:|")
         return print("\n".join(f"| {n} | {first:.3f} | {rate:.0f} |" for n, first, rate in loader_options()))

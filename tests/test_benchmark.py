@@ -76,3 +76,17 @@ def test_gpu_benchmark_without_a_gpu_says_so_in_one_line():
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         "error: --device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False)"
     ]
+
+
+@pytest.mark.slow
+def test_the_streaming_throughput_table_measures_every_loader_against_a_training_step(tmp_path):
+    from scripts import bench_streaming
+
+    lines = bench_streaming.throughput(
+        tmp_path, images=192, workers=[1, 2], model="test_vit", device="cpu", train_batch=2, repeats=1
+    )
+    rows = [line for line in lines if line.startswith("| ") and "worker" in line]
+    assert len(rows) == 4  # 1 and 2 workers, with and without RandAugment
+    for row in rows:
+        folder, shards = (float(cell) for cell in row.split(" | ")[1:3])
+        assert folder > 0 and shards > 0, row

@@ -30,7 +30,7 @@ from lightning_modules.config.schema import (
 from tests.conftest import CONF
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "paths", "hparams_search"))
-PRETRAIN_OBJECTIVES = {"mae", "simclr", "mlm", "clm"}  # the others fine-tune
+PRETRAIN_OBJECTIVES = {"mae", "simclr", "mlm", "clm", "clip"}  # the others fine-tune
 
 
 def _options(group: str) -> list[str]:
@@ -54,6 +54,14 @@ def composed() -> list[tuple[str, object, dict]]:
                     stage = _stage_of(group, option)
                     cfg = compose(config_name=stage, overrides=[f"{group}={option}"])
                     out.append((f"{stage} {group}={option}", cfg, RULES))
+            for tower, family in (("image", "timm"), ("text", "transformers")):  # a dual encoder's towers take
+                for option in _options("model"):  # any preset of their family (model@model.image=resnet_micro)
+                    if f"type: {family}" not in (CONF / "model" / f"{option}.yaml").read_text():
+                        continue
+                    overrides = ["datamodule=image_text", f"model@model.{tower}={option}"]
+                    out.append((f"pretrain {' '.join(overrides)}", compose("pretrain", overrides=overrides), RULES))
+            for task in ("zero_shot", "retrieval"):
+                out.append((f"evaluate {task}", compose(config_name="evaluate", overrides=[f"task={task}"]), RULES))
             out.append(("transfer_study", compose(config_name="transfer_study"), STUDY_RULES))
         composed.cache = out
     return composed.cache

@@ -73,6 +73,19 @@ BASES = {
         True,
     ),
     "finetune-timm": ("finetune", ["model=timm", "freeze=none", "debug=limit"], True),
+    # CLIP trains its caption tokenizer first (seconds); other presets as its image tower are checked, not run.
+    "pretrain-clip": ("pretrain", ["datamodule=image_text"], "large"),
+    "pretrain-clip-resnet-tower": ("pretrain", ["datamodule=image_text", "model@model.image=resnet_micro"], False),
+    "pretrain-clip-lite0-tower": (
+        "pretrain",
+        ["datamodule=image_text", "model@model.image=efficientnet_lite0_imagenet"],
+        False,
+    ),
+    # Prepared shards (a directory the check finds; reading it is the datamodule's, not run here).
+    "pretrain-shards": ("pretrain", ["objective=mae", "datamodule=shards", "datamodule.path={folder}"], False),
+    # scripts/evaluate.py needs a CLIP pre-training run: checked, not run.
+    "evaluate-zero-shot": ("evaluate", ["task=zero_shot", "model.init={clip}"], False),
+    "evaluate-retrieval": ("evaluate", ["task=retrieval", "datamodule=image_text", "model.init={clip}"], False),
     "finetune-gpu": ("finetune", ["trainer=gpu", "trainer.accelerator=gpu", "model=resnet_micro"], True),
     "finetune-lite0": ("finetune", ["model=efficientnet_lite0_imagenet", "model.input_size=32"], "large"),
     "pretrain-fsdp": ("pretrain", ["trainer=fsdp", "objective=mae", "model=vit_micro"], False),
@@ -253,14 +266,26 @@ def folder(tmp_path_factory) -> Path:
     return root
 
 
+def _clip_run(folder: Path) -> Path:
+    """A run dir whose backbone/ the config check finds (never loaded: the evaluate bases are checked, not run)."""
+    from lightning_modules.backbones.handoff import CONFIG, WEIGHTS
+
+    run = folder.parent / "clip_run"
+    (run / "backbone").mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG, WEIGHTS):
+        (run / "backbone" / name).touch()
+    return run
+
+
 @pytest.fixture(scope="module")
 def bases(folder) -> dict:
     """base name -> (composed config with TINY, its keys and defaults). Composed once (Hydra's compose is slow)."""
     out = {}
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         for name, (stage, overrides, _run) in BASES.items():
-            filled = [o.format(folder=folder, cache=folder.parent / "cache") for o in overrides]
-            cfg = compose(config_name=stage, overrides=[*FAST, *filled, *TINY, f"paths.output_dir={folder.parent}/out"])
+            filled = [o.format(folder=folder, cache=folder.parent / "cache", clip=_clip_run(folder)) for o in overrides]
+            tiny = [*FAST, *filled, *TINY] if stage != "evaluate" else [*filled, "logger=none"]  # it trains nothing
+            cfg = compose(config_name=stage, overrides=[*tiny, f"paths.output_dir={folder.parent}/out"])
             out[name] = (cfg, {k: d for k, d in _keys(cfg).items() if not k.startswith("paths.output_dir")})
     return out
 

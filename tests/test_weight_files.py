@@ -185,12 +185,12 @@ def test_the_datamodule_takes_the_backbones_input_size_and_normalisation(cfg_fac
     data = build(cfg_factory("finetune").datamodule, labeled=True)
     data.use_backbone(SimpleNamespace(preprocessing={"mean": [0.5], "std": [0.25], "input_size": 24}))
     data.setup("fit")
-    assert data.spec.image_size == 24 and data.splits["test"]["image"].shape[-2:] == (24, 24)
-    assert data.splits["train"]["image"].min() == -2.0  # background (0 - 0.5) / 0.25: the weights' normalisation
+    assert data.spec.image_size == 24 and data.images("test").shape[-2:] == (24, 24)  # decoded per batch
+    assert data.images("train").min() == -2.0  # background (0 - 0.5) / 0.25: the weights' normalisation
     plain = build(cfg_factory("finetune").datamodule, labeled=True)
     plain.use_backbone(SimpleNamespace(preprocessing={}))  # weights trained on this data: its own statistics
     plain.setup("fit")
-    assert plain.spec.image_size == 32 and abs(float(plain.splits["train"]["image"].mean())) < 0.1
+    assert plain.spec.image_size == 32 and abs(float(plain.images("train").mean())) < 0.1
 
 
 def test_cached_features_train_the_probe_as_computing_them_every_step(cfg_factory):

@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from lightning_modules.backbones.handoff import OBJECTIVE_WEIGHTS, read_backbone_config
+from lightning_modules.backbones.handoff import OBJECTIVE_WEIGHTS, saved_objective
 from lightning_modules.config.errors import ConfigError
-from lightning_modules.objectives.base import build_objective
 from lightning_modules.runtime.distributed import alone
 
 
@@ -28,10 +27,6 @@ class ForgettingProbe(Callback):
 
     def __init__(self, init: str, source: dict | None, backbone, datamodule, batch_size: int = 256):
         """``source``: where ``model.init`` resolved to (``handoff.resolve_init``); None for none/timm."""
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
         self.datamodule, self.batch_size = datamodule, batch_size
         self.before: float | None = None
         self.after: float | None = None
@@ -44,16 +39,14 @@ class ForgettingProbe(Callback):
                 )
             self.objective = ClassifierDrift(*head)
             return
-        backbone_dir = Path(source["path"]) if source and "path" in source else None  # not hf:, a model of its own
-        meta = read_backbone_config(backbone_dir) if backbone_dir else {}
-        weights = backbone_dir / OBJECTIVE_WEIGHTS if backbone_dir else None
-        if not meta.get("objective") or not weights.is_file():
+        self.objective = saved_objective(source, backbone, datamodule.spec)
+        if self.objective is None:
+            tower = _tower_of(source)
             raise ConfigError(
                 f"finetune.measure_forgetting=true needs model.init to be a pretune pre-training run whose"
                 f" backbone/ holds {OBJECTIVE_WEIGHTS}; model.init={init} does not"
+                + (f" (it is the {tower} tower of one: its pre-training loss needs every tower)" if tower else "")
             )
-        self.objective = build_objective(meta["objective"], backbone, datamodule.spec)
-        self.objective.load_state_dict(load_file(str(weights)), strict=True)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.before = self.loss(pl_module.backbone)
@@ -113,3 +106,14 @@ class ClassifierDrift(nn.Module):
         target = self.targets[self._next].to(log_p.device)
         self._next += 1
         return {"loss": -(target * log_p).sum(-1).mean()}
+
+
+def _tower_of(source: dict | None) -> str | None:
+    """The tower name, when ``source`` is one tower exported by a pre-training of a backbone made of towers."""
+    from pathlib import Path
+
+    from lightning_modules.backbones.handoff import read_backbone_config
+
+    if not source or "path" not in source:
+        return None
+    return (read_backbone_config(Path(source["path"])).get("provenance") or {}).get("tower")

@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_modules.config.errors import ConfigError
-from lightning_modules.config.modalities import check_modalities
+from lightning_modules.config.modalities import TOWERS, _choice, check_modalities, towers_of
 from lightning_modules.config.schema import (
     REQUIRED_GROUPS,
     RULES,
@@ -130,3 +130,11 @@ def check_config(cfg: DictConfig, pending: tuple = ()) -> None:
             )
     check_values(cfg, pending=pending)
     check_modalities(cfg)
+    towers = towers_of(cfg.model) if isinstance(cfg.get("model"), DictConfig) else {}
+    for name in sorted({n for names in TOWERS.values() for n in names}):
+        chosen = OmegaConf.select(cfg, f"freeze.{name}", default=None)
+        if chosen is not None and name not in towers:
+            raise ConfigError(
+                f"freeze.{name}={chosen}: {_choice(cfg, 'model')} has no {name} tower (freeze.{name} sets a dual"
+                f" encoder's {name} tower); allowed is freeze.{name}=null, or freeze.layers for this backbone"
+            )

@@ -282,10 +282,15 @@ def _check_type(key: str, value):
 
 
 def _check_init(key: str, value):
-    """model.init: none, timm, a W&B artifact (fetched when the run starts: only its form is checked
-    here), or a directory holding a backbone/ (found here, so a typo fails at once)."""
+    """model.init (and a tower's, model.<tower>.init): none, timm, a W&B artifact (fetched when the run starts:
+    only its form is checked here), or a directory holding a backbone/ (found here, so a typo fails at once)."""
     if not isinstance(value, str) or not value:
         raise _invalid(key, value, INIT)
+    if key.count(".") == 2:  # a tower's: the checks below name model.<key>, the tower's name goes in between
+        from lightning_modules.config.modalities import tower_errors
+
+        with tower_errors(key.split(".")[1], {"init": value}):
+            return _check_init("model.init", value)
     if value.startswith("wandb:"):
         if value.count("/") != 2 or ":" not in value.removeprefix("wandb:"):
             raise ConfigError(f"{key}={value} is invalid: allowed is wandb:<entity>/<project>/<name>:<alias>")
@@ -307,6 +312,13 @@ def _check_init(key: str, value):
     return value
 
 
+def _check_data_path(key: str, value):
+    """datamodule.path: a file of texts or pairs, a directory of prepared shards, or their URL (s3://, gs://...)."""
+    if value is None or isinstance(value, str) and re.match(r"[a-z][a-z0-9+]*://", value):
+        return value
+    return ExistingPath("any").check(key, value)
+
+
 INIT = (
     "none, timm, file:<weights>, hf:<model dir or hub name>, wandb:<entity>/<project>/<name>:<alias>,"
     " a run dir or a backbone/ dir"
@@ -318,7 +330,7 @@ SEED = Rule(int, low=0, high=2**32 - 1)  # numpy's and scikit-learn's seeds (Lig
 WIDTH = Rule(int, low=1, high=65536)  # a layer's width: the bound only catches a typo's 1e9
 DEPTH = Rule(int, low=0, high=1024)
 TARGET = Text(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", "a dotted path to a class, e.g. mypkg.data.MyDataModule")
-METRIC = Text(r"(train|val|test)/[\w./-]+", "a logged metric, e.g. val/acc or val/loss")
+METRIC = Text(r"(train|val|test|zero_shot|retrieval)/[\w./@-]+", "a logged metric, e.g. val/acc or val/loss")
 PATH = Text(r"\s*\S.*", "a path")
 # Image augmentation (datamodule.augment.* for labeled batches, objective.augment.* for SimCLR's views).
 # Images are normalised to mean 0, std 1: brightness and noise are in standard deviations.
@@ -335,7 +347,7 @@ AUGMENT = {
 
 RULES: dict[str, object] = {
     # the run
-    "stage": Choice("pretrain", "finetune"),
+    "stage": Choice("pretrain", "finetune", "evaluate"),
     "seed": SEED,
     "optimized_metric": METRIC,  # that the objective logs it is checked once the objective is built
     "optimized_mode": Choice("min", "max"),
@@ -389,7 +401,7 @@ RULES: dict[str, object] = {
     "datamodule.max_length": Rule(int, low=4),  # tokens per example: [CLS] + text + [SEP] needs room
     "datamodule.document": Choice("file", "line"),
     "datamodule.paths": ListOf(Text(r"\s*\S.*", "a .txt file or a glob"), min_len=1, nullable=True),
-    "datamodule.path": ExistingPath("file", nullable=True),  # null: the embedded task
+    "datamodule.path": Custom(_check_data_path, "null, an existing file or directory, or a URL"),  # null: embedded
     "datamodule.val_path": ExistingPath("file", nullable=True),
     "datamodule.test_path": ExistingPath("file", nullable=True),
     "datamodule.text_column": Text(),
@@ -399,6 +411,22 @@ RULES: dict[str, object] = {
     "datamodule.cache_dir": Text(r"\s*\S.*", "a directory", nullable=True),  # null: parse every time
     # objectives
     "objective._target_": TARGET,
+    # image–caption pairs (datamodule=image_text)
+    "datamodule.image_column": Text(),
+    "datamodule.caption_column": Text(),
+    "datamodule.captions": ListOf(Text(), min_len=1),  # the embedded pairs' templates ({word}, {digit})
+    # streaming (datamodule=image_folder, shards)
+    "datamodule.loading": Choice("auto", "memory", "stream"),
+    "datamodule.memory_budget_gb": Rule(float, low=0),
+    "datamodule.num_workers": Rule(int, low=0, nullable=True),  # null: this node's cores / its processes
+    "datamodule.on_bad_sample": Choice("error", "skip"),
+    "datamodule.seed": SEED,  # shards: litdata's shuffle and every image's transform
+    "datamodule.transforms": Section(),
+    "datamodule.transforms.scale": ListOf(Rule(float, low=0, high=1, low_open=True), 2, 2, ascending=True),
+    "datamodule.transforms.ratio": ListOf(POSITIVE, 2, 2, ascending=True),
+    "datamodule.transforms.flip": Flag(),
+    "datamodule.transforms.auto_augment": Choice("randaugment", "trivialaugment", "autoaugment", nullable=True),
+    "datamodule.transforms.eval_crop_pct": FRACTION,
     "objective.mask_ratio": Rule(float, low=0, high=1, low_open=True, high_open=True),
     "objective.decoder_dim": WIDTH,
     "objective.decoder_depth": DEPTH,
@@ -415,12 +443,17 @@ RULES: dict[str, object] = {
     "objective.mixup": Rule(float, low=0),  # the Beta alpha; 0 = off
     "objective.cutmix": Rule(float, low=0),
     "objective.mix_prob": PROBABILITY,
+    "objective.embed_dim": WIDTH,  # CLIP's shared embedding space
+    "objective.learn_temperature": Flag(),
+    "objective.max_logit_scale": Rule(float, low=1),
     "objective.mlm_probability": Rule(float, low=0, high=1, low_open=True, high_open=True),
     "objective.mask_replace_prob": PROBABILITY,
     "objective.random_replace_prob": PROBABILITY,
     # fine-tuning
     "freeze._target_": TARGET,
     "freeze.layers": Rule(int, low=0, words=("all",)),  # its upper bound is the backbone's, checked on it
+    "freeze.image": Rule(int, low=0, words=("all",), nullable=True),  # a dual encoder's tower; null: the strategy's
+    "freeze.text": Rule(int, low=0, words=("all",), nullable=True),
     "freeze.start": Rule(int, low=0),
     "freeze.every": Rule(int, low=1),
     "freeze.probe_epochs": Rule(int, low=0),
@@ -458,7 +491,26 @@ RULES: dict[str, object] = {
     "callbacks.last_checkpoint.every_n_epochs": Rule(int, low=1, nullable=True),
     "callbacks.last_checkpoint.every_n_train_steps": Rule(int, low=1, nullable=True),
     "callbacks.last_checkpoint.every_minutes": Rule(float, low=0, low_open=True, nullable=True),
+    # scripts/evaluate.py
+    "task": Choice("zero_shot", "retrieval"),
+    "device": Text(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:<index>"),
+    "zero_shot": Section(),
+    "zero_shot.split": Choice("train", "val", "test"),
+    "zero_shot.class_names": ListOf(Text(), min_len=1, nullable=True),
+    "zero_shot.templates": ListOf(Text(r".*\{\}.*", "a template with {} for the class name"), min_len=1),
+    "zero_shot.batch_size": Rule(int, low=1),
+    "retrieval": Section(),
+    "retrieval.split": Choice("train", "val"),
+    "retrieval.batch_size": Rule(int, low=1),
 }
+# A dual encoder's towers are model configs of their own: model.image.* any timm preset's keys, model.text.* any
+# text preset's (model@model.image=resnet_micro puts resnet_micro's keys there).
+TOWER_KEYS = {
+    "image": ("type", "name", "init", "compile", "channels_last", "init_map", "input_size", "mean", "std"),
+    "text": ("type", "name", "init", "compile", "layers", "hidden", "heads", "intermediate", "max_positions")
+    + ("vocab_size", "dropout", "pooling"),
+}
+RULES |= {f"model.{tower}.{key}": RULES[f"model.{key}"] for tower, names in TOWER_KEYS.items() for key in names}
 
 # Keys checked by the library that receives them, when it is built (its message, one line, names the key).
 PASSED_THROUGH: dict[str, str] = {
@@ -466,6 +518,7 @@ PASSED_THROUGH: dict[str, str] = {
     "callbacks": "Lightning's callbacks (ModelCheckpoint, EarlyStopping, ...)",
     "logger": "Lightning's loggers (CSVLogger, TensorBoardLogger, WandbLogger)",
     "model.kwargs": "timm.create_model's keyword arguments",
+    "model.image.kwargs": "timm.create_model's keyword arguments (a dual encoder's image tower)",
     "hydra": "Hydra",
 }
 
@@ -473,6 +526,7 @@ PASSED_THROUGH: dict[str, str] = {
 REQUIRED_GROUPS = {
     "pretrain": ("datamodule", "model", "objective", "optimizer", "scheduler", "trainer"),
     "finetune": ("datamodule", "model", "objective", "optimizer", "scheduler", "trainer", "freeze"),
+    "evaluate": ("datamodule", "model"),
 }
 
 # Rules over several keys; a key here may be one passed through (the model's kwargs must fit the data).
@@ -481,6 +535,13 @@ TOGETHER: list[Together] = [
         ("datamodule.val_fraction", "datamodule.test_fraction"),
         lambda val, test: val + test < 1,
         "val_fraction + test_fraction must be below 1 (the rest is the training split)",
+    ),
+    Together(
+        ("datamodule._target_", "datamodule.path"),
+        lambda target, path: (
+            path is None or "://" in path or Path(path).is_dir() == target.endswith(".ShardsDataModule")
+        ),
+        "prepared shards (datamodule=shards) are a directory or URL; the other datamodules read a file",
     ),
     Together(
         ("optimizer.nesterov", "optimizer.momentum"),

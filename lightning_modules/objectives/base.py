@@ -14,7 +14,8 @@ class Objective(nn.Module):
 
     ``forward(backbone, batch)`` returns a dict with ``loss`` and whatever the metrics need. Batches are
     dicts (``image``, ``label``, ``input_ids`` ...), never tuples; the backbone reads its own entries.
-    ``modalities`` says which inputs the objective takes; a backbone or data of another modality is refused
+    ``modalities`` says which inputs the objective takes (``image``, ``text``, ``image_text``: image–caption pairs
+    on a dual encoder); a backbone or data of another modality is refused
     here with one line (and before anything heavy runs, by ``config/check.py``, for the shipped configs).
     """
 
@@ -44,6 +45,9 @@ class Objective(nn.Module):
     def make_metrics(self, prefix: str):
         """A torchmetrics collection fed by ``update_metrics``; ``None`` when the loss is the metric."""
         return None
+
+    def after_step(self) -> None:
+        """Called after every training step's optimizer update (CLIP keeps its logit scale clamped here)."""
 
     def update_metrics(self, metrics, output: dict) -> None:
         raise NotImplementedError

@@ -43,7 +43,11 @@ def main(cfg: DictConfig):
     warnings_to_log()
     try:
         check_config(cfg)
-        from lightning_modules.runtime.run import run  # heavy imports only once the config is known good
+        # heavy imports only once the config is known good
+        if cfg.get("stage") == "evaluate":
+            from lightning_modules.runtime.evaluate import evaluate as run
+        else:
+            from lightning_modules.runtime.run import run
 
         metrics = run(cfg)
     except Exception as err:

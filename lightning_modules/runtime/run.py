@@ -26,6 +26,7 @@ from lightning_modules.callbacks.monitor import LayerGroupMonitor, count_params
 from lightning_modules.callbacks.seeding import EpochSeed
 from lightning_modules.config.errors import ConfigError
 from lightning_modules.config.library import blamed_on, build
+from lightning_modules.config.modalities import tower_errors, towers_of
 from lightning_modules.config.schema import check
 from lightning_modules.module import PretuneModule
 from lightning_modules.objectives.base import build_objective
@@ -120,6 +121,9 @@ def run(cfg: DictConfig) -> dict:
         with open_dict(cfg):  # recorded with the config: which weights, by path and hash (and artifact)
             cfg.model.source = resolve_init(str(cfg.model.init))
             cfg.float32_matmul_precision = matmul_precision(cfg)  # what "auto" became
+            for name, tower in towers_of(cfg.model).items():  # a dual encoder's towers: each from its own init
+                with tower_errors(name, tower):
+                    tower.source = resolve_init(str(tower.init))
             if OmegaConf.select(cfg, "logger.wandb") is not None:  # unset name/group come from the Hydra job
                 from lightning_modules.runtime.wandb_runs import run_identity
 
@@ -146,6 +150,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     datamodule.use_backbone(backbone)
     datamodule.setup("fit")
     check_fits(backbone, datamodule)
+    _record_loading(cfg, out_dir, datamodule)
     objective = build_objective(cfg.objective, backbone, datamodule.spec)
     check_monitored(cfg, objective)
     module = PretuneModule(
@@ -204,13 +209,26 @@ def _configured(cfg: DictConfig) -> dict:
     }
 
 
+def _record_loading(cfg: DictConfig, out_dir: Path, datamodule) -> None:
+    """Which path the data took (held in memory or streamed, ``datamodules/loading.py``): printed once and
+    recorded in config.yaml as ``datamodule.loaded``."""
+    loading = getattr(datamodule, "loading", None)
+    if loading is None:
+        return
+    with open_dict(cfg):
+        cfg.datamodule.loaded = loading.path
+    if is_rank_zero():
+        print(f"data: {loading.reason}", flush=True)
+        write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
 def _callbacks(cfg: DictConfig, out_dir: Path, backbone, datamodule, objective, configured: dict) -> list:
-    """The configured callbacks, then what the stage adds: per-epoch seeding; when fine-tuning the freezing
-    strategy, the per-group monitor, the feature cache (a backbone frozen throughout) and the forgetting probe;
-    when pre-training the backbone export."""
+    """The configured callbacks, then what the stage adds: per-epoch seeding, the freezing strategy (fine-tuning,
+    and pre-training too: e.g. a locked CLIP tower) and the per-group monitor, the feature cache (a backbone
+    frozen throughout); when fine-tuning the forgetting probe; when pre-training the backbone export."""
     callbacks = [callback for callback, _values in configured.values()]
     callbacks.append(EpochSeed(cfg.seed))
-    if cfg.stage == "finetune":
+    if cfg.get("freeze") is not None:
         freezer = build(cfg.freeze, "freeze")
         freezer.validate(backbone)  # e.g. freeze.layers beyond the backbone's groups: fail before training
         callbacks += [freezer, LayerGroupMonitor()]
@@ -218,6 +236,7 @@ def _callbacks(cfg: DictConfig, out_dir: Path, backbone, datamodule, objective, 
         if OmegaConf.select(cfg, "finetune.cache_features", default=False) and epochs > 0:
             if FeatureCache.reason_not(freezer, backbone, datamodule, objective, epochs) is None:
                 callbacks.append(FeatureCache())
+    if cfg.stage == "finetune":
         if OmegaConf.select(cfg, "finetune.measure_forgetting", default=False):
             callbacks.append(ForgettingProbe(str(cfg.model.init), cfg.model.source, backbone, datamodule))
     else:
@@ -293,7 +312,8 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_
         # Test the checkpoint that validation selected, not whatever the last epoch left.
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
         metrics.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})  # none: limit_test_batches=0
-    for callback in trainer.callbacks:  # what callbacks measured (the forgetting probe, the group monitor)
-        if hasattr(callback, "run_metrics"):
-            metrics.update(callback.run_metrics())
+    # What callbacks measured (the forgetting probe, the group monitor) and the data counted (skipped samples).
+    for source in [*trainer.callbacks, datamodule]:
+        if hasattr(source, "run_metrics"):
+            metrics.update(source.run_metrics())
     return metrics
