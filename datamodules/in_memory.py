@@ -29,7 +29,7 @@ from datamodules.base import PretuneDataModule
 from datamodules.spec import ImageSpec
 from lightning_modules.backbones.base import FEATURES
 from lightning_modules.config.errors import ConfigError
-from lightning_modules.config.schema import check
+from lightning_modules.config.schema import check, check_together
 
 # Mean and std of the training pixels are computed over the whole decoded split at once when it holds at most
 # this many values (1 GiB as float32): exactly as the float32 path did. Larger splits are reduced in chunks in
@@ -145,8 +145,9 @@ class BatchLoader:
 
 def label_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Sorted indices of a stratified, seeded ``fraction`` of the labels ``y`` (at least one per class)."""
-    keep = max(len(np.unique(y)), round(fraction * len(y)))
-    if keep >= len(y):
+    n_classes = len(np.unique(y))
+    keep = max(n_classes, round(fraction * len(y)))
+    if keep > len(y) - n_classes:  # (nearly) all: the rest could not hold one of each class to split off
         return np.arange(len(y))
     idx, _ = train_test_split(np.arange(len(y)), train_size=keep, stratify=y, random_state=seed)
     return np.sort(idx)
@@ -181,19 +182,18 @@ class InMemoryImageDataModule(PretuneDataModule):
         super().__init__()
         self.batch_size = check("datamodule.batch_size", batch_size)
         self.eval_batch_size = check("datamodule.eval_batch_size", eval_batch_size)
-        self.image_size, self.channels = check("datamodule.image_size", image_size), channels
+        self.image_size = check("datamodule.image_size", image_size)
+        self.channels = check("datamodule.channels", channels)
         self.label_fraction = float(check("datamodule.label_fraction", label_fraction))
-        self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise ConfigError(
-                f"datamodule.val_fraction={val_fraction} / test_fraction={test_fraction}: "
-                "each must be in (0, 1) and together below 1"
-            )
-        self.split_seed, self.label_seed, self.labeled = split_seed, label_seed, labeled
+        self.val_fraction = check("datamodule.val_fraction", val_fraction)
+        self.test_fraction = check("datamodule.test_fraction", test_fraction)
+        check_together({"datamodule.val_fraction": val_fraction, "datamodule.test_fraction": test_fraction})
+        self.split_seed = check("datamodule.split_seed", split_seed)
+        self.label_seed, self.labeled = check("datamodule.label_seed", label_seed), labeled
         check("datamodule.train_batches_per_epoch", train_batches_per_epoch)  # null: one pass over the data
         self.train_batches_per_epoch = train_batches_per_epoch
         self.device_budget = float(check("datamodule.device_budget", device_budget))
-        self.augment = BatchAugment(**(augment or {}))
+        self.augment = BatchAugment.from_config("datamodule.augment", augment)
         # The stored splits: {"image": uint8 (N, C, h, w) at the size read, "label": long (N,)}; see decode().
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
         self.mean = self.std = None  # of the decoded training pixels, 0-dim float32, on the splits' device
@@ -227,16 +227,26 @@ class InMemoryImageDataModule(PretuneDataModule):
         images, labels, classes = self.load()
         idx = np.arange(len(labels))
         held = self.val_fraction + self.test_fraction
-        train_idx, rest = train_test_split(idx, test_size=held, stratify=labels, random_state=self.split_seed)
-        val_idx, test_idx = train_test_split(
-            rest, test_size=self.test_fraction / held, stratify=labels[rest], random_state=self.split_seed
-        )
+        try:
+            train_idx, rest = train_test_split(idx, test_size=held, stratify=labels, random_state=self.split_seed)
+            val_idx, test_idx = train_test_split(
+                rest, test_size=self.test_fraction / held, stratify=labels[rest], random_state=self.split_seed
+            )
+        except ValueError as err:  # a split too small to hold every class (scikit-learn says which)
+            raise ConfigError(
+                f"datamodule.val_fraction={self.val_fraction}, datamodule.test_fraction={self.test_fraction}:"
+                f" each split of the {len(labels)} images needs an image of every class ({err})"
+            ) from err
         return {
             s: (images[i], labels[i]) for s, i in (("train", train_idx), ("val", val_idx), ("test", test_idx))
         }, classes
 
     # --- shared logic -------------------------------------------------------------------
     def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) as the config asks: ``channels`` (grey repeated to RGB, RGB averaged to grey),
+        ``image_size``."""
+        if images.shape[1] != self.channels:
+            images = images.repeat(1, self.channels, 1, 1) if images.shape[1] == 1 else images.mean(1, keepdim=True)
         if images.shape[-1] == self.image_size and images.shape[-2] == self.image_size:
             return images
         return F.interpolate(

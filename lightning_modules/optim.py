@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from lightning_modules.config.errors import ConfigError
+from lightning_modules.config.library import library_error
 from lightning_modules.config.schema import check
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -69,9 +69,7 @@ def implementation(choice: str, params) -> dict:
 
 
 def build_optimizer(cfg: dict, backbone, head) -> torch.optim.Optimizer:
-    name = cfg.get("name", "adamw")
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"optimizer.name={name} is unknown: allowed are {sorted(OPTIMIZERS)}")
+    name = check("optimizer.name", cfg.get("name", "adamw"))
     extra = {}
     if name == "sgd":
         extra = {"momentum": cfg.get("momentum", 0.9), "nesterov": cfg.get("nesterov", False)}
@@ -79,7 +77,10 @@ def build_optimizer(cfg: dict, backbone, head) -> torch.optim.Optimizer:
         extra = {"betas": tuple(cfg["betas"])}
     groups = param_groups(backbone, head, cfg)
     extra.update(implementation(cfg.get("implementation", "auto"), [p for g in groups for p in g["params"]]))
-    return OPTIMIZERS[name](groups, lr=cfg["lr"], **extra)
+    try:
+        return OPTIMIZERS[name](groups, lr=cfg["lr"], **extra)
+    except (ValueError, TypeError) as err:  # torch refusing a value: its message, naming the key
+        raise library_error("optimizer", cfg, err) from err
 
 
 def cosine_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -156,9 +157,7 @@ SCHEDULES = ("cosine", "step", "plateau", "none")
 
 def build_scheduler(cfg: dict, optimizer, total_steps: int, steps_per_epoch: int = 1) -> dict:
     """Lightning scheduler dict, stepped every batch (a constant schedule too, so ``lr_scale`` holds)."""
-    name = cfg.get("name", "none")
-    if name not in SCHEDULES:
-        raise ConfigError(f"scheduler.name={name} is unknown: allowed are {list(SCHEDULES)}")
+    name = check("scheduler.name", cfg.get("name", "none"))
     warmup = round(cfg.get("warmup_fraction", 0.0) * total_steps)
     step_size = max(1, round(cfg.get("step_epochs", 1) * steps_per_epoch))
     sched = GroupScaledLR(

@@ -244,3 +244,10 @@ def test_on_the_cpu_nothing_is_placed():
     before = dm.splits["train"]["image"]
     assert dm.place("cpu") == "cpu" and dm.splits["train"]["image"] is before
     assert dm.batch_device() == {}
+
+
+def test_a_label_fraction_just_below_one_keeps_every_label():
+    """Found by the config fuzz: 0.999 left one label to split off, fewer than the classes (scikit-learn refused)."""
+    full, dm = DigitsDataModule(), DigitsDataModule(label_fraction=0.999)
+    full.setup(), dm.setup()
+    assert _labels(dm) == _labels(full)

@@ -14,6 +14,7 @@ from timm.models import group_parameters
 from lightning_modules.backbones.base import Backbone
 from lightning_modules.backbones.weight_files import is_file_init, load_weight_file
 from lightning_modules.config.errors import ConfigError
+from lightning_modules.config.library import library_error
 
 PREPROCESS_KEYS = ("mean", "std", "input_size")  # model.<key> overrides the weights' pretrained config
 
@@ -40,12 +41,13 @@ class TimmBackbone(Backbone):
         init = str(model_cfg.get("init", "none"))
         try:
             backbone = cls(name, kwargs, pretrained=init == "timm")
-        except RuntimeError as err:
-            if "Unknown model" in str(err):
+        except Exception as err:
+            if isinstance(err, RuntimeError) and "Unknown model" in str(err):
                 raise ConfigError(f"model.name={name} is not a timm model (see timm.list_models())") from err
-            raise
-        except TypeError as err:
-            raise ConfigError(f"model.kwargs for {name} are not accepted by timm: {err}") from err
+            if init == "timm" and not isinstance(err, TypeError):
+                raise  # fetching the pretrained weights: handoff.build_backbone says what failed
+            # timm (or torch) refusing a keyword argument: its message, naming the key
+            raise library_error("model", {"name": name, "kwargs": kwargs}, err, f"model.kwargs for {name}") from err
         overrides = {k: model_cfg.get(k) for k in PREPROCESS_KEYS if model_cfg.get(k) is not None}
         backbone.set_preprocessing(overrides, from_weights=init == "timm" or is_file_init(init))
         return backbone

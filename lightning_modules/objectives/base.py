@@ -56,6 +56,15 @@ class Objective(nn.Module):
 def build_objective(conf, backbone, data) -> Objective:
     """The objective ``conf`` names, on ``backbone`` and the data ``spec``. Both are passed as they are:
     given to Hydra's ``instantiate`` directly, a dataclass spec would be turned into a config."""
-    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
-    return instantiate(conf, _partial_=True)(backbone=backbone, data=data)
+    from lightning_modules.config.library import bad_arguments, build, library_error
+
+    make = build(conf, "objective", _partial_=True)
+    try:
+        return make(backbone=backbone, data=data)
+    except TypeError as err:  # an argument the objective does not take (+objective.foo=1): one line naming it
+        if bad_arguments(err, "/hydra/"):  # raised where Hydra's partial calls the class
+            values = OmegaConf.to_container(conf, resolve=True) if OmegaConf.is_config(conf) else dict(conf)
+            raise library_error("objective", values, err) from err
+        raise

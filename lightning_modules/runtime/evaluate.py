@@ -75,7 +75,7 @@ def _device(cfg: DictConfig) -> torch.device:
 def _evaluate(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, verbose=False)
     task = cfg.task
-    datamodule = build(cfg.datamodule, labeled=task == "zero_shot")
+    datamodule = build(cfg.datamodule, "datamodule", labeled=task == "zero_shot")
     backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True), data=datamodule)
     datamodule.use_backbone(backbone)
     datamodule.setup("fit")
