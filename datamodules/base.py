@@ -4,6 +4,8 @@
 - ``spec`` after ``setup``: an ``ImageSpec``/``TextSpec`` for the objectives and backbones.
 - ``use_backbone(backbone)``: called by the run before ``setup``, so a source can take from the backbone what
   turns its raw input into tensors (a text source its tokenizer); an image source needs nothing.
+- ``can_cache_features()`` / ``cache_features(encode)``: whether a frozen backbone's features can be computed
+  once and carried in the batches (in-memory data, no augmentation), and doing it (callbacks/feature_cache.py).
 - ``eval_loader(split, batch_size=None, sharded=True)``: a split in order, as validation and test see it
   (``sharded=False``: all of it on this process).
 - Loaders shard every global batch across ranks (``shard``) and reshuffle by epoch (``epoch``), so a run
@@ -21,6 +23,13 @@ class PretuneDataModule(pl.LightningDataModule):
 
     def use_backbone(self, backbone) -> None:
         """Take what this source needs from the backbone before ``setup`` (nothing, by default)."""
+
+    def can_cache_features(self) -> bool:
+        """Whether ``cache_features`` can store features for every example (False: a source that streams)."""
+        return False
+
+    def cache_features(self, encode) -> None:
+        raise NotImplementedError
 
     def epoch(self) -> int:
         trainer = getattr(self, "trainer", None)

@@ -10,7 +10,9 @@ A backbone
 - describes its architecture as a plain dict (``spec``: its ``type`` and the arguments that rebuild it), which
   the hand-off saves next to the weights and compares with the model config;
 - keeps the library model as ``self.model``, whose state dict is the exported weights, and whatever turns
-  raw input into tensors (``processor``: a tokenizer for text, None for images), saved with the weights.
+  raw input into tensors (``processor``: a tokenizer for text, None for images), saved with the weights;
+- answers a batch that already carries its pooled ``features`` (computed once for a backbone frozen for the
+  whole run, ``callbacks/feature_cache.py``) with those, without running.
 
 Subclasses say how their parameters fall into groups (``grouped_parameter_names``); one function here turns
 that into ``LayerGroup``s, the same way for every kind of model.
@@ -24,6 +26,8 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+
+FEATURES = "features"  # the batch entry holding a frozen backbone's pooled features, when cached
 
 
 @dataclass
@@ -48,6 +52,11 @@ class Backbone(nn.Module):
         super().__init__()
         self.model = model
         self.num_features = int(num_features)
+
+    def __call__(self, batch, *args, **kwargs):
+        if isinstance(batch, dict) and FEATURES in batch:  # precomputed by the feature cache: nothing to run
+            return batch[FEATURES]
+        return super().__call__(batch, *args, **kwargs)
 
     # --- what a subclass provides ---------------------------------------------------------------------
     @classmethod

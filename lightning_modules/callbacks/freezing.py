@@ -48,6 +48,7 @@ class LayerFreezing(BaseFinetuning):
         super().__init__()
         self.train_bn = train_bn
         self.frozen_groups: list = []
+        self._backbone = None  # set while every group is frozen
 
     def frozen_count(self, epoch: int, num_groups: int) -> int:
         raise NotImplementedError
@@ -56,6 +57,11 @@ class LayerFreezing(BaseFinetuning):
         """Raise a ConfigError for parameters that do not fit this backbone, before training starts."""
         self.frozen_count(0, len(backbone.layer_groups()))
 
+    def frozen_throughout(self, num_groups: int, epochs: int) -> bool:
+        """Whether every group stays frozen, in eval mode, for all ``epochs``: the backbone is then a fixed
+        function of its input (what lets callbacks/feature_cache.py compute its features once)."""
+        return not self.train_bn and all(self.frozen_count(e, num_groups) == num_groups for e in range(epochs))
+
     def apply(self, pl_module, epoch: int) -> None:
         groups = pl_module.backbone.layer_groups()
         n = self.frozen_count(epoch, len(groups))
@@ -63,9 +69,14 @@ class LayerFreezing(BaseFinetuning):
             for p in group.params.values():
                 p.requires_grad = i >= n
         self.frozen_groups = groups[:n]
+        self._backbone = pl_module.backbone if n == len(groups) else None
         self._set_eval()
 
     def _set_eval(self) -> None:
+        # A wholly frozen backbone is a fixed feature extractor: all of it in eval mode, including modules that
+        # hold no parameters (a dropout before a removed classifier), so it computes the same features every time.
+        if self._backbone is not None:
+            self._backbone.eval()
         for group in self.frozen_groups:
             for module in group.modules:
                 module.eval()

@@ -45,6 +45,10 @@ class Classification(Objective):
                 num_classes=self.num_classes,
             )
 
+    @property
+    def pooled_only(self) -> bool:
+        return self.mix is None  # mixup/cutmix change the images the backbone sees
+
     def forward(self, backbone, batch):
         labels = batch["label"]
         if self.training and self.mix is not None:

@@ -22,6 +22,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_modules.backbones.handoff import build_backbone, resolve_init, state_differences
 from lightning_modules.callbacks.export import BackboneExport
+from lightning_modules.callbacks.feature_cache import FeatureCache
 from lightning_modules.callbacks.forgetting import ForgettingProbe
 from lightning_modules.callbacks.monitor import LayerGroupMonitor, count_params
 from lightning_modules.callbacks.seeding import EpochSeed
@@ -149,7 +150,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     if cfg.model.get("compile"):  # torch.compile of forward (backbone + objective's loss); weights stay as they are
         module.compile()
 
-    callbacks = _callbacks(cfg, out_dir, backbone, datamodule)
+    callbacks = _callbacks(cfg, out_dir, backbone, datamodule, objective)
     loggers = _loggers(cfg, out_dir)
     # Checkpoints are what the callbacks config says (callbacks=none: none), not a checkpoint Lightning adds.
     checkpoints = any(isinstance(c, ModelCheckpoint) for c in callbacks)
@@ -181,15 +182,20 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     return metrics
 
 
-def _callbacks(cfg: DictConfig, out_dir: Path, backbone, datamodule) -> list:
+def _callbacks(cfg: DictConfig, out_dir: Path, backbone, datamodule, objective) -> list:
     """The configured callbacks, then what the stage adds: per-epoch seeding; when fine-tuning the freezing
-    strategy, the per-group monitor and the forgetting probe; when pre-training the backbone export."""
+    strategy, the per-group monitor, the feature cache (a backbone frozen throughout) and the forgetting probe;
+    when pre-training the backbone export."""
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(EpochSeed(cfg.seed))
     if cfg.stage == "finetune":
         freezer = build(cfg.freeze)
         freezer.validate(backbone)  # e.g. freeze.layers beyond the backbone's groups: fail before training
         callbacks += [freezer, LayerGroupMonitor()]
+        epochs = cfg.trainer.get("max_epochs") or 0
+        if OmegaConf.select(cfg, "finetune.cache_features", default=False) and epochs > 0:
+            if FeatureCache.reason_not(freezer, backbone, datamodule, objective, epochs) is None:
+                callbacks.append(FeatureCache())
         if OmegaConf.select(cfg, "finetune.measure_forgetting", default=False):
             callbacks.append(ForgettingProbe(str(cfg.model.init), cfg.model.source, backbone, datamodule))
     else:
