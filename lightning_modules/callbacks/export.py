@@ -36,5 +36,5 @@ class BackboneExport(Callback):
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 meta = OmegaConf.to_container(OmegaConf.load(self.target / CONFIG))
-                name = wandb_runs.artifact_name(self.cfg.model.name, self.cfg.objective._target_)
+                name = wandb_runs.artifact_name(self.cfg.model, self.cfg.objective._target_)
                 wandb_runs.log_backbone(logger.experiment, self.target, name, meta)

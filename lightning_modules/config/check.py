@@ -42,3 +42,13 @@ def check_config(cfg: DictConfig) -> None:
         from lightning_modules.backbones.handoff import find_backbone_dir
 
         find_backbone_dir(init)  # raises a ConfigError naming model.init when there is nothing there
+    tokenizer = _get(cfg, "model.tokenizer")
+    if tokenizer:  # a text backbone from scratch on another backbone's tokenizer
+        if init != "none":
+            raise ConfigError(
+                f"model.tokenizer={tokenizer} is for a backbone built from scratch (model.init=none);"
+                f" model.init={init} brings its own tokenizer"
+            )
+        from lightning_modules.backbones.tokenizer import tokenizer_dir
+
+        tokenizer_dir(str(tokenizer))  # raises a ConfigError naming model.tokenizer when there is nothing there

@@ -101,6 +101,7 @@ RULES: dict[str, Rule | Choice] = {
     "model.vocab_size": Rule(int, low=300),  # byte-level BPE alone starts from 256 byte tokens
     "model.dropout": Rule(float, low=0, high=1, high_open=True),
     "model.pooling": Choice(("cls", "mean", "last")),
+    "model.tokenizer": Choice(nullable=True),  # a pre-training run, backbone/ dir or hf:<model> (checked in check.py)
     "trainer.max_epochs": Rule(int, low=-1, nullable=True),  # -1: no limit (Lightning's meaning)
     "objective.mask_ratio": Rule(float, low=0, high=1, low_open=True, high_open=True),
     "objective.temperature": POSITIVE,
