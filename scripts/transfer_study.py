@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""The main job: what did pre-training buy? Pre-train once, then fine-tune from scratch and from the
-pre-trained backbone under several strategies at a low label fraction, over several seeds, each
-strategy at its own best learning rate (chosen on validation), and write a report.
+"""The main job: what did pre-training buy? Pre-train once, then fine-tune from scratch, from the
+pre-trained backbone under several strategies and from ImageNet weights, at low label fractions, over
+several seeds, each strategy at its own best learning rate (chosen on validation), and write a report.
+The same study on text (``conf/transfer_study_text.yaml``): MLM pre-training on the embedded corpus, then the
+embedded labeled task from scratch, from that backbone and from MiniLM.
 
     python scripts/transfer_study.py                 # what `make run` runs
     python scripts/transfer_study.py 'seeds=[0,1,2,3,4]' 'label_fractions=[0.02,0.1]'
+    python scripts/transfer_study.py --config-name transfer_study_text   # what `make run-text` runs
 """
 
 import sys
@@ -63,9 +66,14 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     started = time.time()
     pre_dir = study_dir / "pretrain"
-    print(f"pre-training ({' '.join(cfg.pretrain)}) ...", flush=True)
-    pre = _run_stage("pretrain", [*cfg.common, *cfg.pretrain], pre_dir)
-    print(f"  done in {pre['time/run_s']:.0f}s, val/loss {pre['val/loss']:.3f}", flush=True)
+    pre = None
+    # Pre-train only when a strategy starts from this study's backbone (init: model strategies bring their own),
+    # or takes its tokenizer (tokenizer: pretrained).
+    uses = lambda s: (s.pretrained and s.get("init") != "model") or s.get("tokenizer") == "pretrained"  # noqa: E731
+    if any(uses(s) for s in cfg.strategies.values()):
+        print(f"pre-training ({' '.join(cfg.pretrain)}) ...", flush=True)
+        pre = _run_stage("pretrain", [*cfg.common, *cfg.pretrain], pre_dir)
+        print(f"  done in {pre['time/run_s']:.0f}s, val/loss {pre['val/loss']:.3f}", flush=True)
 
     jobs = [
         (fraction, name, lr, seed)
@@ -78,12 +86,18 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
     rows = []
     for i, (fraction, name, lr, seed) in enumerate(jobs, 1):
         strategy = cfg.strategies[name]
-        init = f"model.init={pre_dir}" if strategy.pretrained else "model.init=none"
+        # init: model keeps the model config's own model.init (weights from elsewhere, e.g. ImageNet's)
+        if strategy.get("init") == "model":
+            init = []
+        else:
+            init = [f"model.init={pre_dir}" if strategy.pretrained else "model.init=none"]
+        if strategy.get("tokenizer") == "pretrained":  # random weights on the pre-trained backbone's vocabulary
+            init.append(f"model.tokenizer={pre_dir}")
         overrides = [
             *cfg.common,
             *cfg.finetune,
             *strategy.overrides,
-            init,
+            *init,
             f"datamodule.label_fraction={fraction}",
             f"optimizer.lr={lr}",
             f"seed={seed}",
@@ -95,6 +109,7 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
                 "label_fraction": fraction,
                 "strategy": name,
                 "pretrained": bool(strategy.pretrained),
+                "start": strategy.get("start") or ("pre-trained" if strategy.pretrained else "random"),
                 "frozen_groups": strategy.get("frozen_groups", ""),
                 "forgetting": m.get("forgetting/increase", ""),
                 "lr": lr,

@@ -142,6 +142,8 @@ def test_a_frozen_text_backbone_computes_its_features_once_and_the_probe_trains_
         "datamodule.label_fraction=0.1",
         "trainer.max_epochs=2",
         "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
         "callbacks=none",
         "optimizer.lr=0.05",
     ]

@@ -38,6 +38,7 @@ def select_and_summarise(rows: list[dict], baseline: str) -> list[dict]:
                     "label_fraction": fraction,
                     "strategy": name,
                     "pretrained": chosen[0]["pretrained"],
+                    "start": chosen[0].get("start") or ("pre-trained" if chosen[0]["pretrained"] else "random"),
                     "lr": lr,
                     "seeds": len(chosen),
                     "val_acc": statistics.fmean(r["val_acc"] for r in chosen),
@@ -141,18 +142,23 @@ def _plot_depth(summary: list[dict], path: Path) -> bool:
 
 
 def headline(summary: list[dict]) -> list[str]:
-    """Per label fraction: the best pre-trained strategy (by validation) against scratch."""
+    """Per label fraction and start (the study's own pre-training, ImageNet weights ...): its best strategy (by
+    validation) against scratch."""
     lines = []
     for fraction in dict.fromkeys(s["label_fraction"] for s in summary):
         entries = [s for s in summary if s["label_fraction"] == fraction]
-        best = max((s for s in entries if s["pretrained"]), key=lambda s: s["val_acc"])
         scratch = next(s for s in entries if not s["pretrained"])
-        lines.append(
-            f"- **{100 * fraction:g}% labels:** {best['strategy']} (best pre-trained strategy on validation)"
-            f" {100 * best['test_acc']:.1f}% vs scratch {100 * scratch['test_acc']:.1f}% test accuracy:"
-            f" **{100 * best['gain']:+.1f} ± {100 * best['gain_std']:.1f} points** (paired over"
-            f" {best['seeds']} seeds, smallest per-seed gain {100 * best['gain_min']:+.1f})"
-        )
+        for start in dict.fromkeys(s.get("start", "pre-trained") for s in entries if s["pretrained"]):
+            best = max(
+                (s for s in entries if s["pretrained"] and s.get("start", "pre-trained") == start),
+                key=lambda s: s["val_acc"],
+            )
+            lines.append(
+                f"- **{100 * fraction:g}% labels:** {best['strategy']} (best {start} strategy on validation)"
+                f" {100 * best['test_acc']:.1f}% vs scratch {100 * scratch['test_acc']:.1f}% test accuracy:"
+                f" **{100 * best['gain']:+.1f} ± {100 * best['gain_std']:.1f} points** (paired over"
+                f" {best['seeds']} seeds, smallest per-seed gain {100 * best['gain_min']:+.1f})"
+            )
     return lines
 
 
@@ -171,10 +177,16 @@ def write_report(study_dir: Path, cfg, rows: list[dict], summary: list[dict], pr
         "",
         *headline(summary),
         "",
-        f"Pre-training: `{' '.join([*cfg.common, *cfg.pretrain])}` (final val/loss {pretrain['val/loss']:.3f},"
-        f" {pretrain['time/run_s']:.0f}s). Fine-tuning: `{' '.join(cfg.finetune)}`; seeds {list(cfg.seeds)}"
-        " (each seed draws its own labeled subset and fine-tuning init; every strategy sees the same subsets,"
-        " augmentation and step budget). Each strategy uses the learning rate with the best mean validation"
+        (
+            f"Pre-training: `{' '.join([*cfg.common, *cfg.pretrain])}` (final val/loss {pretrain['val/loss']:.3f},"
+            f" {pretrain['time/run_s']:.0f}s). "
+            if pretrain
+            else "No pre-training (no strategy starts from it). "
+        )
+        + f"Fine-tuning: `{' '.join(cfg.finetune)}`; seeds {list(cfg.seeds)}"
+        " (each seed draws its own labeled subset and fine-tuning init; every strategy sees the same subsets and"
+        " augmentation, and this step budget unless its overrides below change it). Each strategy uses the learning"
+        " rate with the best mean validation"
         " accuracy among its candidates; test accuracy is reported for that choice only.",
         "",
         "| labels | strategy | init | trainable params | lr (chosen on val) | val acc | test acc (mean ± std) |"
@@ -185,7 +197,7 @@ def write_report(study_dir: Path, cfg, rows: list[dict], summary: list[dict], pr
         gain = "—" if not s["pretrained"] else f"{100 * s['gain']:+.1f} ± {100 * s['gain_std']:.1f}"
         forget = "—" if s["forgetting"] is None else f"{s['forgetting'][0]:+.3f} ± {s['forgetting'][1]:.3f}"
         lines.append(
-            f"| {100 * s['label_fraction']:g}% | {s['strategy']} | {'pre-trained' if s['pretrained'] else 'random'}"
+            f"| {100 * s['label_fraction']:g}% | {s['strategy']} | {s.get('start', 'pre-trained')}"
             f" | {s['trainable']:,} | {s['lr']:g} | {pct(s['val_acc'])} | {pct(s['test_acc'])} ± {pct(s['test_std'])}"
             f" | {pct(s['test_min'])}–{pct(s['test_max'])} | {gain} |"
             f" {forget} |"
@@ -199,6 +211,10 @@ def write_report(study_dir: Path, cfg, rows: list[dict], summary: list[dict], pr
             if _plot_depth(summary, study_dir / "freeze_depth.png")
             else []
         ),
+        "Each strategy's own overrides, after the fine-tuning ones above:",
+        "",
+        *(f"- {name}: `{' '.join(strategy.overrides)}`" for name, strategy in cfg.strategies.items()),
+        "",
         f"All {len(rows)} fine-tuning runs (every LR and seed) are in `results.csv`; each has its own run"
         f" directory under `finetune/`. Study wall time: {seconds:.0f}s.",
         "",
