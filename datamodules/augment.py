@@ -7,12 +7,15 @@ per-sample brightness/contrast jitter, Gaussian noise and random erasing.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_modules.config.errors import ConfigError
+from lightning_modules.config.schema import check
 from lightning_modules.runtime.distributed import shard_draw
 
 
@@ -40,6 +43,17 @@ class BatchAugment(nn.Module):
             float(noise),
             float(erase),
         )
+
+    @classmethod
+    def from_config(cls, key: str, augment: dict | None) -> BatchAugment:
+        """The augmentation a config node (``datamodule.augment``, ``objective.augment``) describes, each
+        value checked by its rule under ``key``; null means none."""
+        known = inspect.signature(cls.__init__).parameters.keys() - {"self"}
+        for name, value in (augment or {}).items():
+            if name not in known:
+                raise ConfigError(f"{key}.{name} is unknown: allowed are {', '.join(sorted(known))}")
+            check(f"{key}.{name}", value)
+        return cls(**(augment or {}))
 
     @property
     def is_identity(self) -> bool:

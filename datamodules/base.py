@@ -9,7 +9,8 @@
 - ``eval_loader(split, batch_size=None, sharded=True)``: a split in order, as validation and test see it
   (``sharded=False``: all of it on this process).
 - Loaders shard every global batch across ranks (``shard``) and reshuffle by epoch (``epoch``), so a run
-  resumed at epoch k, or split over W processes, sees the batches the uninterrupted single process sees.
+  resumed at epoch k, or split over W processes, sees the batches the uninterrupted single process sees; a
+  train loader skips ``batches_trained()`` batches, so a run resumed from a mid-epoch checkpoint does too.
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ class PretuneDataModule(pl.LightningDataModule):
     def epoch(self) -> int:
         trainer = getattr(self, "trainer", None)
         return trainer.current_epoch if trainer is not None else 0
+
+    def batches_trained(self) -> int:
+        """On a resume from a mid-epoch checkpoint, the current epoch's batches already trained (Lightning's
+        restored progress), which the train loader skips; else 0."""
+        from lightning_modules.callbacks.seeding import resuming_mid_epoch
+
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not resuming_mid_epoch(trainer):
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
     def shard(self) -> dict:
         """This process's place in a distributed run: every loader shards each global batch by it."""

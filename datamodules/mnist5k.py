@@ -25,6 +25,6 @@ class MNIST5kDataModule(InMemoryImageDataModule):
     def load(self):
         path = mnist5k_path()
         with gzip.open(path, "rt") as fh:
-            table = np.loadtxt(fh, delimiter=",", dtype=np.float32)  # 784 pixels, then the label
-        images = torch.from_numpy(table[:, :-1] / 255.0).view(-1, 1, 28, 28)
-        return self.resize(images), table[:, -1].astype(np.int64), tuple(str(c) for c in range(10))
+            table = np.loadtxt(fh, delimiter=",", dtype=np.float32)  # 784 pixels (0..255), then the label
+        images = torch.from_numpy(table[:, :-1].astype(np.uint8)).view(-1, 1, 28, 28)  # 28x28; resized per batch
+        return images, table[:, -1].astype(np.int64), tuple(str(c) for c in range(10))

@@ -1,7 +1,8 @@
 """What objectives and backbones need to know about the data, per modality, whatever its source.
 
 Each spec names its ``modality`` (the batch entries it fills): ``image`` batches hold ``image`` (and
-``label``), ``text`` batches ``input_ids`` and ``attention_mask`` (and ``label``).
+``label``), ``text`` batches ``input_ids`` and ``attention_mask`` (and ``label``), ``image_text`` batches
+both (an image and one of its captions).
 """
 
 from __future__ import annotations
@@ -34,4 +35,20 @@ class TextSpec:
     pad_id: int
     num_classes: int = 0  # 0 when unlabeled (pre-training)
     class_names: tuple[str, ...] = ()
+    tokenizer: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class ImageTextSpec:
+    """Image–caption pairs: batches hold ``image`` (channels x image_size²) and the caption's ``input_ids`` and
+    ``attention_mask`` (the text tower's tokenizer, right-padded with ``pad_id``, at most ``max_length`` long);
+    evaluation batches also ``image_id`` and ``caption_id`` (which image, which distinct caption), for retrieval."""
+
+    modality: ClassVar[str] = "image_text"
+
+    channels: int
+    image_size: int
+    vocab_size: int
+    max_length: int
+    pad_id: int
     tokenizer: Any = field(default=None, compare=False, repr=False)

@@ -133,6 +133,7 @@ class TextDataModule(PretuneDataModule):
             seed=self.shuffle_seed,
             epoch_fn=self.epoch,
             num_batches=self.train_batches_per_epoch,
+            skip_fn=self.batches_trained,
             **self.shard(),
         )
 
@@ -154,7 +155,7 @@ class TextDataModule(PretuneDataModule):
         return True  # nothing random reaches the backbone in a text batch (MLM's masks are the objective's)
 
     def cache_features(self, encode) -> None:
-        """Store each example's features next to it (``features``): ``encode(split, input_ids, batches)`` returns
+        """Store each example's features next to it (``features``): ``encode(split, identity, batches)`` returns
         them for the split's batches in order (callbacks/feature_cache.py); every batch then carries them."""
         done = []
         for name, tensors in self.splits.items():
@@ -162,4 +163,4 @@ class TextDataModule(PretuneDataModule):
                 continue
             done.append(tensors)
             batches = PaddedBatchLoader(dict(tensors), self.lengths[name], self.eval_batch_size, False, False)
-            tensors[FEATURES] = encode(name, tensors["input_ids"], batches)  # in place: loaders made already see it
+            tensors[FEATURES] = encode(name, [tensors["input_ids"]], batches)  # in place: loaders made already see it

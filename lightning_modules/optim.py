@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from lightning_modules.config.errors import ConfigError
+from lightning_modules.config.library import library_error
 from lightning_modules.config.schema import check
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -44,28 +44,43 @@ def layer_scales(num_groups: int, layer_decay: float | None, backbone_lr_scale: 
 
 
 def param_groups(backbone, head: torch.nn.Module, cfg: dict) -> list[dict]:
+    """One group per layer group (two: with and without weight decay), then the head's. Layer decay counts each
+    tower of a backbone made of towers (a dual encoder) on its own: each tower's top group gets ``lr * d``."""
     groups = []
-    layer_groups = backbone.layer_groups()
-    scales = layer_scales(len(layer_groups), cfg.get("layer_decay"), cfg.get("backbone_lr_scale", 1.0))
     wd = cfg.get("weight_decay", 0.0)
-    for g, scale in zip(layer_groups, scales, strict=True):
-        groups += _split_decay(g.params, wd, {"name": g.name, "layer_scale": scale, "lr_scale": scale})
+    for layer_groups in backbone.tower_groups().values():
+        scales = layer_scales(len(layer_groups), cfg.get("layer_decay"), cfg.get("backbone_lr_scale", 1.0))
+        for g, scale in zip(layer_groups, scales, strict=True):
+            groups += _split_decay(g.params, wd, {"name": g.name, "layer_scale": scale, "lr_scale": scale})
     head_params = dict(head.named_parameters())
     if head_params:
         groups += _split_decay(head_params, wd, {"name": "head", "layer_scale": 1.0, "lr_scale": 1.0})
     return groups
 
 
+def implementation(choice: str, params) -> dict:
+    """torch's keyword for ``optimizer.implementation``: ``fused`` (one kernel for all parameters; CUDA),
+    ``foreach`` (a few batched kernels), ``loop`` (a loop over tensors). ``auto`` is ``fused`` when every
+    parameter is on a CUDA device, and torch's own default elsewhere (on the CPU: the loop), so CPU runs are
+    unchanged."""
+    if check("optimizer.implementation", choice) == "auto":
+        return {"fused": True} if params and all(p.is_cuda for p in params) else {}
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[choice]
+
+
 def build_optimizer(cfg: dict, backbone, head) -> torch.optim.Optimizer:
-    name = cfg.get("name", "adamw")
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"optimizer.name={name} is unknown: allowed are {sorted(OPTIMIZERS)}")
+    name = check("optimizer.name", cfg.get("name", "adamw"))
     extra = {}
     if name == "sgd":
         extra = {"momentum": cfg.get("momentum", 0.9), "nesterov": cfg.get("nesterov", False)}
     elif "betas" in cfg:
         extra = {"betas": tuple(cfg["betas"])}
-    return OPTIMIZERS[name](param_groups(backbone, head, cfg), lr=cfg["lr"], **extra)
+    groups = param_groups(backbone, head, cfg)
+    extra.update(implementation(cfg.get("implementation", "auto"), [p for g in groups for p in g["params"]]))
+    try:
+        return OPTIMIZERS[name](groups, lr=cfg["lr"], **extra)
+    except (ValueError, TypeError) as err:  # torch refusing a value: its message, naming the key
+        raise library_error("optimizer", cfg, err) from err
 
 
 def cosine_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -142,9 +157,7 @@ SCHEDULES = ("cosine", "step", "plateau", "none")
 
 def build_scheduler(cfg: dict, optimizer, total_steps: int, steps_per_epoch: int = 1) -> dict:
     """Lightning scheduler dict, stepped every batch (a constant schedule too, so ``lr_scale`` holds)."""
-    name = cfg.get("name", "none")
-    if name not in SCHEDULES:
-        raise ConfigError(f"scheduler.name={name} is unknown: allowed are {list(SCHEDULES)}")
+    name = check("scheduler.name", cfg.get("name", "none"))
     warmup = round(cfg.get("warmup_fraction", 0.0) * total_steps)
     step_size = max(1, round(cfg.get("step_epochs", 1) * steps_per_epoch))
     sched = GroupScaledLR(

@@ -5,6 +5,7 @@
     python scripts/benchmark.py --tiny         # seconds: checks the benchmark itself (no timing worth reading)
     python scripts/benchmark.py --compare trainer.precision=bf16-mixed   # pretune vs pretune + overrides
     python scripts/benchmark.py --overhead "finetune: resnet_micro"     # pretune's extra ms a step, an epoch
+    python scripts/benchmark.py --device cuda  # on a GPU: against a tuned hand loop, data on the device (~6 min)
 
 Each case runs the plain loop and pretune's real run path (``run(cfg)`` on the composed config, with the
 default callbacks, CSV logger and progress bar) interleaved, ``--repeats`` times; the table shows medians.
@@ -19,6 +20,7 @@ import argparse
 import atexit
 import contextlib
 import gc
+import importlib.util
 import json
 import logging
 import os
@@ -29,11 +31,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+# What the run path needs, checked first: a machine set up for another project (a GPU box) answers in one line.
+_NEEDED = ("torch", "hydra", "omegaconf", "pytorch_lightning", "timm", "torchmetrics", "sklearn", "safetensors", "yaml")
+_MISSING = [name for name in _NEEDED if importlib.util.find_spec(name) is None]
+if _MISSING:
+    sys.exit(f"error: scripts/benchmark.py needs {', '.join(_MISSING)} (not importable here); see README, Performance")
 
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
@@ -56,14 +65,25 @@ CASES = {
 COMMON = ["datamodule=digits", "trainer.accelerator=cpu"]  # a case's own datamodule= comes later and wins
 
 
+def _now(device: torch.device | None = None) -> float:
+    """Wall-clock time once the device's queued work is done (a GPU runs behind the host)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
 class Clock(Callback):
-    """Wall-clock times of the fit loop (and the last training loss), written to ``path`` as JSON."""
+    """Wall-clock times of the fit loop and its epochs (and the last training loss), written to ``path`` as JSON.
+    On a GPU each mark waits for the queued work: once an epoch, not per step."""
 
     def __init__(self, path: str):
-        self.path, self.times, self.loss = path, {"created": time.time()}, None
+        self.path, self.times, self.loss = path, {"created": time.time(), "epochs": []}, None
 
     def on_train_start(self, trainer, pl_module):
-        self.times.update(train_start=time.time(), cpu_start=time.process_time())
+        self.times.update(train_start=_now(pl_module.device), cpu_start=time.process_time())
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.times["epochs"].append(_now(pl_module.device))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.times.setdefault("first_step", time.time())
@@ -73,7 +93,7 @@ class Clock(Callback):
         self.loss = outputs["loss"].detach()  # no .item() here: the clock must not add a sync per step
 
     def on_train_end(self, trainer, pl_module):
-        self.times.update(train_end=time.time(), cpu_end=time.process_time())
+        self.times.update(train_end=_now(pl_module.device), cpu_end=time.process_time())
         out = dict(self.times, steps=trainer.global_step, loss=float(self.loss))
         Path(self.path).write_text(json.dumps(out))
 
@@ -107,53 +127,101 @@ def pretune_run(cfg: DictConfig) -> dict:
     return dict(json.loads(clock.read_text()), start=start, metrics=metrics)
 
 
-def plain_run(cfg: DictConfig) -> dict:
-    """What one writes by hand: the same model, data, batches and optimizer, a bare loop, validation each epoch."""
+def plain_run(cfg: DictConfig, compile_options: dict | None = None) -> dict:
+    """What one writes by hand: the same model, data, batches and optimizer, a bare loop, validation each epoch.
+
+    On a GPU (``trainer.accelerator=gpu``) it is a tuned hand loop: the splits on the device (indexed there),
+    bf16 autocast as ``trainer.precision`` says, fused AdamW, TF32 matmuls, channels-last for CNNs, and
+    ``torch.compile`` of the forward with ``compile_options`` (None: eager)."""
     from datamodules.in_memory import BatchLoader
+    from lightning_modules.module import use_channels_last
     from lightning_modules.objectives.base import build_objective
     from lightning_modules.optim import build_optimizer, build_scheduler
+    from lightning_modules.runtime.run import matmul_precision
 
     start = time.time()
+    device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
+    torch.set_float32_matmul_precision(matmul_precision(cfg))
     torch.manual_seed(cfg.seed)  # as run(): seed, data, backbone, objective, so the initial weights are the same
     dm, backbone = _data_and_backbone(cfg)
+    if hasattr(dm, "place"):  # in-memory images: on the accelerator once, as run() does
+        dm.place(device)
     objective = build_objective(cfg.objective, backbone, dm.spec)
-    model = torch.nn.ModuleList([backbone, objective])
+    channels_last = use_channels_last(cfg.model.get("channels_last", "auto"), backbone, device)
+
+    class Model(torch.nn.Module):  # the forward pretune compiles: backbone + objective, loss included
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.objective = backbone, objective
+
+        def forward(self, batch):
+            if channels_last:
+                batch = dict(batch, image=batch["image"].contiguous(memory_format=torch.channels_last))
+            return self.objective(self.backbone, batch)
+
+    model = Model().to(device)
+    if channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    if compile_options is not None:
+        torch._dynamo.reset()  # as pretune does at a run's start: no earlier run's graphs in the caches
+    forward = model if compile_options is None else torch.compile(model, **compile_options)
     optimizer = build_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True), backbone, objective)
+    bf16 = str(cfg.trainer.precision).startswith("bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     epochs, epoch = cfg.trainer.max_epochs, 0
     if dm.modality == "text":  # the datamodule's loader (padding per batch), told the epoch as Lightning would
         dm.epoch = lambda: epoch
         train = dm.train_dataloader()
     else:
         train = BatchLoader(
-            dm.splits["train"], dm.batch_size, True, True, dm.label_seed, lambda: epoch, dm.train_batches_per_epoch
+            dm.splits["train"],
+            dm.batch_size,
+            True,
+            True,
+            dm.label_seed,
+            lambda: epoch,
+            dm.train_batches_per_epoch,
+            transform=dm.decode,
+            **dm.batch_device(),
         )
     augment = getattr(dm, "augment", None)  # image sources augment whole batches; text has nothing to augment
     total = epochs * len(train)
     schedule = build_scheduler(OmegaConf.to_container(cfg.scheduler, resolve=True), optimizer, total, len(train))
     scheduler = schedule["scheduler"]
-    times = {"train_start": time.time(), "cpu_start": time.process_time()}
-    with runtime_cuda_check():  # as in a process that never imported Lightning (pretune's fit does the same)
+    compiled_before = _compile_seconds()
+    times = {"train_start": _now(device), "cpu_start": time.process_time(), "epochs": []}
+    with runtime_cuda_check(device.type == "cpu"):  # as in a process that never imported Lightning
         for epoch in range(epochs):
+            times["epochs"].append(_now(device))
             torch.manual_seed(cfg.seed * 10_007 + epoch)  # pretune's per-epoch seeding, so the draws match
             model.train()
             for batch in train:
                 times.setdefault("first_step", time.time())
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # placed already: no-op
                 if augment is not None:
                     batch = dict(batch, image=augment(batch["image"]))
-                loss = objective(backbone, batch)["loss"]
+                with autocast:
+                    loss = forward(batch)["loss"]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 times.setdefault("first_step_end", time.time())
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 for batch in dm.val_dataloader():
-                    out = objective(backbone, batch)
+                    out = forward(batch)
                     if "logits" in out:
                         (out["logits"].argmax(-1) == out["target"]).float().mean()
-    times.update(train_end=time.time(), cpu_end=time.process_time())
+    times.update(train_end=_now(device), cpu_end=time.process_time())
+    times["compile_s"] = _compile_seconds() - compiled_before
     return dict(times, start=start, steps=total, loss=float(loss.detach()))
+
+
+def _compile_seconds() -> float:
+    from torch._dynamo.utils import calculate_time_spent
+
+    return calculate_time_spent().get("total_wall_time", 0.0)
 
 
 def _data_and_backbone(cfg: DictConfig):
@@ -190,7 +258,7 @@ def loader_options(batches: int = 300) -> list[tuple[str, float, float]]:
 
     dm = instantiate(make_cfg("finetune", [], _scratch()).datamodule)
     dm.setup("fit")
-    data = dm.splits["train"]
+    data = dm.decode(dm.splits["train"])  # float32, as the workers would hand them over
 
     class Batches(torch.utils.data.Dataset):  # one item = one whole batch, indexed from the tensors
         def __len__(self):
@@ -485,6 +553,292 @@ def overhead(case: str, repeats: int, epochs: int = 4, overrides: tuple[str, ...
     return lines
 
 
+# --- on a GPU: pretune against a tuned hand loop whose data sit on the device --------------------------------
+
+GPU_DATA = [
+    "datamodule=digits",  # 1,797 real 8x8 digits, upscaled on the device per batch (stored as uint8)
+    "datamodule.image_size=224",
+    "datamodule.batch_size=256",
+    "datamodule.eval_batch_size=512",
+    "datamodule.train_batches_per_epoch=30",
+    "trainer=gpu",  # bf16-mixed
+    "trainer.max_epochs=3",
+    "logger=csv",
+]
+VIT_S, R50 = ["model=timm", "model.name=vit_small_patch16_224"], ["model=timm", "model.name=resnet50"]
+# case: (stage, overrides, compiled)
+GPU_CASES = {
+    "fine-tune vit_small_patch16_224": ("finetune", VIT_S, False),
+    "fine-tune resnet50 (channels-last)": ("finetune", R50, False),
+    "MAE pre-train vit_small_patch16_224": ("pretrain", ["objective=mae", *VIT_S], False),
+    "fine-tune vit_small_patch16_224, compiled": ("finetune", VIT_S, True),
+    "MAE pre-train vit_small_patch16_224, compiled": ("pretrain", ["objective=mae", *VIT_S], True),
+}
+# --tiny: the same logic on the CPU in seconds (tiny models, 32 px, fp32; compiled with aot_eager, no codegen).
+TINY_DATA = [
+    "datamodule=digits",
+    "datamodule.batch_size=16",
+    "datamodule.train_batches_per_epoch=3",
+    "trainer.accelerator=cpu",
+    "trainer.max_epochs=2",
+    "logger=csv",
+]
+TINY_CASES = {
+    "fine-tune vit_micro": ("finetune", ["model=vit_micro"], False),
+    "fine-tune resnet_micro": ("finetune", ["model=resnet_micro"], False),
+    "MAE pre-train vit_micro": ("pretrain", ["objective=mae", "model=vit_micro"], False),
+    "fine-tune vit_micro, compiled": ("finetune", ["model=vit_micro"], True),
+}
+
+
+def gpu_cfg(stage: str, overrides: list[str], out_dir: Path, tiny: bool) -> DictConfig:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name=stage, overrides=(TINY_DATA if tiny else GPU_DATA) + overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+    return cfg
+
+
+class SyncCount(Callback):
+    """Host syncs in the steady-state training steps of epoch 1 (from its second batch to its validation), counted
+    with torch.cuda.set_sync_debug_mode("warn"), with where each one came from."""
+
+    def __init__(self):
+        self.steps, self.syncs, self._recording = 0, [], None
+
+    def _stop(self):
+        if self._recording is not None:
+            torch.cuda.set_sync_debug_mode(0)
+            caught = [w for w in self._recording[1] if "synchroniz" in str(w.message)]
+            self.syncs += [str(w.message).splitlines()[0] + " @ " + _caller(w) for w in caught]
+            self._recording[0].__exit__(None, None, None)
+            self._recording = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx >= 1 and pl_module.device.type == "cuda":
+            if self._recording is None:
+                catcher = warnings.catch_warnings(record=True)
+                self._recording = (catcher, catcher.__enter__())
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+            self.steps += 1
+
+    def on_validation_start(self, trainer, pl_module):
+        self._stop()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._stop()
+
+
+def _caller(w) -> str:
+    return f"{Path(w.filename).name}:{w.lineno}"
+
+
+def _steady(r: dict, images_per_step: int, steps_per_epoch: int) -> float:
+    """Images per second over the epochs after the first (compilation and warm-up excluded), validation included."""
+    marks = [*r["epochs"], r["train_end"]]
+    return images_per_step * steps_per_epoch * (len(marks) - 2) / (marks[-1] - marks[1])
+
+
+def flops_per_image(cfg: DictConfig, device: torch.device) -> float:
+    """Training FLOPs per image (one forward and backward of backbone + objective, as torch counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lightning_modules.backbones.handoff import build_backbone
+    from lightning_modules.objectives.base import build_objective
+
+    dm = instantiate(cfg.datamodule, labeled=cfg.stage == "finetune")
+    dm.setup("fit")
+    dm.place(device)
+    backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True))
+    objective = build_objective(cfg.objective, backbone, dm.spec)
+    model = torch.nn.ModuleList([backbone, objective]).to(device)
+    batch = next(iter(dm.train_dataloader()))
+    batch = {k: v.to(device) for k, v in batch.items()}
+    bf16 = str(cfg.trainer.precision).startswith("bf16")
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = objective(backbone, batch)["loss"]
+        loss.backward()
+    del model
+    return counter.get_total_flops() / len(batch["image"])
+
+
+def matmul_peak_tflops(device: torch.device, tiny: bool) -> float:
+    """The device's measured dense matmul rate (bf16 on a GPU), the ceiling MFU is quoted against."""
+    n, dtype = (512, torch.float32) if tiny else (8192, torch.bfloat16)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps = 3 if tiny else 50
+    start = _now(device)
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (_now(device) - start) / 1e12
+
+
+def _timed_checkpoints():
+    """Patch Trainer.save_checkpoint to add up the training thread's time in it (and count the saves)."""
+    import pytorch_lightning as pl
+
+    spent = {"s": 0.0, "n": 0}
+    original = pl.Trainer.save_checkpoint
+
+    def save_checkpoint(self, *args, **kwargs):
+        start = _now(self.strategy.root_device)
+        out = original(self, *args, **kwargs)
+        spent["s"] += _now(self.strategy.root_device) - start
+        spent["n"] += 1
+        return out
+
+    pl.Trainer.save_checkpoint = save_checkpoint
+    return spent, lambda: setattr(pl.Trainer, "save_checkpoint", original)
+
+
+def gpu_pretune_run(cfg: DictConfig) -> dict:
+    """pretune's run path with a Clock, the sync counter and the checkpoint timer; peak memory of the device."""
+    device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    counter = SyncCount()
+    with open_dict(cfg):
+        cfg.callbacks = cfg.get("callbacks") or {}
+        cfg.callbacks.bench_syncs = {"_target_": f"{__name__}._the_sync_counter"}
+    _SYNC_COUNTER[0] = counter
+    spent, restore = _timed_checkpoints()
+    try:
+        out = pretune_run(cfg)
+    finally:
+        restore()
+    ckpts = Path(cfg.paths.output_dir) / "checkpoints"
+    out.update(
+        syncs=counter.syncs,
+        sync_steps=counter.steps,
+        checkpoint_s=spent["s"],
+        checkpoints=spent["n"],
+        checkpoint_mb=sum(f.stat().st_size for f in ckpts.glob("*.ckpt")) / 2**20 if ckpts.is_dir() else 0.0,
+        compile_s=out["metrics"].get("time/compile_s", 0.0),
+        peak_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
+    )
+    return out
+
+
+_SYNC_COUNTER: list = [None]
+
+
+def _the_sync_counter():
+    return _SYNC_COUNTER[0]
+
+
+def gpu_plain_run(cfg: DictConfig, compile_options: dict | None) -> dict:
+    device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    out = plain_run(cfg, compile_options)
+    out["peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return out
+
+
+def gpu_benchmark(
+    tiny: bool = False, repeats: int = 2, peak_tflops: float | None = None, out_root: Path = ROOT / "outputs" / "bench"
+) -> Path:
+    """The cases of GPU_CASES (TINY_CASES with ``tiny``), pretune and the hand loop interleaved, ``repeats`` times
+    for eager cases and once for compiled ones; writes ``bench_gpu.md`` and ``results.json``."""
+    from lightning_modules.runtime import run as run_module
+
+    device = torch.device("cpu" if tiny else "cuda")
+    cases = TINY_CASES if tiny else GPU_CASES
+    compile_options = {"backend": "aot_eager"} if tiny else {}
+    tmp, out_dir = _scratch(), out_root / (datetime.now().strftime("%Y-%m-%d_%H-%M-%S") + "_gpu")
+    peak = peak_tflops or matmul_peak_tflops(device, tiny)
+    results = {}
+    for i, (case, (stage, extra, compiled)) in enumerate(cases.items()):
+        more = ["model.compile=true"] if compiled else []
+        flops = flops_per_image(gpu_cfg(stage, extra, tmp / "flops", tiny), device)
+        runs = {"hand": [], "pretune": []}
+        for r in range(1 if compiled else repeats):
+            for loop in ("hand", "pretune") if r % 2 == 0 else ("pretune", "hand"):
+                cfg = gpu_cfg(stage, extra + more, tmp / f"case{i}-{loop}-{r}", tiny)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if loop == "hand":
+                    runs[loop].append(gpu_plain_run(cfg, compile_options if compiled else None))
+                    continue
+                before, run_module.COMPILE_OPTIONS = run_module.COMPILE_OPTIONS, compile_options
+                try:
+                    runs[loop].append(gpu_pretune_run(cfg))
+                finally:
+                    run_module.COMPILE_OPTIONS = before
+        cfg = gpu_cfg(stage, extra, tmp / "shape", tiny)
+        results[case] = dict(
+            runs,
+            flops_per_image=flops,
+            batch=cfg.datamodule.batch_size,
+            steps_per_epoch=cfg.datamodule.train_batches_per_epoch,
+            epochs=cfg.trainer.max_epochs,
+        )
+    table = gpu_table(results, peak, device, tiny)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench_gpu.md").write_text(table)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    print(table + f"\nwritten to {out_dir / 'bench_gpu.md'}")
+    return out_dir / "bench_gpu.md"
+
+
+def gpu_table(results: dict, peak: float, device: torch.device, tiny: bool) -> str:
+    import pytorch_lightning as pl
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (--tiny: the logic, not a measurement)"
+    first = next(iter(results.values()))
+    lines = [
+        f"pretune against a tuned hand loop with its data on the device: {name}, torch {torch.__version__},"
+        f" Lightning {pl.__version__}, {first['epochs']} epochs of {first['steps_per_epoch']} steps, batch"
+        f" {first['batch']}, {'fp32' if tiny else 'bf16-mixed, 224 px'}; medians of interleaved runs"
+        f" (compiled cases: one run each). Matmul peak measured here: {peak:.3g} TFLOP/s"
+        f" ({'fp32' if tiny else 'bf16'}).",
+        f"`python scripts/benchmark.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "",
+        "| case | hand img/s | pretune img/s | pretune / hand | steady state: hand / pretune img/s | pretune TFLOP/s"
+        " (MFU) | compile s: hand / pretune | peak GB: hand / pretune | checkpoints: s an epoch (MB) | host syncs"
+        " in steady steps | final loss hand / pretune |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case, res in results.items():
+        hand, pre = res["hand"], res["pretune"]
+        images = res["batch"] * res["steps_per_epoch"] * res["epochs"]
+
+        def rate(r, images=images):  # images/s over the fit loop, validation (and compilation) included
+            return images / (r["train_end"] - r["train_start"])
+
+        hand_rate, pre_rate = _median(map(rate, hand)), _median(map(rate, pre))
+        ratio = _median(rate(b) / rate(a) for a, b in zip(hand, pre, strict=True))
+        steady = [_median(_steady(r, res["batch"], res["steps_per_epoch"]) for r in runs) for runs in (hand, pre)]
+        tflops = res["flops_per_image"] * pre_rate / 1e12
+        syncs = pre[0]["syncs"]
+        where = "; ".join(sorted(set(syncs)))[:300]
+        ckpt = _median(r["checkpoint_s"] for r in pre) / res["epochs"]
+        lines.append(
+            f"| {case} | {hand_rate:,.0f} | {pre_rate:,.0f} | **{ratio:.2f}** | {steady[0]:,.0f} / {steady[1]:,.0f}"
+            f" | {tflops:.1f} ({100 * tflops / peak:.1f}%) | {_median(r['compile_s'] for r in hand):.1f} /"
+            f" {_median(r['compile_s'] for r in pre):.1f} | {_median(r['peak_gb'] for r in hand):.1f} /"
+            f" {_median(r['peak_gb'] for r in pre):.1f} | {ckpt:.2f} ({pre[0]['checkpoint_mb']:.0f})"
+            f" | {len(syncs)} in {pre[0]['sync_steps']}{': ' + where if syncs else ''}"
+            f" | {hand[-1]['loss']:.4f} / {pre[-1]['loss']:.4f} |"
+        )
+    lines += [
+        "",
+        "img/s: training images over the fit loop, first epoch start to last epoch end, each epoch's validation (and,"
+        " for pretune, its checkpoints and logging) included; steady state: the same without the first epoch"
+        " (compilation, warm-up). TFLOP/s: torch's FLOP count of one training step per image times pretune's img/s;"
+        " MFU against the matmul peak measured above. Checkpoints: the training thread's time in"
+        " Trainer.save_checkpoint per epoch (last.ckpt every epoch, best.ckpt when validation improves; the files"
+        " are written by a background thread) and the files' size. Host syncs: counted with"
+        " torch.cuda.set_sync_debug_mode over epoch 1's steps after its first (none on a CPU).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3)
@@ -496,11 +850,34 @@ def main() -> None:
     parser.add_argument(
         "--overhead", metavar="CASE", help="where pretune's extra time goes, per step and per epoch, for a case"
     )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: pretune against a tuned hand loop on the GPU (bench_gpu.md; with --tiny: its logic on the CPU)",
+    )
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's peak for MFU (default: a measured bf16 matmul)")
     parser.add_argument("--memory-child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--loaders-folder",
+        nargs="?",
+        const="all",
+        choices=["throughput", "memory", "accuracy", "all"],
+        help="streaming data: loader vs training throughput, flat memory, in-memory vs streamed accuracy",
+    )
+    from scripts import bench_streaming
+
+    bench_streaming.add_arguments(parser)
     args = parser.parse_args()
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    if args.device == "cuda":
+        if not args.tiny and not torch.cuda.is_available():
+            sys.exit("error: --device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
+        return gpu_benchmark(args.tiny, repeats=2 if args.repeats == 5 else args.repeats, peak_tflops=args.peak_tflops)
     if args.memory_child:
         return memory_child(args.memory_child[0], args.memory_child[1], args.memory_child[2:])
+    if args.loaders_folder:
+        return bench_streaming.run_mode(args.loaders_folder, args)
     if args.loaders:
         print("| loader | s to first batch | batches/s |\n|---|---:|---:|")
         return print("\n".join(f"| {n} | {first:.3f} | {rate:.0f} |" for n, first, rate in loader_options()))

@@ -12,8 +12,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lightning_modules.config.errors import ConfigError  # noqa: E402
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -25,13 +23,14 @@ def main(argv=None) -> int:
         help="also log the table and plots as a W&B run (job_type report) in the sweep's group; offline without a key",
     )
     args = parser.parse_args(argv)
-    from lightning_modules.reports.sweep import write_sweep_report
+    from lightning_modules.runtime.failure import report
 
     try:
+        from lightning_modules.reports.sweep import write_sweep_report
+
         path = write_sweep_report(args.paths, args.out, wandb=args.wandb)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # one line; the traceback in <out>/error.log (HYDRA_FULL_ERROR=1: shown)
+        return report(err, args.out or args.paths[0] / "report")
     print(f"Report: {path}")
     return 0
 

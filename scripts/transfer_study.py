@@ -22,37 +22,101 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from lightning_modules.config.errors import ConfigError  # noqa: E402
 
 
-def _run_stage(stage: str, overrides: list[str], out_dir: Path) -> dict:
+def _stage_config(stage: str, overrides: list[str], out_dir: Path, pending: tuple = ()) -> DictConfig:
+    """A stage's config as its script would compose it, checked (before anything heavy is imported);
+    ``pending``: keys whose value does not exist yet (the pre-training run's backbone, before it ran)."""
     from hydra import compose
 
     from lightning_modules.config.check import check_config
-    from lightning_modules.runtime.run import run
 
     cfg = compose(config_name=stage, overrides=[*overrides, f"paths.output_dir={out_dir}"])
-    check_config(cfg)
+    check_config(cfg, pending)
     # A DDP/FSDP rank re-runs its Hydra job: here that would be the whole study, once per rank.
     if "parallel." in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
         raise ConfigError(
             "trainer=ddp/fsdp is not supported inside the transfer study (its stages run in one process);"
             " run scripts/pretrain.py and scripts/finetune.py with trainer=ddp instead"
         )
-    return run(cfg)
+    return cfg
+
+
+def _run_stage(stage: str, overrides: list[str], out_dir: Path) -> dict:
+    from lightning_modules.runtime.run import run
+
+    return run(_stage_config(stage, overrides, out_dir))
+
+
+def _init(strategy: DictConfig, pre_dir: Path) -> str | None:
+    """Where a strategy's weights come from: this study's pre-training run, none (random), or None for the model
+    config's own model.init (``init: model``: weights from elsewhere, e.g. ImageNet's or MiniLM's)."""
+    return None if strategy.get("init") == "model" else str(pre_dir) if strategy.pretrained else "none"
+
+
+def _finetune_overrides(cfg: DictConfig, name: str, pre_dir: Path, fraction: float, lr: float, seed: int) -> list[str]:
+    """A fine-tuning job's overrides (``pre_dir``: this study's pre-training run). ``tokenizer: pretrained``:
+    random weights on that run's vocabulary (model.tokenizer)."""
+    strategy = cfg.strategies[name]
+    init = _init(strategy, pre_dir)
+    return [
+        *cfg.common,
+        *cfg.finetune,
+        *strategy.overrides,
+        *([f"model.init={init}"] if init is not None else []),
+        *([f"model.tokenizer={pre_dir}"] if strategy.get("tokenizer") == "pretrained" else []),
+        f"datamodule.label_fraction={fraction}",
+        f"optimizer.lr={lr}",
+        f"seed={seed}",
+    ]
+
+
+def check_study(cfg: DictConfig, study_dir: Path) -> None:
+    """The study's own values, then every stage config it will compose (each strategy once; model.init of the
+    pre-trained ones is pending: the backbone does not exist yet), so a bad override fails now, not after the
+    pre-training."""
+    from hydra.errors import HydraException
+
+    from lightning_modules.config.check import check_values
+    from lightning_modules.config.schema import STUDY_RULES
+
+    check_values(cfg, STUDY_RULES)
+    if "scratch" not in cfg.strategies:
+        raise ConfigError("strategies has no scratch entry: the report compares every strategy with it")
+    stages = {"pretrain": ([*cfg.common, *cfg.pretrain], ())}
+    for name, strategy in cfg.strategies.items():
+        fraction = strategy.get("label_fractions", cfg.label_fractions)[0]
+        overrides = _finetune_overrides(cfg, name, study_dir / "pretrain", fraction, strategy.lrs[0], cfg.seeds[0])
+        # what this study's pre-training run will provide is not there yet: checked once it is
+        pending = ("model.init",) if strategy.pretrained and strategy.get("init") != "model" else ()
+        pending += ("model.tokenizer",) if strategy.get("tokenizer") == "pretrained" else ()
+        stages[f"strategies.{name}"] = (overrides, pending)
+    for where, (overrides, pending) in stages.items():
+        try:
+            stage = "pretrain" if where == "pretrain" else "finetune"
+            _stage_config(stage, overrides, study_dir / "check", pending)
+        except HydraException as err:  # an override Hydra cannot apply (unknown key, bad syntax)
+            raise ConfigError(f"{where}: {str(err).splitlines()[0]}") from err
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from err
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="transfer_study")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from lightning_modules.runtime.failure import report as report_failure
+    from lightning_modules.runtime.failure import warnings_to_log
+
+    warnings_to_log()
     study_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         report = study(cfg, study_dir)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as err:
+        sys.exit(report_failure(err, study_dir))  # one line (HYDRA_FULL_ERROR=1: the traceback)
     print(f"\nReport: {report}")
 
 
 def study(cfg: DictConfig, study_dir: Path) -> Path:
+    check_study(cfg, study_dir)
     import logging
     import warnings
 
@@ -87,21 +151,7 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
     for i, (fraction, name, lr, seed) in enumerate(jobs, 1):
         strategy = cfg.strategies[name]
         # init: model keeps the model config's own model.init (weights from elsewhere, e.g. ImageNet's)
-        if strategy.get("init") == "model":
-            init = []
-        else:
-            init = [f"model.init={pre_dir}" if strategy.pretrained else "model.init=none"]
-        if strategy.get("tokenizer") == "pretrained":  # random weights on the pre-trained backbone's vocabulary
-            init.append(f"model.tokenizer={pre_dir}")
-        overrides = [
-            *cfg.common,
-            *cfg.finetune,
-            *strategy.overrides,
-            *init,
-            f"datamodule.label_fraction={fraction}",
-            f"optimizer.lr={lr}",
-            f"seed={seed}",
-        ]
+        overrides = _finetune_overrides(cfg, name, pre_dir, fraction, lr, seed)
         out = study_dir / "finetune" / f"labels{fraction:g}_{name}_lr{lr:g}_seed{seed}"
         m = _run_stage("finetune", overrides, out)
         rows.append(

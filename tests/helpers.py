@@ -121,3 +121,18 @@ class PauseAt:
                     time.sleep(600)
 
         return _Pause()
+
+
+class StopAtStep:
+    """A Lightning callback that ends fit after optimizer step ``step``, as if the run had been killed right after
+    a checkpoint taken at that step (in the middle of an epoch)."""
+
+    def __new__(cls, step: int):
+        from pytorch_lightning.callbacks import Callback
+
+        class _Stop(Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if trainer.global_step >= step:
+                    trainer.should_stop = True
+
+        return _Stop()

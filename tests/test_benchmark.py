@@ -39,3 +39,54 @@ def test_overhead_mode_times_the_same_segments_in_both_loops():
     from datamodules.augment import BatchAugment
 
     assert BatchAugment.forward.__name__ == "forward"
+
+
+def test_gpu_benchmark_logic_runs_on_the_cpu_in_tiny_mode(tmp_path):
+    # The GPU table's code path (hand loop with data placed, FLOP count, peak, per-epoch clock, checkpoint timer,
+    # compilation) on a tiny compiled case; both loops train the same model.
+    tiny = {"fine-tune vit_micro, compiled": benchmark.TINY_CASES["fine-tune vit_micro, compiled"]}
+    original = benchmark.TINY_CASES
+    benchmark.TINY_CASES = tiny
+    try:
+        table = benchmark.gpu_benchmark(tiny=True, repeats=1, out_root=tmp_path)
+    finally:
+        benchmark.TINY_CASES = original
+    text = table.read_text()
+    assert all(f"| {case} |" in text for case in tiny)
+    results = json.loads((table.parent / "results.json").read_text())
+    for case, res in results.items():
+        hand, pretune = res["hand"][0], res["pretune"][0]
+        assert pretune["loss"] == pytest.approx(hand["loss"], rel=1e-4), case
+        assert len(hand["epochs"]) == len(pretune["epochs"]) == 2 and res["flops_per_image"] > 0
+        assert pretune["checkpoints"] >= 2  # last.ckpt each epoch, timed
+    assert results["fine-tune vit_micro, compiled"]["pretune"][0]["compile_s"] > 0
+
+
+def test_gpu_benchmark_without_a_gpu_says_so_in_one_line():
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    result = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--device", "cuda"], cwd=benchmark.ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "error: --device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False)"
+    ]
+
+
+@pytest.mark.slow
+def test_the_streaming_throughput_table_measures_every_loader_against_a_training_step(tmp_path):
+    from scripts import bench_streaming
+
+    lines = bench_streaming.throughput(
+        tmp_path, images=192, workers=[1, 2], model="test_vit", device="cpu", train_batch=2, repeats=1
+    )
+    rows = [line for line in lines if line.startswith("| ") and "worker" in line]
+    assert len(rows) == 4  # 1 and 2 workers, with and without RandAugment
+    for row in rows:
+        folder, shards = (float(cell) for cell in row.split(" | ")[1:3])
+        assert folder > 0 and shards > 0, row

@@ -138,5 +138,6 @@ def test_an_unknown_model_type_is_one_line(tmp_path):
     from lightning_modules.config.check import check_config
     from lightning_modules.config.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"model.type=foo is unknown: allowed are \['timm', 'transformers'\]"):
+    allowed = r"\['dual_encoder', 'timm', 'transformers'\]"
+    with pytest.raises(ConfigError, match=rf"model.type=foo is unknown: allowed are {allowed}"):
         check_config(make_cfg("finetune", ["model.type=foo"], tmp_path))

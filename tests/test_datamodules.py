@@ -25,8 +25,8 @@ def test_digits_split_is_fixed_and_stratified():
     a.setup(), b.setup()
     sizes = {s: len(a.splits[s]["image"]) for s in ("train", "val", "test")}
     assert sum(sizes.values()) == 1797 and sizes["val"] == sizes["test"] == 270
-    assert torch.equal(a.splits["test"]["image"], b.splits["test"]["image"])  # seed never moves the test set
-    assert a.splits["train"]["image"].shape[1:] == (1, 32, 32)
+    assert torch.equal(a.images("test"), b.images("test"))  # seed never moves the test set
+    assert a.images("train").shape[1:] == (1, 32, 32)
     assert a.spec.num_classes == 10 and a.spec.channels == 1
 
 
@@ -71,7 +71,7 @@ def test_mnist5k_reads_the_shipped_file():
     dm = MNIST5kDataModule(image_size=28)
     dm.setup()
     total = sum(len(dm.splits[s]["image"]) for s in ("train", "val", "test"))
-    assert total == 5000 and dm.splits["train"]["image"].shape[1:] == (1, 28, 28)
+    assert total == 5000 and dm.images("train").shape[1:] == (1, 28, 28)
     assert sorted(set(_labels(dm))) == list(range(10))
 
 
@@ -107,7 +107,7 @@ def test_image_folder_with_val_and_test(tmp_path):
     dm = ImageFolderDataModule(root=str(tmp_path), image_size=16, channels=3, batch_size=4)
     dm.setup()
     assert dm.spec.class_names == ("cat", "dog")
-    assert dm.splits["train"]["image"].shape == (12, 3, 16, 16)
+    assert dm.images("train").shape == (12, 3, 16, 16)
     assert len(dm.splits["val"]["image"]) == 6 and len(dm.splits["test"]["image"]) == 6
 
 
@@ -163,3 +163,91 @@ def test_fixed_length_epochs_repeat_a_small_labeled_set():
     assert len({tuple(row.flatten().tolist()) for row in seen}) == 48  # no repeats within a pass
     with pytest.raises(ConfigError, match="datamodule.train_batches_per_epoch=0 is out of range"):
         DigitsDataModule(train_batches_per_epoch=0)
+
+
+# --- uint8 storage: the batches, losses and weights of the float32 path, bit for bit ------------------------
+
+
+def _float32_path(images: torch.Tensor, pixel_max: int, size: int) -> torch.Tensor:
+    """What the datamodules held before uint8 storage: float32 in [0, 1], the whole split resized at once."""
+    x = torch.from_numpy(images.numpy().astype(np.float32) / np.float32(pixel_max))
+    if x.shape[-1] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+@pytest.mark.parametrize("make", [DigitsDataModule, lambda **kw: MNIST5kDataModule(**kw)], ids=["digits", "mnist5k"])
+def test_uint8_storage_decodes_to_the_float32_path_bit_for_bit(make):
+    dm = make(batch_size=64, label_fraction=0.2)
+    dm.setup()
+    assert all(s["image"].dtype == torch.uint8 for s in dm.splits.values())
+    source, *_ = dm.load()
+    full = DigitsDataModule() if isinstance(dm, DigitsDataModule) else MNIST5kDataModule()
+    splits, _ = full.load_splits()
+    old_train = _float32_path(splits["train"][0], dm.pixel_max, 32)
+    mean, std = old_train.mean(), old_train.std()  # over all training images, as before
+    assert torch.equal(dm.mean, mean) and torch.equal(dm.std, std)
+    for split in ("val", "test"):
+        assert torch.equal(dm.images(split), (_float32_path(splits[split][0], dm.pixel_max, 32) - mean) / std)
+    # Training batches, decoded one by one (resized per batch), equal rows of the split decoded at once.
+    from datamodules.in_memory import BatchLoader
+
+    whole, stored = dm.images("train"), dm.splits["train"]["image"]
+    tagged = {"image": stored, "i": torch.arange(len(stored))}
+    for b in BatchLoader(tagged, 64, shuffle=True, drop_last=True, transform=dm.decode):
+        assert torch.equal(b["image"], whole[b["i"]])
+    assert source.dtype == torch.uint8 and stored.nbytes <= whole.nbytes / 4  # at most a quarter of float32
+
+
+def test_image_folder_is_stored_as_uint8_and_decodes_as_before(tmp_path):
+    _write_images(tmp_path, "train", ["a", "b"], n=10, size=12)
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=16, channels=3, batch_size=4)
+    dm.setup()
+    assert dm.splits["train"]["image"].dtype == torch.uint8
+    splits, _ = dm.load_splits()
+    old = {s: _float32_path(x, 255, 16) for s, (x, _) in splits.items()}  # PIL resized them to 16 at reading
+    mean, std = old["train"].mean(), old["train"].std()
+    for split in ("train", "val", "test"):
+        assert torch.equal(dm.images(split), (old[split] - mean) / std)
+
+
+class Float32Digits(DigitsDataModule):
+    """The float32 path: the decoded splits held in memory, batches taken from them as they are."""
+
+    def setup(self, stage=None):
+        if not self.splits:
+            super().setup(stage)
+            self.splits = {s: super(Float32Digits, self).decode(split) for s, split in self.splits.items()}
+
+    def decode(self, batch):
+        return batch
+
+
+def test_a_run_on_uint8_storage_equals_the_float32_path_bit_for_bit(cfg_factory, tmp_path):
+    from lightning_modules.runtime.run import run
+
+    common = ["model=resnet_micro", "trainer.max_epochs=2", "trainer.limit_train_batches=3", "datamodule.batch_size=32"]
+    new = run(cfg_factory("finetune", *common, name="uint8"))
+    old = run(cfg_factory("finetune", *common, "datamodule._target_=tests.test_datamodules.Float32Digits", name="f32"))
+    for key in ("train/loss", "val/loss", "val/acc", "test/acc"):
+        assert new[key] == old[key], key
+    a, b = (
+        torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        for name in ("uint8", "f32")
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_on_the_cpu_nothing_is_placed():
+    dm = DigitsDataModule()
+    dm.setup()
+    before = dm.splits["train"]["image"]
+    assert dm.place("cpu") == "cpu" and dm.splits["train"]["image"] is before
+    assert dm.batch_device() == {}
+
+
+def test_a_label_fraction_just_below_one_keeps_every_label():
+    """Found by the config fuzz: 0.999 left one label to split off, fewer than the classes (scikit-learn refused)."""
+    full, dm = DigitsDataModule(), DigitsDataModule(label_fraction=0.999)
+    full.setup(), dm.setup()
+    assert _labels(dm) == _labels(full)

@@ -89,6 +89,10 @@ def test_transfer_study_on_a_tiny_budget(tmp_path):
         "strategies.lp_ft.lrs=[1e-2]",
         'strategies.lp_ft.overrides=["freeze=lp_ft","freeze.probe_epochs=1","finetune.measure_forgetting=true"]',
         "label_fractions=[0.05]",
+        "~strategies.imagenet_finetune",
+        "strategies.imagenet_probe.lrs=[1e-2]",
+        'strategies.imagenet_probe.overrides=["model=efficientnet_lite0_imagenet","model.input_size=16",'
+        '"freeze.layers=all","datamodule.augment=null"]',
     ]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="transfer_study", overrides=overrides)
@@ -97,8 +101,11 @@ def test_transfer_study_on_a_tiny_budget(tmp_path):
     assert "| scratch | random |" in text and "| linear_probe | pre-trained |" in text
     assert (tmp_path / "transfer.png").stat().st_size > 1000
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
-    assert len(rows) == (2 + 1 + 1 + 1 + 1 + 1) * 2
-    assert {r["strategy"] for r in rows} == {"scratch", "linear_probe", "full_finetune", "first_2", "gradual", "lp_ft"}
+    assert len(rows) == (2 + 1 + 1 + 1 + 1 + 1 + 1) * 2
+    assert {r["strategy"] for r in rows} == {
+        *("scratch", "linear_probe", "full_finetune", "first_2", "gradual", "lp_ft", "imagenet_probe")
+    }
+    assert "| 5% | imagenet_probe | ImageNet |" in text and "(best ImageNet strategy on validation)" in text
     assert all(float(r["forgetting"]) != 0 for r in rows if r["strategy"] == "full_finetune")
     assert all(r["forgetting"] != "" for r in rows if r["strategy"] == "lp_ft")  # recorded (0 if the probe won)
     assert all(r["forgetting"] == "" for r in rows if r["strategy"] == "scratch")

@@ -182,3 +182,39 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, ca
     full_metrics, resumed_metrics = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("full", "cut"))
     for key in ("train/loss", "val/loss", *compared, "steps"):
         assert resumed_metrics[key] == full_metrics[key], key
+
+
+def test_a_run_resumed_from_a_mid_epoch_checkpoint_equals_the_uninterrupted_run(cfg_factory, tmp_path):
+    # last.ckpt every 4 steps of 6-step epochs: step 8 is the third batch of epoch 1. Augmentation (torch RNG) and
+    # mixup (numpy RNG) make every step's draws matter; the epoch's loss mean spans the cut; gradual unfreezing
+    # has another group trainable in epoch 1 than in epoch 0 (Lightning skips the epoch's start on such a resume).
+    common = [
+        "model=resnet_micro",
+        "datamodule.label_fraction=0.2",
+        "datamodule.batch_size=32",
+        "datamodule.train_batches_per_epoch=6",
+        "objective.mixup=0.2",
+        "freeze=gradual",
+        "freeze.every=1",
+        "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=3",
+        "callbacks.last_checkpoint.every_n_train_steps=4",
+    ]
+    full = run(cfg_factory("finetune", *common, name="full"))
+    run(
+        cfg_factory(
+            "finetune",
+            *common,
+            "+callbacks.stop._target_=tests.helpers.StopAtStep",
+            "+callbacks.stop.step=8",
+            name="cut",
+        )
+    )
+    assert torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
+    resumed = run(cfg_factory("finetune", *common, f"ckpt_path={tmp_path / 'cut'}", name="cut"))
+    assert resumed["steps"] == full["steps"] == 12
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for key in ("train/loss", "val/loss", "val/acc", "test/acc"):
+        assert resumed[key] == full[key], key

@@ -92,11 +92,14 @@ def test_separate_val_and_test_files_and_integer_labels_in_numeric_order(tmp_pat
     assert {s: len(t["label"]) for s, t in data.splits.items()} == dict.fromkeys(("train", "val", "test"), len(rows))
 
 
-def test_long_texts_are_truncated_and_counted_once(tmp_path, bert, caplog):
+def test_long_texts_are_truncated_and_counted_once(tmp_path, bert, caplog, monkeypatch):
     rows = [(t, "ab"[i % 2]) for i, t in enumerate(sample_texts())]
     data = TextClassificationDataModule(
         path=str(_write(tmp_path / "t.jsonl", rows, "jsonl")), max_length=16, batch_size=2
     )
+    # Lightning stops its logger propagating to the root (where caplog listens) when it was imported before
+    # any handler existed, which depends on test order.
+    monkeypatch.setattr(logging.getLogger("pytorch_lightning"), "propagate", True)
     with caplog.at_level(logging.INFO):
         _ready(data, bert)
     lines = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]

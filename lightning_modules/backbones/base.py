@@ -11,8 +11,14 @@ A backbone
   the hand-off saves next to the weights and compares with the model config;
 - keeps the library model as ``self.model``, whose state dict is the exported weights, and whatever turns
   raw input into tensors (``processor``: a tokenizer for text, None for images), saved with the weights;
+- says what its inputs should look like when its weights expect it (``preprocessing``: for images ``mean``,
+  ``std`` per channel and ``input_size``, from the weights' pretrained config; empty: the data's own), which
+  the datamodule takes in ``use_backbone``;
 - answers a batch that already carries its pooled ``features`` (computed once for a backbone frozen for the
   whole run, ``callbacks/feature_cache.py``) with those, without running.
+- may be made of *towers* (``towers()``: a dual encoder's ``image`` and ``text`` backbones), each a backbone
+  of its own: its layer groups are a stack of their own (``tower_groups()``), so freezing and layer-wise LR
+  decay count each tower from its own input side, and the hand-off exports each tower as its own backbone.
 
 Subclasses say how their parameters fall into groups (``grouped_parameter_names``); one function here turns
 that into ``LayerGroup``s, the same way for every kind of model.
@@ -45,8 +51,9 @@ class LayerGroup:
 class Backbone(nn.Module):
     """Base class: ``self.model`` is the wrapped library model, ``num_features`` the pooled width."""
 
-    modality: ClassVar[str]  # the batch entries it reads: "image" or "text"
+    modality: ClassVar[str]  # the batch entries it reads: "image", "text" or "image_text" (a dual encoder)
     type: ClassVar[str]  # the model.type that builds it (saved in backbone/config.yaml)
+    preprocessing: dict = {}  # what its weights expect of an input (images: mean, std, input_size); {}: nothing
 
     def __init__(self, model: nn.Module, num_features: int):
         super().__init__()
@@ -98,7 +105,20 @@ class Backbone(nn.Module):
     def save_processor(self, directory: Path) -> None:
         """Write the processor's files into ``directory`` (next to the weights); nothing for a backbone without."""
 
+    def towers(self) -> dict[str, Backbone]:
+        """The backbones this one is made of, by name (a dual encoder: ``image`` and ``text``); none for a
+        backbone of one piece."""
+        return {}
+
     # --- shared --------------------------------------------------------------------------------------
+    def tower_groups(self) -> dict[str, list[LayerGroup]]:
+        """The layer groups of each tower, input side first, by tower name; a backbone of one piece is one
+        tower named ``""``. A tower's groups are named ``<tower>/<group>`` (``image/stem``, ``text/embeddings``)."""
+        groups = self.layer_groups()
+        if not self.towers():
+            return {"": groups}
+        return {name: [g for g in groups if g.name.startswith(f"{name}/")] for name in self.towers()}
+
     def layer_groups(self) -> list[LayerGroup]:
         """Ordered layer groups, input side first. Called at every epoch start (freezing), so it walks the
         parameter names once instead of every module's parameters."""

@@ -1,5 +1,8 @@
 """Weight hand-off: export a backbone as ``backbone/`` (safetensors + config.yaml), load it back.
 
+A backbone made of towers (a dual encoder) also exports each tower as a backbone of its own, in a folder named
+after it (``backbone/image``, ``backbone/text``): a fine-tune loads one tower like any other backbone.
+
 Nothing here unpickles: weights travel as safetensors, the architecture as YAML.
 """
 
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from lightning_modules.backbones.weight_files import is_file_init, weight_file_path
 from lightning_modules.config.errors import ConfigError
 
 FORMAT = "pretune-backbone/1"
@@ -29,7 +33,7 @@ def find_backbone_dir(init: str) -> Path:
     if not path.exists():
         raise ConfigError(
             f"model.init={init}: no such path; allowed: none, timm, a pre-training run dir, a backbone/ dir"
-            " or hf:<Hugging Face model>"
+            ", file:<weight file> or hf:<Hugging Face model>"
         )
     raise ConfigError(f"model.init={init}: found no backbone/ with {WEIGHTS} and {CONFIG} there")
 
@@ -62,7 +66,8 @@ def export_backbone(
     backbone, target: Path, provenance: dict | None = None, objective=None, objective_cfg: dict | None = None
 ) -> Path:
     """Write ``target/`` = model.safetensors + config.yaml (+ the objective's heads and config when
-    given), atomically: a killed export leaves no half-written ``backbone/``."""
+    given; + each tower as a backbone of its own in ``target/<tower>``), atomically: a killed export leaves
+    no half-written ``backbone/``."""
     from safetensors.torch import save_model
 
     target = Path(target)
@@ -72,14 +77,19 @@ def export_backbone(
         backbone.save_processor(tmp)  # a tokenizer travels with the weights it was trained for
         if objective is not None:
             save_model(objective, str(tmp / OBJECTIVE_WEIGHTS))
+        towers = backbone.towers()
+        for name, tower in towers.items():  # each tower a backbone of its own, next to the whole
+            export_backbone(tower, tmp / name, provenance={**(provenance or {}), "tower": name})
+        features = backbone.num_features
         meta = {
             "format": FORMAT,
             **backbone.spec,
-            "num_features": int(backbone.num_features),
+            "num_features": {k: int(v) for k, v in features.items()} if isinstance(features, dict) else int(features),
             "layer_groups": [g.name for g in backbone.layer_groups()],
             "sha256": sha256_of(tmp / WEIGHTS),
             "provenance": provenance or {},
             "objective": objective_cfg,
+            **({"towers": list(towers)} if towers else {}),
         }
         (tmp / CONFIG).write_text(yaml.safe_dump(meta, sort_keys=False))
         if target.exists():
@@ -98,8 +108,11 @@ def spec_differences(saved: dict, wanted: dict) -> list[str]:
     if saved.get("type") != wanted.get("type") or saved.get("name") != wanted.get("name"):
         key = "type" if saved.get("type") != wanted.get("type") else "name"
         return [f"{key}: {saved.get(key)} (saved) vs {wanted.get(key)} (model)"]
+    nested = [k for k, v in wanted.items() if isinstance(v, dict) and "type" in v]  # towers: compared as specs
+    differences = [f"{k}.{d}" for k in nested for d in spec_differences(saved.get(k) or {}, wanted[k])]
+    wanted = {k: v for k, v in wanted.items() if k not in nested}
     flat_saved, flat_wanted = _flatten({k: saved.get(k) for k in wanted}), _flatten(wanted)
-    return [
+    return differences + [
         f"{key}: {flat_saved.get(key)} (saved) vs {flat_wanted.get(key)} (model)"
         for key in sorted(set(flat_saved) | set(flat_wanted))
         if flat_saved.get(key) != flat_wanted.get(key)
@@ -149,12 +162,32 @@ def state_differences(own: dict, saved: dict) -> str:
     )
 
 
+def saved_objective(source: dict | None, backbone, data):
+    """The pre-training objective saved next to a backbone (its config in ``config.yaml``, its heads in
+    ``objective.safetensors``), rebuilt on ``backbone`` and ``data`` with those weights; None when ``source`` (a
+    resolved ``model.init``) is not a pretune pre-training run that saved one."""
+    from safetensors.torch import load_file
+
+    from lightning_modules.objectives.base import build_objective
+
+    backbone_dir = Path(source["path"]) if source and "path" in source else None  # not hf:, a model of its own
+    meta = read_backbone_config(backbone_dir) if backbone_dir else {}
+    if not meta.get("objective") or not (backbone_dir / OBJECTIVE_WEIGHTS).is_file():
+        return None
+    objective = build_objective(meta["objective"], backbone, data)
+    objective.load_state_dict(load_file(str(backbone_dir / OBJECTIVE_WEIGHTS)), strict=True)
+    return objective
+
+
 def resolve_init(init: str) -> dict | None:
     """Where ``model.init``'s weights come from, as a run records it in its config (``model.source``):
-    the backbone dir, the sha256 of its weights, and the W&B artifact when it was fetched from one.
-    ``none`` and ``timm`` have no local source."""
+    the backbone dir (or the weight file of ``file:<path>``), the sha256 of its weights, and the W&B artifact
+    when it was fetched from one. ``none`` and ``timm`` have no local source."""
     if init in ("none", "timm"):
         return None
+    if is_file_init(init):
+        path = weight_file_path(init)
+        return {"path": str(path.resolve()), "sha256": sha256_of(path), "file": True}
     if init.startswith("hf:"):
         return _hf_source(init.removeprefix("hf:"))
     source = {}
@@ -203,9 +236,11 @@ def build_backbone(model_cfg: dict, data=None):
     if init == "none" or init.startswith("hf:"):  # from scratch, or a Hugging Face model (the class loads it)
         return cls.from_config(model_cfg, data)
     if init == "timm":
-        name, kwargs = model_cfg["name"], dict(model_cfg.get("kwargs") or {})
+        name = model_cfg["name"]
         try:
-            return cls(name, kwargs, pretrained=True)
+            return cls.from_config(model_cfg, data)
+        except ConfigError:
+            raise
         except Exception as err:  # timm/hub raise many types when offline or the weights don't exist
             raise ConfigError(
                 f"model.init=timm: could not load timm's pretrained weights for model.name={name}"
@@ -214,19 +249,39 @@ def build_backbone(model_cfg: dict, data=None):
                 " name with published weights"
             ) from err
     source = model_cfg.get("source") or resolve_init(init)
+    if is_file_init(init):
+        return _from_weight_file(cls, model_cfg, data, init, Path(source["path"]))
     backbone_dir = Path(source["path"])
     saved = read_backbone_config(backbone_dir)
     if saved.get("sha256") not in (None, source["sha256"]):
         raise ConfigError(
             f"model.init={init}: {WEIGHTS} is corrupt or truncated (its sha256 is not the one {CONFIG} recorded)"
         )
-    diffs = spec_differences(saved, cls.spec_of(model_cfg, saved))
+    wanted = cls.spec_of(model_cfg, saved)
+    diffs = spec_differences(saved, wanted)
     if diffs:
+        hint = "use the model config it was pre-trained with"
+        towers = [t for t in saved.get("towers") or [] if (saved.get(t) or {}).get("type") == wanted.get("type")]
+        if towers and wanted.get("type") != saved.get("type"):  # one of its towers is what this model can take
+            hint = f"its {' and '.join(towers)} tower is a backbone of its own: model.init={backbone_dir / towers[0]}"
         raise ConfigError(
             f"model.init={init}: the backbone's architecture does not match the model config ("
             + "; ".join(diffs)
-            + "); use the model config it was pre-trained with"
+            + f"); {hint}"
         )
     backbone = cls.from_config(model_cfg, data, directory=backbone_dir)
     load_backbone_weights(backbone, backbone_dir)
+    return backbone
+
+
+def _from_weight_file(cls, model_cfg: dict, data, init: str, path: Path):
+    """``model.init=file:<path>``: the configured backbone with the file's weights (backbones/weight_files.py)."""
+    if not hasattr(cls, "load_weight_file"):
+        raise ConfigError(f"model.init={init}: a weight file loads into model.type=timm, not {cls.type}")
+    backbone = cls.from_config(model_cfg, data)
+    notes = backbone.load_weight_file(path, model_cfg.get("init_map"), init)
+    from pytorch_lightning.utilities import rank_zero_info
+
+    for note in notes:
+        rank_zero_info(f"model.init={init}: {note}")
     return backbone

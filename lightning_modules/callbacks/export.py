@@ -1,5 +1,7 @@
 """At the end of pre-training: export ``backbone/`` (weights, architecture, processor, the objective's heads)
-and, when the run logs to W&B, log it as a model artifact, so fine-tunes can load it by path or by artifact."""
+and, when the run logs to W&B, log it as a model artifact, so fine-tunes can load it by path or by artifact.
+A backbone made of towers (a dual encoder) also logs each tower (``backbone/image``, ``backbone/text``) as an
+artifact of its own, named after the tower's model (``backbone-<model.text.name>-clip``)."""
 
 from __future__ import annotations
 
@@ -35,6 +37,10 @@ class BackboneExport(Callback):
 
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
-                meta = OmegaConf.to_container(OmegaConf.load(self.target / CONFIG))
-                name = wandb_runs.artifact_name(self.cfg.model, self.cfg.objective._target_)
-                wandb_runs.log_backbone(logger.experiment, self.target, name, meta)
+                meta = OmegaConf.to_container(OmegaConf.load(self.target / CONFIG))  # towers: exported with it
+                parts = [(self.target, self.cfg.model)]
+                parts += [(self.target / t, self.cfg.model[t]) for t in meta.get("towers") or []]
+                for directory, model_cfg in parts:
+                    name = wandb_runs.artifact_name(model_cfg, self.cfg.objective._target_)
+                    part_meta = OmegaConf.to_container(OmegaConf.load(directory / CONFIG))
+                    wandb_runs.log_backbone(logger.experiment, directory, name, part_meta)

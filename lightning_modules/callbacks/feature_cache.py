@@ -60,8 +60,8 @@ class FeatureCache(Callback):
         backbone.eval()
         weights = _digest(backbone.state_dict().values())
 
-        def encode(name: str, images: torch.Tensor, batches) -> torch.Tensor:
-            key = (weights, name, _digest([images]))
+        def encode(name: str, identity: list[torch.Tensor], batches) -> torch.Tensor:
+            key = (weights, name, _digest(identity))
             if key in _MEMO:
                 _MEMO.move_to_end(key)
                 self.reused += 1

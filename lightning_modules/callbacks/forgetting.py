@@ -3,16 +3,21 @@
 The pre-training run saved its objective's heads next to the backbone; here they are rebuilt and
 evaluated on the validation images (never used in pre-training), with the objective's randomness
 (masks, views) fixed, so before and after differ only by what fine-tuning did to the backbone.
+
+Weights from a file (``model.init=file:``, e.g. ImageNet's) come with their classifier, not with their data:
+the loss is then the classifier's cross-entropy against its own predictions before fine-tuning on the same
+held-out images (``ClassifierDrift``): their entropy before, and the increase is KL(before || after).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
+from torch import nn
 
-from lightning_modules.backbones.handoff import OBJECTIVE_WEIGHTS, read_backbone_config
+from lightning_modules.backbones.handoff import OBJECTIVE_WEIGHTS, saved_objective
 from lightning_modules.config.errors import ConfigError
-from lightning_modules.objectives.base import build_objective
 from lightning_modules.runtime.distributed import alone
 
 
@@ -22,23 +27,26 @@ class ForgettingProbe(Callback):
 
     def __init__(self, init: str, source: dict | None, backbone, datamodule, batch_size: int = 256):
         """``source``: where ``model.init`` resolved to (``handoff.resolve_init``); None for none/timm."""
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
-        backbone_dir = Path(source["path"]) if source and "path" in source else None  # not hf:, a model of its own
-        meta = read_backbone_config(backbone_dir) if backbone_dir else {}
-        weights = backbone_dir / OBJECTIVE_WEIGHTS if backbone_dir else None
-        if not meta.get("objective") or not weights.is_file():
-            raise ConfigError(
-                f"finetune.measure_forgetting=true needs model.init to be a pretune pre-training run whose"
-                f" backbone/ holds {OBJECTIVE_WEIGHTS}; model.init={init} does not"
-            )
-        self.objective = build_objective(meta["objective"], backbone, datamodule.spec)
-        self.objective.load_state_dict(load_file(str(weights)), strict=True)
         self.datamodule, self.batch_size = datamodule, batch_size
         self.before: float | None = None
         self.after: float | None = None
+        if source and source.get("file"):
+            head = getattr(backbone, "pretrained_head", None)
+            if head is None:
+                raise ConfigError(
+                    f"finetune.measure_forgetting=true with model.init={init} needs the file's classifier"
+                    " (a linear layer on the pooled features); this file holds none"
+                )
+            self.objective = ClassifierDrift(*head)
+            return
+        self.objective = saved_objective(source, backbone, datamodule.spec)
+        if self.objective is None:
+            tower = _tower_of(source)
+            raise ConfigError(
+                f"finetune.measure_forgetting=true needs model.init to be a pretune pre-training run whose"
+                f" backbone/ holds {OBJECTIVE_WEIGHTS}; model.init={init} does not"
+                + (f" (it is the {tower} tower of one: its pre-training loss needs every tower)" if tower else "")
+            )
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.before = self.loss(pl_module.backbone)
@@ -62,6 +70,8 @@ class ForgettingProbe(Callback):
         backbone.eval()
         self.objective.to(device).eval()
         total, count = 0.0, 0
+        if isinstance(self.objective, ClassifierDrift):
+            self.objective.rewind()
         # alone(): under DDP every rank probes all the images by itself, as before fine-tuning (no process
         # group yet); SimCLR would otherwise gather the other ranks' copies of the same images as negatives.
         with alone(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -73,3 +83,37 @@ class ForgettingProbe(Callback):
                 count += n
         backbone.train(was_training)
         return total / count
+
+
+class ClassifierDrift(nn.Module):
+    """The pre-trained classifier's cross-entropy against its own predictions on the same images before
+    fine-tuning (kept from the first pass over them, in order)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.head = nn.Linear(weight.shape[1], weight.shape[0])
+        self.head.load_state_dict({"weight": weight, "bias": bias})
+        self.targets: list[torch.Tensor] = []
+        self._next = 0
+
+    def rewind(self) -> None:
+        self._next = 0
+
+    def forward(self, backbone, batch) -> dict:
+        log_p = F.log_softmax(self.head(backbone(batch).float()), dim=-1)
+        if self._next == len(self.targets):
+            self.targets.append(log_p.exp())
+        target = self.targets[self._next].to(log_p.device)
+        self._next += 1
+        return {"loss": -(target * log_p).sum(-1).mean()}
+
+
+def _tower_of(source: dict | None) -> str | None:
+    """The tower name, when ``source`` is one tower exported by a pre-training of a backbone made of towers."""
+    from pathlib import Path
+
+    from lightning_modules.backbones.handoff import read_backbone_config
+
+    if not source or "path" not in source:
+        return None
+    return (read_backbone_config(Path(source["path"])).get("provenance") or {}).get("tower")

@@ -14,11 +14,15 @@ class Objective(nn.Module):
 
     ``forward(backbone, batch)`` returns a dict with ``loss`` and whatever the metrics need. Batches are
     dicts (``image``, ``label``, ``input_ids`` ...), never tuples; the backbone reads its own entries.
-    ``modalities`` says which inputs the objective takes; a backbone or data of another modality is refused
+    ``modalities`` says which inputs the objective takes (``image``, ``text``, ``image_text``: image–caption pairs
+    on a dual encoder); a backbone or data of another modality is refused
     here with one line (and before anything heavy runs, by ``config/check.py``, for the shipped configs).
     """
 
     modalities: ClassVar[tuple[str, ...]] = ("image",)
+    # True when forward only takes the backbone's pooled features of the batch as it comes (no views, masks or
+    # mixing): a frozen backbone's features can then be computed once (callbacks/feature_cache.py).
+    pooled_only: bool = False
     # For text: the kind of backbone it needs ("encoder": BERT-style, "decoder": GPT-style), or None for either.
     text_kind: ClassVar[str | None] = None
     # True when forward only takes the backbone's pooled features of the batch as it comes (no views, masks or
@@ -45,6 +49,9 @@ class Objective(nn.Module):
         """A torchmetrics collection fed by ``update_metrics``; ``None`` when the loss is the metric."""
         return None
 
+    def after_step(self) -> None:
+        """Called after every training step's optimizer update (CLIP keeps its logit scale clamped here)."""
+
     def update_metrics(self, metrics, output: dict) -> None:
         raise NotImplementedError
 
@@ -52,6 +59,15 @@ class Objective(nn.Module):
 def build_objective(conf, backbone, data) -> Objective:
     """The objective ``conf`` names, on ``backbone`` and the data ``spec``. Both are passed as they are:
     given to Hydra's ``instantiate`` directly, a dataclass spec would be turned into a config."""
-    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
-    return instantiate(conf, _partial_=True)(backbone=backbone, data=data)
+    from lightning_modules.config.library import bad_arguments, build, library_error
+
+    make = build(conf, "objective", _partial_=True)
+    try:
+        return make(backbone=backbone, data=data)
+    except TypeError as err:  # an argument the objective does not take (+objective.foo=1): one line naming it
+        if bad_arguments(err, "/hydra/"):  # raised where Hydra's partial calls the class
+            values = OmegaConf.to_container(conf, resolve=True) if OmegaConf.is_config(conf) else dict(conf)
+            raise library_error("objective", values, err) from err
+        raise

@@ -46,6 +46,16 @@ class MAE(Objective):
             )
         self.mask_ratio, self.norm_pix_loss = float(check("objective.mask_ratio", mask_ratio)), bool(norm_pix_loss)
         self.patch = vit.patch_embed.patch_size[0]
+        if self.norm_pix_loss and self.patch**2 * data.channels < 2:  # a patch's variance needs two values
+            raise ConfigError(
+                f"objective.norm_pix_loss=true needs patches of two values or more, but model.kwargs.patch_size="
+                f"{self.patch} on {data.channels} channel(s) gives one; set objective.norm_pix_loss=false"
+            )
+        if any(side % self.patch for side in vit.patch_embed.img_size or ()):  # patchify needs whole patches
+            raise ConfigError(
+                f"model.kwargs.patch_size={self.patch}: objective=mae needs the image size"
+                f" ({vit.patch_embed.img_size[0]}) to be a multiple of the patch size"
+            )
         num_patches = vit.patch_embed.num_patches
         self.decoder_embed = nn.Linear(vit.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))

@@ -47,7 +47,11 @@ def read_run(run: Path) -> dict:
     if not metrics_path.is_file():
         row["status"] = "missing"
         return row
-    metrics = json.loads(metrics_path.read_text())
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except (OSError, ValueError) as err:  # not what a run writes (it writes atomically): say so in the table
+        row["status"], row["error"] = "unreadable", f"{METRICS_FILE}: {err}"
+        return row
     row["status"] = metrics.get("status", "ok")
     row["error"] = metrics.get("error", "")
     row["metrics"] = {k: v for k, v in metrics.items() if k.startswith(METRIC_PREFIXES) and isinstance(v, (int, float))}

@@ -1,15 +1,15 @@
-"""What the Hydra entry points share: check the config, run, turn a user mistake into one line."""
+"""What the Hydra entry points share: check the config, run, turn any failure into one line."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.config.check import check_config
-from lightning_modules.config.errors import ConfigError, TrainingDiverged
-from lightning_modules.runtime.results import METRICS_FILE, is_rank_zero, write_metrics
+from lightning_modules.runtime.failure import report, warnings_to_log
+from lightning_modules.runtime.results import is_rank_zero, write_metrics
 
 
 def _in_multirun() -> bool:
@@ -19,30 +19,45 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _record_failure(cfg: DictConfig, err: Exception) -> None:
-    """A job refused before it ran still leaves a metrics.json saying so (run() records later failures)."""
+def _output_dir(cfg: DictConfig) -> Path | None:
     try:
-        out_dir = Path(cfg.paths.output_dir)
+        return Path(OmegaConf.select(cfg, "paths.output_dir", throw_on_missing=True))
     except Exception:  # no output dir to be had (e.g. the path itself is the mistake)
+        return None
+
+
+def _record_failure(cfg: DictConfig, out_dir: Path | None, err: Exception) -> None:
+    """The job leaves a metrics.json saying it failed, whatever an earlier attempt in this dir left."""
+    if out_dir is None or not is_rank_zero():
         return
-    if is_rank_zero() and not (out_dir / METRICS_FILE).exists():
-        write_metrics(out_dir, {"status": "failed", "stage": cfg.get("stage"), "error": str(err)})
+    try:
+        stage = OmegaConf.select(cfg, "stage", default=None, throw_on_missing=False)
+        error = f"{type(err).__name__}: {err}".splitlines()[0]
+        write_metrics(out_dir, {"status": "failed", "stage": stage if isinstance(stage, str) else None, "error": error})
+    except Exception:  # the output dir itself may be what failed
+        pass
 
 
 def main(cfg: DictConfig):
     """Run one job; returns ``optimized_metric`` for Hydra sweepers."""
+    warnings_to_log()
     try:
         check_config(cfg)
-        from lightning_modules.runtime.run import run  # heavy imports only once the config is known good
+        # heavy imports only once the config is known good
+        if cfg.get("stage") == "evaluate":
+            from lightning_modules.runtime.evaluate import evaluate as run
+        else:
+            from lightning_modules.runtime.run import run
 
         metrics = run(cfg)
-    except (ConfigError, TrainingDiverged) as err:
-        print(f"error: {err}", file=sys.stderr)
-        _record_failure(cfg, err)
+    except Exception as err:
+        out_dir = _output_dir(cfg)
+        _record_failure(cfg, out_dir, err)
+        code = report(err, out_dir)  # one line on stderr (HYDRA_FULL_ERROR=1: re-raised)
         if _in_multirun():
             # The sweep goes on; this job is recorded as failed in its metrics.json. None, not NaN:
             # the Optuna sweeper marks a trial that returns None as failed, but crashes on a NaN.
             return None
-        sys.exit(2 if isinstance(err, ConfigError) else 1)
+        sys.exit(code)
     # The value at the checkpoint that validation selected (what the run was tested with), else the last.
     return metrics.get(f"{cfg.optimized_metric}_best", metrics.get(cfg.optimized_metric))

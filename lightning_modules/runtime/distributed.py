@@ -65,6 +65,17 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]), sum(sizes[:rank])
 
 
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over all ranks (sum, then divide, as Lightning's ``sync_dist`` does), queued on the
+    device's stream: no barrier, so on GPUs the host does not wait for it."""
+    _, world = rank_world()
+    if world == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / world
+
+
 def shard_draw(draw: Callable[[int], torch.Tensor], n: int) -> torch.Tensor:
     """``draw(m)`` returns ``m`` random rows; draw them for the global batch (``n`` per rank) and keep
     this rank's slice, so the draws match the single-process run on the same global batch (exactly when

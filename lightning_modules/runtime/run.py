@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -27,24 +25,20 @@ from lightning_modules.callbacks.forgetting import ForgettingProbe
 from lightning_modules.callbacks.monitor import LayerGroupMonitor, count_params
 from lightning_modules.callbacks.seeding import EpochSeed
 from lightning_modules.config.errors import ConfigError
+from lightning_modules.config.library import blamed_on, build
+from lightning_modules.config.modalities import tower_errors, towers_of
+from lightning_modules.config.schema import check
 from lightning_modules.module import PretuneModule
 from lightning_modules.objectives.base import build_objective
 from lightning_modules.runtime.cuda_check import runtime_cuda_check
+from lightning_modules.runtime.preflight import check_fits, check_launcher, check_monitored
 from lightning_modules.runtime.results import is_rank_zero, write_atomic, write_metrics
+
+# Options for torch.compile when model.compile=true (tests use a backend that skips code generation).
+COMPILE_OPTIONS: dict = {}
 
 # Lightning's own deprecation noise, nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-
-
-def build(conf, **kwargs):
-    """Hydra's ``instantiate``, except that a mistake a component reports (a ConfigError) stays the
-    one line it is, instead of Hydra's InstantiationException with a traceback around it."""
-    try:
-        return instantiate(conf, **kwargs)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, ConfigError):
-            raise err.__cause__ from None
-        raise
 
 
 def _final_metrics(trainer: pl.Trainer) -> dict:
@@ -65,7 +59,7 @@ def _loggers(cfg: DictConfig, out_dir: Path) -> list:
             from lightning_modules.runtime.wandb_runs import offline_default
 
             conf = OmegaConf.merge(conf, {"offline": offline_default()})
-        loggers.append(build(conf))
+        loggers.append(build(conf, f"logger.{name}"))
     return loggers
 
 
@@ -102,6 +96,17 @@ def _progress_bar(cfg: DictConfig, callbacks: list) -> list:
     return [ThrottledProgressBar()]
 
 
+def matmul_precision(cfg: DictConfig) -> str:
+    """``float32_matmul_precision``: ``auto`` is ``high`` (float32 matmuls on TF32 tensor cores, as Lightning
+    suggests) when the run trains on a CUDA GPU, else ``highest`` (torch's default: the CPU is left alone)."""
+    choice = check("float32_matmul_precision", cfg.get("float32_matmul_precision", "auto"))
+    if choice != "auto":
+        return choice
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    on_gpu = accelerator in ("gpu", "cuda") or accelerator == "auto" and torch.cuda.is_available()
+    return "high" if on_gpu else "highest"
+
+
 def run(cfg: DictConfig) -> dict:
     """Every rank of a DDP run executes this; only global rank 0 writes the run's files (config.yaml,
     metrics.json, backbone/; Lightning already saves checkpoints and logs from rank 0 only)."""
@@ -115,6 +120,10 @@ def run(cfg: DictConfig) -> dict:
     try:
         with open_dict(cfg):  # recorded with the config: which weights, by path and hash (and artifact)
             cfg.model.source = resolve_init(str(cfg.model.init))
+            cfg.float32_matmul_precision = matmul_precision(cfg)  # what "auto" became
+            for name, tower in towers_of(cfg.model).items():  # a dual encoder's towers: each from its own init
+                with tower_errors(name, tower):
+                    tower.source = resolve_init(str(tower.init))
             if OmegaConf.select(cfg, "logger.wandb") is not None:  # unset name/group come from the Hydra job
                 from lightning_modules.runtime.wandb_runs import run_identity
 
@@ -134,33 +143,41 @@ def run(cfg: DictConfig) -> dict:
 
 def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     finetune = cfg.stage == "finetune"
-    datamodule = build(cfg.datamodule, labeled=finetune)
+    datamodule = build(cfg.datamodule, "datamodule", labeled=finetune)
     backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True), data=datamodule)
     datamodule.use_backbone(backbone)
     datamodule.setup("fit")
+    check_fits(backbone, datamodule)
+    _record_loading(cfg, out_dir, datamodule)
     objective = build_objective(cfg.objective, backbone, datamodule.spec)
+    check_monitored(cfg, objective)
     module = PretuneModule(
         backbone,
         objective,
         OmegaConf.to_container(cfg.optimizer, resolve=True),
         OmegaConf.to_container(cfg.scheduler, resolve=True),
         l2_sp=OmegaConf.select(cfg, "finetune.l2_sp", default=0.0) or 0.0,
+        channels_last=cfg.model.get("channels_last", "auto"),
     )
     if cfg.model.get("compile"):  # torch.compile of forward (backbone + objective's loss); weights stay as they are
-        module.compile()
+        module.compile_forward(**COMPILE_OPTIONS)
 
-    callbacks = _callbacks(cfg, out_dir, backbone, datamodule, objective)
+    configured = _configured(cfg)
+    callbacks = _callbacks(cfg, out_dir, backbone, datamodule, objective, configured)
     loggers = _loggers(cfg, out_dir)
     # Checkpoints are what the callbacks config says (callbacks=none: none), not a checkpoint Lightning adds.
     checkpoints = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     trainer: pl.Trainer = build(
         cfg.trainer,
+        "trainer",
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(out_dir),
         enable_checkpointing=checkpoints,
     )
+    check_launcher(cfg, trainer)
     for logger in trainer.loggers:  # the resolved config is every logger's run config
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
@@ -168,7 +185,8 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
 
         for experiment in _wandb_runs(trainer):
             wandb_runs.record_use(experiment, str(cfg.model.init))
-        with runtime_cuda_check(enabled=isinstance(trainer.accelerator, CPUAccelerator)):
+        # A configured callback refusing this run mid-way (EarlyStopping's metric never logged): one line.
+        with runtime_cuda_check(enabled=isinstance(trainer.accelerator, CPUAccelerator)), blamed_on(configured):
             metrics = _fit_and_test(cfg, trainer, module, datamodule, out_dir)
         metrics["time/run_s"] = round(time.time() - started, 2)
         for experiment in _wandb_runs(trainer):
@@ -182,20 +200,43 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     return metrics
 
 
-def _callbacks(cfg: DictConfig, out_dir: Path, backbone, datamodule, objective) -> list:
-    """The configured callbacks, then what the stage adds: per-epoch seeding; when fine-tuning the freezing
-    strategy, the per-group monitor, the feature cache (a backbone frozen throughout) and the forgetting probe;
-    when pre-training the backbone export."""
-    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+def _configured(cfg: DictConfig) -> dict:
+    """``callbacks.<name>`` -> (the callback the config describes, its values)."""
+    nodes = {name: c for name, c in (cfg.get("callbacks") or {}).items() if c is not None}
+    return {
+        f"callbacks.{name}": (build(c, f"callbacks.{name}"), OmegaConf.to_container(c, resolve=True))
+        for name, c in nodes.items()
+    }
+
+
+def _record_loading(cfg: DictConfig, out_dir: Path, datamodule) -> None:
+    """Which path the data took (held in memory or streamed, ``datamodules/loading.py``): printed once and
+    recorded in config.yaml as ``datamodule.loaded``."""
+    loading = getattr(datamodule, "loading", None)
+    if loading is None:
+        return
+    with open_dict(cfg):
+        cfg.datamodule.loaded = loading.path
+    if is_rank_zero():
+        print(f"data: {loading.reason}", flush=True)
+        write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _callbacks(cfg: DictConfig, out_dir: Path, backbone, datamodule, objective, configured: dict) -> list:
+    """The configured callbacks, then what the stage adds: per-epoch seeding, the freezing strategy (fine-tuning,
+    and pre-training too: e.g. a locked CLIP tower) and the per-group monitor, the feature cache (a backbone
+    frozen throughout); when fine-tuning the forgetting probe; when pre-training the backbone export."""
+    callbacks = [callback for callback, _values in configured.values()]
     callbacks.append(EpochSeed(cfg.seed))
-    if cfg.stage == "finetune":
-        freezer = build(cfg.freeze)
+    if cfg.get("freeze") is not None:
+        freezer = build(cfg.freeze, "freeze")
         freezer.validate(backbone)  # e.g. freeze.layers beyond the backbone's groups: fail before training
         callbacks += [freezer, LayerGroupMonitor()]
         epochs = cfg.trainer.get("max_epochs") or 0
         if OmegaConf.select(cfg, "finetune.cache_features", default=False) and epochs > 0:
             if FeatureCache.reason_not(freezer, backbone, datamodule, objective, epochs) is None:
                 callbacks.append(FeatureCache())
+    if cfg.stage == "finetune":
         if OmegaConf.select(cfg, "finetune.measure_forgetting", default=False):
             callbacks.append(ForgettingProbe(str(cfg.model.init), cfg.model.source, backbone, datamodule))
     else:
@@ -238,7 +279,15 @@ def _finish(loggers: list) -> None:
             logger.experiment.finish()
 
 
+def _compile_seconds() -> float:
+    """Seconds torch.compile has spent in this process so far (forward and backward graphs)."""
+    from torch._dynamo.utils import calculate_time_spent
+
+    return calculate_time_spent().get("total_wall_time", 0.0)
+
+
 def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_dir: Path) -> dict:
+    compiling = module.compiled and _compile_seconds()
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, module), weights_only=True)
     metrics = {
         "status": "ok",
@@ -249,6 +298,10 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_
         "steps": trainer.global_step,
         "threads": torch.get_num_threads(),  # torch threads this job trained with (joblib splits the cores)
     }
+    if module.compiled:  # compilation, apart from the training it delays
+        metrics["time/compile_s"] = round(_compile_seconds() - compiling, 2)
+    if getattr(datamodule, "placement", None):
+        metrics["data/placement"] = datamodule.placement  # cpu, device or pinned (datamodules/in_memory.py)
     checkpoint = trainer.checkpoint_callback
     best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
     if best:
@@ -258,8 +311,9 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_
     if cfg.stage == "finetune":
         # Test the checkpoint that validation selected, not whatever the last epoch left.
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
-        metrics.update({k: float(v) for k, v in tested[0].items()})
-    for callback in trainer.callbacks:  # what callbacks measured (the forgetting probe, the group monitor)
-        if hasattr(callback, "run_metrics"):
-            metrics.update(callback.run_metrics())
+        metrics.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})  # none: limit_test_batches=0
+    # What callbacks measured (the forgetting probe, the group monitor) and the data counted (skipped samples).
+    for source in [*trainer.callbacks, datamodule]:
+        if hasattr(source, "run_metrics"):
+            metrics.update(source.run_metrics())
     return metrics

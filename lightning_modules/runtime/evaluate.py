@@ -1,0 +1,138 @@
+"""One evaluation of a pre-trained image–text model, without training it (``scripts/evaluate.py``):
+
+- ``zero_shot``: classify a labeled image datamodule's split (``zero_shot.split``: test) with no label seen: each
+  class name (the datamodule's, or ``zero_shot.class_names``) through the prompt templates (``zero_shot.templates``),
+  the prompts' embeddings averaged per class, each image given the nearest class. Logs ``zero_shot/acc`` (top-1)
+  and ``zero_shot/f1`` (macro), torchmetrics' as for a trained classifier.
+- ``retrieval``: image→text and text→image recall@1/5/10 (and the CLIP loss) on an image–caption datamodule's
+  validation pairs, as a pre-training run's validation computes them (``retrieval/i2t_recall@1`` ...).
+
+``model.init`` is a CLIP pre-training run (or its ``backbone/``): its towers, and its projections and temperature
+(``objective.safetensors``). The run writes ``outputs/evaluate/<timestamp>/`` (``config.yaml``, ``metrics.json``)
+and logs the metrics to the configured logger (``logger=wandb``: a run of job type ``evaluate``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torchmetrics
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from datamodules.spec import ImageTextSpec
+from lightning_modules.backbones.handoff import build_backbone, resolve_init, saved_objective
+from lightning_modules.config.errors import ConfigError
+from lightning_modules.runtime.results import is_rank_zero, write_atomic, write_metrics
+from lightning_modules.runtime.run import _finish, _loggers, build
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    try:
+        with open_dict(cfg):
+            cfg.model.source = resolve_init(str(cfg.model.init))
+            if OmegaConf.select(cfg, "logger.wandb") is not None:  # named and grouped as a run is
+                from lightning_modules.runtime.wandb_runs import run_identity
+
+                identity = run_identity(Path(cfg.paths.log_dir), out_dir)
+                cfg.logger.wandb.merge_with({k: v for k, v in identity.items() if cfg.logger.wandb.get(k) is None})
+        write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        metrics = {"status": "ok", "stage": "evaluate", "task": cfg.task, **_evaluate(cfg)}
+    except BaseException as err:
+        if is_rank_zero():
+            write_metrics(out_dir, {"status": "failed", "stage": "evaluate", "error": f"{type(err).__name__}: {err}"})
+        raise
+    metrics["time/run_s"] = round(time.time() - started, 2)
+    loggers = _loggers(cfg, out_dir)
+    try:
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=0)
+            logger.save()
+            if type(logger).__name__ == "WandbLogger":
+                from lightning_modules.runtime import wandb_runs
+
+                wandb_runs.record_use(logger.experiment, str(cfg.model.init))  # lineage: which artifact it evaluated
+                logger.experiment.summary.update(metrics)
+    finally:
+        _finish(loggers)
+    write_metrics(out_dir, metrics)
+    return metrics
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    wanted = str(cfg.get("device", "auto"))
+    if wanted == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(wanted)
+
+
+def _evaluate(cfg: DictConfig) -> dict:
+    pl.seed_everything(cfg.seed, verbose=False)
+    task = cfg.task
+    datamodule = build(cfg.datamodule, "datamodule", labeled=task == "zero_shot")
+    backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True), data=datamodule)
+    datamodule.use_backbone(backbone)
+    datamodule.setup("fit")
+    text = backbone.towers()["text"]
+    spec = datamodule.spec
+    if not isinstance(spec, ImageTextSpec):  # the objective is built as in pre-training: on image–text data
+        tok = text.processor
+        spec = ImageTextSpec(spec.channels, spec.image_size, len(tok), text.max_positions, tok.pad_token_id, tok)
+    objective = saved_objective(cfg.model.source, backbone, spec)
+    if objective is None:
+        raise ConfigError(
+            f"model.init={cfg.model.init}: scripts/evaluate.py needs a CLIP pre-training run (or its backbone/): its"
+            " towers, and the projections and temperature it saved (objective.safetensors)"
+        )
+    if not hasattr(objective, "class_embeddings"):
+        raise ConfigError(f"model.init={cfg.model.init}: its objective ({type(objective).__name__}) is not CLIP")
+    device = _device(cfg)
+    backbone.to(device).eval()
+    objective.to(device).eval()
+    with torch.no_grad():
+        if task == "zero_shot":
+            return _zero_shot(cfg.zero_shot, backbone, objective, datamodule, device)
+        return _retrieval(cfg.retrieval, backbone, objective, datamodule, device)
+
+
+def _zero_shot(conf, backbone, objective, datamodule, device) -> dict:
+    class_names = list(conf.class_names or datamodule.spec.class_names)
+    n = len(datamodule.spec.class_names)
+    if len(class_names) != n:
+        raise ConfigError(
+            f"zero_shot.class_names has {len(class_names)} names, but the datamodule has {n} classes; allowed is"
+            f" one name per class, in label order ({', '.join(datamodule.spec.class_names)})"
+        )
+    classes = objective.class_embeddings(backbone, class_names, list(conf.templates))
+    metrics = torchmetrics.MetricCollection(
+        {
+            "acc": torchmetrics.classification.MulticlassAccuracy(n, average="micro"),
+            "f1": torchmetrics.classification.MulticlassF1Score(n, average="macro"),
+        },
+        prefix="zero_shot/",
+    ).to(device)
+    images = 0
+    for batch in datamodule.eval_loader(conf.split, conf.batch_size, sharded=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        metrics.update(objective.zero_shot_logits(backbone, batch, classes), batch["label"])
+        images += len(batch["label"])
+    out = {k: float(v) for k, v in metrics.compute().items()}
+    return out | {"zero_shot/classes": n, "zero_shot/images": images, "zero_shot/split": conf.split}
+
+
+def _retrieval(conf, backbone, objective, datamodule, device) -> dict:
+    metrics = objective.make_metrics("retrieval/").to(device)
+    total, count = 0.0, 0
+    for batch in datamodule.eval_loader(conf.split, conf.batch_size, sharded=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = objective(backbone, batch)
+        objective.update_metrics(metrics, out)
+        total, count = total + float(out["loss"]) * len(batch["image"]), count + len(batch["image"])
+    out = {k: float(v) for k, v in metrics.compute().items()}
+    return out | {"retrieval/loss": total / count, "retrieval/pairs": count, "retrieval/split": conf.split}

@@ -1,0 +1,74 @@
+"""Checks that need the built pieces, made before the first training step: a model that does not take the
+data, a metric nothing logs, processes nobody starts. Each would otherwise fail (or hang) only once training
+ran; here each is one line naming the key (``runtime/run.py`` calls them as it builds the run).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules.config.errors import ConfigError
+from lightning_modules.config.library import message_of
+from lightning_modules.config.schema import show
+
+
+def check_monitored(cfg: DictConfig, objective) -> None:
+    """``optimized_metric`` (what checkpoints and sweeps select on), the plateau schedule's ``monitor`` and
+    the callbacks' must be metrics this run logs: otherwise Lightning would fail after the first epoch."""
+    metrics = objective.make_metrics("val/")
+    validation = ["val/loss", *(metrics.keys(keep_base=False) if metrics is not None else [])]
+    monitors = {"optimized_metric": validation, "scheduler.monitor": validation}
+    for name in cfg.get("callbacks") or {}:
+        monitors[f"callbacks.{name}.monitor"] = [*validation, "train/loss_epoch", "train/loss_step"]
+    for key, logged in monitors.items():
+        metric = OmegaConf.select(cfg, key, default=None)
+        if metric is not None and metric not in logged:
+            raise ConfigError(f"{key}={metric} is not logged by this run: allowed is one of {', '.join(logged)}")
+
+
+def check_launcher(cfg: DictConfig, trainer: pl.Trainer) -> None:
+    """Several processes on one machine need trainer=ddp or trainer=fsdp, whose ranks re-run this Hydra job in
+    its run dir (runtime/parallel.py). Lightning's own launcher (what ``trainer.devices=2`` alone gets) would
+    re-run the command line: new run dirs, and inside another program (the study, a test) that program.
+    Several nodes need someone to start the others (SLURM, torchrun, or by hand with MASTER_ADDR): else this
+    process would wait for them forever."""
+    from lightning_fabric.plugins.environments import LightningEnvironment
+    from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if trainer.num_nodes > 1 and type(environment) is LightningEnvironment and "MASTER_ADDR" not in os.environ:
+        raise ConfigError(
+            f"trainer.num_nodes={trainer.num_nodes}: nothing starts the other nodes (no SLURM, no torchrun, no"
+            " MASTER_ADDR/NODE_RANK set by hand, see README 'Scaling out'), so this process would wait for them"
+        )
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if type(launcher) is _SubprocessScriptLauncher and launcher.num_processes > 1:  # children started here
+        keys = ", ".join(f"trainer.{k}={show(OmegaConf.select(cfg.trainer, k))}" for k in ("devices", "num_nodes"))
+        raise ConfigError(
+            f"{keys}: {launcher.num_processes} processes need trainer=ddp (or trainer=fsdp), whose ranks re-run this"
+            " job in its own run dir; e.g. trainer=ddp trainer.devices=2"
+        )
+
+
+def check_fits(backbone, datamodule) -> None:
+    """Two validation examples through the backbone, before training: a model that does not take the data
+    (model.kwargs overriding its image size or channels, a patch size that does not divide the image, images
+    too small for the network) fails here in one line, not in the first training step. Eval mode and no
+    gradient: nothing changes, no random number is drawn."""
+    batch = next(iter(datamodule.eval_loader("val", batch_size=2, sharded=False)))
+    inputs = ", ".join(f"{k} {'x'.join(map(str, v.shape[1:]))}" for k, v in batch.items() if k != "label")
+    training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            backbone(batch)
+    except Exception as err:
+        model = ", ".join(f"model.{k}={show(v)}" for k, v in backbone.spec.items() if k != "type")
+        raise ConfigError(f"{model}: the model does not take this data ({inputs}): {message_of(err)}") from err
+    finally:
+        backbone.train(training)
