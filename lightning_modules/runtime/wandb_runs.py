@@ -65,14 +65,15 @@ def artifact_name(model_cfg, objective_target: str) -> str:
     objective = str(objective_target).rsplit(".", 1)[-1].lower()
     init = str(model_cfg.get("init") or "")
     if init.startswith("hf:"):
-        from lightning_modules.config.modalities import hf_local_dir
+        from lightning_modules.config.modalities import PACKAGE, hf_local_dir
 
-        source = hf_local_dir(init.removeprefix("hf:").rstrip("/"))  # a local folder, or the hub name
-        path = Path(source)
-        if path.is_dir():  # its name; a folder called just "model" (as a package ships one) with its parent's
+        source = init.removeprefix("hf:").rstrip("/")
+        if source.startswith((PACKAGE, "/", ".", "~")) or Path(source).expanduser().exists():  # a local folder:
+            path = Path(hf_local_dir(source) if source.startswith(PACKAGE) else source).expanduser()
+            # its name; a folder called just "model" (as a package ships one) with its parent's
             name = "_".join(path.resolve().parts[-2:]) if path.name == "model" else path.name
         else:
-            name = source
+            name = source  # a hub name (whether it is cached is the loading's business, done by now)
     else:
         name = model_cfg.get("name")
     return f"backbone-{name}-{objective}".replace("/", "_")
