@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install run test test-fast lint bench clean
+.PHONY: install run run-text test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 
 run: install
 	$(PY) scripts/transfer_study.py
+
+# The same study on text: MLM pre-training on Python's own documentation, then docstrings by package family
+run-text: install
+	$(PY) scripts/transfer_study.py --config-name transfer_study_text
 
 test: install
 	$(PY) -m pytest -q

@@ -18,6 +18,7 @@ import torch
 from datamodules.base import PretuneDataModule
 from datamodules.in_memory import BatchLoader
 from datamodules.spec import TextSpec
+from lightning_modules.backbones.base import FEATURES
 from lightning_modules.config.errors import ConfigError
 from lightning_modules.config.schema import check
 
@@ -149,3 +150,17 @@ class TextDataModule(PretuneDataModule):
 
     def test_dataloader(self):
         return self.eval_loader("test")
+
+    def can_cache_features(self) -> bool:
+        return True  # nothing random reaches the backbone in a text batch (MLM's masks are the objective's)
+
+    def cache_features(self, encode) -> None:
+        """Store each example's features next to it (``features``): ``encode(split, identity, batches)`` returns
+        them for the split's batches in order (callbacks/feature_cache.py); every batch then carries them."""
+        done = []
+        for name, tensors in self.splits.items():
+            if any(tensors is d for d in done):  # the corpus's test split is its validation split: one pass
+                continue
+            done.append(tensors)
+            batches = PaddedBatchLoader(dict(tensors), self.lengths[name], self.eval_batch_size, False, False)
+            tensors[FEATURES] = encode(name, [tensors["input_ids"]], batches)  # in place: loaders made already see it

@@ -52,12 +52,17 @@ from pytorch_lightning.callbacks import Callback  # noqa: E402
 
 from lightning_modules.runtime.cuda_check import runtime_cuda_check  # noqa: E402
 
+# Text: batches of 64 as for digits and 19 of them an epoch (a pass over digits); MLM on 64-token blocks of the
+# embedded corpus (no padding), fine-tuning on the embedded labeled task (texts padded per batch).
+TEXT = ["datamodule.batch_size=64", "datamodule.train_batches_per_epoch=19"]
 CASES = {
     "pretrain: MAE, vit_micro": ("pretrain", ["objective=mae", "model=vit_micro"]),
     "finetune: resnet_micro": ("finetune", ["model=resnet_micro"]),
     "finetune: vit_micro": ("finetune", ["model=vit_micro"]),
+    "pretrain: MLM, bert_micro": ("pretrain", ["datamodule=text_corpus", "objective=mlm", "model=bert_micro", *TEXT]),
+    "finetune: bert_micro, text": ("finetune", ["datamodule=text_classification", "model=bert_micro", *TEXT]),
 }
-COMMON = ["datamodule=digits", "trainer.accelerator=cpu"]
+COMMON = ["datamodule=digits", "trainer.accelerator=cpu"]  # a case's own datamodule= comes later and wins
 
 
 def _now(device: torch.device | None = None) -> float:
@@ -129,7 +134,6 @@ def plain_run(cfg: DictConfig, compile_options: dict | None = None) -> dict:
     bf16 autocast as ``trainer.precision`` says, fused AdamW, TF32 matmuls, channels-last for CNNs, and
     ``torch.compile`` of the forward with ``compile_options`` (None: eager)."""
     from datamodules.in_memory import BatchLoader
-    from lightning_modules.backbones.handoff import build_backbone
     from lightning_modules.module import use_channels_last
     from lightning_modules.objectives.base import build_objective
     from lightning_modules.optim import build_optimizer, build_scheduler
@@ -139,10 +143,9 @@ def plain_run(cfg: DictConfig, compile_options: dict | None = None) -> dict:
     device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
     torch.set_float32_matmul_precision(matmul_precision(cfg))
     torch.manual_seed(cfg.seed)  # as run(): seed, data, backbone, objective, so the initial weights are the same
-    dm = instantiate(cfg.datamodule, labeled=cfg.stage == "finetune")
-    dm.setup("fit")
-    dm.place(device)
-    backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True))
+    dm, backbone = _data_and_backbone(cfg)
+    if hasattr(dm, "place"):  # in-memory images: on the accelerator once, as run() does
+        dm.place(device)
     objective = build_objective(cfg.objective, backbone, dm.spec)
     channels_last = use_channels_last(cfg.model.get("channels_last", "auto"), backbone, device)
 
@@ -166,17 +169,22 @@ def plain_run(cfg: DictConfig, compile_options: dict | None = None) -> dict:
     bf16 = str(cfg.trainer.precision).startswith("bf16")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     epochs, epoch = cfg.trainer.max_epochs, 0
-    train = BatchLoader(
-        dm.splits["train"],
-        dm.batch_size,
-        True,
-        True,
-        dm.label_seed,
-        lambda: epoch,
-        dm.train_batches_per_epoch,
-        transform=dm.decode,
-        **dm.batch_device(),
-    )
+    if dm.modality == "text":  # the datamodule's loader (padding per batch), told the epoch as Lightning would
+        dm.epoch = lambda: epoch
+        train = dm.train_dataloader()
+    else:
+        train = BatchLoader(
+            dm.splits["train"],
+            dm.batch_size,
+            True,
+            True,
+            dm.label_seed,
+            lambda: epoch,
+            dm.train_batches_per_epoch,
+            transform=dm.decode,
+            **dm.batch_device(),
+        )
+    augment = getattr(dm, "augment", None)  # image sources augment whole batches; text has nothing to augment
     total = epochs * len(train)
     schedule = build_scheduler(OmegaConf.to_container(cfg.scheduler, resolve=True), optimizer, total, len(train))
     scheduler = schedule["scheduler"]
@@ -189,7 +197,9 @@ def plain_run(cfg: DictConfig, compile_options: dict | None = None) -> dict:
             model.train()
             for batch in train:
                 times.setdefault("first_step", time.time())
-                batch = dict(batch, image=dm.augment(batch["image"]))
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # placed already: no-op
+                if augment is not None:
+                    batch = dict(batch, image=augment(batch["image"]))
                 with autocast:
                     loss = forward(batch)["loss"]
                 optimizer.zero_grad(set_to_none=True)
@@ -214,15 +224,29 @@ def _compile_seconds() -> float:
     return calculate_time_spent().get("total_wall_time", 0.0)
 
 
-def loader_rate(cfg: DictConfig, batches: int) -> float:
-    """Training batches per second from the datamodule's train loader plus its batch augmentation, no model."""
+def _data_and_backbone(cfg: DictConfig):
+    """The datamodule, set up, and the backbone, built in run()'s order: a text backbone from scratch trains its
+    tokenizer on the data's texts and hands it to the datamodule before ``setup`` tokenizes."""
+    from lightning_modules.backbones.handoff import build_backbone
+
     dm = instantiate(cfg.datamodule, labeled=cfg.stage == "finetune")
+    backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True), data=dm)
+    dm.use_backbone(backbone)
     dm.setup("fit")
+    return dm, backbone
+
+
+def loader_rate(cfg: DictConfig, batches: int) -> float:
+    """Training batches per second from the datamodule's train loader plus its batch augmentation (text: the
+    padding of each batch to its longest text, in the loader), no model."""
+    dm = _data_and_backbone(cfg)[0]
     loader, n = dm.train_dataloader(), 0
+    augment = getattr(dm, "augment", None)
     start = time.perf_counter()
     while n < batches:
         for batch in loader:
-            dm.augment(batch["image"])
+            if augment is not None:
+                augment(batch["image"])
             n += 1
     return n / (time.perf_counter() - start)
 
@@ -376,8 +400,8 @@ def benchmark(
                 gc.collect()
                 results[case][loop].append(fn(cfg))
     lines = [
-        f"pretune vs a plain PyTorch loop, {epochs} epochs of digits (batch 64, {batches_per_epoch or 19} batches an"
-        " epoch), CPU,"
+        f"pretune vs a plain PyTorch loop, {epochs} epochs (batch 64, {batches_per_epoch or 19} batches an epoch;"
+        " images: digits; text: the embedded corpus and labeled task), CPU,"
         f" {torch.get_num_threads()} threads, median of {repeats} interleaved runs."
         f" `python scripts/benchmark.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
@@ -490,6 +514,8 @@ def overhead(case: str, repeats: int, epochs: int = 4, overrides: tuple[str, ...
         return original
 
     stage, extra = CASES[case]
+    if any(o.startswith("datamodule=text") for o in extra):
+        raise SystemExit(f"--overhead times steps between batch augmentations, which a text case has not: {case!r}")
     objective_cls = get_class(make_cfg(stage, extra, _scratch()).objective._target_)
     originals = [
         (BatchAugment, "forward", timed(BatchAugment, "forward", "aug0", "aug1")),

@@ -2,9 +2,12 @@
 """The main job: what did pre-training buy? Pre-train once, then fine-tune from scratch, from the
 pre-trained backbone under several strategies and from ImageNet weights, at low label fractions, over
 several seeds, each strategy at its own best learning rate (chosen on validation), and write a report.
+The same study on text (``conf/transfer_study_text.yaml``): MLM pre-training on the embedded corpus, then the
+embedded labeled task from scratch, from that backbone and from MiniLM.
 
     python scripts/transfer_study.py                 # what `make run` runs
     python scripts/transfer_study.py 'seeds=[0,1,2,3,4]' 'label_fractions=[0.02,0.1]'
+    python scripts/transfer_study.py --config-name transfer_study_text   # what `make run-text` runs
 """
 
 import sys
@@ -43,13 +46,23 @@ def _run_stage(stage: str, overrides: list[str], out_dir: Path) -> dict:
     return run(_stage_config(stage, overrides, out_dir))
 
 
-def _finetune_overrides(cfg: DictConfig, name: str, init, fraction: float, lr: float, seed: int) -> list[str]:
-    """A fine-tuning job's overrides; ``init`` None keeps the model config's own model.init."""
+def _init(strategy: DictConfig, pre_dir: Path) -> str | None:
+    """Where a strategy's weights come from: this study's pre-training run, none (random), or None for the model
+    config's own model.init (``init: model``: weights from elsewhere, e.g. ImageNet's or MiniLM's)."""
+    return None if strategy.get("init") == "model" else str(pre_dir) if strategy.pretrained else "none"
+
+
+def _finetune_overrides(cfg: DictConfig, name: str, pre_dir: Path, fraction: float, lr: float, seed: int) -> list[str]:
+    """A fine-tuning job's overrides (``pre_dir``: this study's pre-training run). ``tokenizer: pretrained``:
+    random weights on that run's vocabulary (model.tokenizer)."""
+    strategy = cfg.strategies[name]
+    init = _init(strategy, pre_dir)
     return [
         *cfg.common,
         *cfg.finetune,
-        *cfg.strategies[name].overrides,
+        *strategy.overrides,
         *([f"model.init={init}"] if init is not None else []),
+        *([f"model.tokenizer={pre_dir}"] if strategy.get("tokenizer") == "pretrained" else []),
         f"datamodule.label_fraction={fraction}",
         f"optimizer.lr={lr}",
         f"seed={seed}",
@@ -71,10 +84,11 @@ def check_study(cfg: DictConfig, study_dir: Path) -> None:
     stages = {"pretrain": ([*cfg.common, *cfg.pretrain], ())}
     for name, strategy in cfg.strategies.items():
         fraction = strategy.get("label_fractions", cfg.label_fractions)[0]
-        own = strategy.get("init") == "model"  # the model config's own model.init: there already, checked
-        init = None if own else str(study_dir / "pretrain") if strategy.pretrained else "none"
-        overrides = _finetune_overrides(cfg, name, init, fraction, cfg.strategies[name].lrs[0], cfg.seeds[0])
-        stages[f"strategies.{name}"] = (overrides, ("model.init",) if strategy.pretrained and not own else ())
+        overrides = _finetune_overrides(cfg, name, study_dir / "pretrain", fraction, strategy.lrs[0], cfg.seeds[0])
+        # what this study's pre-training run will provide is not there yet: checked once it is
+        pending = ("model.init",) if strategy.pretrained and strategy.get("init") != "model" else ()
+        pending += ("model.tokenizer",) if strategy.get("tokenizer") == "pretrained" else ()
+        stages[f"strategies.{name}"] = (overrides, pending)
     for where, (overrides, pending) in stages.items():
         try:
             stage = "pretrain" if where == "pretrain" else "finetune"
@@ -117,8 +131,10 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
     started = time.time()
     pre_dir = study_dir / "pretrain"
     pre = None
-    # Pre-train only when a strategy starts from this study's backbone (init: model strategies bring their own).
-    if any(s.pretrained and s.get("init") != "model" for s in cfg.strategies.values()):
+    # Pre-train only when a strategy starts from this study's backbone (init: model strategies bring their own),
+    # or takes its tokenizer (tokenizer: pretrained).
+    uses = lambda s: (s.pretrained and s.get("init") != "model") or s.get("tokenizer") == "pretrained"  # noqa: E731
+    if any(uses(s) for s in cfg.strategies.values()):
         print(f"pre-training ({' '.join(cfg.pretrain)}) ...", flush=True)
         pre = _run_stage("pretrain", [*cfg.common, *cfg.pretrain], pre_dir)
         print(f"  done in {pre['time/run_s']:.0f}s, val/loss {pre['val/loss']:.3f}", flush=True)
@@ -135,8 +151,7 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
     for i, (fraction, name, lr, seed) in enumerate(jobs, 1):
         strategy = cfg.strategies[name]
         # init: model keeps the model config's own model.init (weights from elsewhere, e.g. ImageNet's)
-        init = None if strategy.get("init") == "model" else str(pre_dir) if strategy.pretrained else "none"
-        overrides = _finetune_overrides(cfg, name, init, fraction, lr, seed)
+        overrides = _finetune_overrides(cfg, name, pre_dir, fraction, lr, seed)
         out = study_dir / "finetune" / f"labels{fraction:g}_{name}_lr{lr:g}_seed{seed}"
         m = _run_stage("finetune", overrides, out)
         rows.append(

@@ -62,7 +62,8 @@ def composed() -> list[tuple[str, object, dict]]:
                     out.append((f"pretrain {' '.join(overrides)}", compose("pretrain", overrides=overrides), RULES))
             for task in ("zero_shot", "retrieval"):
                 out.append((f"evaluate {task}", compose(config_name="evaluate", overrides=[f"task={task}"]), RULES))
-            out.append(("transfer_study", compose(config_name="transfer_study"), STUDY_RULES))
+            for study in ("transfer_study", "transfer_study_text"):
+                out.append((study, compose(config_name=study), STUDY_RULES))
         composed.cache = out
     return composed.cache
 

@@ -223,6 +223,7 @@ def _max_difference(w1: dict, w2: dict) -> float:
     return worst
 
 
+BERT = ["model=bert_micro", "model.dropout=0"]
 CASES = {
     # ViT (LayerNorm) and a projection head without BatchNorm: batch statistics would be per rank (SyncBatchNorm
     # is CUDA-only). Augmentations stay on: they are drawn for the global batch.
@@ -230,6 +231,14 @@ CASES = {
     # MAE (masks drawn the same way; measured 1.2e-7 apart) is left to the unit test above, for time.
     # Gradual unfreezing: one more group trains in each of the 3 epochs, so DDP must sync groups it saw frozen.
     "gradual": ("finetune", ["freeze=gradual", "freeze.start=1", "freeze.every=1", "trainer.max_epochs=3"]),
+    # Text (dropout off: each rank draws its own dropout masks). MLM: masks drawn for the global batch, the loss
+    # normalised by the global count of selected tokens; each process trains the same tokenizer on the corpus.
+    # One validation batch: masks match only on global batches that split evenly over the ranks (shard_draw), and
+    # the 441 validation blocks end in an odd one.
+    "mlm": ("pretrain", ["datamodule=text_corpus", *BERT, "objective=mlm", "trainer.limit_val_batches=1"]),
+    # Classification of texts padded to the longest of the global batch, then sliced: every rank's slice has the
+    # single process's width. The embeddings frozen: a frozen group under DDP.
+    "text": ("finetune", ["datamodule=text_classification", *BERT, "freeze.layers=1"]),
 }
 
 
@@ -238,15 +247,18 @@ CASES = {
 def test_ddp_on_two_processes_matches_one_process_on_the_same_global_batch(tmp_path, case):
     stage, overrides = CASES[case]
     common = [*TINY, "logger=none", *overrides]
-    _script(stage, *common, "datamodule.batch_size=32", f"hydra.run.dir={tmp_path / 'one'}")
-    _script(stage, *common, "datamodule.batch_size=16", "trainer=ddp", f"hydra.run.dir={tmp_path / 'two'}")
+    # The same global batches in training and in evaluation (a text batch's MLM masks and padding are drawn for it).
+    one = ["datamodule.batch_size=32", "datamodule.eval_batch_size=256"]
+    two = ["datamodule.batch_size=16", "datamodule.eval_batch_size=128", "trainer=ddp"]
+    _script(stage, *common, *one, f"hydra.run.dir={tmp_path / 'one'}")
+    _script(stage, *common, *two, f"hydra.run.dir={tmp_path / 'two'}")
     one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     assert one["status"] == two["status"] == "ok" and one["steps"] == two["steps"] == 3 * one["epochs"]
     for key in ("train/loss", "val/loss", "test/loss", "test/acc"):
         if key in one:
             assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
-    # Measured: at most 1.7e-6 (SimCLR) and 2.5e-6 (gradual) apart, from summation order; DDP without the
-    # frozen groups registered ends 3.9e-3 apart on the gradual case.
+    # Measured: at most 1.7e-6 (SimCLR), 2.5e-6 (gradual), 2.5e-6 (MLM) and 1.4e-5 (text) apart, from summation
+    # order; DDP without the frozen groups registered ends 3.9e-3 apart on the gradual case.
     assert _max_difference(_weights(tmp_path / "one"), _weights(tmp_path / "two")) < 5e-5
     if stage == "pretrain":  # exported once, by rank 0
         assert (tmp_path / "two" / "backbone" / "model.safetensors").is_file()

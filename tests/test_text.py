@@ -218,6 +218,38 @@ def test_tokenizer_travels_with_the_weights_through_backbone_dir(model, tmp_path
     assert encoded["input_ids"][:, :5].tolist() == [ids[:5] for ids in source.processor(texts)["input_ids"]]
 
 
+def test_a_scratch_backbone_can_share_another_backbones_tokenizer(tmp_path, cfg_factory):
+    """model.tokenizer=<run>: random weights on the pre-trained vocabulary (a scratch baseline that differs from the
+    pre-trained backbone by its weights alone); nothing is trained, so no texts are needed."""
+    from lightning_modules.backbones.tokenizer import tokenizer_sha256
+    from lightning_modules.config.check import check_config
+
+    torch.manual_seed(0)
+    source = text_backbone(BERT)
+    export_backbone(source, tmp_path / "run" / "backbone")
+    torch.manual_seed(1)
+    shared = build_backbone({**BERT, "tokenizer": str(tmp_path / "run")}, data=None)
+    assert tokenizer_sha256(shared.processor) == tokenizer_sha256(source.processor)
+    assert shared.spec == source.spec  # same sizes and tokenizer record
+    assert not torch.equal(
+        shared.model.embeddings.word_embeddings.weight, source.model.embeddings.word_embeddings.weight
+    )
+    minilm = build_backbone({**BERT, "vocab_size": 40_000, "tokenizer": f"hf:{minilm_dir()}"}, data=None)
+    assert len(minilm.processor) == 30_522 and minilm.model.config.num_hidden_layers == BERT["layers"]
+    with pytest.raises(ConfigError, match=r"model.vocab_size=2000 is too small for hf:.*: its tokenizer needs 30522"):
+        build_backbone({**BERT, "vocab_size": 2000, "tokenizer": f"hf:{minilm_dir()}"}, data=None)
+    # Refused before anything loads: nothing there, or a backbone that brings its own tokenizer.
+    text = ["datamodule=text_classification", "model=bert_micro"]
+    with pytest.raises(ConfigError, match=r"^model.tokenizer=.*nowhere: no such path"):
+        check_config(cfg_factory("finetune", *text, f"model.tokenizer={tmp_path / 'nowhere'}"))
+    with pytest.raises(
+        ConfigError, match=r"^model.tokenizer=.* is for a backbone built from scratch \(model.init=none\)"
+    ):
+        check_config(
+            cfg_factory("finetune", *text, f"model.tokenizer={tmp_path / 'run'}", f"model.init={tmp_path / 'run'}")
+        )
+
+
 def test_a_tokenizer_that_is_not_the_backbones_is_refused(tmp_path):
     target = export_backbone(text_backbone(BERT), tmp_path / "backbone")
     other = text_backbone(BERT, texts=[t[::-1] for t in sample_texts()])  # another vocabulary

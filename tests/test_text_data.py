@@ -130,3 +130,29 @@ def test_embedded_task_splits_by_module_and_the_corpus_leaves_held_out_modules_o
     stdlib_docs.stdlib_docstrings.cache_clear()
     stdlib_docs.module_splits.cache_clear()
     assert stdlib_docs.labeled_task(15, cache) == (splits, classes)  # read back from the cache: the same
+
+
+def test_a_frozen_text_backbone_computes_its_features_once_and_the_probe_trains_the_same(cfg_factory):
+    """A linear probe on bert_micro (dropout on: a wholly frozen backbone runs in eval mode): with the feature cache
+    (each split's pooled features computed when fit starts, carried in the padded batches) and without it, the
+    same metrics; a backbone that trains computes its features every step."""
+    from lightning_modules.runtime.run import run
+
+    common = [
+        "datamodule=text_classification",
+        "model=bert_micro",
+        "model.pooling=mean",
+        "datamodule.label_fraction=0.1",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "callbacks=none",
+        "optimizer.lr=0.05",
+    ]
+    cached = run(cfg_factory("finetune", *common, "freeze.layers=all", name="cached"))
+    plain = run(cfg_factory("finetune", *common, "freeze.layers=all", "finetune.cache_features=false", name="plain"))
+    training = run(cfg_factory("finetune", *common, "freeze.layers=1", name="training"))
+    assert cached["features_cached"] and "features_cached" not in plain and "features_cached" not in training
+    for key in ("train/loss", "val/loss", "val/acc", "test/acc"):
+        assert cached[key] == pytest.approx(plain[key], abs=1e-5), key

@@ -164,3 +164,41 @@ def test_wandb_runs_are_named_by_their_dir_and_grouped_by_sweep_study_or_experim
         assert run_identity(tmp_path, tmp_path / run_dir) == {"name": run_dir, "group": group}
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_a_text_backbone_artifact_holds_its_tokenizer(cfg_factory):
+    """MLM pre-training of bert_micro: the backbone artifact carries the tokenizer a fine-tune must load with the
+    weights (and the transformers config), as backbone/ does."""
+    cfg = cfg_factory(
+        "pretrain",
+        "debug=limit",
+        "logger=wandb",
+        "datamodule=text_corpus",
+        "model=bert_micro",
+        "objective=mlm",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+    )
+    run(cfg)
+    out = Path(cfg.paths.output_dir)
+    (artifact,) = read_offline_run(out)["artifacts"]
+    assert artifact["name"] == "backbone-bert-mlm" and artifact["type"] == "model"
+    saved = {p.name for p in (out / "backbone").iterdir()}
+    assert set(artifact["files"]) == saved
+    assert {WEIGHTS, "config.yaml", "tokenizer.json", "tokenizer_config.json", "config.json"} <= saved
+
+
+def test_a_hugging_face_backbone_artifact_is_named_after_the_model_not_the_preset(tmp_path):
+    from lightning_modules.runtime.wandb_runs import artifact_name
+
+    bert = {"name": "bert"}  # what the bert_micro preset leaves in model.name
+    assert artifact_name({**bert, "init": "none"}, "objectives.mlm.MLM") == "backbone-bert-mlm"
+    hub = {**bert, "init": "hf:sentence-transformers/all-MiniLM-L6-v2"}
+    assert artifact_name(hub, "objectives.mlm.MLM") == "backbone-sentence-transformers_all-MiniLM-L6-v2-mlm"
+    (tmp_path / "tiny-gpt").mkdir()
+    local = {**bert, "init": f"hf:{tmp_path / 'tiny-gpt'}"}
+    assert artifact_name(local, "objectives.clm.CLM") == "backbone-tiny-gpt-clm"
+    (tmp_path / "minilm_package" / "model").mkdir(parents=True)  # a package's bundled model/ folder
+    packaged = {**bert, "init": f"hf:{tmp_path / 'minilm_package' / 'model'}"}
+    assert artifact_name(packaged, "objectives.mlm.MLM") == "backbone-minilm_package_model-mlm"

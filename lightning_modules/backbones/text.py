@@ -32,6 +32,7 @@ from lightning_modules.backbones.tokenizer import (
     KINDS,
     check_tokenizer,
     load_tokenizer,
+    tokenizer_dir,
     tokenizer_record,
     train_tokenizer,
 )
@@ -128,7 +129,9 @@ class TransformersBackbone(Backbone):
     def from_config(cls, model_cfg: dict, data=None, directory=None) -> TransformersBackbone:
         """With ``model.init=hf:...``: that model and its tokenizer. With ``directory`` (a ``backbone/`` whose
         weights the caller loads next): the architecture and its saved tokenizer. Else from the sizes, with a
-        tokenizer trained on ``data.texts()`` (the datamodule's training texts)."""
+        tokenizer trained on ``data.texts()`` (the datamodule's training texts), or the one ``model.tokenizer``
+        names (a pre-training run, a ``backbone/`` dir or ``hf:<model>``: a scratch baseline on the vocabulary
+        of the backbone it is compared with)."""
         from transformers import AutoConfig
 
         init, pooling = str(model_cfg.get("init", "none")), model_cfg.get("pooling", "cls")
@@ -146,17 +149,22 @@ class TransformersBackbone(Backbone):
                 config, hf_source = hf_config(model_cfg, tokenizer), None
             check_tokenizer(tokenizer, config.vocab_size, what, meta.get("tokenizer"))
             return cls(_from_config(config), tokenizer, pooling, hf_source)
-        if data is None or not hasattr(data, "texts"):
-            raise ConfigError(
-                f"model.name={model_cfg.get('name')} from scratch trains its tokenizer on the datamodule's texts;"
-                " pass a text datamodule (or use model.init=<backbone dir> / hf:<model>)"
-            )
         hf_config(model_cfg)  # every size checked before the tokenizer is trained
         name, vocab_size = model_cfg["name"], model_cfg["vocab_size"]
-        tokenizer = train_tokenizer(KINDS[name], data.texts(), vocab_size, model_cfg["max_positions"])
+        shared = model_cfg.get("tokenizer")
+        if shared:  # another backbone's tokenizer (a scratch run sharing the pre-trained vocabulary)
+            tokenizer, source = load_tokenizer(tokenizer_dir(shared), f"model.tokenizer={shared}"), shared
+        elif data is None or not hasattr(data, "texts"):
+            raise ConfigError(
+                f"model.name={model_cfg.get('name')} from scratch trains its tokenizer on the datamodule's texts;"
+                " pass a text datamodule (or use model.init=<backbone dir> / hf:<model>, or model.tokenizer=)"
+            )
+        else:
+            tokenizer = train_tokenizer(KINDS[name], data.texts(), vocab_size, model_cfg["max_positions"])
+            source = "this data"
         if len(tokenizer) > vocab_size:
             raise ConfigError(
-                f"model.vocab_size={vocab_size} is too small for this data: its tokenizer needs {len(tokenizer)}"
+                f"model.vocab_size={vocab_size} is too small for {source}: its tokenizer needs {len(tokenizer)}"
                 f" tokens; allowed is at least {len(tokenizer)}"
             )
         return cls(_from_config(hf_config(model_cfg, tokenizer)), tokenizer, pooling)

@@ -38,9 +38,9 @@ class BackboneExport(Callback):
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 meta = OmegaConf.to_container(OmegaConf.load(self.target / CONFIG))  # towers: exported with it
-                parts = [(self.target, self.cfg.model.name)]
-                parts += [(self.target / t, self.cfg.model[t].name) for t in meta.get("towers") or []]
-                for directory, model_name in parts:
-                    name = wandb_runs.artifact_name(model_name, self.cfg.objective._target_)
+                parts = [(self.target, self.cfg.model)]
+                parts += [(self.target / t, self.cfg.model[t]) for t in meta.get("towers") or []]
+                for directory, model_cfg in parts:
+                    name = wandb_runs.artifact_name(model_cfg, self.cfg.objective._target_)
                     part_meta = OmegaConf.to_container(OmegaConf.load(directory / CONFIG))
                     wandb_runs.log_backbone(logger.experiment, directory, name, part_meta)

@@ -210,12 +210,27 @@ def hf_offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in flags)
 
 
+PACKAGE = "pkg://"  # hf:pkg://<package>/<dir inside it>: a model shipped in an installed Python package
+
+
 def hf_local_dir(source: str) -> str:
     """``model.init=hf:<source>`` as ``from_pretrained`` takes it: a local model directory (it must hold a
-    ``config.json``) or a hub name (refused offline unless it is in the local Hugging Face cache)."""
+    ``config.json``; ``pkg://<package>/<dir>`` is one inside an installed package, found without importing it) or
+    a hub name (refused offline unless it is in the local Hugging Face cache)."""
     what = f"model.init=hf:{source}"
     if not source:
         raise ConfigError(f"{what} is invalid: allowed is hf:<local model dir> or hf:<hub name>")
+    if source.startswith(PACKAGE):
+        import importlib.util
+
+        package, _, inside = source.removeprefix(PACKAGE).partition("/")
+        try:
+            spec = importlib.util.find_spec(package) if package else None
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"{what}: no installed Python package {package!r} (pip install it)")
+        source = str(Path(next(iter(spec.submodule_search_locations))) / inside)
     path = Path(source).expanduser()
     if source.startswith(("/", ".", "~")) or path.exists():
         if not path.is_dir():

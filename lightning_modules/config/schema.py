@@ -319,6 +319,18 @@ def _check_data_path(key: str, value):
     return ExistingPath("any").check(key, value)
 
 
+def _check_tokenizer(key: str, value):
+    """model.tokenizer: null (trained on the data), or the backbone whose tokenizer a scratch run takes."""
+    if value is None:
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise _invalid(key, value, "null, a pre-training run dir, a backbone/ dir or hf:<model>")
+    from lightning_modules.backbones.tokenizer import tokenizer_dir  # light: no torch
+
+    tokenizer_dir(value)  # raises a ConfigError naming model.tokenizer when there is nothing there
+    return value
+
+
 INIT = (
     "none, timm, file:<weights>, hf:<model dir or hub name>, wandb:<entity>/<project>/<name>:<alias>,"
     " a run dir or a backbone/ dir"
@@ -381,6 +393,7 @@ RULES: dict[str, object] = {
     "model.vocab_size": Rule(int, low=300, high=1 << 22),  # byte-level BPE alone starts from 256 byte tokens
     "model.dropout": Rule(float, low=0, high=1, high_open=True),
     "model.pooling": Choice("cls", "mean", "last"),
+    "model.tokenizer": Custom(_check_tokenizer, "null, a pre-training run dir, a backbone/ dir or hf:<model>"),
     # data
     "datamodule._target_": TARGET,
     "datamodule.root": ExistingPath("dir"),
@@ -508,7 +521,7 @@ RULES: dict[str, object] = {
 TOWER_KEYS = {
     "image": ("type", "name", "init", "compile", "channels_last", "init_map", "input_size", "mean", "std"),
     "text": ("type", "name", "init", "compile", "layers", "hidden", "heads", "intermediate", "max_positions")
-    + ("vocab_size", "dropout", "pooling"),
+    + ("vocab_size", "dropout", "pooling", "tokenizer"),
 }
 RULES |= {f"model.{tower}.{key}": RULES[f"model.{key}"] for tower, names in TOWER_KEYS.items() for key in names}
 
@@ -542,6 +555,11 @@ TOGETHER: list[Together] = [
             path is None or "://" in path or Path(path).is_dir() == target.endswith(".ShardsDataModule")
         ),
         "prepared shards (datamodule=shards) are a directory or URL; the other datamodules read a file",
+    ),
+    Together(
+        ("model.tokenizer", "model.init"),
+        lambda tokenizer, init: tokenizer is None or init == "none",
+        "model.tokenizer is for a backbone built from scratch (model.init=none); a pre-trained one brings its own",
     ),
     Together(
         ("optimizer.nesterov", "optimizer.momentum"),
@@ -592,6 +610,7 @@ STUDY_RULES: dict[str, object] = {
     "strategies.*.frozen_groups": Rule(int, low=0, words=("all",)),
     "strategies.*.init": Choice("model"),  # keep the model config's own model.init (weights from elsewhere)
     "strategies.*.start": Text(),  # what the report calls the starting point
+    "strategies.*.tokenizer": Choice("pretrained"),  # random weights on the study's pre-trained vocabulary
 }
 
 

@@ -25,6 +25,9 @@ class Objective(nn.Module):
     pooled_only: bool = False
     # For text: the kind of backbone it needs ("encoder": BERT-style, "decoder": GPT-style), or None for either.
     text_kind: ClassVar[str | None] = None
+    # True when forward only takes the backbone's pooled features of the batch as it comes (no views, masks or
+    # mixing): a frozen backbone's features can then be computed once (callbacks/feature_cache.py).
+    pooled_only: bool = False
 
     def __init__(self, backbone, data):
         super().__init__()

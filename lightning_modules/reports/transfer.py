@@ -184,8 +184,9 @@ def write_report(study_dir: Path, cfg, rows: list[dict], summary: list[dict], pr
             else "No pre-training (no strategy starts from it). "
         )
         + f"Fine-tuning: `{' '.join(cfg.finetune)}`; seeds {list(cfg.seeds)}"
-        " (each seed draws its own labeled subset and fine-tuning init; every strategy sees the same subsets,"
-        " augmentation and step budget). Each strategy uses the learning rate with the best mean validation"
+        " (each seed draws its own labeled subset and fine-tuning init; every strategy sees the same subsets and"
+        " augmentation, and this step budget unless its overrides below change it). Each strategy uses the learning"
+        " rate with the best mean validation"
         " accuracy among its candidates; test accuracy is reported for that choice only.",
         "",
         "| labels | strategy | init | trainable params | lr (chosen on val) | val acc | test acc (mean ± std) |"
@@ -210,6 +211,10 @@ def write_report(study_dir: Path, cfg, rows: list[dict], summary: list[dict], pr
             if _plot_depth(summary, study_dir / "freeze_depth.png")
             else []
         ),
+        "Each strategy's own overrides, after the fine-tuning ones above:",
+        "",
+        *(f"- {name}: `{' '.join(strategy.overrides)}`" for name, strategy in cfg.strategies.items()),
+        "",
         f"All {len(rows)} fine-tuning runs (every LR and seed) are in `results.csv`; each has its own run"
         f" directory under `finetune/`. Study wall time: {seconds:.0f}s.",
         "",

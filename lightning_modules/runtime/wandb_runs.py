@@ -57,11 +57,26 @@ def run_identity(log_dir: Path, out_dir: Path) -> dict:
     return identity
 
 
-def artifact_name(model_name: str, objective_target: str) -> str:
-    """One artifact collection per backbone and objective (e.g. ``backbone-vit_micro-mae``): each
-    pre-training adds a version, ``:latest`` is the newest."""
+def artifact_name(model_cfg, objective_target: str) -> str:
+    """One artifact collection per backbone and objective (e.g. ``backbone-vit_tiny_patch16_224-mae``): each
+    pre-training adds a version, ``:latest`` is the newest. The backbone is ``model.name``, or for a Hugging Face
+    model (``model.init=hf:...``) its hub name or folder (``backbone-sentence-transformers_all-MiniLM-L6-v2-mlm``),
+    not the preset's architecture name, which every such model of one family would share."""
     objective = str(objective_target).rsplit(".", 1)[-1].lower()
-    return f"backbone-{model_name}-{objective}".replace("/", "_")
+    init = str(model_cfg.get("init") or "")
+    if init.startswith("hf:"):
+        from lightning_modules.config.modalities import PACKAGE, hf_local_dir
+
+        source = init.removeprefix("hf:").rstrip("/")
+        if source.startswith((PACKAGE, "/", ".", "~")) or Path(source).expanduser().exists():  # a local folder:
+            path = Path(hf_local_dir(source) if source.startswith(PACKAGE) else source).expanduser()
+            # its name; a folder called just "model" (as a package ships one) with its parent's
+            name = "_".join(path.resolve().parts[-2:]) if path.name == "model" else path.name
+        else:
+            name = source  # a hub name (whether it is cached is the loading's business, done by now)
+    else:
+        name = model_cfg.get("name")
+    return f"backbone-{name}-{objective}".replace("/", "_")
 
 
 def log_backbone(experiment, backbone_dir: Path, name: str, metadata: dict) -> None:
