@@ -630,7 +630,7 @@ BAD = [
     ("tower-of-the-wrong-kind", "pretrain", ["datamodule=image_text", "model@model.image=bert_micro"], None,
      "model.image.type=transformers cannot be the image tower, which takes image inputs: allowed is timm"),
     ("tower-size", "pretrain", ["datamodule=image_text", "model.text.layers=0"], None,
-     "model.text.layers=0 is out of range: allowed is an integer >= 1"),
+     "model.text.layers=0 is out of range: allowed is an integer in [1, 1024]"),
     ("freeze-a-tower-of-a-plain-backbone", "finetune", ["freeze.text=all"], None,
      "freeze.text=all: model=vit_micro has no text tower"),
     ("freeze-a-tower-beyond-its-groups", "pretrain", ["datamodule=image_text", "freeze.text=7"], None,

@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_modules.config.errors import ConfigError
-from lightning_modules.config.modalities import TOWERS, _choice, check_modalities, towers_of
+from lightning_modules.config.modalities import TOWERS, _choice, check_modalities, check_towers, towers_of
 from lightning_modules.config.schema import (
     REQUIRED_GROUPS,
     RULES,
@@ -128,6 +128,11 @@ def check_config(cfg: DictConfig, pending: tuple = ()) -> None:
                 f"{group}={show(None if node is None else node._value())}: a {stage} run needs a {group} config;"
                 f" allowed is {group}=<one of: {options}>"
             )
+    model = cfg._get_node("model") if "model" in cfg else None
+    if isinstance(model, DictConfig) and not model._is_none():
+        # A tower's kind and init first: a tower of the wrong kind (model@model.image=bert_micro) has keys its
+        # place does not take, and the line should say why, not name one of them.
+        check_towers(model)
     check_values(cfg, pending=pending)
     check_modalities(cfg)
     towers = towers_of(cfg.model) if isinstance(cfg.get("model"), DictConfig) else {}

@@ -130,7 +130,7 @@ def check_modalities(cfg: DictConfig) -> None:
         raise ConfigError(
             f"{_choice(cfg, 'model')} takes {model} inputs, but {_choice(cfg, 'datamodule')} gives {data}"
         )
-    _check_towers(cfg.model)
+    check_towers(cfg.model)
     _check_text_kind(cfg)
     target = OmegaConf.select(cfg, "objective._target_", default=None)
     if target in PRETRAIN_ONLY and OmegaConf.select(cfg, "stage") == "finetune":
@@ -158,7 +158,7 @@ def _check_evaluation(cfg: DictConfig) -> None:
         raise ConfigError(
             f"task={task} takes {need_data} data ({example}), but {_choice(cfg, 'datamodule')} gives {data}"
         )
-    _check_towers(cfg.model)
+    check_towers(cfg.model)
     if str(cfg.model.get("init", "none")) in ("none", "timm"):
         raise ConfigError(
             f"model.init={cfg.model.get('init')}: task={task} evaluates a pre-trained model; allowed is a CLIP"
@@ -166,7 +166,7 @@ def _check_evaluation(cfg: DictConfig) -> None:
         )
 
 
-def _check_towers(model) -> None:
+def check_towers(model) -> None:
     """Each tower of a dual encoder is a backbone of the modality its place asks for; freeze.<tower> needs the tower."""
     towers = TOWERS.get(backbone_type(model), {})
     for name, modality in towers.items():

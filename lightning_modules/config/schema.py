@@ -385,7 +385,7 @@ RULES: dict[str, object] = {
     "model.mean": Custom(_check_preprocessing, "null or a list of numbers, one per channel"),  # null: the weights'
     "model.std": Custom(_check_preprocessing, "null or a list of numbers > 0, one per channel"),
     # text backbones built from scratch (model=bert_micro, gpt_micro)
-    "model.layers": DEPTH,
+    "model.layers": Rule(int, low=1, high=1024),
     "model.hidden": WIDTH,
     "model.heads": Rule(int, low=1, high=1024),
     "model.intermediate": WIDTH,
