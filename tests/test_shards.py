@@ -42,7 +42,7 @@ def _stop_workers():
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    root = write_folder(tmp_path_factory.mktemp("images"), n=20)
+    root = write_folder(tmp_path_factory.mktemp("shard_images", numbered=False), n=20)  # named: the tests find it
     return prepare("image_folder", out=str(root.parent / "shards"), root=str(root), workers=1)
 
 
@@ -54,11 +54,11 @@ def test_an_image_folder_is_prepared_with_the_split_the_folder_datamodule_uses(p
     meta = json.loads((prepared / META).read_text())
     assert (meta["format"], meta["version"], meta["kind"]) == ("pretune-shards", 1, "image_folder")
     assert meta["splits"] == {"train": 42, "val": 9, "test": 9} and meta["classes"] == list(CLASSES)
-    files, _ = folder_splits(str(prepared.parent / "images0"), 0.15, 0.15, 0)
+    files, _ = folder_splits(str(prepared.parent / "shard_images"), 0.15, 0.15, 0)
     for split in ("train", "val", "test"):
         dataset = StreamingDataset(str(prepared / split))
         names = sorted(dataset[i]["name"] for i in range(len(dataset)))
-        assert names == sorted(os.path.relpath(p, prepared.parent / "images0") for p in files[split][0])
+        assert names == sorted(os.path.relpath(p, prepared.parent / "shard_images") for p in files[split][0])
     item = StreamingDataset(str(prepared / "val"))[0]
     assert Image.open(__import__("io").BytesIO(bytes(item["image"]))).size == (26, 20)  # the file, as it was
 
@@ -166,7 +166,7 @@ def test_a_directory_not_prepared_or_prepared_in_another_version_is_refused(prep
     with pytest.raises(ConfigError, match=r"holds text shards; datamodule=shards streams images"):
         shards(tmp_path / "text")
     with pytest.raises(ConfigError, match=r"out=.*shards exists: allowed is a new directory \(or overwrite=true"):
-        prepare("image_folder", out=str(prepared), root=str(prepared.parent / "images0"))
+        prepare("image_folder", out=str(prepared), root=str(prepared.parent / "shard_images"))
 
 
 def test_a_killed_preparation_leaves_nothing_that_reads_as_prepared(tmp_path):

@@ -61,6 +61,7 @@ def check_fits(backbone, datamodule) -> None:
     too small for the network) fails here in one line, not in the first training step. Eval mode and no
     gradient: nothing changes, no random number is drawn."""
     batch = next(iter(datamodule.eval_loader("val", batch_size=2, sharded=False)))
+    batch = datamodule.on_after_batch_transfer(batch, 0)  # as the model gets it (streamed images: normalised)
     inputs = ", ".join(f"{k} {'x'.join(map(str, v.shape[1:]))}" for k, v in batch.items() if k != "label")
     training = backbone.training
     backbone.eval()
