@@ -385,16 +385,21 @@ def benchmark(
     with_startup: bool = True,
     overrides: list[str] | None = None,
     out_root: Path = ROOT / "outputs" / "bench",
+    cases: list[str] | None = None,
 ) -> Path:
+    """The CASES (``cases``: those whose name contains one of these words) in both loops, interleaved."""
+    selected = {c: v for c, v in CASES.items() if not cases or any(word in c for word in cases)}
+    if not selected:
+        sys.exit(f"error: --cases {' '.join(cases)}: no case matches; the cases are {', '.join(CASES)}")
     overrides = [f"trainer.max_epochs={epochs}", *(overrides or [])]
     if batches_per_epoch:
         overrides.append(f"datamodule.train_batches_per_epoch={batches_per_epoch}")
     out_dir = out_root / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     tmp = _scratch()
-    results = {case: {"plain": [], "pretune": []} for case in CASES}
+    results = {case: {"plain": [], "pretune": []} for case in selected}
     plain_run(make_cfg("finetune", ["trainer.max_epochs=1", "datamodule.train_batches_per_epoch=2"], tmp / "w"))
     for r in range(repeats):
-        for i, (case, (stage, extra)) in enumerate(CASES.items()):
+        for i, (case, (stage, extra)) in enumerate(selected.items()):
             for loop, fn in _alternate(LOOPS, r):
                 cfg = make_cfg(stage, extra + overrides, tmp / f"case{i}-{loop}-{r}")
                 gc.collect()
@@ -410,7 +415,7 @@ def benchmark(
         " | final loss plain / pretune |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for case, (stage, extra) in CASES.items():
+    for case, (stage, extra) in selected.items():
         plain, pre = results[case]["plain"], results[case]["pretune"]
         ratio = _median(steps_per_s(b) / steps_per_s(a) for a, b in zip(plain, pre, strict=True))
         cpu_ratio = _median(steps_per_cpu_s(b) / steps_per_cpu_s(a) for a, b in zip(plain, pre, strict=True))
@@ -434,8 +439,8 @@ def benchmark(
         " shared cores disturb less. Peak MB: peak RSS above the RSS after imports, fresh process per cell."
         " loader: the train loader plus its batch augmentation, no model.",
     ]
-    setup = [r["first_step"] - r["start"] for case in CASES for r in results[case]["pretune"]]
-    plain_setup = [r["first_step"] - r["start"] for case in CASES for r in results[case]["plain"]]
+    setup = [r["first_step"] - r["start"] for case in selected for r in results[case]["pretune"]]
+    plain_setup = [r["first_step"] - r["start"] for case in selected for r in results[case]["plain"]]
     lines.append(
         f"In-process set-up to the first step (median over cases): pretune {_median(setup):.2f} s,"
         f" plain {_median(plain_setup):.2f} s."
@@ -845,6 +850,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches-per-epoch", type=int, help="fixed-length epochs (default: one pass, 19 batches)")
     parser.add_argument("--tiny", action="store_true", help="1 epoch of 3 steps, 1 repeat, no memory or startup")
+    parser.add_argument(
+        "--cases", nargs="+", metavar="WORD", help="only the cases whose name contains a word (e.g. MLM)"
+    )
     parser.add_argument("--compare", nargs="+", metavar="OVERRIDE", help="pretune vs pretune with these overrides")
     parser.add_argument("--loaders", action="store_true", help="the train loader against DataLoader with workers")
     parser.add_argument(
@@ -886,9 +894,9 @@ def main() -> None:
     if args.overhead:
         return overhead(args.overhead, args.repeats)
     if args.tiny:
-        benchmark(epochs=1, repeats=1, batches_per_epoch=3, memory=False, with_startup=False)
+        benchmark(epochs=1, repeats=1, batches_per_epoch=3, memory=False, with_startup=False, cases=args.cases)
     else:
-        benchmark(args.epochs, args.repeats, args.batches_per_epoch)
+        benchmark(args.epochs, args.repeats, args.batches_per_epoch, cases=args.cases)
 
 
 if __name__ == "__main__":
