@@ -109,7 +109,8 @@ BASES = {
     ),
 }
 COSTLY = {"model.compile": True}  # accepted values that cost minutes (torch.compile), not run here
-MOVES_OUTPUTS = (".save_dir", ".dirpath")  # a logger's or checkpoint's own dir: outside the run dir if the user says
+# own dirs (a logger's, the checkpoints', a shared cache): outside the run dir where the user says
+MOVES_OUTPUTS = (".save_dir", ".dirpath", ".cache_dir")
 
 
 # --- the draw ----------------------------------------------------------------------------------------------

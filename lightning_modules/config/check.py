@@ -132,7 +132,12 @@ def check_config(cfg: DictConfig, pending: tuple = ()) -> None:
     if isinstance(model, DictConfig) and not model._is_none():
         # A tower's kind and init first: a tower of the wrong kind (model@model.image=bert_micro) has keys its
         # place does not take, and the line should say why, not name one of them.
-        check_towers(model)
+        try:
+            check_towers(model)
+        except ConfigError:
+            raise
+        except Exception:  # a reference that cannot be resolved (model.type=${nope}): check_values names it
+            pass
     check_values(cfg, pending=pending)
     check_modalities(cfg)
     towers = towers_of(cfg.model) if isinstance(cfg.get("model"), DictConfig) else {}

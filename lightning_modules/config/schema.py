@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,8 +272,20 @@ def _check_preprocessing(key: str, value):
 def _check_init_map(key: str, value):
     from lightning_modules.backbones.weight_files import check_init_map  # light: no torch
 
-    check_init_map(value)
+    with _named(key, "model.init_map"):
+        check_init_map(value)
     return value
+
+
+@contextmanager
+def _named(key: str, named: str):
+    """A check whose lines name the model's own key (``named``) run for a tower's (``model.<tower>.<key>``)."""
+    try:
+        yield
+    except ConfigError as err:
+        if key == named:
+            raise
+        raise ConfigError(str(err).replace(named, key, 1)) from None
 
 
 def _check_type(key: str, value):
@@ -327,7 +340,8 @@ def _check_tokenizer(key: str, value):
         raise _invalid(key, value, "null, a pre-training run dir, a backbone/ dir or hf:<model>")
     from lightning_modules.backbones.tokenizer import tokenizer_dir  # light: no torch
 
-    tokenizer_dir(value)  # raises a ConfigError naming model.tokenizer when there is nothing there
+    with _named(key, "model.tokenizer"):
+        tokenizer_dir(value)  # raises a ConfigError naming model.tokenizer when there is nothing there
     return value
 
 
