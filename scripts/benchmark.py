@@ -560,9 +560,7 @@ def overhead(case: str, repeats: int, epochs: int = 4, overrides: tuple[str, ...
 
 # --- on a GPU: pretune against a tuned hand loop whose data sit on the device --------------------------------
 
-GPU_DATA = [
-    "datamodule=digits",  # 1,797 real 8x8 digits, upscaled on the device per batch (stored as uint8)
-    "datamodule.image_size=224",
+GPU_DATA = [  # every case; each brings its data below
     "datamodule.batch_size=256",
     "datamodule.eval_batch_size=512",
     "datamodule.train_batches_per_epoch=30",
@@ -570,18 +568,24 @@ GPU_DATA = [
     "trainer.max_epochs=3",
     "logger=csv",
 ]
-VIT_S, R50 = ["model=timm", "model.name=vit_small_patch16_224"], ["model=timm", "model.name=resnet50"]
+# 1,797 real 8x8 digits, upscaled on the device per batch (stored as uint8)
+IMAGES = ["datamodule=digits", "datamodule.image_size=224"]
+VIT_S, R50 = [*IMAGES, "model=timm", "model.name=vit_small_patch16_224"], [*IMAGES, "model=timm", "model.name=resnet50"]
+# MLM on the embedded corpus, 128-token blocks, a BERT the size of all-MiniLM-L6-v2 (6 layers, 384 wide, ~22 M)
+MLM_MINILM_SIZE = ["datamodule=text_corpus", "datamodule.max_length=128", "objective=mlm", "model=bert_micro"]
+MLM_MINILM_SIZE += ["model.layers=6", "model.hidden=384", "model.heads=12", "model.intermediate=1536"]
+MLM_MINILM_SIZE += ["model.vocab_size=8000"]
 # case: (stage, overrides, compiled)
 GPU_CASES = {
     "fine-tune vit_small_patch16_224": ("finetune", VIT_S, False),
     "fine-tune resnet50 (channels-last)": ("finetune", R50, False),
     "MAE pre-train vit_small_patch16_224": ("pretrain", ["objective=mae", *VIT_S], False),
+    "MLM pre-train, BERT 6x384 (text, 128 tokens)": ("pretrain", MLM_MINILM_SIZE, False),
     "fine-tune vit_small_patch16_224, compiled": ("finetune", VIT_S, True),
     "MAE pre-train vit_small_patch16_224, compiled": ("pretrain", ["objective=mae", *VIT_S], True),
 }
 # --tiny: the same logic on the CPU in seconds (tiny models, 32 px, fp32; compiled with aot_eager, no codegen).
 TINY_DATA = [
-    "datamodule=digits",
     "datamodule.batch_size=16",
     "datamodule.train_batches_per_epoch=3",
     "trainer.accelerator=cpu",
@@ -589,10 +593,15 @@ TINY_DATA = [
     "logger=csv",
 ]
 TINY_CASES = {
-    "fine-tune vit_micro": ("finetune", ["model=vit_micro"], False),
-    "fine-tune resnet_micro": ("finetune", ["model=resnet_micro"], False),
-    "MAE pre-train vit_micro": ("pretrain", ["objective=mae", "model=vit_micro"], False),
-    "fine-tune vit_micro, compiled": ("finetune", ["model=vit_micro"], True),
+    "fine-tune vit_micro": ("finetune", ["datamodule=digits", "model=vit_micro"], False),
+    "fine-tune resnet_micro": ("finetune", ["datamodule=digits", "model=resnet_micro"], False),
+    "MAE pre-train vit_micro": ("pretrain", ["datamodule=digits", "objective=mae", "model=vit_micro"], False),
+    "MLM pre-train bert_micro (text)": (
+        "pretrain",
+        ["datamodule=text_corpus", "objective=mlm", "model=bert_micro"],
+        False,
+    ),
+    "fine-tune vit_micro, compiled": ("finetune", ["datamodule=digits", "model=vit_micro"], True),
 }
 
 
@@ -646,16 +655,15 @@ def _steady(r: dict, images_per_step: int, steps_per_epoch: int) -> float:
 
 
 def flops_per_image(cfg: DictConfig, device: torch.device) -> float:
-    """Training FLOPs per image (one forward and backward of backbone + objective, as torch counts them)."""
+    """Training FLOPs per sample, an image or a text (one forward and backward of backbone + objective, as torch
+    counts them)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lightning_modules.backbones.handoff import build_backbone
     from lightning_modules.objectives.base import build_objective
 
-    dm = instantiate(cfg.datamodule, labeled=cfg.stage == "finetune")
-    dm.setup("fit")
-    dm.place(device)
-    backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True))
+    dm, backbone = _data_and_backbone(cfg)
+    if hasattr(dm, "place"):
+        dm.place(device)
     objective = build_objective(cfg.objective, backbone, dm.spec)
     model = torch.nn.ModuleList([backbone, objective]).to(device)
     batch = next(iter(dm.train_dataloader()))
@@ -666,7 +674,7 @@ def flops_per_image(cfg: DictConfig, device: torch.device) -> float:
             loss = objective(backbone, batch)["loss"]
         loss.backward()
     del model
-    return counter.get_total_flops() / len(batch["image"])
+    return counter.get_total_flops() / len(next(iter(batch.values())))
 
 
 def matmul_peak_tflops(device: torch.device, tiny: bool) -> float:
@@ -799,12 +807,14 @@ def gpu_table(results: dict, peak: float, device: torch.device, tiny: bool) -> s
     lines = [
         f"pretune against a tuned hand loop with its data on the device: {name}, torch {torch.__version__},"
         f" Lightning {pl.__version__}, {first['epochs']} epochs of {first['steps_per_epoch']} steps, batch"
-        f" {first['batch']}, {'fp32' if tiny else 'bf16-mixed, 224 px'}; medians of interleaved runs"
+        f" {first['batch']}, {'fp32' if tiny else 'bf16-mixed, 224-px images, 128-token texts'}; medians of"
+        " interleaved runs"
         f" (compiled cases: one run each). Matmul peak measured here: {peak:.3g} TFLOP/s"
         f" ({'fp32' if tiny else 'bf16'}).",
         f"`python scripts/benchmark.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
-        "| case | hand img/s | pretune img/s | pretune / hand | steady state: hand / pretune img/s | pretune TFLOP/s"
+        "| case | hand samples/s | pretune samples/s | pretune / hand | steady state: hand / pretune samples/s"
+        " | pretune TFLOP/s"
         " (MFU) | compile s: hand / pretune | peak GB: hand / pretune | checkpoints: s an epoch (MB) | host syncs"
         " in steady steps | final loss hand / pretune |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -833,9 +843,10 @@ def gpu_table(results: dict, peak: float, device: torch.device, tiny: bool) -> s
         )
     lines += [
         "",
-        "img/s: training images over the fit loop, first epoch start to last epoch end, each epoch's validation (and,"
-        " for pretune, its checkpoints and logging) included; steady state: the same without the first epoch"
-        " (compilation, warm-up). TFLOP/s: torch's FLOP count of one training step per image times pretune's img/s;"
+        "samples/s: training images (or texts) over the fit loop, first epoch start to last epoch end, each epoch's"
+        " validation (and, for pretune, its checkpoints and logging) included; steady state: the same without the"
+        " first epoch (compilation, warm-up). TFLOP/s: torch's FLOP count of one training step per sample times"
+        " pretune's samples/s;"
         " MFU against the matmul peak measured above. Checkpoints: the training thread's time in"
         " Trainer.save_checkpoint per epoch (last.ckpt every epoch, best.ckpt when validation improves; the files"
         " are written by a background thread) and the files' size. Host syncs: counted with"

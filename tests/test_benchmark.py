@@ -43,8 +43,8 @@ def test_overhead_mode_times_the_same_segments_in_both_loops():
 
 def test_gpu_benchmark_logic_runs_on_the_cpu_in_tiny_mode(tmp_path):
     # The GPU table's code path (hand loop with data placed, FLOP count, peak, per-epoch clock, checkpoint timer,
-    # compilation) on a tiny compiled case; both loops train the same model.
-    tiny = {"fine-tune vit_micro, compiled": benchmark.TINY_CASES["fine-tune vit_micro, compiled"]}
+    # compilation) on a tiny compiled case and the text case; both loops train the same model.
+    tiny = {c: benchmark.TINY_CASES[c] for c in ("fine-tune vit_micro, compiled", "MLM pre-train bert_micro (text)")}
     original = benchmark.TINY_CASES
     benchmark.TINY_CASES = tiny
     try:
