@@ -129,16 +129,20 @@ def check_config(cfg: DictConfig, pending: tuple = ()) -> None:
                 f" allowed is {group}=<one of: {options}>"
             )
     model = cfg._get_node("model") if "model" in cfg else None
-    if isinstance(model, DictConfig) and not model._is_none():
-        # A tower's kind and init first: a tower of the wrong kind (model@model.image=bert_micro) has keys its
-        # place does not take, and the line should say why, not name one of them.
+    towers_checked = not isinstance(model, DictConfig) or model._is_none()
+    if not towers_checked:
+        # A tower's kind and init first (here only: check_modalities relies on it): a tower of the wrong kind
+        # (model@model.image=bert_micro) has keys its place does not take, and the line should say why.
         try:
             check_towers(model)
+            towers_checked = True
         except ConfigError:
             raise
         except Exception:  # a reference that cannot be resolved (model.type=${nope}): check_values names it
             pass
     check_values(cfg, pending=pending)
+    if not towers_checked:
+        check_towers(model)
     check_modalities(cfg)
     towers = towers_of(cfg.model) if isinstance(cfg.get("model"), DictConfig) else {}
     for name in sorted({n for names in TOWERS.values() for n in names}):

@@ -130,7 +130,6 @@ def check_modalities(cfg: DictConfig) -> None:
         raise ConfigError(
             f"{_choice(cfg, 'model')} takes {model} inputs, but {_choice(cfg, 'datamodule')} gives {data}"
         )
-    check_towers(cfg.model)
     _check_text_kind(cfg)
     target = OmegaConf.select(cfg, "objective._target_", default=None)
     if target in PRETRAIN_ONLY and OmegaConf.select(cfg, "stage") == "finetune":
@@ -158,7 +157,6 @@ def _check_evaluation(cfg: DictConfig) -> None:
         raise ConfigError(
             f"task={task} takes {need_data} data ({example}), but {_choice(cfg, 'datamodule')} gives {data}"
         )
-    check_towers(cfg.model)
     if str(cfg.model.get("init", "none")) in ("none", "timm"):
         raise ConfigError(
             f"model.init={cfg.model.get('init')}: task={task} evaluates a pre-trained model; allowed is a CLIP"

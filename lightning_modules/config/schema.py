@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -272,20 +272,18 @@ def _check_preprocessing(key: str, value):
 def _check_init_map(key: str, value):
     from lightning_modules.backbones.weight_files import check_init_map  # light: no torch
 
-    with _named(key, "model.init_map"):
+    with _as_key(key):
         check_init_map(value)
     return value
 
 
-@contextmanager
-def _named(key: str, named: str):
-    """A check whose lines name the model's own key (``named``) run for a tower's (``model.<tower>.<key>``)."""
-    try:
-        yield
-    except ConfigError as err:
-        if key == named:
-            raise
-        raise ConfigError(str(err).replace(named, key, 1)) from None
+def _as_key(key: str):
+    """Checks that name the model's own keys (``model.init_map=...``) run for ``key``: for a tower's key
+    (``model.text.init_map``) their lines name the tower's (modalities.tower_errors); else nothing changes."""
+    from lightning_modules.config.modalities import tower_errors
+
+    parts = key.split(".")
+    return tower_errors(parts[1], {parts[2]: None}) if len(parts) == 3 else nullcontext()
 
 
 def _check_type(key: str, value):
@@ -299,11 +297,13 @@ def _check_init(key: str, value):
     only its form is checked here), or a directory holding a backbone/ (found here, so a typo fails at once)."""
     if not isinstance(value, str) or not value:
         raise _invalid(key, value, INIT)
-    if key.count(".") == 2:  # a tower's: the checks below name model.<key>, the tower's name goes in between
-        from lightning_modules.config.modalities import tower_errors
+    with _as_key(key):
+        _check_init_source("model.init", value)
+    return value
 
-        with tower_errors(key.split(".")[1], {"init": value}):
-            return _check_init("model.init", value)
+
+def _check_init_source(key: str, value: str) -> None:
+    """What model.init names is there (its form, for a W&B artifact fetched when the run starts)."""
     if value.startswith("wandb:"):
         if value.count("/") != 2 or ":" not in value.removeprefix("wandb:"):
             raise ConfigError(f"{key}={value} is invalid: allowed is wandb:<entity>/<project>/<name>:<alias>")
@@ -322,7 +322,6 @@ def _check_init(key: str, value):
             find_backbone_dir(value)  # raises a ConfigError naming model.init when there is nothing there
         except OSError as err:  # e.g. a name too long for the file system
             raise ConfigError(f"{key}={value}: {err.strerror or err}") from None
-    return value
 
 
 def _check_data_path(key: str, value):
@@ -340,7 +339,7 @@ def _check_tokenizer(key: str, value):
         raise _invalid(key, value, "null, a pre-training run dir, a backbone/ dir or hf:<model>")
     from lightning_modules.backbones.tokenizer import tokenizer_dir  # light: no torch
 
-    with _named(key, "model.tokenizer"):
+    with _as_key(key):
         tokenizer_dir(value)  # raises a ConfigError naming model.tokenizer when there is nothing there
     return value
 
