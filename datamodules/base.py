@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
+from lightning_modules.core.progress import resuming_mid_epoch
+
 
 class PretuneDataModule(pl.LightningDataModule):
     modality = "image"
@@ -39,8 +41,6 @@ class PretuneDataModule(pl.LightningDataModule):
     def batches_trained(self) -> int:
         """On a resume from a mid-epoch checkpoint, the current epoch's batches already trained (Lightning's
         restored progress), which the train loader skips; else 0."""
-        from lightning_modules.callbacks.seeding import resuming_mid_epoch
-
         trainer = getattr(self, "trainer", None)
         if trainer is None or not resuming_mid_epoch(trainer):
             return 0

@@ -108,9 +108,9 @@ def _train_rate(model: str, device: str, batch: int, steps: int) -> float:
 def throughput(
     tmp: Path, images: int, workers: list[int], model: str, device: str, train_batch: int, repeats: int = 3
 ) -> list[str]:
-    from datamodules.image_folder import ImageFolderDataModule
-    from datamodules.prepare import prepare
-    from datamodules.shards import ShardsDataModule
+    from datamodules.loading.prepare import prepare
+    from datamodules.sources.image_folder import ImageFolderDataModule
+    from datamodules.sources.shards import ShardsDataModule
 
     root = write_jpegs(tmp / "jpegs", images, 224)
     shards = prepare("image_folder", out=str(tmp / "jpeg_shards"), root=str(root), workers=max(workers))
@@ -174,8 +174,8 @@ def _tree_peak_mb(pid: int) -> tuple[float, float]:
 def memory_child(root: str, loading: str, workers: int, image_size: int) -> None:
     """In a fresh process: one epoch of the training loader; the peak RSS of this process above its RSS after
     imports, and the peak RSS of its workers (read while they are alive)."""
-    import datamodules.shards  # noqa: F401  (everything a run imports, before the baseline)
-    from datamodules.image_folder import ImageFolderDataModule
+    import datamodules.sources.shards  # noqa: F401  (everything a run imports, before the baseline)
+    from datamodules.sources.image_folder import ImageFolderDataModule
 
     base = _tree_peak_mb(os.getpid())[0]
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from the current RSS
@@ -232,7 +232,7 @@ def mnist_folder(root: Path) -> Path:
 
     from PIL import Image
 
-    from datamodules.mnist5k import mnist5k_path
+    from datamodules.sources.mnist5k import mnist5k_path
 
     with gzip.open(mnist5k_path(), "rt") as fh:
         table = np.loadtxt(fh, delimiter=",", dtype=np.float32)

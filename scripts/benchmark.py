@@ -133,11 +133,11 @@ def plain_run(cfg: DictConfig, compile_options: dict | None = None) -> dict:
     On a GPU (``trainer.accelerator=gpu``) it is a tuned hand loop: the splits on the device (indexed there),
     bf16 autocast as ``trainer.precision`` says, fused AdamW, TF32 matmuls, channels-last for CNNs, and
     ``torch.compile`` of the forward with ``compile_options`` (None: eager)."""
-    from datamodules.in_memory import BatchLoader
-    from lightning_modules.module import use_channels_last
+    from datamodules.loading.in_memory import BatchLoader
     from lightning_modules.objectives.base import build_objective
-    from lightning_modules.optim import build_optimizer, build_scheduler
     from lightning_modules.runtime.run import matmul_precision
+    from lightning_modules.training.module import use_channels_last
+    from lightning_modules.training.optim import build_optimizer, build_scheduler
 
     start = time.time()
     device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
@@ -499,7 +499,7 @@ def overhead(case: str, repeats: int, epochs: int = 4, overrides: tuple[str, ...
     epoch (the rest of the fit time: validation, checkpoints, logging), pretune and the plain loop interleaved.
     Steps are timed from one batch's augmentation end to the next one's, with the objective's forward and the
     backward timed inside: both loops call these same functions, so the segments compare like for like."""
-    from datamodules.augment import BatchAugment
+    from datamodules.transforms.augment import BatchAugment
 
     marks: dict[str, list[float]] = {}
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Turn data into litdata shards once, for ``datamodule=shards`` (datamodules/prepare.py says what is written).
+"""Turn data into litdata shards once, for ``datamodule=shards`` (datamodules/loading/prepare.py says what is written).
 
     python scripts/prepare_data.py image_folder root=/data/pets out=/data/pets-shards
     python scripts/prepare_data.py text file=corpus.jsonl out=/data/corpus-shards [text_column=text label_column=label]
@@ -36,7 +36,7 @@ OPTIONS = {
 
 
 def parse(argv: list[str]) -> tuple[str, dict]:
-    from lightning_modules.config.errors import ConfigError
+    from lightning_modules.core.errors import ConfigError
 
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -60,11 +60,11 @@ def parse(argv: list[str]) -> tuple[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lightning_modules.config.errors import ConfigError
+    from lightning_modules.core.errors import ConfigError
 
     try:
         kind, options = parse(sys.argv[1:] if argv is None else argv)
-        from datamodules.prepare import prepare
+        from datamodules.loading.prepare import prepare
 
         out = prepare(kind, **options)
     except ConfigError as err:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     import json
 
-    from datamodules.prepare import META
+    from datamodules.loading.prepare import META
 
     meta = json.loads((out / META).read_text())
     skipped = f", {len(meta['skipped'])} unreadable images left out" if meta.get("skipped") else ""

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lightning_modules.config.errors import ConfigError  # noqa: E402
+from lightning_modules.core.errors import ConfigError  # noqa: E402
 
 
 def _stage_config(stage: str, overrides: list[str], out_dir: Path, pending: tuple = ()) -> DictConfig:
@@ -76,7 +76,7 @@ def check_study(cfg: DictConfig, study_dir: Path) -> None:
     from hydra.errors import HydraException
 
     from lightning_modules.config.check import check_values
-    from lightning_modules.config.schema import STUDY_RULES
+    from lightning_modules.config.rules import STUDY_RULES
 
     check_values(cfg, STUDY_RULES)
     if "scratch" not in cfg.strategies:

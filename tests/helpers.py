@@ -72,9 +72,9 @@ def fit_tiny(backbone, callbacks, epochs=2, optimizer=None, scheduler=None):
     """
     import pytorch_lightning as pl
 
-    from datamodules.in_memory import BatchLoader
-    from lightning_modules.module import PretuneModule
+    from datamodules.loading.in_memory import BatchLoader
     from lightning_modules.objectives.classification import Classification
+    from lightning_modules.training.module import PretuneModule
 
     class Data(pl.LightningDataModule):
         def train_dataloader(self):

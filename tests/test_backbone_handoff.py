@@ -6,8 +6,10 @@ import pytest
 import torch
 import yaml
 
-from lightning_modules.backbones.handoff import CONFIG, WEIGHTS, build_backbone, export_backbone
-from lightning_modules.config.errors import ConfigError
+from lightning_modules.backbones.factory import build_backbone
+from lightning_modules.backbones.handoff import export_backbone
+from lightning_modules.core.errors import ConfigError
+from lightning_modules.core.locations import CONFIG, WEIGHTS
 from tests.helpers import RESNET, VIT, resnet, vit
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.backbones.handoff import WEIGHTS, build_backbone, export_backbone
+from lightning_modules.backbones.factory import build_backbone
+from lightning_modules.backbones.handoff import export_backbone
+from lightning_modules.core.locations import WEIGHTS
 from lightning_modules.runtime.cli import main
 from tests.conftest import make_cfg
 from tests.helpers import RESNET

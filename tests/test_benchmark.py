@@ -36,7 +36,7 @@ def test_overhead_mode_times_the_same_segments_in_both_loops():
     for name in ("forward", "backward", "step"):  # both loops were timed: positive, and the wrappers are gone
         plain, pretune = (float(cell) for cell in rows[name].split(" | ")[1:3])
         assert plain > 0 and pretune > 0, name
-    from datamodules.augment import BatchAugment
+    from datamodules.transforms.augment import BatchAugment
 
     assert BatchAugment.forward.__name__ == "forward"
 

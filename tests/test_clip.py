@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from lightning_modules.config.errors import ConfigError
+from lightning_modules.core.errors import ConfigError
 from tests.conftest import ROOT, make_cfg
 
 # A tiny pre-training on the embedded pairs: 3 steps of 16 pairs per epoch, 2 epochs, 2 validation batches.
@@ -215,7 +215,7 @@ def test_paired_retrieval_scores_each_image_and_each_distinct_caption_once():
 
 
 def _pairs_module(**kwargs):
-    from datamodules.image_text import ImageTextDataModule
+    from datamodules.sources.image_text import ImageTextDataModule
     from tests.text_helpers import text_backbone
 
     dm = ImageTextDataModule(**kwargs)
@@ -234,7 +234,7 @@ def test_embedded_pairs_are_the_digits_split_with_a_caption_per_template():
 
 
 def test_one_caption_per_image_drawn_by_seed_and_epoch_the_same_on_every_rank():
-    from datamodules.image_text import PairLoader
+    from datamodules.sources.image_text import PairLoader
 
     dm = _pairs_module(batch_size=8)
     split, epoch = dm.splits["train"], [0]
@@ -310,7 +310,7 @@ def test_jsonl_takes_a_list_of_captions(tmp_path):
 
 def test_each_tower_is_frozen_and_decayed_on_its_own():
     from lightning_modules.callbacks.freezing import FreezeLayers, GradualUnfreezing
-    from lightning_modules.optim import param_groups
+    from lightning_modules.training.optim import param_groups
 
     backbone, objective = _tiny_clip(CAPTIONS)
     towers = backbone.tower_groups()
@@ -348,7 +348,7 @@ def test_each_tower_is_frozen_and_decayed_on_its_own():
 def test_a_pretraining_run_exports_each_tower_and_both_load_back_bit_for_bit(pretrained):
     from safetensors.torch import load_file
 
-    from lightning_modules.backbones.handoff import build_backbone
+    from lightning_modules.backbones.factory import build_backbone
     from lightning_modules.backbones.tokenizer import tokenizer_sha256
 
     metrics = json.loads((pretrained / "metrics.json").read_text())
@@ -579,8 +579,9 @@ def _tower_dir(root: Path) -> Path:
     """A text tower exported by a CLIP pre-training (no training: its weights only need to exist)."""
     from omegaconf import OmegaConf
 
-    from datamodules.image_text import ImageTextDataModule
-    from lightning_modules.backbones.handoff import build_backbone, export_backbone
+    from datamodules.sources.image_text import ImageTextDataModule
+    from lightning_modules.backbones.factory import build_backbone
+    from lightning_modules.backbones.handoff import export_backbone
 
     cfg = make_cfg("pretrain", ["datamodule=image_text"])
     model = OmegaConf.to_container(cfg.model, resolve=True)
@@ -591,8 +592,9 @@ def _dual_dir(root: Path) -> Path:
     """A clip_micro dual encoder exported as a pre-training would (untrained), its text tower pooling CLS."""
     from omegaconf import OmegaConf
 
-    from datamodules.image_text import ImageTextDataModule
-    from lightning_modules.backbones.handoff import build_backbone, export_backbone
+    from datamodules.sources.image_text import ImageTextDataModule
+    from lightning_modules.backbones.factory import build_backbone
+    from lightning_modules.backbones.handoff import export_backbone
 
     cfg = make_cfg("pretrain", ["datamodule=image_text"])
     model = OmegaConf.to_container(cfg.model, resolve=True)

@@ -136,7 +136,7 @@ def test_the_modality_tables_agree_with_the_classes():
 
 def test_an_unknown_model_type_is_one_line(tmp_path):
     from lightning_modules.config.check import check_config
-    from lightning_modules.config.errors import ConfigError
+    from lightning_modules.core.errors import ConfigError
 
     allowed = r"\['dual_encoder', 'timm', 'transformers'\]"
     with pytest.raises(ConfigError, match=rf"model.type=foo is unknown: allowed are {allowed}"):

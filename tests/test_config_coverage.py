@@ -1,5 +1,5 @@
 """Every key a user can set is checked: each leaf of every composed config (every group option, not just the
-defaults) has a rule in ``config/schema.py`` or is declared as passed through to a library that checks it.
+defaults) has a rule in ``config/rules/`` or is declared as passed through to a library that checks it.
 A new key without either fails here, with the line to add."""
 
 from __future__ import annotations
@@ -8,13 +8,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lightning_modules.config import schema
+from lightning_modules.config import rules as schema
 from lightning_modules.config.check import UNKNOWN, keys, value
-from lightning_modules.config.errors import ConfigError
-from lightning_modules.config.schema import (
-    PASSED_THROUGH,
-    RULES,
-    STUDY_RULES,
+from lightning_modules.config.kinds import (
     Choice,
     Custom,
     ExistingPath,
@@ -24,9 +20,9 @@ from lightning_modules.config.schema import (
     Section,
     Text,
     Together,
-    passed_through,
-    rule_for,
 )
+from lightning_modules.config.rules import PASSED_THROUGH, RULES, STUDY_RULES, passed_through, rule_for
+from lightning_modules.core.errors import ConfigError
 from tests.conftest import CONF
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "paths", "hparams_search"))
@@ -83,7 +79,7 @@ def _suggestion(key: str, default) -> str:
     else:
         rule = "Rule(int, low=0, nullable=True)  (or whichever kind fits)"
     return (
-        f"  {key} (default {default!r}): add to RULES in lightning_modules/config/schema.py\n"
+        f"  {key} (default {default!r}): add to RULES in lightning_modules/config/rules/<group>.py\n"
         f'      "{key}": {rule},\n'
         f"    or, if a library validates it when built, to PASSED_THROUGH:\n"
         f'      "{key}": "<the library, e.g. Lightning\'s Trainer>",'
@@ -128,7 +124,7 @@ def test_the_shipped_defaults_obey_their_rules(tmp_path):
 
 
 def test_the_rule_words_agree_with_the_code():
-    from lightning_modules.optim import OPTIMIZERS, SCHEDULES
+    from lightning_modules.training.optim import OPTIMIZERS, SCHEDULES
 
     assert set(RULES["optimizer.name"].words) == set(OPTIMIZERS)
     assert set(RULES["scheduler.name"].words) == set(SCHEDULES)

@@ -27,7 +27,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from lightning_modules.config.check import check_config
-from lightning_modules.config.errors import ConfigError
+from lightning_modules.core.errors import ConfigError
 from tests.conftest import CONF, FAST, ROOT
 
 SEED = 16
@@ -269,7 +269,7 @@ def folder(tmp_path_factory) -> Path:
 
 def _clip_run(folder: Path) -> Path:
     """A run dir whose backbone/ the config check finds (never loaded: the evaluate bases are checked, not run)."""
-    from lightning_modules.backbones.handoff import CONFIG, WEIGHTS
+    from lightning_modules.core.locations import CONFIG, WEIGHTS
 
     run = folder.parent / "clip_run"
     (run / "backbone").mkdir(parents=True, exist_ok=True)
@@ -372,7 +372,7 @@ def test_fuzzed_study_overrides_are_refused_in_one_line_or_accepted(tmp_path):
     from transfer_study import check_study
 
     from lightning_modules.config.check import check_values
-    from lightning_modules.config.schema import STUDY_RULES
+    from lightning_modules.config.rules import STUDY_RULES
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         base = compose(config_name="transfer_study", overrides=[f"paths.output_dir={tmp_path}"])
@@ -405,7 +405,7 @@ def test_the_bases_reach_every_key(bases):
     """Every key of every composed config (tests/test_config_coverage.py) is in some base, so the draw reaches
     it: a new group option with keys of its own needs a base here."""
     from lightning_modules.config.check import keys
-    from lightning_modules.config.schema import RULES
+    from lightning_modules.config.rules import RULES
     from tests.test_config_coverage import composed
 
     every = {k for _label, cfg, rules in composed() if rules is RULES for k in keys(cfg, rules)}

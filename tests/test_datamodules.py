@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.augment import BatchAugment
-from datamodules.digits import DigitsDataModule
-from datamodules.image_folder import ImageFolderDataModule
-from datamodules.mnist5k import MNIST5kDataModule
-from lightning_modules.config.errors import ConfigError
+from datamodules.sources.digits import DigitsDataModule
+from datamodules.sources.image_folder import ImageFolderDataModule
+from datamodules.sources.mnist5k import MNIST5kDataModule
+from datamodules.transforms.augment import BatchAugment
+from lightning_modules.core.errors import ConfigError
 
 
 def _labels(dm, split="train"):
@@ -190,7 +190,7 @@ def test_uint8_storage_decodes_to_the_float32_path_bit_for_bit(make):
     for split in ("val", "test"):
         assert torch.equal(dm.images(split), (_float32_path(splits[split][0], dm.pixel_max, 32) - mean) / std)
     # Training batches, decoded one by one (resized per batch), equal rows of the split decoded at once.
-    from datamodules.in_memory import BatchLoader
+    from datamodules.loading.in_memory import BatchLoader
 
     whole, stored = dm.images("train"), dm.splits["train"]["image"]
     tagged = {"image": stored, "i": torch.arange(len(stored))}

@@ -88,7 +88,7 @@ def test_gathered_nt_xent_equals_the_global_batch_loss_and_gradients(tmp_path):
 
 
 def test_each_rank_gets_its_slice_of_every_global_batch():
-    from datamodules.in_memory import BatchLoader
+    from datamodules.loading.in_memory import BatchLoader
 
     data = {"i": torch.arange(50)}
     for shuffle, drop_last, size in ((True, True, 4), (False, False, 8)):
@@ -107,8 +107,8 @@ def test_each_rank_gets_its_slice_of_every_global_batch():
 
 
 def test_each_rank_draws_its_slice_of_the_global_batch_masks_and_augmentations(monkeypatch):
-    import lightning_modules.runtime.distributed as distributed
-    from datamodules.augment import BatchAugment
+    import lightning_modules.core.distributed as distributed
+    from datamodules.transforms.augment import BatchAugment
     from lightning_modules.objectives.mae import random_masking
     from tests.helpers import batch
 
@@ -173,7 +173,7 @@ def test_the_transfer_study_refuses_ddp_stages(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     from transfer_study import _run_stage
 
-    from lightning_modules.config.errors import ConfigError
+    from lightning_modules.core.errors import ConfigError
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         with pytest.raises(ConfigError, match="not supported inside the transfer study"):

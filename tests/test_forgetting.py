@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_modules.config.errors import ConfigError
+from lightning_modules.core.errors import ConfigError
 from lightning_modules.runtime.run import run
 
 TINY = [

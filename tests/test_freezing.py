@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_modules.callbacks.freezing import FreezeLayers, resolve_layers
-from lightning_modules.config.errors import ConfigError
+from lightning_modules.core.errors import ConfigError
 from tests.helpers import fit_tiny, group_keys, resnet, vit
 
 

@@ -19,7 +19,7 @@ GPU = ["trainer=gpu", "trainer.accelerator=gpu", "trainer.devices=1"]
 
 
 def test_device_and_pinned_placements_give_the_same_batches_as_each_other_and_close_to_the_cpu():
-    from datamodules.digits import DigitsDataModule
+    from datamodules.sources.digits import DigitsDataModule
 
     device = torch.device("cuda", 0)
     resident, pinned, cpu = (DigitsDataModule(device_budget=b) for b in (0.25, 0.0, 0.25))
@@ -119,8 +119,8 @@ def test_a_gpu_run_records_tf32_placement_fused_optimizer_and_channels_last(cfg_
 
 
 def test_fused_optimizer_and_channels_last_on_cuda():
-    from lightning_modules.module import use_channels_last
-    from lightning_modules.optim import build_optimizer
+    from lightning_modules.training.module import use_channels_last
+    from lightning_modules.training.optim import build_optimizer
     from tests.helpers import resnet
 
     backbone = resnet().cuda()

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.config.errors import ConfigError
+from lightning_modules.core.errors import ConfigError
 from lightning_modules.objectives.classification import Classification
 from lightning_modules.objectives.mae import MAE, random_masking
 from lightning_modules.objectives.simclr import SimCLR, nt_xent

@@ -8,7 +8,7 @@ import torch
 from omegaconf import open_dict
 
 from lightning_modules.config.check import check_config
-from lightning_modules.config.errors import ConfigError
+from lightning_modules.core.errors import ConfigError
 from lightning_modules.runtime.run import _progress_bar
 from tests.conftest import make_cfg
 
@@ -70,7 +70,7 @@ def test_runtime_cuda_check_is_scoped_to_its_block(monkeypatch, before):
 def test_optimizer_implementation_is_fused_on_cuda_and_torchs_default_elsewhere():
     from types import SimpleNamespace
 
-    from lightning_modules.optim import implementation
+    from lightning_modules.training.optim import implementation
 
     on_cuda, on_cpu = [SimpleNamespace(is_cuda=True)] * 2, [torch.zeros(1)]
     assert implementation("auto", on_cuda) == {"fused": True}
@@ -81,7 +81,7 @@ def test_optimizer_implementation_is_fused_on_cuda_and_torchs_default_elsewhere(
 
 
 def test_channels_last_is_on_for_cnns_on_cuda_only():
-    from lightning_modules.module import use_channels_last
+    from lightning_modules.training.module import use_channels_last
     from tests.helpers import resnet, vit
 
     cnn, transformer = resnet().model, vit().model
@@ -94,8 +94,8 @@ def test_channels_last_is_on_for_cnns_on_cuda_only():
 
 
 def test_channels_last_changes_no_result_beyond_float_tolerance():
-    from lightning_modules.module import PretuneModule
     from lightning_modules.objectives.classification import Classification
+    from lightning_modules.training.module import PretuneModule
     from tests.helpers import SPEC, batch, resnet
 
     results = []
@@ -147,7 +147,7 @@ def test_float32_matmul_precision_is_resolved_and_recorded(cfg_factory, tmp_path
 
 
 def test_host_reports_are_read_at_once_on_the_cpu():
-    from lightning_modules.module import HostReports
+    from lightning_modules.training.module import HostReports
 
     reports = HostReports()
     value = torch.tensor([1.5, float("nan")])

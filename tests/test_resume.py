@@ -87,7 +87,7 @@ class _Exploit:
 
 
 def test_a_malicious_checkpoint_is_refused_not_executed(cfg_factory, tmp_path):
-    from lightning_modules.config.errors import ConfigError
+    from lightning_modules.core.errors import ConfigError
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
@@ -107,7 +107,7 @@ def test_same_seed_same_config_gives_the_same_metrics(cfg_factory):
 
 
 def test_a_checkpoint_from_another_model_config_is_refused(cfg_factory, tmp_path):
-    from lightning_modules.config.errors import ConfigError
+    from lightning_modules.core.errors import ConfigError
 
     run(cfg_factory("finetune", *COMMON, "trainer.max_epochs=1", name="resnet"))
     ckpt = tmp_path / "resnet" / "checkpoints" / "last.ckpt"

@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.prepare import META, prepare
-from datamodules.shards import ShardsDataModule
-from lightning_modules.config.errors import ConfigError
+from datamodules.loading.prepare import META, prepare
+from datamodules.sources.shards import ShardsDataModule
+from lightning_modules.core.errors import ConfigError
 from tests.conftest import ROOT
 from tests.test_streaming import CLASSES, _corrupt, write_folder
 
@@ -49,7 +49,7 @@ def prepared(tmp_path_factory) -> Path:
 def test_an_image_folder_is_prepared_with_the_split_the_folder_datamodule_uses(prepared):
     from litdata import StreamingDataset
 
-    from datamodules.folders import folder_splits
+    from datamodules.sources.folders import folder_splits
 
     meta = json.loads((prepared / META).read_text())
     assert (meta["format"], meta["version"], meta["kind"]) == ("pretune-shards", 1, "image_folder")
@@ -173,7 +173,7 @@ def test_a_killed_preparation_leaves_nothing_that_reads_as_prepared(tmp_path):
     root = write_folder(tmp_path / "images", n=8)
     out = tmp_path / "shards"
     kill = (
-        "import os, signal, sys; import datamodules.prepare as p; written = p._check_written\n"
+        "import os, signal, sys; import datamodules.loading.prepare as p; written = p._check_written\n"
         "def then_die(directory, expected):\n"
         "    written(directory, expected)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)  # killed once the first split is on disk\n"

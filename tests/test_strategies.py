@@ -11,10 +11,10 @@ from pytorch_lightning.callbacks import Callback
 
 from lightning_modules.backbones.image import TimmBackbone
 from lightning_modules.callbacks.freezing import GradualUnfreezing, LinearProbeThenFinetune
-from lightning_modules.config.errors import ConfigError
-from lightning_modules.module import PretuneModule
+from lightning_modules.core.errors import ConfigError
 from lightning_modules.objectives.classification import Classification
-from lightning_modules.optim import build_optimizer, build_scheduler
+from lightning_modules.training.module import PretuneModule
+from lightning_modules.training.optim import build_optimizer, build_scheduler
 from tests.helpers import RESNET, SPEC, fit_tiny, group_keys, resnet
 
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.image_folder import ImageFolderDataModule
-from datamodules.loading import choose
-from lightning_modules.config.errors import ConfigError
+from datamodules.loading.decision import choose
+from datamodules.sources.image_folder import ImageFolderDataModule
+from lightning_modules.core.errors import ConfigError
 
 CLASSES = ("ant", "bee", "cat")
 
@@ -115,7 +115,7 @@ def test_two_ranks_stream_the_halves_of_the_global_batches_of_one_process(folder
 def test_a_resumed_epoch_skips_the_batches_already_trained_without_decoding_them(folder, monkeypatch):
     dm = stream(folder, num_workers=0)  # decoded in this process: the decodes can be counted
     full = [b["image"] for b in dm.train_dataloader()]
-    import datamodules.streaming as streaming
+    import datamodules.loading.streaming as streaming
 
     decoded = []
     real = streaming.load_sample
@@ -154,7 +154,7 @@ def test_every_image_mode_decodes_to_the_configured_channels(tmp_path):
         assert all(x.shape[1] == channels for x in images) and seen + 4 * len(images) > 20
         in_memory = stream(tmp_path, channels=channels, loading="memory", val_fraction=0.1, test_fraction=0.1)
         assert in_memory.splits["train"]["image"].shape[1] == channels
-    from datamodules.folders import decode
+    from datamodules.sources.folders import decode
 
     assert decode(odd / "sixteen_bit.png", 1).getpixel((0, 0)) == round(40000 * 255 / 65535)
 
@@ -201,7 +201,7 @@ def test_an_empty_class_folder_is_refused_with_its_name(tmp_path):
 
 
 def test_evaluation_keeps_the_aspect_ratio():
-    from datamodules.transforms import eval_transform
+    from datamodules.transforms.images import eval_transform
 
     wide = Image.new("RGB", (40, 20), (0, 0, 0))
     wide.paste((255, 255, 255), (0, 0, 10, 20))  # a white band on the left quarter

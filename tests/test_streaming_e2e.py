@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from datamodules.prepare import prepare
+from datamodules.loading.prepare import prepare
 from tests.conftest import ROOT
 from tests.test_streaming import _corrupt, write_folder
 

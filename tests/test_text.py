@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from lightning_modules.backbones.handoff import build_backbone, export_backbone
-from lightning_modules.config.errors import ConfigError
+from lightning_modules.backbones.factory import build_backbone
+from lightning_modules.backbones.handoff import export_backbone
+from lightning_modules.core.errors import ConfigError
 from tests.conftest import ROOT
 from tests.text_helpers import BERT, GPT, hf_dir, minilm_dir, sample_texts, text_backbone, text_spec, token_batch
 
@@ -21,7 +22,7 @@ TOKENIZER_HASHES = """
 import hashlib, sys
 sys.path.insert(0, {root!r})
 from lightning_modules.backbones.tokenizer import train_tokens
-from datamodules.stdlib_docs import topics
+from datamodules.sources.stdlib_docs import topics
 texts = topics()[:40]
 for kind in ("wordpiece", "bpe"):
     print(hashlib.sha256(train_tokens(kind, texts, 600).to_str().encode()).hexdigest())
@@ -198,7 +199,7 @@ def test_mlm_on_a_decoder_and_clm_on_an_encoder_are_refused():
 @pytest.mark.parametrize("model", [BERT, GPT], ids=["bert", "gpt"])
 def test_tokenizer_travels_with_the_weights_through_backbone_dir(model, tmp_path):
     """Export, then a fine-tune's build loads exactly that tokenizer (same ids) and those weights."""
-    from datamodules.text_classification import TextClassificationDataModule
+    from datamodules.sources.text_classification import TextClassificationDataModule
 
     torch.manual_seed(0)
     source = text_backbone(model)
@@ -307,10 +308,10 @@ def test_minilm_fine_tunes_with_frozen_embeddings_bit_for_bit_unchanged():
     loaded, the layers above them move."""
     import pytorch_lightning as pl
 
-    from datamodules.text import PaddedBatchLoader
+    from datamodules.loading.text import PaddedBatchLoader
     from lightning_modules.callbacks.freezing import FreezeLayers
-    from lightning_modules.module import PretuneModule
     from lightning_modules.objectives.classification import Classification
+    from lightning_modules.training.module import PretuneModule
 
     backbone = build_backbone({"init": f"hf:{minilm_dir()}", "pooling": "mean"})
     texts = [t[:120] for t in sample_texts()[:16]]
@@ -347,7 +348,7 @@ def test_minilm_fine_tunes_with_frozen_embeddings_bit_for_bit_unchanged():
 
 
 def test_batches_are_padded_to_the_longest_text_of_the_global_batch():
-    from datamodules.text import PaddedBatchLoader
+    from datamodules.loading.text import PaddedBatchLoader
 
     ids = torch.zeros(8, 10, dtype=torch.long)
     lengths = torch.tensor([2, 3, 9, 2, 4, 4, 5, 3])

@@ -10,8 +10,8 @@ import logging
 import pytest
 import torch
 
-from datamodules.text_classification import TextClassificationDataModule
-from datamodules.text_corpus import TextCorpusDataModule
+from datamodules.sources.text_classification import TextClassificationDataModule
+from datamodules.sources.text_corpus import TextCorpusDataModule
 from tests.text_helpers import BERT, GPT, sample_texts, text_backbone
 
 

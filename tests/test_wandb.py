@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_modules.backbones.handoff import WEIGHTS, sha256_of
-from lightning_modules.config.errors import ConfigError
+from lightning_modules.backbones.handoff import sha256_of
+from lightning_modules.core.errors import ConfigError
+from lightning_modules.core.locations import WEIGHTS
 from lightning_modules.runtime.run import run
 from tests.wandb_log import read_offline_run
 
@@ -111,7 +112,7 @@ def test_wandb_init_fetches_the_artifact_and_records_it(pretrained, cfg_factory,
 
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setattr(wandb, "Api", Api)
-    monkeypatch.setattr("lightning_modules.runtime.wandb_runs.ARTIFACT_CACHE", tmp_path / "cache")
+    monkeypatch.setattr("lightning_modules.backbones.artifacts.ARTIFACT_CACHE", tmp_path / "cache")
     ref = "me/pretune/backbone-vit_tiny_patch16_224-mae:latest"
     cfg = cfg_factory("finetune", *TINY, "logger=none", f"model.init=wandb:{ref}", "trainer.max_epochs=1")
     assert run(cfg)["status"] == "ok"
@@ -122,7 +123,7 @@ def test_wandb_init_fetches_the_artifact_and_records_it(pretrained, cfg_factory,
 
 
 def test_an_online_run_marks_the_fetched_artifact_as_its_input():
-    from lightning_modules.runtime.wandb_runs import record_use
+    from lightning_modules.backbones.artifacts import record_use
 
     class Run:
         offline, used = False, []
@@ -190,7 +191,7 @@ def test_a_text_backbone_artifact_holds_its_tokenizer(cfg_factory):
 
 
 def test_a_hugging_face_backbone_artifact_is_named_after_the_model_not_the_preset(tmp_path):
-    from lightning_modules.runtime.wandb_runs import artifact_name
+    from lightning_modules.backbones.artifacts import artifact_name
 
     bert = {"name": "bert"}  # what the bert_micro preset leaves in model.name
     assert artifact_name({**bert, "init": "none"}, "objectives.mlm.MLM") == "backbone-bert-mlm"

@@ -25,7 +25,7 @@ GPT = {**BERT, "name": "gpt2", "pooling": "last"}
 @functools.lru_cache(maxsize=1)
 def sample_texts() -> tuple[str, ...]:
     """~80 k characters of English: the first 40 pydoc topics (ships with Python)."""
-    from datamodules.stdlib_docs import topics
+    from datamodules.sources.stdlib_docs import topics
 
     return tuple(topics()[:40])
 
@@ -41,7 +41,7 @@ class Texts:
 
 
 def text_backbone(model: dict = BERT, texts=None, **overrides):
-    from lightning_modules.backbones.handoff import build_backbone
+    from lightning_modules.backbones.factory import build_backbone
 
     return build_backbone({**model, **overrides}, data=Texts(texts))
 

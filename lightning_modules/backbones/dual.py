@@ -12,7 +12,7 @@ It answers the backbone contract by delegating to its towers:
 - ``spec``: both towers' specs; the hand-off exports the dual encoder (``backbone/``) and each tower as a backbone
   of its own (``backbone/image``, ``backbone/text`` with its tokenizer), which a fine-tune loads like any other.
 
-Each tower is built by ``handoff.build_backbone`` from its own config, so it takes every ``init`` its kind takes
+Each tower is built by ``factory.build_backbone`` from its own config, so it takes every ``init`` its kind takes
 (``model.text.init=hf:<dir>``, ``model.image.init=<run>/backbone/image``, ...); ``model.init`` loads a whole dual
 encoder (a CLIP pre-training run). A tower's mistake names the tower's keys (``model.text.init=...``).
 """
@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from lightning_modules.backbones.base import Backbone
-from lightning_modules.config.errors import ConfigError
-from lightning_modules.config.modalities import tower_errors
+from lightning_modules.backbones.factory import backbone_class, build_backbone
+from lightning_modules.config.modalities import backbone_type, tower_errors, towers_of
+from lightning_modules.core.errors import ConfigError
 
 
 class DualEncoder(Backbone):
@@ -53,9 +54,6 @@ class DualEncoder(Backbone):
         """Each tower from its own config (``model.image``, ``model.text``) and its own ``init``; with ``directory``
         (a dual encoder's ``backbone/``, whose weights the caller loads next) each tower from its own export in it
         (``backbone/image``, ``backbone/text``: the architecture and the tokenizer it was trained with)."""
-        from lightning_modules.backbones.handoff import backbone_class, build_backbone
-        from lightning_modules.config.modalities import backbone_type, towers_of
-
         towers = {}
         for name, tower_cfg in towers_of(model_cfg).items():
             with tower_errors(name, tower_cfg):
@@ -73,9 +71,6 @@ class DualEncoder(Backbone):
         tower: ``text.layers``, ``image.kwargs.depth`` ...), and a text tower's pooling: the projection was trained
         on those features, so a dual encoder loads back only with the pooling it was trained with (a tower loaded
         alone, to fine-tune, takes any)."""
-        from lightning_modules.backbones.handoff import backbone_class
-        from lightning_modules.config.modalities import backbone_type, towers_of
-
         spec = {"type": DualEncoder.type, "name": "dual"}
         for name, tower_cfg in towers_of(model_cfg).items():
             tower_saved = (saved or {}).get(name) if isinstance((saved or {}).get(name), dict) else None

@@ -16,26 +16,19 @@ from pathlib import Path
 
 import yaml
 
-from lightning_modules.backbones.weight_files import is_file_init, weight_file_path
-from lightning_modules.config.errors import ConfigError
+from lightning_modules.backbones.artifacts import fetch_backbone
+from lightning_modules.core.errors import ConfigError
+from lightning_modules.core.locations import (
+    CONFIG,
+    WEIGHTS,
+    find_backbone_dir,
+    hf_local_dir,
+    is_file_init,
+    weight_file_path,
+)
 
 FORMAT = "pretune-backbone/1"
-WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
 OBJECTIVE_WEIGHTS = "objective.safetensors"  # the pre-training heads, to measure forgetting later
-
-
-def find_backbone_dir(init: str) -> Path:
-    """Resolve ``model.init`` (a pre-training run dir or a backbone dir) to the backbone folder."""
-    path = Path(init).expanduser()
-    for candidate in (path, path / "backbone"):
-        if (candidate / CONFIG).is_file() and (candidate / WEIGHTS).is_file():
-            return candidate
-    if not path.exists():
-        raise ConfigError(
-            f"model.init={init}: no such path; allowed: none, timm, a pre-training run dir, a backbone/ dir"
-            ", file:<weight file> or hf:<Hugging Face model>"
-        )
-    raise ConfigError(f"model.init={init}: found no backbone/ with {WEIGHTS} and {CONFIG} there")
 
 
 def read_backbone_config(backbone_dir: Path) -> dict:
@@ -162,23 +155,6 @@ def state_differences(own: dict, saved: dict) -> str:
     )
 
 
-def saved_objective(source: dict | None, backbone, data):
-    """The pre-training objective saved next to a backbone (its config in ``config.yaml``, its heads in
-    ``objective.safetensors``), rebuilt on ``backbone`` and ``data`` with those weights; None when ``source`` (a
-    resolved ``model.init``) is not a pretune pre-training run that saved one."""
-    from safetensors.torch import load_file
-
-    from lightning_modules.objectives.base import build_objective
-
-    backbone_dir = Path(source["path"]) if source and "path" in source else None  # not hf:, a model of its own
-    meta = read_backbone_config(backbone_dir) if backbone_dir else {}
-    if not meta.get("objective") or not (backbone_dir / OBJECTIVE_WEIGHTS).is_file():
-        return None
-    objective = build_objective(meta["objective"], backbone, data)
-    objective.load_state_dict(load_file(str(backbone_dir / OBJECTIVE_WEIGHTS)), strict=True)
-    return objective
-
-
 def resolve_init(init: str) -> dict | None:
     """Where ``model.init``'s weights come from, as a run records it in its config (``model.source``):
     the backbone dir (or the weight file of ``file:<path>``), the sha256 of its weights, and the W&B artifact
@@ -192,8 +168,6 @@ def resolve_init(init: str) -> dict | None:
         return _hf_source(init.removeprefix("hf:"))
     source = {}
     if init.startswith("wandb:"):
-        from lightning_modules.runtime.wandb_runs import fetch_backbone
-
         backbone_dir = find_backbone_dir(str(fetch_backbone(init)))
         source["artifact"] = init.removeprefix("wandb:")
     else:
@@ -204,84 +178,8 @@ def resolve_init(init: str) -> dict | None:
 def _hf_source(name: str) -> dict:
     """A Hugging Face model's source: ``hf`` (the local dir, or the hub name) and, for a local dir, the
     sha256 of its weights file."""
-    from lightning_modules.config.modalities import hf_local_dir
-
     where = hf_local_dir(name)
     if not Path(where).is_dir():
         return {"hf": where}
     weights = [Path(where) / f for f in ("model.safetensors", "pytorch_model.bin") if (Path(where) / f).is_file()]
     return {"hf": str(Path(where).resolve()), **({"sha256": sha256_of(weights[0])} if weights else {})}
-
-
-def backbone_class(type_: str):
-    """The Backbone class ``model.type`` names (imported only when used)."""
-    import importlib
-
-    from lightning_modules.config.modalities import BACKBONE_TYPES
-
-    if type_ not in BACKBONE_TYPES:
-        raise ConfigError(f"model.type={type_} is unknown: allowed are {sorted(BACKBONE_TYPES)}")
-    module, name = BACKBONE_TYPES[type_][0].rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)
-
-
-def build_backbone(model_cfg: dict, data=None):
-    """Build the backbone ``model`` describes and initialise it as ``model.init`` says (from
-    ``model.source`` when the run already resolved it). ``data``: the datamodule, for a backbone that
-    needs something from it to be built (a text backbone trains its tokenizer on its texts)."""
-    from lightning_modules.config.modalities import backbone_type
-
-    cls = backbone_class(backbone_type(model_cfg))
-    init = str(model_cfg.get("init", "none"))
-    if init == "none" or init.startswith("hf:"):  # from scratch, or a Hugging Face model (the class loads it)
-        return cls.from_config(model_cfg, data)
-    if init == "timm":
-        name = model_cfg["name"]
-        try:
-            return cls.from_config(model_cfg, data)
-        except ConfigError:
-            raise
-        except Exception as err:  # timm/hub raise many types when offline or the weights don't exist
-            raise ConfigError(
-                f"model.init=timm: could not load timm's pretrained weights for model.name={name}"
-                f" ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''});"
-                " timm downloads them from the Hugging Face Hub, so this needs internet and a model"
-                " name with published weights"
-            ) from err
-    source = model_cfg.get("source") or resolve_init(init)
-    if is_file_init(init):
-        return _from_weight_file(cls, model_cfg, data, init, Path(source["path"]))
-    backbone_dir = Path(source["path"])
-    saved = read_backbone_config(backbone_dir)
-    if saved.get("sha256") not in (None, source["sha256"]):
-        raise ConfigError(
-            f"model.init={init}: {WEIGHTS} is corrupt or truncated (its sha256 is not the one {CONFIG} recorded)"
-        )
-    wanted = cls.spec_of(model_cfg, saved)
-    diffs = spec_differences(saved, wanted)
-    if diffs:
-        hint = "use the model config it was pre-trained with"
-        towers = [t for t in saved.get("towers") or [] if (saved.get(t) or {}).get("type") == wanted.get("type")]
-        if towers and wanted.get("type") != saved.get("type"):  # one of its towers is what this model can take
-            hint = f"its {' and '.join(towers)} tower is a backbone of its own: model.init={backbone_dir / towers[0]}"
-        raise ConfigError(
-            f"model.init={init}: the backbone's architecture does not match the model config ("
-            + "; ".join(diffs)
-            + f"); {hint}"
-        )
-    backbone = cls.from_config(model_cfg, data, directory=backbone_dir)
-    load_backbone_weights(backbone, backbone_dir)
-    return backbone
-
-
-def _from_weight_file(cls, model_cfg: dict, data, init: str, path: Path):
-    """``model.init=file:<path>``: the configured backbone with the file's weights (backbones/weight_files.py)."""
-    if not hasattr(cls, "load_weight_file"):
-        raise ConfigError(f"model.init={init}: a weight file loads into model.type=timm, not {cls.type}")
-    backbone = cls.from_config(model_cfg, data)
-    notes = backbone.load_weight_file(path, model_cfg.get("init_map"), init)
-    from pytorch_lightning.utilities import rank_zero_info
-
-    for note in notes:
-        rank_zero_info(f"model.init={init}: {note}")
-    return backbone

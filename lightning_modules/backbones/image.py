@@ -12,9 +12,10 @@ import torch
 from timm.models import group_parameters
 
 from lightning_modules.backbones.base import Backbone
-from lightning_modules.backbones.weight_files import is_file_init, load_weight_file
-from lightning_modules.config.errors import ConfigError
+from lightning_modules.backbones.weight_files import load_weight_file
 from lightning_modules.config.library import library_error
+from lightning_modules.core.errors import ConfigError
+from lightning_modules.core.locations import is_file_init
 
 PREPROCESS_KEYS = ("mean", "std", "input_size")  # model.<key> overrides the weights' pretrained config
 

@@ -28,16 +28,17 @@ import torch
 from torch import nn
 
 from lightning_modules.backbones.base import Backbone
+from lightning_modules.backbones.handoff import read_backbone_config
 from lightning_modules.backbones.tokenizer import (
     KINDS,
     check_tokenizer,
     load_tokenizer,
-    tokenizer_dir,
     tokenizer_record,
     train_tokenizer,
 )
-from lightning_modules.config.errors import ConfigError
-from lightning_modules.config.schema import check
+from lightning_modules.config.rules import check
+from lightning_modules.core.errors import ConfigError
+from lightning_modules.core.locations import hf_local_dir, tokenizer_dir
 
 ARCHS = ("bert", "gpt2")  # what model.name builds from scratch
 
@@ -138,8 +139,6 @@ class TransformersBackbone(Backbone):
         if init.startswith("hf:"):
             return cls.from_hf(init.removeprefix("hf:"), pooling)
         if directory is not None:
-            from lightning_modules.backbones.handoff import read_backbone_config
-
             meta = read_backbone_config(Path(directory))
             what = f"model.init={init}"
             tokenizer = load_tokenizer(directory, what)
@@ -175,8 +174,6 @@ class TransformersBackbone(Backbone):
         when online; from the local cache when offline)."""
         from transformers import AutoModel
         from transformers.utils import logging as hf_logging
-
-        from lightning_modules.config.modalities import hf_local_dir
 
         what = f"model.init=hf:{source}"
         directory = hf_local_dir(source)  # a local dir checked to hold a model, or a hub name (refused offline)

@@ -25,7 +25,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from lightning_modules.config.errors import ConfigError
+from lightning_modules.core.errors import ConfigError
 
 TOKENIZER_FILE = "tokenizer.json"
 # The special tokens of each kind, in the order they get the first ids; the transformers names they fill.
@@ -140,24 +140,6 @@ def load_tokenizer(directory: Path, what: str):
         return AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError, TypeError) as err:
         raise ConfigError(f"{what}: no usable tokenizer in {directory} ({_first_line(err)})") from err
-
-
-def tokenizer_dir(source: str) -> Path:
-    """Where ``model.tokenizer`` (a pre-training run, a ``backbone/`` dir or ``hf:<model>``) keeps its tokenizer."""
-    from lightning_modules.backbones.handoff import find_backbone_dir
-    from lightning_modules.config.modalities import hf_local_dir
-
-    if not source.startswith("hf:") and not Path(source).expanduser().exists():
-        raise ConfigError(
-            f"model.tokenizer={source}: no such path; allowed: null, a pre-training run dir, a backbone/ dir or"
-            " hf:<Hugging Face model>"
-        )
-    try:
-        if source.startswith("hf:"):
-            return Path(hf_local_dir(source.removeprefix("hf:")))
-        return find_backbone_dir(source)
-    except ConfigError as err:  # the messages name model.init; this is model.tokenizer
-        raise ConfigError(str(err).replace("model.init=", "model.tokenizer=", 1)) from None
 
 
 def check_tokenizer(tokenizer, vocab_rows: int, what: str, recorded: dict | None = None) -> None:

@@ -26,72 +26,13 @@ here imports torch at module level.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import re
 from pathlib import Path
 
-from lightning_modules.config.errors import ConfigError
-
-PREFIX = "file:"  # model.init=file:<path>
-PACKAGE = "pkg://"  # model.init=file:pkg://<package>/<path inside it>: weights shipped in an installed package
-RULE_KEYS = ({"strip"}, {"drop"}, {"regex", "replace"})
-INIT_MAP_ALLOWED = (
-    "allowed is null, positional, or a list of rules"
-    " {strip: <prefix>}, {drop: <regex>}, {regex: <regex>, replace: <text>}"
-)
-
-
-def is_file_init(init) -> bool:
-    return str(init).startswith(PREFIX)
-
-
-def weight_file_path(init: str) -> Path:
-    """The file ``model.init=file:<path>`` names (``pkg://<package>/<path>``: inside an installed package, found
-    without importing it), checked to exist."""
-    spelled = str(init).removeprefix(PREFIX)
-    if not spelled:
-        raise ConfigError(f"model.init={init} is invalid: allowed is file:<path to a .safetensors/.pth/.pt/.ckpt>")
-    if spelled.startswith(PACKAGE):
-        package, _, inside = spelled.removeprefix(PACKAGE).partition("/")
-        try:
-            spec = importlib.util.find_spec(package) if package else None
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(f"model.init={init}: no installed Python package {package!r} (pip install it)")
-        path = Path(next(iter(spec.submodule_search_locations))) / inside
-    else:
-        path = Path(spelled).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"model.init={init}: no such weight file {path}")
-    return path
-
-
-def check_init_map(init_map) -> list[dict] | str | None:
-    """``model.init_map`` checked for its form (no torch): null, ``positional`` or a list of rules."""
-    if init_map is None or init_map == "positional":
-        return init_map
-    if isinstance(init_map, (str, dict)) or not hasattr(init_map, "__iter__"):
-        raise ConfigError(f"model.init_map={init_map!r} is invalid: {INIT_MAP_ALLOWED}")
-    rules = []
-    for rule in init_map:
-        rule = dict(rule) if hasattr(rule, "keys") else rule
-        if (
-            not isinstance(rule, dict)
-            or set(rule) not in RULE_KEYS
-            or not all(isinstance(v, str) for v in rule.values())
-        ):
-            raise ConfigError(f"model.init_map rule {rule!r} is invalid: {INIT_MAP_ALLOWED}")
-        pattern = rule.get("drop", rule.get("regex"))
-        if pattern is not None:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ConfigError(
-                    f"model.init_map rule {rule!r}: {pattern!r} is not a regular expression ({err})"
-                ) from err
-        rules.append(rule)
-    return rules
+from lightning_modules.backbones.handoff import state_differences
+from lightning_modules.config.rules.model import check_init_map
+from lightning_modules.core.errors import ConfigError
 
 
 def read_state_dict(path: Path, init: str) -> dict:
@@ -208,8 +149,6 @@ def load_weight_file(backbone, path: Path, init_map, init: str) -> list[str]:
     """Load the file at ``path`` into ``backbone.model`` (a timm model built with ``num_classes=0``), matching
     keys as the module docstring says. Returns notes on what was done on purpose (head dropped, first conv
     adapted, tensors dropped by a rule); raises a ConfigError listing every tensor that does not fit."""
-    from lightning_modules.backbones.handoff import state_differences
-
     rules = check_init_map(init_map)
     model = backbone.model
     own = model.state_dict()

@@ -16,8 +16,8 @@ from datetime import timedelta
 
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from lightning_modules.config.errors import ConfigError
-from lightning_modules.config.schema import check
+from lightning_modules.config.rules import check
+from lightning_modules.core.errors import ConfigError
 
 
 class LastCheckpoint(ModelCheckpoint):

@@ -10,7 +10,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 
-from lightning_modules.backbones.handoff import CONFIG, export_backbone
+from lightning_modules.backbones.artifacts import artifact_name, log_backbone
+from lightning_modules.backbones.handoff import export_backbone
+from lightning_modules.core.locations import CONFIG
 
 
 class BackboneExport(Callback):
@@ -33,14 +35,12 @@ class BackboneExport(Callback):
             objective=pl_module.objective,
             objective_cfg=OmegaConf.to_container(self.cfg.objective, resolve=True),
         )
-        from lightning_modules.runtime import wandb_runs
-
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 meta = OmegaConf.to_container(OmegaConf.load(self.target / CONFIG))  # towers: exported with it
                 parts = [(self.target, self.cfg.model)]
                 parts += [(self.target / t, self.cfg.model[t]) for t in meta.get("towers") or []]
                 for directory, model_cfg in parts:
-                    name = wandb_runs.artifact_name(model_cfg, self.cfg.objective._target_)
+                    name = artifact_name(model_cfg, self.cfg.objective._target_)
                     part_meta = OmegaConf.to_container(OmegaConf.load(directory / CONFIG))
-                    wandb_runs.log_backbone(logger.experiment, directory, name, part_meta)
+                    log_backbone(logger.experiment, directory, name, part_meta)

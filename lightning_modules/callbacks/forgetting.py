@@ -11,14 +11,17 @@ held-out images (``ClassifierDrift``): their entropy before, and the increase is
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from lightning_modules.backbones.handoff import OBJECTIVE_WEIGHTS, saved_objective
-from lightning_modules.config.errors import ConfigError
-from lightning_modules.runtime.distributed import alone
+from lightning_modules.backbones.handoff import OBJECTIVE_WEIGHTS, read_backbone_config
+from lightning_modules.core.distributed import alone
+from lightning_modules.core.errors import ConfigError
+from lightning_modules.objectives.base import saved_objective
 
 
 class ForgettingProbe(Callback):
@@ -110,10 +113,6 @@ class ClassifierDrift(nn.Module):
 
 def _tower_of(source: dict | None) -> str | None:
     """The tower name, when ``source`` is one tower exported by a pre-training of a backbone made of towers."""
-    from pathlib import Path
-
-    from lightning_modules.backbones.handoff import read_backbone_config
-
     if not source or "path" not in source:
         return None
     return (read_backbone_config(Path(source["path"])).get("provenance") or {}).get("tower")

@@ -26,10 +26,10 @@ import warnings
 from pytorch_lightning.callbacks import BaseFinetuning
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_modules.callbacks.seeding import resuming_mid_epoch
-from lightning_modules.config.errors import ConfigError
-from lightning_modules.config.schema import check
-from lightning_modules.optim import refresh_lrs
+from lightning_modules.config.rules import check
+from lightning_modules.core.errors import ConfigError
+from lightning_modules.core.progress import resuming_mid_epoch
+from lightning_modules.training.optim import refresh_lrs
 
 # Frozen groups run in eval mode on purpose; Lightning warns about any module in eval mode at fit start.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")

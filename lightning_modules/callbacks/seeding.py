@@ -20,12 +20,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-
-def resuming_mid_epoch(trainer) -> bool:
-    """Whether fit is resuming from a checkpoint taken part-way through the current epoch: Lightning's restored
-    progress counts the epoch's batches already trained (until the epoch loop resets it at its first step)."""
-    loop = trainer.fit_loop.epoch_loop
-    return bool(loop.restarting) and 0 < loop.batch_progress.current.ready < trainer.num_training_batches
+from lightning_modules.core.progress import resuming_mid_epoch
 
 
 def rng_state() -> dict:

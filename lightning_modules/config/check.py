@@ -8,17 +8,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lightning_modules.config.errors import ConfigError
+from lightning_modules.config.kinds import Section
 from lightning_modules.config.modalities import TOWERS, _choice, check_modalities, check_towers, towers_of
-from lightning_modules.config.schema import (
-    REQUIRED_GROUPS,
-    RULES,
-    Section,
-    check_together,
-    passed_through,
-    rule_for,
-    show,
-)
+from lightning_modules.config.rules import REQUIRED_GROUPS, RULES, check_together, passed_through, rule_for
+from lightning_modules.core.errors import ConfigError, show
 
 
 def keys(cfg: DictConfig, rules: dict = RULES, prefix: str = "") -> Iterator[str]:

@@ -17,18 +17,10 @@ import typing
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 
-from lightning_modules.config.errors import ConfigError
-from lightning_modules.config.schema import show
+from lightning_modules.core.errors import ConfigError, message_of, show
 
 OWN = ("datamodules.", "lightning_modules.")  # pretune's components: they check their arguments with RULES
 OWN_MODULES = tuple(p.rstrip(".") for p in OWN)
-
-
-def message_of(err: BaseException, limit: int = 400) -> str:
-    """The exception's message on one line (its type when it has none), without a final period."""
-    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return text.rstrip(".")
 
 
 def _leaves(values, prefix: str) -> dict:

@@ -8,14 +8,12 @@ them. A component of a user's own (a ``_target_`` not listed here) is checked by
 
 from __future__ import annotations
 
-import os
 import re
 from contextlib import contextmanager
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_modules.config.errors import ConfigError
+from lightning_modules.core.errors import ConfigError
 
 # model.type -> (the Backbone class that builds it, its modality)
 BACKBONE_TYPES = {
@@ -29,13 +27,13 @@ TOWERS = {"dual_encoder": {"image": "image", "text": "text"}}
 TEXT_ARCH_KINDS = {"bert": "encoder", "gpt2": "decoder"}
 # datamodule _target_ -> the modality of its batches
 DATAMODULES = {
-    "datamodules.digits.DigitsDataModule": "image",
-    "datamodules.mnist5k.MNIST5kDataModule": "image",
-    "datamodules.image_folder.ImageFolderDataModule": "image",
-    "datamodules.shards.ShardsDataModule": "image",
-    "datamodules.text_corpus.TextCorpusDataModule": "text",
-    "datamodules.text_classification.TextClassificationDataModule": "text",
-    "datamodules.image_text.ImageTextDataModule": "image_text",
+    "datamodules.sources.digits.DigitsDataModule": "image",
+    "datamodules.sources.mnist5k.MNIST5kDataModule": "image",
+    "datamodules.sources.image_folder.ImageFolderDataModule": "image",
+    "datamodules.sources.shards.ShardsDataModule": "image",
+    "datamodules.sources.text_corpus.TextCorpusDataModule": "text",
+    "datamodules.sources.text_classification.TextClassificationDataModule": "text",
+    "datamodules.sources.image_text.ImageTextDataModule": "image_text",
 }
 # objective _target_ -> the modalities it takes
 OBJECTIVES = {
@@ -201,47 +199,3 @@ def _check_text_kind(cfg: DictConfig) -> None:
 
 def kind_mismatch(objective: str, need: str, model: str, kind: str) -> str:
     return f"{objective} needs {KIND_WORDS[need]}, but {model} is {KIND_WORDS[kind]}; use {KIND_OBJECTIVES[kind]}"
-
-
-def hf_offline() -> bool:
-    flags = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in flags)
-
-
-PACKAGE = "pkg://"  # hf:pkg://<package>/<dir inside it>: a model shipped in an installed Python package
-
-
-def hf_local_dir(source: str) -> str:
-    """``model.init=hf:<source>`` as ``from_pretrained`` takes it: a local model directory (it must hold a
-    ``config.json``; ``pkg://<package>/<dir>`` is one inside an installed package, found without importing it) or
-    a hub name (refused offline unless it is in the local Hugging Face cache)."""
-    what = f"model.init=hf:{source}"
-    if not source:
-        raise ConfigError(f"{what} is invalid: allowed is hf:<local model dir> or hf:<hub name>")
-    if source.startswith(PACKAGE):
-        import importlib.util
-
-        package, _, inside = source.removeprefix(PACKAGE).partition("/")
-        try:
-            spec = importlib.util.find_spec(package) if package else None
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(f"{what}: no installed Python package {package!r} (pip install it)")
-        source = str(Path(next(iter(spec.submodule_search_locations))) / inside)
-    path = Path(source).expanduser()
-    if source.startswith(("/", ".", "~")) or path.exists():
-        if not path.is_dir():
-            raise ConfigError(f"{what}: no such directory")
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{what}: not a Hugging Face model directory (no config.json in it)")
-        return str(path)
-    if hf_offline():
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(source, "config.json"), str):
-            raise ConfigError(
-                f"{what}: a Hugging Face Hub name, but the hub is offline (HF_HUB_OFFLINE=1) and the model is not"
-                " in the local cache; use hf:<local model dir>, or go online once to download it"
-            )
-    return source

@@ -1,12 +1,19 @@
-"""The objective contract, shared by pre-training and fine-tuning."""
+"""The objective contract, shared by pre-training and fine-tuning; an objective built from its config
+(``build_objective``), and a pre-training's objective rebuilt from its ``backbone/`` (``saved_objective``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
 from torch import nn
 
-from lightning_modules.config.errors import ConfigError
+from lightning_modules.backbones.handoff import OBJECTIVE_WEIGHTS, read_backbone_config
+from lightning_modules.config.library import bad_arguments, build, library_error
+from lightning_modules.config.modalities import kind_mismatch
+from lightning_modules.core.errors import ConfigError
 
 
 class Objective(nn.Module):
@@ -25,9 +32,6 @@ class Objective(nn.Module):
     pooled_only: bool = False
     # For text: the kind of backbone it needs ("encoder": BERT-style, "decoder": GPT-style), or None for either.
     text_kind: ClassVar[str | None] = None
-    # True when forward only takes the backbone's pooled features of the batch as it comes (no views, masks or
-    # mixing): a frozen backbone's features can then be computed once (callbacks/feature_cache.py).
-    pooled_only: bool = False
 
     def __init__(self, backbone, data):
         super().__init__()
@@ -40,8 +44,6 @@ class Objective(nn.Module):
                 )
         kind = getattr(backbone, "kind", None)
         if self.text_kind is not None and kind is not None and kind != self.text_kind:
-            from lightning_modules.config.modalities import kind_mismatch
-
             described = getattr(backbone, "described", f"the {type(backbone).__name__}")
             raise ConfigError(kind_mismatch(f"objective={name.lower()}", self.text_kind, described, kind))
 
@@ -59,10 +61,6 @@ class Objective(nn.Module):
 def build_objective(conf, backbone, data) -> Objective:
     """The objective ``conf`` names, on ``backbone`` and the data ``spec``. Both are passed as they are:
     given to Hydra's ``instantiate`` directly, a dataclass spec would be turned into a config."""
-    from omegaconf import OmegaConf
-
-    from lightning_modules.config.library import bad_arguments, build, library_error
-
     make = build(conf, "objective", _partial_=True)
     try:
         return make(backbone=backbone, data=data)
@@ -71,3 +69,16 @@ def build_objective(conf, backbone, data) -> Objective:
             values = OmegaConf.to_container(conf, resolve=True) if OmegaConf.is_config(conf) else dict(conf)
             raise library_error("objective", values, err) from err
         raise
+
+
+def saved_objective(source: dict | None, backbone, data):
+    """The pre-training objective saved next to a backbone (its config in ``config.yaml``, its heads in
+    ``objective.safetensors``), rebuilt on ``backbone`` and ``data`` with those weights; None when ``source`` (a
+    resolved ``model.init``) is not a pretune pre-training run that saved one."""
+    backbone_dir = Path(source["path"]) if source and "path" in source else None  # not hf:, a model of its own
+    meta = read_backbone_config(backbone_dir) if backbone_dir else {}
+    if not meta.get("objective") or not (backbone_dir / OBJECTIVE_WEIGHTS).is_file():
+        return None
+    objective = build_objective(meta["objective"], backbone, data)
+    objective.load_state_dict(load_file(str(backbone_dir / OBJECTIVE_WEIGHTS)), strict=True)
+    return objective

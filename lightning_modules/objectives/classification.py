@@ -7,8 +7,8 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
-from lightning_modules.config.errors import ConfigError
-from lightning_modules.config.schema import check
+from lightning_modules.config.rules import check
+from lightning_modules.core.errors import ConfigError
 from lightning_modules.objectives.base import Objective
 
 

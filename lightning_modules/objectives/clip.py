@@ -28,10 +28,11 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
-from lightning_modules.config.errors import ConfigError
-from lightning_modules.config.schema import check
+from datamodules.transforms.text import tokenize
+from lightning_modules.config.rules import check
+from lightning_modules.core.distributed import gather_with_grad
+from lightning_modules.core.errors import ConfigError
 from lightning_modules.objectives.base import Objective
-from lightning_modules.runtime.distributed import gather_with_grad
 
 RECALL_AT = (1, 5, 10)
 
@@ -176,8 +177,6 @@ class CLIP(Objective):
     def class_embeddings(self, backbone, class_names, templates, max_length: int = 64) -> torch.Tensor:
         """One normalised embedding per class: its name through every template (``"a photo of a {}"``), the
         prompts' embeddings averaged and normalised again, as CLIP's zero-shot classifiers are built."""
-        from datamodules.text import tokenize
-
         text = backbone.towers()["text"]
         prompts = [template.format(name) for name in class_names for template in templates]
         length = min(max_length, getattr(text, "max_positions", max_length))

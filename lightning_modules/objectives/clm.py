@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from lightning_modules.core.distributed import global_mean
 from lightning_modules.objectives.base import Objective
 from lightning_modules.objectives.language import input_embeddings, token_metrics, update_token_metrics
-from lightning_modules.runtime.distributed import global_mean
 
 
 def next_token_targets(input_ids, attention_mask):

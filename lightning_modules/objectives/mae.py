@@ -7,10 +7,10 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from lightning_modules.config.errors import ConfigError
-from lightning_modules.config.schema import check
+from lightning_modules.config.rules import check
+from lightning_modules.core.distributed import shard_draw
+from lightning_modules.core.errors import ConfigError
 from lightning_modules.objectives.base import Objective
-from lightning_modules.runtime.distributed import shard_draw
 
 
 def random_masking(batch: int, num_patches: int, mask_ratio: float, device=None):

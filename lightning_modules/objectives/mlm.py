@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.config.errors import ConfigError
-from lightning_modules.config.schema import check
+from lightning_modules.config.rules import check
+from lightning_modules.core.distributed import global_mean, shard_draw
+from lightning_modules.core.errors import ConfigError
 from lightning_modules.objectives.base import Objective
 from lightning_modules.objectives.language import input_embeddings, token_metrics, update_token_metrics
-from lightning_modules.runtime.distributed import global_mean, shard_draw
 
 
 class MLM(Objective):

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datamodules.augment import BatchAugment
-from lightning_modules.config.schema import check
+from datamodules.transforms.augment import BatchAugment
+from lightning_modules.config.rules import check
+from lightning_modules.core.distributed import gather_with_grad
 from lightning_modules.objectives.base import Objective
-from lightning_modules.runtime.distributed import gather_with_grad
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:

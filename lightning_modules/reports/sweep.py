@@ -16,8 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from lightning_modules.config.errors import ConfigError
-from lightning_modules.runtime.results import METRICS_FILE, write_atomic
+from lightning_modules.core.errors import ConfigError
+from lightning_modules.core.results import METRICS_FILE, write_atomic
+from lightning_modules.runtime.wandb_runs import log_report, run_label
 
 METRIC_PREFIXES = ("train/", "val/", "test/", "params/")
 
@@ -249,8 +250,6 @@ def write_sweep_report(paths: list[Path], out_dir: Path | None = None, wandb: bo
     path = out_dir / "report.md"
     write_atomic(path, "\n".join(lines) + "\n")
     if wandb:
-        from lightning_modules.runtime.wandb_runs import log_report, run_label
-
         # The runs' own W&B project and group when they logged there; else the sweep dir names the group.
         wandb_cfg = next((r["config"]["logger"]["wandb"] for r in rows if "wandb" in _loggers_of(r)), {})
         log_dir = (first.get("paths") or {}).get("log_dir", "outputs")

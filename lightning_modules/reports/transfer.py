@@ -8,7 +8,7 @@ import io
 import statistics
 from pathlib import Path
 
-from lightning_modules.runtime.results import write_atomic
+from lightning_modules.core.results import write_atomic
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -8,8 +8,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.config.check import check_config
+from lightning_modules.core.results import is_rank_zero, write_metrics
 from lightning_modules.runtime.failure import report, warnings_to_log
-from lightning_modules.runtime.results import is_rank_zero, write_metrics
 
 
 def _in_multirun() -> bool:
@@ -45,9 +45,9 @@ def main(cfg: DictConfig):
         check_config(cfg)
         # heavy imports only once the config is known good
         if cfg.get("stage") == "evaluate":
-            from lightning_modules.runtime.evaluate import evaluate as run
+            from lightning_modules.runtime.evaluate import evaluate as run  # keeps torch out of the config check
         else:
-            from lightning_modules.runtime.run import run
+            from lightning_modules.runtime.run import run  # keeps torch out of the config check
 
         metrics = run(cfg)
     except Exception as err:

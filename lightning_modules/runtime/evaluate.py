@@ -23,9 +23,13 @@ import torchmetrics
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datamodules.spec import ImageTextSpec
-from lightning_modules.backbones.handoff import build_backbone, resolve_init, saved_objective
-from lightning_modules.config.errors import ConfigError
-from lightning_modules.runtime.results import is_rank_zero, write_atomic, write_metrics
+from lightning_modules.backbones.artifacts import record_use
+from lightning_modules.backbones.factory import build_backbone
+from lightning_modules.backbones.handoff import resolve_init
+from lightning_modules.core.errors import ConfigError
+from lightning_modules.core.results import is_rank_zero, write_atomic, write_metrics
+from lightning_modules.objectives.base import saved_objective
+from lightning_modules.runtime import wandb_runs
 from lightning_modules.runtime.run import _finish, _loggers, build
 
 
@@ -37,9 +41,7 @@ def evaluate(cfg: DictConfig) -> dict:
         with open_dict(cfg):
             cfg.model.source = resolve_init(str(cfg.model.init))
             if OmegaConf.select(cfg, "logger.wandb") is not None:  # named and grouped as a run is
-                from lightning_modules.runtime.wandb_runs import run_identity
-
-                identity = run_identity(Path(cfg.paths.log_dir), out_dir)
+                identity = wandb_runs.run_identity(Path(cfg.paths.log_dir), out_dir)
                 cfg.logger.wandb.merge_with({k: v for k, v in identity.items() if cfg.logger.wandb.get(k) is None})
         write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         metrics = {"status": "ok", "stage": "evaluate", "task": cfg.task, **_evaluate(cfg)}
@@ -55,9 +57,7 @@ def evaluate(cfg: DictConfig) -> dict:
             logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=0)
             logger.save()
             if type(logger).__name__ == "WandbLogger":
-                from lightning_modules.runtime import wandb_runs
-
-                wandb_runs.record_use(logger.experiment, str(cfg.model.init))  # lineage: which artifact it evaluated
+                record_use(logger.experiment, str(cfg.model.init))  # lineage: which artifact it evaluated
                 logger.experiment.summary.update(metrics)
     finally:
         _finish(loggers)

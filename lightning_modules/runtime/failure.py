@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from lightning_modules.config.errors import ConfigError, TrainingDiverged
+from lightning_modules.core.errors import ConfigError, TrainingDiverged, message_of
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,12 +77,6 @@ def _where(err: BaseException) -> str:
     return f"{shown}:{frame.lineno} ({frame.name})"
 
 
-def _first_line(err: BaseException) -> str:
-    from lightning_modules.config.library import message_of
-
-    return message_of(err)
-
-
 def describe(err: BaseException) -> str:
     """What failed, in one line (without where the traceback went)."""
     if isinstance(err, (ConfigError, TrainingDiverged)):
@@ -92,7 +86,7 @@ def describe(err: BaseException) -> str:
         target = f": {cause.filename}" if cause.filename else ""
         return f"{cause.strerror}{target} ({type(cause).__name__} in {_where(err)})"
     kind = "; a bug" if exit_code(err) == 1 else ""  # else memory, or a setting Lightning refused mid-run
-    return f"{type(err).__name__}: {_first_line(err)} (in {_where(err)}{kind})"
+    return f"{type(err).__name__}: {message_of(err)} (in {_where(err)}{kind})"
 
 
 def _hydra_log() -> Path | None:

@@ -11,9 +11,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_modules.config.errors import ConfigError
-from lightning_modules.config.library import message_of
-from lightning_modules.config.schema import show
+from lightning_modules.core.errors import ConfigError, message_of, show
 
 
 def check_monitored(cfg: DictConfig, objective) -> None:

@@ -18,21 +18,25 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from lightning_modules.backbones.handoff import build_backbone, resolve_init, state_differences
+from lightning_modules.backbones.artifacts import record_use
+from lightning_modules.backbones.factory import build_backbone
+from lightning_modules.backbones.handoff import resolve_init, state_differences
 from lightning_modules.callbacks.export import BackboneExport
 from lightning_modules.callbacks.feature_cache import FeatureCache
 from lightning_modules.callbacks.forgetting import ForgettingProbe
 from lightning_modules.callbacks.monitor import LayerGroupMonitor, count_params
+from lightning_modules.callbacks.progress import ThrottledProgressBar
 from lightning_modules.callbacks.seeding import EpochSeed
-from lightning_modules.config.errors import ConfigError
 from lightning_modules.config.library import blamed_on, build
 from lightning_modules.config.modalities import tower_errors, towers_of
-from lightning_modules.config.schema import check
-from lightning_modules.module import PretuneModule
+from lightning_modules.config.rules import check
+from lightning_modules.core.errors import ConfigError
+from lightning_modules.core.results import is_rank_zero, write_atomic, write_metrics
 from lightning_modules.objectives.base import build_objective
+from lightning_modules.runtime import wandb_runs
 from lightning_modules.runtime.cuda_check import runtime_cuda_check
 from lightning_modules.runtime.preflight import check_fits, check_launcher, check_monitored
-from lightning_modules.runtime.results import is_rank_zero, write_atomic, write_metrics
+from lightning_modules.training.module import PretuneModule
 
 # Options for torch.compile when model.compile=true (tests use a backend that skips code generation).
 COMPILE_OPTIONS: dict = {}
@@ -56,9 +60,7 @@ def _loggers(cfg: DictConfig, out_dir: Path) -> list:
         if conf is None:
             continue
         if name == "wandb" and conf.get("offline") is None:  # offline unless a W&B key is configured
-            from lightning_modules.runtime.wandb_runs import offline_default
-
-            conf = OmegaConf.merge(conf, {"offline": offline_default()})
+            conf = OmegaConf.merge(conf, {"offline": wandb_runs.offline_default()})
         loggers.append(build(conf, f"logger.{name}"))
     return loggers
 
@@ -88,8 +90,6 @@ def _progress_bar(cfg: DictConfig, callbacks: list) -> list:
     """The default bar (``ThrottledProgressBar``: tqdm, redrawn at most 10 times a second from the training
     thread), unless the bar is off or a bar is configured among the callbacks."""
     from pytorch_lightning.callbacks import ProgressBar
-
-    from lightning_modules.callbacks.progress import ThrottledProgressBar
 
     if not cfg.trainer.get("enable_progress_bar", True) or any(isinstance(c, ProgressBar) for c in callbacks):
         return []
@@ -125,9 +125,7 @@ def run(cfg: DictConfig) -> dict:
                 with tower_errors(name, tower):
                     tower.source = resolve_init(str(tower.init))
             if OmegaConf.select(cfg, "logger.wandb") is not None:  # unset name/group come from the Hydra job
-                from lightning_modules.runtime.wandb_runs import run_identity
-
-                identity = run_identity(Path(cfg.paths.log_dir), out_dir)
+                identity = wandb_runs.run_identity(Path(cfg.paths.log_dir), out_dir)
                 cfg.logger.wandb.merge_with({k: v for k, v in identity.items() if cfg.logger.wandb.get(k) is None})
         if is_rank_zero():
             write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -181,10 +179,8 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     for logger in trainer.loggers:  # the resolved config is every logger's run config
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        from lightning_modules.runtime import wandb_runs
-
         for experiment in _wandb_runs(trainer):
-            wandb_runs.record_use(experiment, str(cfg.model.init))
+            record_use(experiment, str(cfg.model.init))
         # A configured callback refusing this run mid-way (EarlyStopping's metric never logged): one line.
         with runtime_cuda_check(enabled=isinstance(trainer.accelerator, CPUAccelerator)), blamed_on(configured):
             metrics = _fit_and_test(cfg, trainer, module, datamodule, out_dir)
@@ -210,7 +206,7 @@ def _configured(cfg: DictConfig) -> dict:
 
 
 def _record_loading(cfg: DictConfig, out_dir: Path, datamodule) -> None:
-    """Which path the data took (held in memory or streamed, ``datamodules/loading.py``): printed once and
+    """Which path the data took (held in memory or streamed, ``datamodules/loading/decision.py``): printed once and
     recorded in config.yaml as ``datamodule.loaded``."""
     loading = getattr(datamodule, "loading", None)
     if loading is None:
@@ -301,7 +297,7 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_
     if module.compiled:  # compilation, apart from the training it delays
         metrics["time/compile_s"] = round(_compile_seconds() - compiling, 2)
     if getattr(datamodule, "placement", None):
-        metrics["data/placement"] = datamodule.placement  # cpu, device or pinned (datamodules/in_memory.py)
+        metrics["data/placement"] = datamodule.placement  # cpu, device or pinned (datamodules/loading/in_memory.py)
     checkpoint = trainer.checkpoint_callback
     best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
     if best:

@@ -1,0 +1,156 @@
+"""What the text DataModules share: texts in, token ids out, through the backbone's own tokenizer.
+
+The order of a run (``runtime/run.py``) is the reason for the shape of this class: the datamodule is built
+first and reads its raw texts (``texts()``: a backbone built from scratch trains its tokenizer on them); the
+backbone comes next and hands its tokenizer over (``use_backbone``); ``setup`` then tokenizes every split once
+and keeps it in memory as padded id tensors.
+
+Batches are padded per *global* batch: the loader (``PaddedBatchLoader``, a ``BatchLoader`` with its seeding
+and rank slicing) cuts every batch to the longest example of the global batch before each rank takes its
+slice, so a batch of B per rank on W ranks holds exactly the tensors a batch of W*B holds on one process, and
+no batch carries the padding of the longest text in the data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from datamodules.base import PretuneDataModule
+from datamodules.loading.in_memory import BatchLoader
+from datamodules.spec import TextSpec
+from datamodules.transforms.text import tokenize
+from lightning_modules.backbones.base import FEATURES
+from lightning_modules.config.rules import check
+from lightning_modules.core.errors import ConfigError
+
+
+class PaddedBatchLoader(BatchLoader):
+    """A ``BatchLoader`` whose right-padded ``(N, max_length)`` token tensors (``input_ids``, ``attention_mask``)
+    are cut, batch by batch, to the longest example (``lengths``) of the global batch; other entries (labels,
+    images next to captions) pass as they are."""
+
+    TOKEN_KEYS = ("input_ids", "attention_mask")
+
+    def __init__(self, tensors: dict[str, torch.Tensor], lengths: torch.Tensor, *args, **kwargs):
+        super().__init__(tensors, *args, **kwargs)
+        self.lengths = lengths
+
+    def take(self, idx: torch.Tensor, global_idx: torch.Tensor) -> dict:
+        width = int(self.lengths[global_idx].max())
+        return {k: v[idx, :width] if k in self.TOKEN_KEYS else v[idx] for k, v in self.tensors.items()}
+
+
+class TextDataModule(PretuneDataModule):
+    """Base of the text sources. A subclass reads its texts (``texts()`` for the tokenizer, ``setup``) and
+    fills ``self.splits`` with ``encode``'s tensors; the loaders, the spec and the checks are shared."""
+
+    modality = "text"
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        eval_batch_size: int = 256,
+        max_length: int = 64,
+        train_batches_per_epoch: int | None = None,
+        labeled: bool = True,
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        self.batch_size = check("datamodule.batch_size", batch_size)
+        self.eval_batch_size = check("datamodule.eval_batch_size", eval_batch_size)
+        self.max_length = check("datamodule.max_length", max_length)
+        self.train_batches_per_epoch = check("datamodule.train_batches_per_epoch", train_batches_per_epoch)
+        self.labeled, self.cache_dir = labeled, cache_dir
+        self.tokenizer = None
+        self.splits: dict[str, dict[str, torch.Tensor]] = {}
+        self.lengths: dict[str, torch.Tensor] = {}
+        self.spec: TextSpec | None = None
+
+    # --- what a subclass provides --------------------------------------------------------------------------
+    def texts(self) -> list[str]:
+        """The training texts, raw: what a tokenizer trained from scratch learns its vocabulary from."""
+        raise NotImplementedError
+
+    # --- shared --------------------------------------------------------------------------------------------
+    def use_backbone(self, backbone) -> None:
+        """Take the backbone's tokenizer; its position embeddings bound ``max_length``."""
+        tokenizer = getattr(backbone, "processor", None)
+        if tokenizer is None:
+            raise ConfigError(f"datamodule {type(self).__name__} needs a text backbone with a tokenizer")
+        limit = getattr(backbone, "max_positions", None)
+        if limit is not None and self.max_length > limit:
+            raise ConfigError(
+                f"datamodule.max_length={self.max_length} is longer than the backbone's {limit} positions;"
+                f" allowed is at most {limit}"
+            )
+        self.tokenizer = tokenizer
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise RuntimeError("use_backbone(backbone) must come before setup(): the tokenizer is the backbone's")
+        return self.tokenizer
+
+    def encode(self, texts: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+        """``tokenize`` with the backbone's tokenizer and ``max_length``."""
+        return tokenize(self._require_tokenizer(), texts, self.max_length)
+
+    def make_spec(self, class_names: tuple[str, ...] = ()) -> TextSpec:
+        tokenizer = self._require_tokenizer()
+        return TextSpec(
+            vocab_size=len(tokenizer),
+            max_length=self.max_length,
+            pad_id=int(tokenizer.pad_token_id),
+            num_classes=len(class_names),
+            class_names=tuple(class_names),
+            tokenizer=tokenizer,
+        )
+
+    def check_batch_size(self, what: str) -> None:
+        n_train = len(self.lengths["train"])
+        if self.batch_size > n_train:
+            raise ConfigError(
+                f"datamodule.batch_size={self.batch_size} is larger than the {n_train} {what}; allowed is at most"
+                f" {n_train}"
+            )
+
+    def train_dataloader(self):
+        return PaddedBatchLoader(
+            self.splits["train"],
+            self.lengths["train"],
+            self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            seed=self.shuffle_seed,
+            epoch_fn=self.epoch,
+            num_batches=self.train_batches_per_epoch,
+            skip_fn=self.batches_trained,
+            **self.shard(),
+        )
+
+    shuffle_seed = 0  # the training order's seed (a labeled source: its label_seed, which follows seed)
+
+    def eval_loader(self, split: str, batch_size: int | None = None, sharded: bool = True):
+        """A split in order; ``sharded=False``: all of it on this process (e.g. the forgetting probe)."""
+        shard = self.shard() if sharded else {}
+        size = batch_size or self.eval_batch_size
+        return PaddedBatchLoader(self.splits[split], self.lengths[split], size, False, False, **shard)
+
+    def val_dataloader(self):
+        return self.eval_loader("val")
+
+    def test_dataloader(self):
+        return self.eval_loader("test")
+
+    def can_cache_features(self) -> bool:
+        return True  # nothing random reaches the backbone in a text batch (MLM's masks are the objective's)
+
+    def cache_features(self, encode) -> None:
+        """Store each example's features next to it (``features``): ``encode(split, identity, batches)`` returns
+        them for the split's batches in order (callbacks/feature_cache.py); every batch then carries them."""
+        done = []
+        for name, tensors in self.splits.items():
+            if any(tensors is d for d in done):  # the corpus's test split is its validation split: one pass
+                continue
+            done.append(tensors)
+            batches = PaddedBatchLoader(dict(tensors), self.lengths[name], self.eval_batch_size, False, False)
+            tensors[FEATURES] = encode(name, [tensors["input_ids"]], batches)  # in place: loaders made already see it

@@ -1,0 +1,119 @@
+"""Unlabeled text for pre-training (MLM, CLM): ``.txt`` files, or the embedded standard-library docs.
+
+``datamodule.paths``: files or globs (``notes/*.txt``, ``~/books/**/*.txt``); ``datamodule.document``: ``file``
+(each file is one document) or ``line`` (each non-blank line is one). With ``paths: null`` the corpus is the
+documentation shipped with Python (``stdlib_docs.corpus_documents``: ~2 M characters).
+
+Every document is tokenized once (BERT-style: ``[CLS] text [SEP]``; GPT-style: text then ``<|endoftext|>``),
+the documents are concatenated and cut into blocks of ``max_length`` tokens (the remainder dropped), and a
+seeded ``val_fraction`` of the blocks is held out for validation (a block split works for a single file too;
+it lets neighbouring blocks of one document fall into both splits, which only makes ``val/loss`` a little
+optimistic). The tokenizer of a backbone built from scratch is trained on all the documents. Blocks have no
+padding. The corpus has no test split: ``test`` is the validation blocks.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import torch
+
+from datamodules.loading.text import TextDataModule
+from datamodules.sources.stdlib_docs import corpus_documents
+from lightning_modules.config.rules import check
+from lightning_modules.core.errors import ConfigError
+
+
+def read_text(path: Path, key: str) -> str:
+    """A file's text as UTF-8, refused with one line naming ``key`` and the file when it cannot be."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot read {path} ({err.strerror or err})") from err
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{key}: {path} is not UTF-8 text (byte 0x{data[err.start]:02x} at position {err.start})"
+        ) from err
+    if not text.strip():
+        raise ConfigError(f"{key}: {path} is empty")
+    return text
+
+
+class TextCorpusDataModule(TextDataModule):
+    name = "text_corpus"
+
+    def __init__(
+        self,
+        paths: list[str] | None = None,
+        document: str = "line",
+        val_fraction: float = 0.05,
+        split_seed: int = 0,
+        shuffle_seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.paths = list(paths) if paths else None
+        self.document = check("datamodule.document", document)
+        self.val_fraction = float(check("datamodule.val_fraction", val_fraction))
+        self.split_seed, self.shuffle_seed = split_seed, shuffle_seed
+        self._documents: list[str] | None = None
+
+    def files(self) -> list[Path]:
+        """The files ``paths`` names, in order, each once."""
+        files: list[Path] = []
+        for pattern in self.paths:
+            if not isinstance(pattern, str) or not pattern.strip():
+                raise ConfigError(f"datamodule.paths={self.paths!r}: allowed is a list of .txt files or globs")
+            expanded = str(Path(pattern).expanduser())
+            if Path(expanded).is_dir():
+                raise ConfigError(f"datamodule.paths: {pattern} is a directory; name its files, e.g. {pattern}/*.txt")
+            matches = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise ConfigError(f"datamodule.paths: {pattern} matches no file")
+            files += [m for m in matches if m not in files]
+        return files
+
+    def documents(self) -> list[str]:
+        if self._documents is None:
+            if self.paths is None:
+                self._documents = corpus_documents(self.cache_dir)
+            else:
+                docs = []
+                for path in self.files():
+                    text = read_text(path, "datamodule.paths")
+                    if self.document == "file":
+                        docs.append(text.strip())
+                    else:
+                        docs += [line.strip() for line in text.splitlines() if line.strip()]
+                self._documents = docs
+        return self._documents
+
+    def texts(self) -> list[str]:
+        return self.documents()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        tokenizer = self._require_tokenizer()
+        ids = tokenizer(self.documents(), verbose=False)["input_ids"]  # documents longer than a block are expected
+        eos = tokenizer.eos_token_id if tokenizer.cls_token_id is None else None  # GPT-style: end each document
+        flat = torch.tensor([t for doc in ids for t in (doc + [eos] if eos is not None else doc)], dtype=torch.long)
+        n_blocks = len(flat) // self.max_length
+        n_val = max(1, round(self.val_fraction * n_blocks))
+        if n_blocks - n_val < 1:
+            where = "the embedded corpus" if self.paths is None else f"datamodule.paths={self.paths}"
+            raise ConfigError(
+                f"{where}: {len(flat)} tokens make only {n_blocks} blocks of max_length={self.max_length};"
+                " too few to hold out validation blocks"
+            )
+        blocks = flat[: n_blocks * self.max_length].view(n_blocks, self.max_length)
+        order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(self.split_seed))
+        for split, rows in (("train", order[n_val:].sort().values), ("val", order[:n_val].sort().values)):
+            self.splits[split] = {"input_ids": blocks[rows], "attention_mask": torch.ones_like(blocks[rows])}
+            self.lengths[split] = torch.full((len(rows),), self.max_length)
+        self.splits["test"], self.lengths["test"] = self.splits["val"], self.lengths["val"]
+        self.check_batch_size(f"training blocks of {self.max_length} tokens")
+        self.spec = self.make_spec()

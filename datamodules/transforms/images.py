@@ -1,0 +1,154 @@
+"""One image at a time, as streaming loaders need it: decode any file to the configured channels, then the
+standard transforms (torchvision's), run in DataLoader worker processes.
+
+- **Decoding** reads the whole file (a truncated JPEG fails here, not later) and converts every mode people
+  have on disk (grayscale, RGBA, palette, CMYK, 16-bit) to ``L`` (channels=1) or ``RGB`` (channels=3).
+- **Training**: random-resized crop, horizontal flip, and optionally RandAugment, TrivialAugment or
+  AutoAugment, the ImageNet convention. **Evaluation**: the shorter side resized to ``size / crop_pct``, then
+  the centre ``size`` x ``size`` crop: the aspect ratio is kept, never squashed.
+- **Randomness per sample**: each image's transform draws from a generator seeded by (seed, epoch, pass,
+  index), not from a worker's stream. Which worker decodes an image, how many workers there are, and whether
+  the run was resumed mid-epoch then change nothing: the same image gets the same crop in the same epoch.
+- The output is uint8 (C, size, size): a quarter of float32 through the worker queues and the host-to-device
+  copy; normalisation happens on the device, per batch (``Normalize``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from contextlib import contextmanager
+
+import torch
+from torchvision.transforms import v2
+
+from datamodules.transforms.decode import decode
+from lightning_modules.config.rules import check
+from lightning_modules.core.errors import ConfigError
+
+# datamodule.transforms.auto_augment -> torchvision's policy (defaults as in their papers' ImageNet settings)
+AUTO_AUGMENT = {
+    "randaugment": lambda: v2.RandAugment(num_ops=2, magnitude=9),
+    "trivialaugment": v2.TrivialAugmentWide,
+    "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
+}
+
+
+# Per-image transforms of the streaming path (conf/datamodule/image_folder.yaml: transforms).
+TRANSFORMS = {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "flip": True, "auto_augment": None, "eval_crop_pct": 0.875}
+
+
+def check_transforms(transforms: dict | None) -> dict:
+    out = dict(TRANSFORMS, **(transforms or {}))
+    unknown = sorted(set(out) - set(TRANSFORMS))
+    if unknown:
+        raise ConfigError(f"datamodule.transforms.{unknown[0]} is unknown: allowed are {sorted(TRANSFORMS)}")
+    for key in ("scale", "ratio"):
+        lo, hi = (float(v) for v in out[key])
+        if not (0 < lo <= hi and (key != "scale" or hi <= 1)):
+            bound = "0 < low <= high <= 1" if key == "scale" else "0 < low <= high"
+            raise ConfigError(f"datamodule.transforms.{key}={[lo, hi]} is invalid: allowed is [low, high] with {bound}")
+        out[key] = (lo, hi)
+    check("datamodule.transforms.auto_augment", out["auto_augment"])
+    check("datamodule.transforms.eval_crop_pct", out["eval_crop_pct"])
+    return out
+
+
+def fit_channels(values: list[float], channels: int) -> list[float]:
+    """Statistics for ``channels`` channels from RGB ones (prepared shards read as grayscale)."""
+    if len(values) == channels:
+        return list(values)
+    return [sum(values) / len(values)] * channels
+
+
+def eval_transform(size: int, crop_pct: float = 0.875):
+    """Resize the shorter side to ``size / crop_pct``, keep the aspect ratio, take the centre square."""
+    return v2.Compose(
+        [
+            v2.Resize(round(size / crop_pct), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(size),
+            v2.PILToTensor(),
+        ]
+    )
+
+
+def train_transform(
+    size: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+    auto_augment: str | None = None,
+):
+    steps = [
+        v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True),
+        *([v2.RandomHorizontalFlip()] if flip else []),
+        *([AUTO_AUGMENT[auto_augment]()] if auto_augment else []),
+        v2.PILToTensor(),
+    ]
+    return v2.Compose(steps)
+
+
+def sample_key(seed: int, epoch: int, repeat: int, index: int) -> int:
+    """A 63-bit seed for one sample's transform: a function of (seed, epoch, pass within the epoch, index)."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{repeat}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@contextmanager
+def seeded(key: int):
+    """Inside, torch's and Python's generators (torchvision and timm draw from them) start from ``key``;
+    after, they are as before, so a loader running in the training process leaves its streams alone."""
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    torch.manual_seed(key)
+    random.seed(key)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+
+
+def load_sample(source, label, name: str, channels: int, size: int, transform, key: int) -> dict:
+    """One batch entry: ``image`` uint8 (C, size, size), ``label`` when labeled, and ``_error`` / ``_name``
+    when the file could not be decoded (then a blank image: the main process names the file or drops it)."""
+    try:
+        image = decode(source, channels)
+    except Exception as err:  # anything a broken file makes PIL raise (OSError, SyntaxError, ValueError, ...)
+        text = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        image, error = torch.zeros(channels, size, size, dtype=torch.uint8), text
+    else:
+        with seeded(key):
+            image, error = transform(image), ""
+    out = {"image": image, "_error": error, "_name": name if error else ""}
+    if label is not None:
+        out["label"] = int(label)
+    return out
+
+
+def channel_stats(images: list[torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] units of uint8 images (C, H, W) of any sizes."""
+    sums = torch.zeros(images[0].shape[0], dtype=torch.float64)
+    squares, count = torch.zeros_like(sums), 0
+    for image in images:
+        x = image.reshape(image.shape[0], -1).double() / 255
+        sums += x.sum(1)
+        squares += (x * x).sum(1)
+        count += x.shape[1]
+    mean = sums / count
+    std = (squares / count - mean * mean).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.clamp_min(1e-3).tolist()
+
+
+class Normalize(torch.nn.Module):
+    """uint8 batch -> float, normalised per channel, on whatever device the batch is (one fused multiply-add)."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        self.mean, self.std = list(mean), list(std)
+        self.register_buffer("scale", (1 / (255 * std_t)).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", (-mean_t / std_t).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.scale.to(images.device), self.shift.to(images.device)
+        return torch.addcmul(shift, images.float(), scale)
