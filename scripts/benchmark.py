@@ -141,7 +141,9 @@ def plain_run(cfg: DictConfig, compile_options: dict | None = None) -> dict:
 
     start = time.time()
     device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
-    torch.set_float32_matmul_precision(matmul_precision(cfg))
+    torch.set_float32_matmul_precision(
+        matmul_precision(cfg.get("float32_matmul_precision", "auto"), cfg.trainer.accelerator)
+    )
     torch.manual_seed(cfg.seed)  # as run(): seed, data, backbone, objective, so the initial weights are the same
     dm, backbone = _data_and_backbone(cfg)
     if hasattr(dm, "place"):  # in-memory images: on the accelerator once, as run() does

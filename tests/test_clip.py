@@ -391,7 +391,7 @@ def test_each_tower_fine_tunes_like_any_backbone(pretrained, tmp_path):
         )
     )
     assert text["status"] == "ok" and text["params/frozen"] > 0  # the embeddings: the tokenizer came with them
-    source = yaml.safe_load((tmp_path / "t" / "config.yaml").read_text())["model"]["source"]
+    source = json.loads((tmp_path / "t" / "run.json").read_text())["weights"]
     assert source["path"] == str((pretrained / "backbone" / "text").resolve())
 
 
@@ -408,8 +408,8 @@ def test_a_locked_tower_is_bit_for_bit_unchanged_after_training(pretrained, tmp_
     assert not torch.equal(image_after["pos_embed"], image_before["pos_embed"])  # the other tower trained
     text_params = sum(v.numel() for v in before.values())
     assert metrics["params/frozen"] == text_params and metrics["params/trainable"] > 0
-    config = yaml.safe_load((tmp_path / "lit" / "config.yaml").read_text())
-    assert config["model"]["text"]["source"]["path"] == str(source.resolve())  # recorded as model.init is
+    record = json.loads((tmp_path / "lit" / "run.json").read_text())
+    assert record["towers"]["text"]["path"] == str(source.resolve())  # recorded as model.init is
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ import warnings
 
 import pytest
 import torch
-import yaml
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -111,8 +110,7 @@ def test_a_gpu_run_records_tf32_placement_fused_optimizer_and_channels_last(cfg_
     from lightning_modules.runtime.run import run
 
     metrics = run(cfg_factory("finetune", *GPU, "model=resnet_micro", "debug=fast", name="run"))
-    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert recorded["float32_matmul_precision"] == "high"
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["float32_matmul_precision"] == "high"
     assert metrics["data/placement"] == "device"
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["data/placement"] == "device"

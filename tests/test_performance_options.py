@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import open_dict
+import yaml
 
 from lightning_modules.config.check import check_config
 from lightning_modules.core.errors import ConfigError
@@ -22,13 +22,10 @@ def test_model_compile_must_be_a_boolean(tmp_path):
 def test_progress_bar_is_added_once_and_only_when_enabled():
     from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
 
-    cfg = make_cfg("finetune", [])
-    assert _progress_bar(cfg, []) == []  # the tests' config turns the bar off
-    with open_dict(cfg):
-        cfg.trainer.enable_progress_bar = True
-    (bar,) = _progress_bar(cfg, [])
+    assert _progress_bar(False, []) == []  # trainer.enable_progress_bar=false (the tests' config)
+    (bar,) = _progress_bar(True, [])
     assert isinstance(bar, ProgressBar)
-    assert _progress_bar(cfg, [TQDMProgressBar()]) == []  # a configured bar is left alone
+    assert _progress_bar(True, [TQDMProgressBar()]) == []  # a configured bar is left alone
 
 
 def test_progress_bar_redraws_at_most_ten_times_a_second_and_always_at_the_end(monkeypatch):
@@ -129,21 +126,17 @@ def test_a_channels_last_run_on_cpu_trains_as_the_default_one(cfg_factory):
 
 
 def test_float32_matmul_precision_is_resolved_and_recorded(cfg_factory, tmp_path):
-    import yaml
-
+    from lightning_modules.core.results import read_run_record
     from lightning_modules.runtime.run import matmul_precision, run
 
-    assert matmul_precision(make_cfg("finetune", [])) == "highest"  # auto on the CPU: torch's default, unchanged
-    assert matmul_precision(make_cfg("finetune", ["trainer.accelerator=gpu"])) == "high"  # auto on a GPU: TF32
-    assert (
-        matmul_precision(make_cfg("finetune", ["trainer.accelerator=gpu", "float32_matmul_precision=highest"]))
-        == "highest"
-    )
+    assert matmul_precision("auto", "cpu") == "highest"  # auto on the CPU: torch's default, unchanged
+    assert matmul_precision("auto", "gpu") == "high"  # auto on a GPU: TF32
+    assert matmul_precision("highest", "gpu") == "highest"
     with pytest.raises(ConfigError, match=r"float32_matmul_precision='tf32' is invalid: allowed are 'auto'"):
         check_config(make_cfg("finetune", ["float32_matmul_precision=tf32"], tmp_path))
     run(cfg_factory("finetune", "model=resnet_micro", "debug=fast", name="run"))
-    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert recorded["float32_matmul_precision"] == "highest"
+    assert read_run_record(tmp_path / "run")["float32_matmul_precision"] == "highest"
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["float32_matmul_precision"] == "auto"
 
 
 def test_host_reports_are_read_at_once_on_the_cpu():

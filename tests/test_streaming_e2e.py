@@ -14,7 +14,6 @@ import time
 
 import pytest
 import torch
-import yaml
 
 from datamodules.loading.prepare import prepare
 from tests.conftest import ROOT
@@ -64,8 +63,8 @@ def test_a_streaming_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tm
     output = full.communicate(timeout=600)[0]
     assert full.returncode == 0, output[-3000:]
     assert output.count("data: datamodule=") == 1 and "streamed" in output  # which path: printed once ...
-    config = yaml.safe_load((tmp_path / "full" / "config.yaml").read_text())
-    assert config["datamodule"]["loaded"] == "stream"  # ... and recorded
+    record = json.loads((tmp_path / "full" / "run.json").read_text())
+    assert record["data"]["loading"] == "stream"  # ... and recorded in the run record
 
     marker = tmp_path / "mid-epoch"
     pause = ["+callbacks.pause._target_=tests.helpers.PauseAt", "+callbacks.pause.epoch=2"]

@@ -66,7 +66,7 @@ def test_optuna_study_fine_tunes_one_pretraining_records_failures_and_extends_fr
         assert f"datamodule.batch_size={trial.params['datamodule.batch_size']}" in overrides
         if metrics["status"] == "ok":
             assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == metrics["val/acc_best"]
-            source = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["source"]
+            source = json.loads((run_dir / "run.json").read_text())["weights"]
             assert source["path"] == str((pre / "backbone").resolve())
         else:
             assert trial.state == optuna.trial.TrialState.FAIL and "batch_size" in metrics["error"]

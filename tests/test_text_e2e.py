@@ -52,7 +52,7 @@ def test_mlm_pretrain_then_finetune_through_the_scripts(tmp_path):
     for key in ("train/loss", "val/acc", "val/f1", "test/acc", "test/f1"):
         assert 0 <= m[key] <= 10, key
     assert m["params/frozen"] > 0 and m["params/trainable"] > 0  # embeddings + encoder.layer.0 frozen
-    assert yaml.safe_load((ft / "config.yaml").read_text())["model"]["source"]["path"] == str(backbone.resolve())
+    assert json.loads((ft / "run.json").read_text())["weights"]["path"] == str(backbone.resolve())
 
 
 def test_the_text_transfer_study_on_a_tiny_budget(tmp_path):

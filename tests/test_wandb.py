@@ -46,8 +46,9 @@ def test_pretraining_run_records_identity_config_history_summary_and_backbone_ar
     logged = read_offline_run(out)
     assert logged["job_type"] == "pretrain" and logged["tags"] == ["pretrain", "vit_tiny_patch16_224"]
     assert logged["name"] == out.name  # not under paths.log_dir: named by its directory
-    config = {k: v for k, v in logged["config"].items() if k != "_wandb"}
+    config = {k: v for k, v in logged["config"].items() if k not in ("_wandb", "run")}
     assert config == yaml.safe_load((out / "config.yaml").read_text())  # the resolved config, whole
+    assert logged["config"]["run"] == json.loads((out / "run.json").read_text())  # and the run record
     assert config["objective"]["mask_ratio"] == 0.75 and config["stage"] == "pretrain"
     assert {"train/loss_step", "train/loss_epoch", "val/loss", "epoch"} <= logged["history_keys"]
     assert logged["summary"]["val/loss"] == pytest.approx(metrics["val/loss"])
@@ -64,8 +65,9 @@ def test_finetune_run_records_its_backbone_source_and_per_group_lr_and_frozen_fl
     out = Path(cfg.paths.output_dir)
     logged = read_offline_run(out)
     source = {"path": str((pre / "backbone").resolve()), "sha256": sha256_of(pre / "backbone" / WEIGHTS)}
-    assert logged["config"]["model"]["source"] == source
-    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["source"] == source
+    assert logged["config"]["run"]["weights"] == source  # the run record, in W&B and beside config.yaml
+    assert json.loads((out / "run.json").read_text())["weights"] == source
+    assert "source" not in yaml.safe_load((out / "config.yaml").read_text())["model"]  # config.yaml: as composed
     assert logged["job_type"] == "finetune"
     assert {"lr/stem", "lr/blocks.0", "frozen/stem", "frozen/blocks.3+norm", "val/acc"} <= logged["history_keys"]
     first = next(row for row in logged["history"] if "frozen/stem" in row)
@@ -117,7 +119,7 @@ def test_wandb_init_fetches_the_artifact_and_records_it(pretrained, cfg_factory,
     cfg = cfg_factory("finetune", *TINY, "logger=none", f"model.init=wandb:{ref}", "trainer.max_epochs=1")
     assert run(cfg)["status"] == "ok"
     assert asked == [(ref, "model")]
-    source = yaml.safe_load((Path(cfg.paths.output_dir) / "config.yaml").read_text())["model"]["source"]
+    source = json.loads((Path(cfg.paths.output_dir) / "run.json").read_text())["weights"]
     assert source["artifact"] == ref and source["sha256"] == sha256_of(pre / "backbone" / WEIGHTS)
     assert Path(source["path"]).is_relative_to(tmp_path / "cache")
 

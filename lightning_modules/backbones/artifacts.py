@@ -68,6 +68,6 @@ def fetch_backbone(init: str) -> Path:
 
 def record_use(experiment, init: str) -> None:
     """Lineage: mark the fetched artifact as this run's input (an online run only; offline runs
-    cannot, their config still names it under ``model.source``)."""
+    cannot, their run record still names it under ``weights``)."""
     if init.startswith(PREFIX) and not experiment.offline:
         experiment.use_artifact(init.removeprefix(PREFIX))

@@ -27,10 +27,10 @@ def backbone_class(type_: str):
     return getattr(importlib.import_module(module), name)
 
 
-def build_backbone(model_cfg: dict, data=None):
-    """Build the backbone ``model`` describes and initialise it as ``model.init`` says (from
-    ``model.source`` when the run already resolved it). ``data``: the datamodule, for a backbone that
-    needs something from it to be built (a text backbone trains its tokenizer on its texts)."""
+def build_backbone(model_cfg: dict, data=None, source: dict | None = None):
+    """Build the backbone ``model`` describes and initialise it as ``model.init`` says (from ``source`` when the
+    run already resolved it: ``handoff.resolve_init``). ``data``: the datamodule, for a backbone that needs
+    something from it to be built (a text backbone trains its tokenizer on its texts)."""
     cls = backbone_class(backbone_type(model_cfg))
     init = str(model_cfg.get("init", "none"))
     if init == "none" or init.startswith("hf:"):  # from scratch, or a Hugging Face model (the class loads it)
@@ -48,7 +48,7 @@ def build_backbone(model_cfg: dict, data=None):
                 " timm downloads them from the Hugging Face Hub, so this needs internet and a model"
                 " name with published weights"
             ) from err
-    source = model_cfg.get("source") or resolve_init(init)
+    source = source or resolve_init(init)
     if is_file_init(init):
         return _from_weight_file(cls, model_cfg, data, init, Path(source["path"]))
     backbone_dir = Path(source["path"])

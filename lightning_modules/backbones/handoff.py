@@ -156,7 +156,7 @@ def state_differences(own: dict, saved: dict) -> str:
 
 
 def resolve_init(init: str) -> dict | None:
-    """Where ``model.init``'s weights come from, as a run records it in its config (``model.source``):
+    """Where ``model.init``'s weights come from, as a run records it in its run record (``run.json``: ``weights``):
     the backbone dir (or the weight file of ``file:<path>``), the sha256 of its weights, and the W&B artifact
     when it was fetched from one. ``none`` and ``timm`` have no local source."""
     if init in ("none", "timm"):

@@ -7,23 +7,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
 from pytorch_lightning.callbacks import Callback
 
-from lightning_modules.backbones.artifacts import artifact_name, log_backbone
+from lightning_modules.backbones.artifacts import log_backbone
 from lightning_modules.backbones.handoff import export_backbone
 from lightning_modules.core.locations import CONFIG
 
 
 class BackboneExport(Callback):
-    def __init__(self, cfg: DictConfig, out_dir: Path):
-        self.cfg, self.target = cfg, Path(out_dir) / "backbone"
-        self.provenance = {
-            "objective": cfg.objective.get("_target_"),
-            "datamodule": cfg.datamodule.get("_target_"),
-            "seed": cfg.seed,
-            "run_dir": str(Path(out_dir).resolve()),
-        }
+    """``target``: the ``backbone/`` to write; ``provenance``: where it came from (recorded in its config.yaml);
+    ``objective_cfg``: the objective whose heads are saved with it; ``artifact_names``: the W&B artifact of each part
+    (``""``: the whole backbone; a tower's name: that tower's folder)."""
+
+    def __init__(self, target: Path, provenance: dict, objective_cfg: dict, artifact_names: dict[str, str]):
+        self.target, self.provenance = Path(target), provenance
+        self.objective_cfg, self.artifact_names = objective_cfg, artifact_names
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:  # the same weights on every rank: one export
@@ -33,14 +32,12 @@ class BackboneExport(Callback):
             self.target,
             provenance=self.provenance,
             objective=pl_module.objective,
-            objective_cfg=OmegaConf.to_container(self.cfg.objective, resolve=True),
+            objective_cfg=self.objective_cfg,
         )
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
-                meta = OmegaConf.to_container(OmegaConf.load(self.target / CONFIG))  # towers: exported with it
-                parts = [(self.target, self.cfg.model)]
-                parts += [(self.target / t, self.cfg.model[t]) for t in meta.get("towers") or []]
-                for directory, model_cfg in parts:
-                    name = artifact_name(model_cfg, self.cfg.objective._target_)
-                    part_meta = OmegaConf.to_container(OmegaConf.load(directory / CONFIG))
-                    log_backbone(logger.experiment, directory, name, part_meta)
+                for part, name in self.artifact_names.items():
+                    directory = self.target / part
+                    if (directory / CONFIG).is_file():  # the towers the export wrote
+                        meta = yaml.safe_load((directory / CONFIG).read_text())
+                        log_backbone(logger.experiment, directory, name, meta)

@@ -1,4 +1,6 @@
-"""Run results on disk: ``metrics.json`` and the resolved config, written atomically."""
+"""Run results on disk, written atomically: ``metrics.json`` (what the run measured) and ``run.json``, the run
+record (what the run resolved that its composed ``config.yaml`` does not say: where the weights came from and their
+sha256, the matmul precision ``auto`` became, which path the data took, the W&B run's name and group)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 METRICS_FILE = "metrics.json"
+RUN_FILE = "run.json"
 
 # The variables launchers set (torchrun: RANK; SLURM: SLURM_PROCID; Lightning's launcher: LOCAL_RANK and
 # NODE_RANK). A process is the global rank 0 only if every one of them that is set is 0.
@@ -48,3 +51,13 @@ def write_metrics(run_dir: Path, metrics: dict) -> Path:
 
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / METRICS_FILE).read_text())
+
+
+def write_run_record(run_dir: Path, record: dict) -> Path:
+    path = Path(run_dir) / RUN_FILE
+    write_atomic(path, json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def read_run_record(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / RUN_FILE).read_text())

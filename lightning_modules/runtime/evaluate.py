@@ -20,63 +20,63 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torchmetrics
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from datamodules.spec import ImageTextSpec
 from lightning_modules.backbones.artifacts import record_use
 from lightning_modules.backbones.factory import build_backbone
-from lightning_modules.backbones.handoff import resolve_init
+from lightning_modules.config.library import build
 from lightning_modules.core.errors import ConfigError
-from lightning_modules.core.results import is_rank_zero, write_atomic, write_metrics
+from lightning_modules.core.results import is_rank_zero, write_atomic, write_metrics, write_run_record
 from lightning_modules.objectives.base import saved_objective
 from lightning_modules.runtime import wandb_runs
-from lightning_modules.runtime.run import _finish, _loggers, build
+from lightning_modules.runtime.run import finish, loggers_from, resolve_sources
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    """As ``run.run``: ``config.yaml`` written once, as composed; what was resolved in the run record (``run.json``);
+    ``metrics.json`` at the end."""
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     started = time.time()
     try:
-        with open_dict(cfg):
-            cfg.model.source = resolve_init(str(cfg.model.init))
-            if OmegaConf.select(cfg, "logger.wandb") is not None:  # named and grouped as a run is
-                identity = wandb_runs.run_identity(Path(cfg.paths.log_dir), out_dir)
-                cfg.logger.wandb.merge_with({k: v for k, v in identity.items() if cfg.logger.wandb.get(k) is None})
-        write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        metrics = {"status": "ok", "stage": "evaluate", "task": cfg.task, **_evaluate(cfg)}
+        record = {"stage": "evaluate", **resolve_sources(cfg.model)}
+        if OmegaConf.select(cfg, "logger.wandb") is not None:  # named and grouped as a run is
+            record["wandb"] = wandb_runs.run_identity(Path(cfg.paths.log_dir), out_dir)
+        write_run_record(out_dir, record)
+        metrics = {"status": "ok", "stage": "evaluate", "task": cfg.task, **_evaluate(cfg, record["weights"])}
     except BaseException as err:
         if is_rank_zero():
             write_metrics(out_dir, {"status": "failed", "stage": "evaluate", "error": f"{type(err).__name__}: {err}"})
         raise
     metrics["time/run_s"] = round(time.time() - started, 2)
-    loggers = _loggers(cfg, out_dir)
+    loggers = loggers_from(cfg.get("logger"), record.get("wandb"))
     try:
         for logger in loggers:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run": record})
             logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=0)
             logger.save()
             if type(logger).__name__ == "WandbLogger":
                 record_use(logger.experiment, str(cfg.model.init))  # lineage: which artifact it evaluated
                 logger.experiment.summary.update(metrics)
     finally:
-        _finish(loggers)
+        finish(loggers)
     write_metrics(out_dir, metrics)
     return metrics
 
 
-def _device(cfg: DictConfig) -> torch.device:
-    wanted = str(cfg.get("device", "auto"))
-    if wanted == "auto":
+def _device(device: str) -> torch.device:
+    if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(wanted)
+    return torch.device(device)
 
 
-def _evaluate(cfg: DictConfig) -> dict:
+def _evaluate(cfg: DictConfig, source: dict | None) -> dict:
     pl.seed_everything(cfg.seed, verbose=False)
     task = cfg.task
     datamodule = build(cfg.datamodule, "datamodule", labeled=task == "zero_shot")
-    backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True), data=datamodule)
+    backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True), data=datamodule, source=source)
     datamodule.use_backbone(backbone)
     datamodule.setup("fit")
     text = backbone.towers()["text"]
@@ -84,7 +84,7 @@ def _evaluate(cfg: DictConfig) -> dict:
     if not isinstance(spec, ImageTextSpec):  # the objective is built as in pre-training: on image–text data
         tok = text.processor
         spec = ImageTextSpec(spec.channels, spec.image_size, len(tok), text.max_positions, tok.pad_token_id, tok)
-    objective = saved_objective(cfg.model.source, backbone, spec)
+    objective = saved_objective(source, backbone, spec)
     if objective is None:
         raise ConfigError(
             f"model.init={cfg.model.init}: scripts/evaluate.py needs a CLIP pre-training run (or its backbone/): its"
@@ -92,7 +92,7 @@ def _evaluate(cfg: DictConfig) -> dict:
         )
     if not hasattr(objective, "class_embeddings"):
         raise ConfigError(f"model.init={cfg.model.init}: its objective ({type(objective).__name__}) is not CLIP")
-    device = _device(cfg)
+    device = _device(str(cfg.get("device", "auto")))
     backbone.to(device).eval()
     objective.to(device).eval()
     with torch.no_grad():

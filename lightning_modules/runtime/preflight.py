@@ -9,26 +9,24 @@ import os
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from lightning_modules.core.errors import ConfigError, message_of, show
 
 
-def check_monitored(cfg: DictConfig, objective) -> None:
+def check_monitored(monitored: dict, objective) -> None:
     """``optimized_metric`` (what checkpoints and sweeps select on), the plateau schedule's ``monitor`` and
-    the callbacks' must be metrics this run logs: otherwise Lightning would fail after the first epoch."""
+    the callbacks' (``monitored``: key -> the metric it names, or None) must be metrics this run logs: otherwise
+    Lightning would fail after the first epoch."""
     metrics = objective.make_metrics("val/")
     validation = ["val/loss", *(metrics.keys(keep_base=False) if metrics is not None else [])]
-    monitors = {"optimized_metric": validation, "scheduler.monitor": validation}
-    for name in cfg.get("callbacks") or {}:
-        monitors[f"callbacks.{name}.monitor"] = [*validation, "train/loss_epoch", "train/loss_step"]
-    for key, logged in monitors.items():
-        metric = OmegaConf.select(cfg, key, default=None)
+    for key, metric in monitored.items():
+        logged = [*validation, "train/loss_epoch", "train/loss_step"] if key.startswith("callbacks.") else validation
         if metric is not None and metric not in logged:
             raise ConfigError(f"{key}={metric} is not logged by this run: allowed is one of {', '.join(logged)}")
 
 
-def check_launcher(cfg: DictConfig, trainer: pl.Trainer) -> None:
+def check_launcher(trainer_cfg, trainer: pl.Trainer) -> None:
     """Several processes on one machine need trainer=ddp or trainer=fsdp, whose ranks re-run this Hydra job in
     its run dir (runtime/parallel.py). Lightning's own launcher (what ``trainer.devices=2`` alone gets) would
     re-run the command line: new run dirs, and inside another program (the study, a test) that program.
@@ -46,7 +44,7 @@ def check_launcher(cfg: DictConfig, trainer: pl.Trainer) -> None:
 
     launcher = getattr(trainer.strategy, "launcher", None)
     if type(launcher) is _SubprocessScriptLauncher and launcher.num_processes > 1:  # children started here
-        keys = ", ".join(f"trainer.{k}={show(OmegaConf.select(cfg.trainer, k))}" for k in ("devices", "num_nodes"))
+        keys = ", ".join(f"trainer.{k}={show(OmegaConf.select(trainer_cfg, k))}" for k in ("devices", "num_nodes"))
         raise ConfigError(
             f"{keys}: {launcher.num_processes} processes need trainer=ddp (or trainer=fsdp), whose ranks re-run this"
             " job in its own run dir; e.g. trainer=ddp trainer.devices=2"

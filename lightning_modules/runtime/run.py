@@ -1,7 +1,12 @@
 """One pre-training or fine-tuning run: compose the pieces, fit, test, export, record.
 
-``run(cfg)`` is what ``scripts/pretrain.py`` and ``scripts/finetune.py`` call (through
-``cli.main``) and what the transfer study calls in-process for each of its runs.
+``run(cfg)`` is what ``scripts/pretrain.py`` and ``scripts/finetune.py`` call (through ``cli.main``) and what the
+transfer study calls in-process for each of its runs. It is the one place that reads the whole config: each piece
+gets its own node (the datamodule ``cfg.datamodule``, the backbone factory ``cfg.model``, the trainer
+``cfg.trainer`` ...) or objects already built. ``config.yaml`` is written once, as composed; what the run resolves
+on the way (where the weights came from and their sha256, what ``float32_matmul_precision=auto`` became, which
+path the data took, the W&B run's name and group) is its run record, ``run.json`` beside it
+(``core/results.py``).
 """
 
 from __future__ import annotations
@@ -14,11 +19,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from lightning_modules.backbones.artifacts import record_use
+from lightning_modules.backbones.artifacts import artifact_name, record_use
 from lightning_modules.backbones.factory import build_backbone
 from lightning_modules.backbones.handoff import resolve_init, state_differences
 from lightning_modules.callbacks.export import BackboneExport
@@ -31,7 +36,7 @@ from lightning_modules.config.library import blamed_on, build
 from lightning_modules.config.modalities import tower_errors, towers_of
 from lightning_modules.config.rules import check
 from lightning_modules.core.errors import ConfigError
-from lightning_modules.core.results import is_rank_zero, write_atomic, write_metrics
+from lightning_modules.core.results import is_rank_zero, write_atomic, write_metrics, write_run_record
 from lightning_modules.objectives.base import build_objective
 from lightning_modules.runtime import wandb_runs
 from lightning_modules.runtime.cuda_check import runtime_cuda_check
@@ -54,14 +59,19 @@ def _final_metrics(trainer: pl.Trainer) -> dict:
     return out
 
 
-def _loggers(cfg: DictConfig, out_dir: Path) -> list:
+def loggers_from(logger_cfg, identity: dict | None = None) -> list:
+    """The configured loggers (``cfg.logger``); ``identity``: the W&B run's name and group where the config leaves
+    them unset (``wandb_runs.run_identity``). W&B is offline unless a key is configured."""
     loggers = []
-    for name, conf in (cfg.get("logger") or {}).items():
+    for name, conf in (logger_cfg or {}).items():
         if conf is None:
             continue
-        if name == "wandb" and conf.get("offline") is None:  # offline unless a W&B key is configured
-            conf = OmegaConf.merge(conf, {"offline": wandb_runs.offline_default()})
-        loggers.append(build(conf, f"logger.{name}"))
+        extra = {}
+        if name == "wandb":
+            extra = {k: v for k, v in (identity or {}).items() if conf.get(k) is None}
+            if conf.get("offline") is None:
+                extra["offline"] = wandb_runs.offline_default()
+        loggers.append(build(conf, f"logger.{name}", **extra))
     return loggers
 
 
@@ -86,29 +96,40 @@ def parallel_jobs() -> int:
     return max(1, min(cores, n_jobs if n_jobs > 0 else cores + 1 + n_jobs))
 
 
-def _progress_bar(cfg: DictConfig, callbacks: list) -> list:
+def _progress_bar(enabled: bool, callbacks: list) -> list:
     """The default bar (``ThrottledProgressBar``: tqdm, redrawn at most 10 times a second from the training
-    thread), unless the bar is off or a bar is configured among the callbacks."""
+    thread), unless the bar is off (``trainer.enable_progress_bar``) or a bar is configured among the callbacks."""
     from pytorch_lightning.callbacks import ProgressBar
 
-    if not cfg.trainer.get("enable_progress_bar", True) or any(isinstance(c, ProgressBar) for c in callbacks):
+    if not enabled or any(isinstance(c, ProgressBar) for c in callbacks):
         return []
     return [ThrottledProgressBar()]
 
 
-def matmul_precision(cfg: DictConfig) -> str:
+def matmul_precision(choice: str, accelerator: str = "auto") -> str:
     """``float32_matmul_precision``: ``auto`` is ``high`` (float32 matmuls on TF32 tensor cores, as Lightning
-    suggests) when the run trains on a CUDA GPU, else ``highest`` (torch's default: the CPU is left alone)."""
-    choice = check("float32_matmul_precision", cfg.get("float32_matmul_precision", "auto"))
-    if choice != "auto":
+    suggests) when the run trains on a CUDA GPU (``trainer.accelerator``), else ``highest`` (torch's default: the
+    CPU is left alone)."""
+    if check("float32_matmul_precision", choice) != "auto":
         return choice
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    accelerator = str(accelerator)
     on_gpu = accelerator in ("gpu", "cuda") or accelerator == "auto" and torch.cuda.is_available()
     return "high" if on_gpu else "highest"
 
 
+def resolve_sources(model_cfg) -> dict:
+    """Where ``model.init`` (and a dual encoder's towers' own inits) take their weights from: the run record's
+    ``weights`` (and ``towers``)."""
+    record = {"weights": resolve_init(str(model_cfg.init))}
+    towers = {}
+    for name, tower in towers_of(model_cfg).items():  # a dual encoder's towers: each from its own init
+        with tower_errors(name, tower):
+            towers[name] = resolve_init(str(tower.init))
+    return record | ({"towers": towers} if towers else {})
+
+
 def run(cfg: DictConfig) -> dict:
-    """Every rank of a DDP run executes this; only global rank 0 writes the run's files (config.yaml,
+    """Every rank of a DDP run executes this; only global rank 0 writes the run's files (config.yaml, run.json,
     metrics.json, backbone/; Lightning already saves checkpoints and logs from rank 0 only)."""
     jobs = parallel_jobs()
     if jobs > 1:  # parallel jobs split the cores instead of each taking all of them
@@ -116,19 +137,9 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     if is_rank_zero():
         out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     started = time.time()
     try:
-        with open_dict(cfg):  # recorded with the config: which weights, by path and hash (and artifact)
-            cfg.model.source = resolve_init(str(cfg.model.init))
-            cfg.float32_matmul_precision = matmul_precision(cfg)  # what "auto" became
-            for name, tower in towers_of(cfg.model).items():  # a dual encoder's towers: each from its own init
-                with tower_errors(name, tower):
-                    tower.source = resolve_init(str(tower.init))
-            if OmegaConf.select(cfg, "logger.wandb") is not None:  # unset name/group come from the Hydra job
-                identity = wandb_runs.run_identity(Path(cfg.paths.log_dir), out_dir)
-                cfg.logger.wandb.merge_with({k: v for k, v in identity.items() if cfg.logger.wandb.get(k) is None})
-        if is_rank_zero():
-            write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         return _run(cfg, out_dir, started)
     except BaseException as err:
         if is_rank_zero():
@@ -140,17 +151,33 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     finetune = cfg.stage == "finetune"
+    record = {
+        "stage": cfg.stage,
+        **resolve_sources(cfg.model),
+        "float32_matmul_precision": matmul_precision(
+            cfg.get("float32_matmul_precision", "auto"), cfg.trainer.get("accelerator", "auto")
+        ),
+    }
+    if OmegaConf.select(cfg, "logger.wandb") is not None:  # unset name/group come from the Hydra job
+        record["wandb"] = wandb_runs.run_identity(Path(cfg.paths.log_dir), out_dir)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision(record["float32_matmul_precision"])
     datamodule = build(cfg.datamodule, "datamodule", labeled=finetune)
-    backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True), data=datamodule)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    backbone = build_backbone(model_cfg, data=datamodule, source=record["weights"])
     datamodule.use_backbone(backbone)
     datamodule.setup("fit")
     check_fits(backbone, datamodule)
-    _record_loading(cfg, out_dir, datamodule)
+    loading = getattr(datamodule, "loading", None)  # which path the data took (datamodules/loading/decision.py)
+    if loading is not None:
+        record["data"] = {"loading": loading.path}
+        if is_rank_zero():
+            print(f"data: {loading.reason}", flush=True)
+    if is_rank_zero():
+        write_run_record(out_dir, record)
     objective = build_objective(cfg.objective, backbone, datamodule.spec)
-    check_monitored(cfg, objective)
+    check_monitored(_monitored(cfg), objective)
     module = PretuneModule(
         backbone,
         objective,
@@ -162,9 +189,24 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     if cfg.model.get("compile"):  # torch.compile of forward (backbone + objective's loss); weights stay as they are
         module.compile_forward(**COMPILE_OPTIONS)
 
-    configured = _configured(cfg)
-    callbacks = _callbacks(cfg, out_dir, backbone, datamodule, objective, configured)
-    loggers = _loggers(cfg, out_dir)
+    configured = _configured(cfg.get("callbacks"))
+    callbacks = [callback for callback, _values in configured.values()]
+    callbacks.append(EpochSeed(cfg.seed))
+    callbacks += _freezing(
+        cfg.get("freeze"),
+        backbone,
+        datamodule,
+        objective,
+        cfg.trainer.get("max_epochs") or 0,
+        OmegaConf.select(cfg, "finetune.cache_features", default=False),
+    )
+    if finetune:
+        if OmegaConf.select(cfg, "finetune.measure_forgetting", default=False):
+            callbacks.append(ForgettingProbe(str(cfg.model.init), record["weights"], backbone, datamodule))
+    else:
+        callbacks.append(_export(cfg, model_cfg, out_dir))
+    callbacks += _progress_bar(cfg.trainer.get("enable_progress_bar", True), callbacks)
+    loggers = loggers_from(cfg.get("logger"), record.get("wandb"))
     # Checkpoints are what the callbacks config says (callbacks=none: none), not a checkpoint Lightning adds.
     checkpoints = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     trainer: pl.Trainer = build(
@@ -175,20 +217,21 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         default_root_dir=str(out_dir),
         enable_checkpointing=checkpoints,
     )
-    check_launcher(cfg, trainer)
-    for logger in trainer.loggers:  # the resolved config is every logger's run config
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    check_launcher(cfg.trainer, trainer)
+    for logger in trainer.loggers:  # the resolved config and the run record are every logger's run config
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run": record})
     try:
         for experiment in _wandb_runs(trainer):
             record_use(experiment, str(cfg.model.init))
         # A configured callback refusing this run mid-way (EarlyStopping's metric never logged): one line.
         with runtime_cuda_check(enabled=isinstance(trainer.accelerator, CPUAccelerator)), blamed_on(configured):
-            metrics = _fit_and_test(cfg, trainer, module, datamodule, out_dir)
+            resume = _resume_path(cfg.get("ckpt_path"), out_dir, module)
+            metrics = _fit_and_test(trainer, module, datamodule, out_dir, cfg.stage, cfg.optimized_metric, resume)
         metrics["time/run_s"] = round(time.time() - started, 2)
         for experiment in _wandb_runs(trainer):
             experiment.summary.update(metrics)
     finally:
-        _finish(loggers)
+        finish(loggers)
         if hasattr(trainer.strategy, "close"):  # DDP/FSDP (lightning_modules/runtime/parallel.py): end this job's ranks
             trainer.strategy.close(failed=sys.exc_info()[0] is not None)
     if trainer.is_global_zero:
@@ -196,59 +239,63 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     return metrics
 
 
-def _configured(cfg: DictConfig) -> dict:
+def _monitored(cfg: DictConfig) -> dict:
+    """Every metric the config asks a component to watch, by key: the optimized metric (checkpoints, sweeps), the
+    plateau schedule's, each callback's ``monitor``."""
+    keys = ["optimized_metric", "scheduler.monitor", *(f"callbacks.{n}.monitor" for n in cfg.get("callbacks") or {})]
+    return {key: OmegaConf.select(cfg, key, default=None) for key in keys}
+
+
+def _configured(callbacks_cfg) -> dict:
     """``callbacks.<name>`` -> (the callback the config describes, its values)."""
-    nodes = {name: c for name, c in (cfg.get("callbacks") or {}).items() if c is not None}
+    nodes = {name: c for name, c in (callbacks_cfg or {}).items() if c is not None}
     return {
         f"callbacks.{name}": (build(c, f"callbacks.{name}"), OmegaConf.to_container(c, resolve=True))
         for name, c in nodes.items()
     }
 
 
-def _record_loading(cfg: DictConfig, out_dir: Path, datamodule) -> None:
-    """Which path the data took (held in memory or streamed, ``datamodules/loading/decision.py``): printed once and
-    recorded in config.yaml as ``datamodule.loaded``."""
-    loading = getattr(datamodule, "loading", None)
-    if loading is None:
-        return
-    with open_dict(cfg):
-        cfg.datamodule.loaded = loading.path
-    if is_rank_zero():
-        print(f"data: {loading.reason}", flush=True)
-        write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+def _freezing(freeze_cfg, backbone, datamodule, objective, epochs: int, cache_features: bool) -> list:
+    """The freezing strategy (fine-tuning, and pre-training too: e.g. a locked CLIP tower) and the per-group
+    monitor; the feature cache when the backbone stays frozen throughout."""
+    if freeze_cfg is None:
+        return []
+    freezer = build(freeze_cfg, "freeze")
+    freezer.validate(backbone)  # e.g. freeze.layers beyond the backbone's groups: fail before training
+    callbacks = [freezer, LayerGroupMonitor()]
+    if (
+        cache_features
+        and epochs > 0
+        and FeatureCache.reason_not(freezer, backbone, datamodule, objective, epochs) is None
+    ):
+        callbacks.append(FeatureCache())
+    return callbacks
 
 
-def _callbacks(cfg: DictConfig, out_dir: Path, backbone, datamodule, objective, configured: dict) -> list:
-    """The configured callbacks, then what the stage adds: per-epoch seeding, the freezing strategy (fine-tuning,
-    and pre-training too: e.g. a locked CLIP tower) and the per-group monitor, the feature cache (a backbone
-    frozen throughout); when fine-tuning the forgetting probe; when pre-training the backbone export."""
-    callbacks = [callback for callback, _values in configured.values()]
-    callbacks.append(EpochSeed(cfg.seed))
-    if cfg.get("freeze") is not None:
-        freezer = build(cfg.freeze, "freeze")
-        freezer.validate(backbone)  # e.g. freeze.layers beyond the backbone's groups: fail before training
-        callbacks += [freezer, LayerGroupMonitor()]
-        epochs = cfg.trainer.get("max_epochs") or 0
-        if OmegaConf.select(cfg, "finetune.cache_features", default=False) and epochs > 0:
-            if FeatureCache.reason_not(freezer, backbone, datamodule, objective, epochs) is None:
-                callbacks.append(FeatureCache())
-    if cfg.stage == "finetune":
-        if OmegaConf.select(cfg, "finetune.measure_forgetting", default=False):
-            callbacks.append(ForgettingProbe(str(cfg.model.init), cfg.model.source, backbone, datamodule))
-    else:
-        callbacks.append(BackboneExport(cfg, out_dir))
-    return callbacks + _progress_bar(cfg, callbacks)
+def _export(cfg: DictConfig, model_cfg: dict, out_dir: Path) -> BackboneExport:
+    """The pre-training's ``backbone/`` export, with where it came from and the W&B artifact names of its parts
+    (a dual encoder's towers too)."""
+    objective = cfg.objective.get("_target_")
+    provenance = {
+        "objective": objective,
+        "datamodule": cfg.datamodule.get("_target_"),
+        "seed": cfg.seed,
+        "run_dir": str(out_dir.resolve()),
+    }
+    names = {"": artifact_name(model_cfg, objective)}
+    names |= {tower: artifact_name(model_cfg[tower], objective) for tower in towers_of(model_cfg)}
+    return BackboneExport(out_dir / "backbone", provenance, OmegaConf.to_container(cfg.objective, resolve=True), names)
 
 
-def _resume_path(cfg: DictConfig, module) -> str | None:
+def _resume_path(ckpt_path, out_dir: Path, module) -> str | None:
     """``ckpt_path``, checked: it must exist, hold only plain weights, and fit this config's model.
     Checkpoints are loaded with ``weights_only=True``, so a pickle that would run code is refused,
     never executed."""
-    path = cfg.get("ckpt_path")
+    path = ckpt_path
     if path is None:
         return None
     if str(path) == "last":  # this run dir's own last.ckpt: a relaunch (or a SLURM requeue) continues
-        path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        path = out_dir / "checkpoints" / "last.ckpt"
         if not path.is_file():
             return None  # nothing saved yet: this is the first attempt
     elif Path(path).is_dir():  # a run dir: its last checkpoint
@@ -268,7 +315,7 @@ def _resume_path(cfg: DictConfig, module) -> str | None:
     return str(path)
 
 
-def _finish(loggers: list) -> None:
+def finish(loggers: list) -> None:
     """Close W&B runs explicitly, so jobs of one process (sweeps, the study) never merge into one run."""
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
@@ -282,12 +329,12 @@ def _compile_seconds() -> float:
     return calculate_time_spent().get("total_wall_time", 0.0)
 
 
-def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_dir: Path) -> dict:
+def _fit_and_test(trainer, module, datamodule, out_dir: Path, stage: str, optimized: str, resume) -> dict:
     compiling = module.compiled and _compile_seconds()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, module), weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     metrics = {
         "status": "ok",
-        "stage": cfg.stage,
+        "stage": stage,
         **_final_metrics(trainer),
         **count_params(module),
         "epochs": trainer.current_epoch,
@@ -303,8 +350,8 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, out_
     if best:
         metrics["best_checkpoint"] = os.path.relpath(best, out_dir)
         if checkpoint.best_model_score is not None:  # a monitored checkpoint
-            metrics[f"{cfg.optimized_metric}_best"] = float(checkpoint.best_model_score)
-    if cfg.stage == "finetune":
+            metrics[f"{optimized}_best"] = float(checkpoint.best_model_score)
+    if stage == "finetune":
         # Test the checkpoint that validation selected, not whatever the last epoch left.
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
         metrics.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})  # none: limit_test_batches=0
