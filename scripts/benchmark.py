@@ -227,7 +227,7 @@ def _compile_seconds() -> float:
 def _data_and_backbone(cfg: DictConfig):
     """The datamodule, set up, and the backbone, built in run()'s order: a text backbone from scratch trains its
     tokenizer on the data's texts and hands it to the datamodule before ``setup`` tokenizes."""
-    from lightning_modules.backbones.handoff import build_backbone
+    from lightning_modules.backbones.factory import build_backbone
 
     dm = instantiate(cfg.datamodule, labeled=cfg.stage == "finetune")
     backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True), data=dm)

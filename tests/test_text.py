@@ -123,7 +123,7 @@ def test_mlm_masking_statistics_on_a_large_batch():
 
 def test_mlm_draws_under_ddp_are_the_single_process_draws(monkeypatch):
     """Rank r of 2, masking its half of a global batch, gets exactly the masks one process draws for those rows."""
-    from lightning_modules.runtime import distributed
+    from lightning_modules.core import distributed
 
     backbone = text_backbone(BERT)
     objective = _mlm(backbone)

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from lightning_modules.backbones.factory import build_backbone
 from lightning_modules.backbones.handoff import resolve_init
-from lightning_modules.backbones.weight_files import weight_file_path
+from lightning_modules.core.locations import weight_file_path
 from lightning_modules.core.errors import ConfigError
 from lightning_modules.runtime.run import run
 from tests.helpers import RESNET, VIT
