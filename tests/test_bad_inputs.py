@@ -14,7 +14,7 @@ from lightning_modules.backbones.handoff import export_backbone
 from lightning_modules.core.locations import WEIGHTS
 from lightning_modules.runtime.cli import main
 from tests.conftest import make_cfg
-from tests.helpers import RESNET
+from tests.helpers import RESNET, TIMM
 
 TINY = ["debug=limit", "model=resnet_micro"]
 
@@ -28,7 +28,8 @@ def _vit_backbone_dir(root: Path) -> Path:
 
 
 def _truncated(root: Path) -> Path:
-    target = export_backbone(build_backbone({"name": RESNET[0], "kwargs": RESNET[1], "init": "none"}), root / "cut")
+    model = {"_target_": TIMM, "name": RESNET[0], "kwargs": RESNET[1], "init": "none"}
+    target = export_backbone(build_backbone(model), root / "cut")
     data = (target / WEIGHTS).read_bytes()
     (target / WEIGHTS).write_bytes(data[: len(data) // 3])
     return target

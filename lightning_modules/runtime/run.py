@@ -28,7 +28,7 @@ from lightning_modules.callbacks.monitor import LayerGroupMonitor, count_params
 from lightning_modules.callbacks.progress import ThrottledProgressBar
 from lightning_modules.callbacks.seeding import EpochSeed
 from lightning_modules.config.library import blamed_on, build
-from lightning_modules.config.modalities import tower_errors, towers_of
+from lightning_modules.config.modalities import choice_name, pretrain_only, tower_errors, towers_of
 from lightning_modules.config.rules import check
 from lightning_modules.core.errors import ConfigError
 from lightning_modules.core.results import is_rank_zero, write_atomic, write_metrics
@@ -150,6 +150,8 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     check_fits(backbone, datamodule)
     _record_loading(cfg, out_dir, datamodule)
     objective = build_objective(cfg.objective, backbone, datamodule.spec)
+    if finetune and objective.pretrain_only:  # the config check refuses it where it can read the class
+        raise ConfigError(pretrain_only(choice_name(cfg, "objective")))
     check_monitored(cfg, objective)
     module = PretuneModule(
         backbone,
