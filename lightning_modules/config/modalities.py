@@ -91,18 +91,29 @@ def _modalities(target) -> tuple | None:
 
 
 def choice_name(cfg: DictConfig, group: str) -> str:
-    """How the user named a component: ``datamodule=digits`` (Hydra's choice), else its class."""
+    """How the user named a component: ``datamodule=digits`` (Hydra's choice), else (or when the choice's class
+    was overridden, ``model._target_=mypkg.Net``) its class."""
     from hydra.core.hydra_config import HydraConfig
 
     init = str(_select(cfg, "model.init"))
     if group == "model" and init.startswith("hf:"):
         return f"model.init={init}"
+    target = _select(cfg, f"{group}._target_")
     if HydraConfig.initialized():
         choice = HydraConfig.get().runtime.choices.get(group)
-        if choice:
+        if choice and target in (None, _preset_target(group, choice)):
             return f"{group}={choice}"
-    target = _select(cfg, f"{group}._target_") or _select(cfg, f"{group}.name")
+        if choice:
+            return f"{group}._target_={target}"
+    target = target or _select(cfg, f"{group}.name")
     return f"{group} {str(target).rsplit('.', 1)[-1]}"
+
+
+@functools.cache
+def _preset_target(group: str, choice: str):
+    """The ``_target_`` of ``conf/<group>/<choice>.yaml`` (None for a choice that is not a file there)."""
+    path = CONF / group / f"{choice}.yaml"
+    return OmegaConf.load(path).get("_target_") if path.is_file() else None
 
 
 # scripts/evaluate.py task -> (the model's modality, the datamodule's modality) it takes
@@ -175,10 +186,9 @@ def _named(model, prefix: str) -> str:
     return f"{prefix}.init={init}" if init.startswith("hf:") else f"{prefix}._target_={model.get('_target_')}"
 
 
-@functools.cache
 def preset_targets() -> dict[str, str]:
     """The shipped model presets (``conf/model/<name>.yaml``) by name -> the Backbone class each builds."""
-    return {path.stem: OmegaConf.load(path).get("_target_") for path in sorted((CONF / "model").glob("*.yaml"))}
+    return {path.stem: _preset_target("model", path.stem) for path in sorted((CONF / "model").glob("*.yaml"))}
 
 
 def presets(modality: str) -> list[str]:
