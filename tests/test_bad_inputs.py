@@ -336,6 +336,13 @@ TEXT_CASES = [
         "model=bert_micro takes text inputs, but datamodule=digits gives image",
     ),
     (
+        "image-model-on-text",
+        "finetune",
+        ["datamodule=text_classification", "model=resnet_micro"],
+        None,
+        "model=resnet_micro takes image inputs, but datamodule=text_classification gives text",
+    ),
+    (
         "pooling-word",
         "finetune",
         ["datamodule=text_classification", "model.pooling=max"],

@@ -254,3 +254,23 @@ def test_the_static_reader_on_a_users_classes(tmp_path, monkeypatch):
     assert class_attribute("math.Whatever", "modality") is None  # a C extension: no source
     assert class_attribute("no_such_package_anywhere.Net", "modality") is None
     assert class_attribute("Net", "modality") is None and class_attribute(None, "modality") is None
+
+
+# --- mistakes between groups, named before anything is read or resolved --------------------------------------
+
+
+def test_a_model_given_the_wrong_data_is_named_before_the_references_it_breaks(tmp_path):
+    """resnet_micro's model.kwargs.in_chans=${datamodule.channels} cannot resolve on text data: the line names the
+    mistake behind it (checked on _target_ values, before any interpolation is resolved)."""
+    from lightning_modules.config.check import check_config, check_values
+    from lightning_modules.core.errors import ConfigError
+
+    cfg = make_cfg("finetune", ["datamodule=text_classification", "model=resnet_micro"], tmp_path)
+    with pytest.raises(ConfigError, match=r"^model.kwargs.in_chans=\$\{datamodule.channels\} cannot be resolved"):
+        check_values(cfg)  # what the per-key rules alone would answer
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg)
+    assert (
+        str(err.value)
+        == "model TimmBackbone takes image inputs, but datamodule TextClassificationDataModule gives text"
+    )
