@@ -201,6 +201,14 @@ CASES = [
     ),
     ("callback-not-a-component", "finetune", ["callbacks.model_checkpoint=5"], None, "callbacks.model_checkpoint=5"),
     (
+        "probe-longer-than-the-run",
+        "finetune",
+        ["freeze=lp_ft", "freeze.probe_epochs=100", "trainer.max_epochs=10"],
+        None,
+        "freeze.probe_epochs=100, trainer.max_epochs=10: the linear probe would take the whole run and nothing would"
+        " be fine-tuned; allowed is freeze.probe_epochs below trainer.max_epochs",
+    ),
+    (
         "batch-larger-than-data",
         "finetune",
         ["datamodule.label_fraction=0.01", "datamodule.batch_size=64"],

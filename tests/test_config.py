@@ -274,3 +274,20 @@ def test_a_model_given_the_wrong_data_is_named_before_the_references_it_breaks(t
         str(err.value)
         == "model TimmBackbone takes image inputs, but datamodule TextClassificationDataModule gives text"
     )
+
+
+def test_a_probe_as_long_as_the_run_is_refused(tmp_path):
+    from lightning_modules.config.check import check_config
+    from lightning_modules.core.errors import ConfigError
+
+    lp_ft = ["freeze=lp_ft", "freeze.probe_epochs=100"]
+    with pytest.raises(ConfigError) as err:
+        check_config(make_cfg("finetune", [*lp_ft, "trainer.max_epochs=10"], tmp_path))
+    assert str(err.value) == (
+        "freeze.probe_epochs=100, trainer.max_epochs=10: the linear probe would take the whole run and nothing would"
+        " be fine-tuned; allowed is freeze.probe_epochs below trainer.max_epochs"
+    )
+    with pytest.raises(ConfigError, match=r"^freeze.probe_epochs=10, trainer.max_epochs=10: the linear probe"):
+        check_config(make_cfg("finetune", ["freeze=lp_ft", "freeze.probe_epochs=10", "trainer.max_epochs=10"]))
+    check_config(make_cfg("finetune", ["freeze=lp_ft", "freeze.probe_epochs=9", "trainer.max_epochs=10"]))
+    check_config(make_cfg("finetune", [*lp_ft, "trainer.max_epochs=-1", "trainer.max_steps=50"]))  # no epoch limit
