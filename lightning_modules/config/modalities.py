@@ -101,17 +101,16 @@ def choice_name(cfg: DictConfig, group: str) -> str:
     target = _select(cfg, f"{group}._target_")
     if HydraConfig.initialized():
         choice = HydraConfig.get().runtime.choices.get(group)
-        if choice and target in (None, _preset_target(group, choice)):
-            return f"{group}={choice}"
-        if choice:
-            return f"{group}._target_={target}"
+        if choice:  # the choice, unless its class was overridden (a preset of the user's own config dir: its own)
+            preset = _preset_target(group, choice)
+            return f"{group}={choice}" if target is None or preset in (None, target) else f"{group}._target_={target}"
     target = target or _select(cfg, f"{group}.name")
     return f"{group} {str(target).rsplit('.', 1)[-1]}"
 
 
 @functools.cache
 def _preset_target(group: str, choice: str):
-    """The ``_target_`` of ``conf/<group>/<choice>.yaml`` (None for a choice that is not a file there)."""
+    """The ``_target_`` of pretune's ``conf/<group>/<choice>.yaml`` (None for a choice not shipped there)."""
     path = CONF / group / f"{choice}.yaml"
     return OmegaConf.load(path).get("_target_") if path.is_file() else None
 

@@ -119,7 +119,7 @@ def run(cfg: DictConfig) -> dict:
     started = time.time()
     try:
         with open_dict(cfg):  # recorded with the config: which weights, by path and hash (and artifact)
-            cfg.model.source = resolve_init(str(cfg.model.init))
+            cfg.model.source = resolve_init(str(cfg.model.get("init", "none")))
             cfg.float32_matmul_precision = matmul_precision(cfg)  # what "auto" became
             for name, tower in towers_of(cfg.model).items():  # a dual encoder's towers: each from its own init
                 with tower_errors(name, tower):
@@ -182,7 +182,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
         for experiment in _wandb_runs(trainer):
-            record_use(experiment, str(cfg.model.init))
+            record_use(experiment, str(cfg.model.get("init", "none")))
         # A configured callback refusing this run mid-way (EarlyStopping's metric never logged): one line.
         with runtime_cuda_check(enabled=isinstance(trainer.accelerator, CPUAccelerator)), blamed_on(configured):
             metrics = _fit_and_test(cfg, trainer, module, datamodule, out_dir)
