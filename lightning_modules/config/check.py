@@ -118,6 +118,8 @@ def check_config(cfg: DictConfig, pending: tuple = ()) -> None:
     if missing:
         raise ConfigError(f"{missing[0]} is required but not set (e.g. {missing[0]}=<value> on the command line)")
     stage = value(cfg, "stage") if "stage" in cfg else None
+    if stage is not None and stage is not UNKNOWN:  # first: it says which groups a run needs and what applies
+        rule_for("stage").check("stage", stage)
     for group in REQUIRED_GROUPS.get(stage, ()) if isinstance(stage, str) else ():
         node = cfg._get_node(group) if group in cfg else None
         if not isinstance(node, DictConfig) or node._is_none() or node._is_interpolation():

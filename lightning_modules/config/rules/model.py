@@ -1,6 +1,7 @@
-"""``model.*`` (``conf/model/``): the backbone's family and name, where its weights come from (``model.init``),
-how weights trained elsewhere map onto it and what images they expect, a text backbone's sizes; a dual encoder's
-towers (``model.image.*``, ``model.text.*``) are model configs of their own and take the same rules."""
+"""``model.*`` (``conf/model/``): the backbone's class (``model._target_``) and name, where its weights come from
+(``model.init``), how weights trained elsewhere map onto it and what images they expect, a text backbone's sizes;
+a dual encoder's towers (``model.image.*``, ``model.text.*``) are model configs of their own and take the same
+rules. A backbone class of the user's own reads keys of its own, which need no rule here."""
 
 from __future__ import annotations
 
