@@ -19,6 +19,7 @@ VIT = (
         "mlp_ratio": 2.0,
     },
 )
+TIMM = "lightning_modules.backbones.image.TimmBackbone"  # a model config's _target_ for a timm model
 RESNET = ("resnet18", {"in_chans": 1, "layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8})
 SPEC = ImageSpec(channels=1, image_size=16, num_classes=3, class_names=("a", "b", "c"))
 

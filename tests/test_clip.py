@@ -630,7 +630,8 @@ BAD = [
     ("tower-init-missing", "pretrain", ["datamodule=image_text", "model.image.init={tmp}/nothing"], None,
      "model.image.init={tmp}/nothing: no such path"),
     ("tower-of-the-wrong-kind", "pretrain", ["datamodule=image_text", "model@model.image=bert_micro"], None,
-     "model.image.type=transformers cannot be the image tower, which takes image inputs: allowed is timm"),
+     "model.image._target_=lightning_modules.backbones.text.TransformersBackbone cannot be the image tower, which takes"
+     " image inputs: allowed are model@model.image=efficientnet_lite0_imagenet, resnet_micro, timm, vit_micro"),
     ("tower-size", "pretrain", ["datamodule=image_text", "model.text.layers=0"], None,
      "model.text.layers=0 is out of range: allowed is an integer in [1, 1024]"),
     ("freeze-a-tower-of-a-plain-backbone", "finetune", ["freeze.text=all"], None,
@@ -669,11 +670,3 @@ def test_evaluate_refuses_what_it_cannot_evaluate_in_one_line(args, needle, tmp_
     )
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
-
-
-def test_the_tower_tables_agree_with_the_dual_encoder():
-    from lightning_modules.backbones.dual import DualEncoder
-    from lightning_modules.config.modalities import BACKBONE_TYPES, TOWERS
-
-    assert TOWERS == {DualEncoder.type: DualEncoder.TOWERS}
-    assert BACKBONE_TYPES[DualEncoder.type][1] == DualEncoder.modality

@@ -65,7 +65,12 @@ BASES = {
         + ["callbacks=early_stopping", "logger=tensorboard"],
         True,
     ),
-    "finetune-lpft": ("finetune", ["model=resnet_micro", "freeze=lp_ft", "scheduler=plateau", "logger=csv"], True),
+    # a probe shorter than TINY's one epoch: a longer one would only probe, which the config check refuses
+    "finetune-lpft": (
+        "finetune",
+        ["model=resnet_micro", "freeze=lp_ft", "freeze.probe_epochs=0", "scheduler=plateau", "logger=csv"],
+        True,
+    ),
     "finetune-probe-folder": (
         "finetune",
         ["model=resnet_micro", "freeze=linear_probe", "scheduler=none", "datamodule=image_folder"]

@@ -21,6 +21,7 @@ from datamodules.spec import TextSpec
 from datamodules.transforms.text import tokenize
 from lightning_modules.backbones.base import FEATURES
 from lightning_modules.config.rules import check
+from lightning_modules.config.rules.datamodule import longer_than_positions
 from lightning_modules.core.errors import ConfigError
 
 
@@ -79,10 +80,7 @@ class TextDataModule(PretuneDataModule):
             raise ConfigError(f"datamodule {type(self).__name__} needs a text backbone with a tokenizer")
         limit = getattr(backbone, "max_positions", None)
         if limit is not None and self.max_length > limit:
-            raise ConfigError(
-                f"datamodule.max_length={self.max_length} is longer than the backbone's {limit} positions;"
-                f" allowed is at most {limit}"
-            )
+            raise ConfigError(longer_than_positions(self.max_length, limit))
         self.tokenizer = tokenizer
 
     def _require_tokenizer(self):

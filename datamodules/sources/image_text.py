@@ -39,6 +39,7 @@ from datamodules.spec import ImageTextSpec
 from datamodules.transforms.augment import BatchAugment
 from datamodules.transforms.text import tokenize
 from lightning_modules.config.rules import check
+from lightning_modules.config.rules.datamodule import longer_than_positions
 from lightning_modules.core.errors import ConfigError
 
 FORMATS = (".csv", ".jsonl")
@@ -264,10 +265,7 @@ class ImageTextDataModule(PretuneDataModule):
             )
         limit = getattr(text, "max_positions", None)
         if limit is not None and self.max_length > limit:
-            raise ConfigError(
-                f"datamodule.max_length={self.max_length} is longer than the text tower's {limit} positions;"
-                f" allowed is at most {limit}"
-            )
+            raise ConfigError(longer_than_positions(self.max_length, limit, "the text tower's"))
         self.tokenizer = text.processor
 
     def setup(self, stage: str | None = None) -> None:

@@ -52,7 +52,7 @@ class Backbone(nn.Module):
     """Base class: ``self.model`` is the wrapped library model, ``num_features`` the pooled width."""
 
     modality: ClassVar[str]  # the batch entries it reads: "image", "text" or "image_text" (a dual encoder)
-    type: ClassVar[str]  # the model.type that builds it (saved in backbone/config.yaml)
+    type: ClassVar[str]  # the family's name: a spec's "type" (backbone/config.yaml), compared when weights load
     preprocessing: dict = {}  # what its weights expect of an input (images: mean, std, input_size); {}: nothing
 
     def __init__(self, model: nn.Module, num_features: int):

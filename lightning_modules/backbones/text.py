@@ -1,6 +1,6 @@
-"""Text backbones from transformers (``model.type=transformers``): a BERT-style encoder or a GPT-style decoder,
-built from a transformers config (``model=bert_micro``, ``model=gpt_micro``: no download) or loaded with its
-tokenizer from a Hugging Face model (``model.init=hf:<local dir or hub name>``).
+"""Text backbones from transformers (``TransformersBackbone``): a BERT-style encoder or a GPT-style decoder, built
+from a transformers config (``model=bert_micro``, ``model=gpt_micro``: no download) or loaded with its tokenizer
+from a Hugging Face model (``model.init=hf:<local dir or hub name>``, which builds this class whatever the preset).
 
 - Reads ``batch["input_ids"]`` and ``batch["attention_mask"]`` (right-padded); ``forward`` pools the last
   hidden states (``model.pooling``: ``cls`` the first token, ``mean`` over the real tokens, ``last`` the last
@@ -40,16 +40,15 @@ from lightning_modules.config.rules import check
 from lightning_modules.core.errors import ConfigError
 from lightning_modules.core.locations import hf_local_dir, tokenizer_dir
 
-ARCHS = ("bert", "gpt2")  # what model.name builds from scratch
-
 
 def hf_config(model_cfg: dict, tokenizer=None):
     """The transformers config of a backbone built from ``model``'s sizes (and the tokenizer's special ids)."""
     from transformers import AutoConfig
 
     name = model_cfg.get("name")
-    if name not in ARCHS:
-        raise ConfigError(f"model.name={name} is not a text architecture pretune builds: allowed are {list(ARCHS)}")
+    if name not in TransformersBackbone.ARCH_KINDS:
+        allowed = list(TransformersBackbone.ARCH_KINDS)
+        raise ConfigError(f"model.name={name} is not a text architecture pretune builds: allowed are {allowed}")
     sizes = {k: check(f"model.{k}", model_cfg[k]) for k in ("layers", "hidden", "heads", "intermediate")}
     max_positions, vocab_size = check("model.max_positions", model_cfg["max_positions"]), model_cfg["vocab_size"]
     check("model.vocab_size", vocab_size)
@@ -108,6 +107,9 @@ class TransformersBackbone(Backbone):
 
     modality = "text"
     type = "transformers"
+    # model.name built from sizes -> its kind: a BERT-style encoder or a GPT-style decoder (the config check reads
+    # it from this source, to refuse objective=mlm on gpt_micro before anything is built)
+    ARCH_KINDS = {"bert": "encoder", "gpt2": "decoder"}
 
     def __init__(self, model: nn.Module, tokenizer, pooling: str = "cls", hf_source: str | None = None):
         super().__init__(model, model.config.hidden_size)

@@ -113,6 +113,7 @@ def _first_of_each(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class CLIP(Objective):
     modalities = ("image_text",)
+    pretrain_only = True  # fine-tune one tower instead (model.init=<run>/backbone/image)
 
     def __init__(
         self,

@@ -33,7 +33,7 @@ from lightning_modules.callbacks.monitor import LayerGroupMonitor, count_params
 from lightning_modules.callbacks.progress import ThrottledProgressBar
 from lightning_modules.callbacks.seeding import EpochSeed
 from lightning_modules.config.library import blamed_on, build
-from lightning_modules.config.modalities import tower_errors, towers_of
+from lightning_modules.config.modalities import choice_name, pretrain_only, tower_errors, towers_of
 from lightning_modules.config.rules import check
 from lightning_modules.core.errors import ConfigError
 from lightning_modules.core.results import is_rank_zero, write_atomic, write_metrics, write_run_record
@@ -120,11 +120,11 @@ def matmul_precision(choice: str, accelerator: str = "auto") -> str:
 def resolve_sources(model_cfg) -> dict:
     """Where ``model.init`` (and a dual encoder's towers' own inits) take their weights from: the run record's
     ``weights`` (and ``towers``)."""
-    record = {"weights": resolve_init(str(model_cfg.init))}
+    record = {"weights": resolve_init(str(model_cfg.get("init", "none")))}
     towers = {}
     for name, tower in towers_of(model_cfg).items():  # a dual encoder's towers: each from its own init
         with tower_errors(name, tower):
-            towers[name] = resolve_init(str(tower.init))
+            towers[name] = resolve_init(str(tower.get("init", "none")))
     return record | ({"towers": towers} if towers else {})
 
 
@@ -152,6 +152,7 @@ def run(cfg: DictConfig) -> dict:
 
 def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     finetune = cfg.stage == "finetune"
+    init = str(cfg.model.get("init", "none"))  # a model config without one starts from scratch
     record = {
         "stage": cfg.stage,
         **resolve_sources(cfg.model),
@@ -177,6 +178,8 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     if is_rank_zero():
         write_run_record(out_dir, record)
     objective = build_objective(cfg.objective, backbone, datamodule.spec)
+    if finetune and objective.pretrain_only:  # the config check refuses it where it can read the class
+        raise ConfigError(pretrain_only(choice_name(cfg, "objective")))
     check_monitored(_monitored(cfg), objective)
     module = PretuneModule(
         backbone,
@@ -202,7 +205,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     )
     if finetune:
         if OmegaConf.select(cfg, "finetune.measure_forgetting", default=False):
-            callbacks.append(ForgettingProbe(str(cfg.model.init), record["weights"], backbone, datamodule))
+            callbacks.append(ForgettingProbe(init, record["weights"], backbone, datamodule))
     else:
         callbacks.append(_export(cfg, model_cfg, out_dir))
     callbacks += _progress_bar(cfg.trainer.get("enable_progress_bar", True), callbacks)
@@ -222,7 +225,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run": record})
     try:
         for experiment in _wandb_runs(trainer):
-            record_use(experiment, str(cfg.model.init))
+            record_use(experiment, init)
         # A configured callback refusing this run mid-way (EarlyStopping's metric never logged): one line.
         with runtime_cuda_check(enabled=isinstance(trainer.accelerator, CPUAccelerator)), blamed_on(configured):
             resume = _resume_path(cfg.get("ckpt_path"), out_dir, module)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import yaml
+
 from lightning_modules.config.kinds import (
     FRACTION,
     OPEN_FRACTION,
@@ -24,6 +26,7 @@ from lightning_modules.config.kinds import (
     Text,
     Together,
 )
+from lightning_modules.core.locations import CONFIG, find_backbone_dir
 
 # Image augmentation (datamodule.augment.* for labeled batches, objective.augment.* for SimCLR's views).
 # Images are normalised to mean 0, std 1: brightness and noise are in standard deviations.
@@ -44,6 +47,33 @@ def _check_data_path(key: str, value):
     if value is None or isinstance(value, str) and re.match(r"[a-z][a-z0-9+]*://", value):
         return value
     return ExistingPath("any").check(key, value)
+
+
+def longer_than_positions(max_length: int, positions: int, whose: str = "the backbone's") -> str:
+    """The line for ``datamodule.max_length`` beyond a text backbone's position embeddings: said by the config
+    check from ``model.max_positions``, and by the datamodule from the built backbone (an ``hf:`` model's)."""
+    return (
+        f"datamodule.max_length={max_length} is longer than {whose} {positions} positions; allowed is at most"
+        f" {positions}"
+    )
+
+
+def _sizes_apply(init, tower: str | None = None) -> bool:
+    """Whether a text model config's sizes (``model.max_positions``) are the backbone's, as ``model.init`` says:
+    from scratch, or a pretune ``backbone/`` (whose sizes must be the config's); not for ``hf:`` (the Hugging Face
+    config's), a ``backbone/`` pre-trained from one (its architecture travels with it: ``name: hf``, a ``tower``'s
+    within a dual encoder's), nor what is known only once fetched (a W&B artifact): the run checks those."""
+    init = str(init)
+    if init == "none":
+        return True
+    if init.startswith(("hf:", "wandb:", "file:")) or init == "timm":
+        return False
+    try:
+        saved = yaml.safe_load((find_backbone_dir(init) / CONFIG).read_text())
+    except Exception:  # not there, not readable: model.init's own rule says so
+        return False
+    saved = (saved.get(tower) if tower else saved) if isinstance(saved, dict) else None
+    return isinstance(saved, dict) and saved.get("name") != "hf"
 
 
 def split_fractions(prefix: str = "datamodule.") -> Together:
@@ -111,6 +141,19 @@ RULES: dict[str, object] = {
 
 TOGETHER = [
     split_fractions(),
+    # a text model's position embeddings bound the tokens per example: said before the data is read and tokenised
+    Together(
+        ("datamodule.max_length", "model.max_positions", "model.init"),
+        lambda length, positions, init: length <= positions or not _sizes_apply(init),
+        lambda length, positions, _init: longer_than_positions(length, positions),
+    ),
+    Together(
+        ("datamodule.max_length", "model.text.max_positions", "model.text.init", "model.init"),
+        lambda length, positions, tower_init, init: (
+            length <= positions or not (_sizes_apply(tower_init) and _sizes_apply(init, "text"))
+        ),
+        lambda length, positions, *_: longer_than_positions(length, positions, "the text tower's"),
+    ),
     Together(
         ("datamodule._target_", "datamodule.path"),
         lambda target, path: (
