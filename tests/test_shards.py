@@ -110,7 +110,7 @@ def _rank_items(rank: int, world: int, port: int, path: str, out: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     flat = {"scale": [1.0, 1.0], "ratio": [1.0, 1.0], "flip": False}
-    dm = ShardsDataModule(path=path, image_size=16, batch_size=4, num_workers=0, transforms=flat)
+    dm = ShardsDataModule(path=path, image_size=16, batch_size=4, num_workers=0, augment=flat)
     dm.setup()
     torch.save(torch.cat([b["image"] for b in dm.train_dataloader()]), f"{out}/{rank}.pt")
     dm.teardown("fit")

@@ -154,7 +154,7 @@ def test_every_image_mode_decodes_to_the_configured_channels(tmp_path):
         assert all(x.shape[1] == channels for x in images) and seen + 4 * len(images) > 20
         in_memory = stream(tmp_path, channels=channels, loading="memory", val_fraction=0.1, test_fraction=0.1)
         assert in_memory.splits["train"]["image"].shape[1] == channels
-    from datamodules.sources.folders import decode
+    from datamodules.transforms.decode import decode
 
     assert decode(odd / "sixteen_bit.png", 1).getpixel((0, 0)) == round(40000 * 255 / 65535)
 

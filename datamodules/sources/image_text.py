@@ -37,6 +37,7 @@ from datamodules.sources.digits import DigitsDataModule
 from datamodules.sources.text_corpus import read_text
 from datamodules.spec import ImageTextSpec
 from datamodules.transforms.augment import BatchAugment
+from datamodules.transforms.recipe import resolve
 from datamodules.transforms.text import tokenize
 from lightning_modules.config.rules import check
 from lightning_modules.core.errors import ConfigError
@@ -140,12 +141,19 @@ class ImageTextDataModule(PretuneDataModule):
                     ) from err
             if not self.templates:
                 raise ConfigError("datamodule.captions=[] is invalid: allowed is a list of caption templates")
-        self.augment = BatchAugment(**(augment or {}))
+        self.augment_config = augment
+        self.augment = self.batch_augment()
         self.tokenizer = None
         self._raw: dict[str, tuple[list, list[list[str]], list]] | None = None
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
         self.truncated = 0
         self.spec: ImageTextSpec | None = None
+
+    def batch_augment(self) -> BatchAugment:
+        """The image sources' recipe (``transforms/recipe.py``); the images are held in memory: every op is a
+        whole-batch tensor op."""
+        recipe = resolve("datamodule.augment", self.augment_config, self.image_size)
+        return BatchAugment.from_recipe(recipe, "datamodule.augment", "is applied per image by streaming workers")
 
     # --- reading -------------------------------------------------------------------------------------------
     def raw(self) -> dict[str, tuple[list, list[list[str]], list]]:

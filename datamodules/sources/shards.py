@@ -29,15 +29,16 @@ from datamodules.loading.decision import Loading, default_workers
 from datamodules.loading.prepare import FORMAT, META, VERSION
 from datamodules.loading.streaming import BadSamples, IndexedLoader, ItemsDataset, OpenLoaders, stop_workers
 from datamodules.spec import ImageSpec
+from datamodules.transforms.augment import device_part
 from datamodules.transforms.images import (
     Normalize,
-    check_transforms,
     eval_transform,
     fit_channels,
     load_sample,
     sample_key,
     train_transform,
 )
+from datamodules.transforms.recipe import WORKER_OPS, eval_crop, resolve
 from lightning_modules.config.rules import check
 from lightning_modules.core.errors import ConfigError
 
@@ -187,7 +188,8 @@ class ShardsDataModule(PretuneDataModule):
         labeled: bool = True,
         num_workers: int | None = None,
         on_bad_sample: str = "error",
-        transforms: dict | None = None,
+        augment: dict | None = None,
+        eval_crop_pct: float | None = None,
         cache_dir: str | None = None,
     ):
         super().__init__()
@@ -200,12 +202,23 @@ class ShardsDataModule(PretuneDataModule):
         self.seed, self.labeled = seed, labeled
         self.num_workers = check("datamodule.num_workers", num_workers)
         self.bad = BadSamples(check("datamodule.on_bad_sample", on_bad_sample), f"datamodule.path={path}")
-        self.transforms = check_transforms(transforms)
+        self.augment_config, self.eval_crop_config = augment, eval_crop_pct
+        self.resolve_recipe()  # its values checked now; resolved again in setup, at the final image size
         self.loading: Loading | None = None
         self.meta: dict | None = None
         self.norm_mean: list[float] | None = None  # the backbone's weights' statistics (use_backbone), if any
         self.norm_std: list[float] | None = None
         self.open_loaders = OpenLoaders()
+
+    def resolve_recipe(self) -> None:
+        """The training recipe and evaluation crop (``transforms/recipe.py``), as the image folder's: the workers
+        take the crop, the flip and the policy per image, the device the rest per batch."""
+        self.recipe = resolve("datamodule.augment", self.augment_config, self.image_size)
+        self.eval_crop = eval_crop(self.eval_crop_config, self.augment_config, self.image_size)
+        self.augment = device_part(self.recipe)
+
+    def describe(self) -> dict:
+        return {"loading": "stream", "augment": self.recipe.record(), "eval_crop_pct": self.eval_crop}
 
     def use_backbone(self, backbone) -> None:
         """As the in-memory datamodules: weights trained elsewhere bring the input size and the mean/std they
@@ -218,6 +231,7 @@ class ShardsDataModule(PretuneDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.spec is not None:
             return
+        self.resolve_recipe()
         meta = read_meta(self.path, self.cache_dir)
         if meta["kind"] != "image_folder":
             raise ConfigError(
@@ -254,8 +268,7 @@ class ShardsDataModule(PretuneDataModule):
     def train_dataloader(self):
         # Built here, not in setup: litdata reads the process group (rank, world size) when the dataset is
         # made, and the trainer has started it by now.
-        t = self.transforms
-        transform = train_transform(self.image_size, t["scale"], t["ratio"], t["flip"], t["auto_augment"])
+        transform = train_transform(self.image_size, self.recipe.only(WORKER_OPS))
         dataset = TrainShards(
             f"{self.path}/train", self.cache_dir, self.seed, self.channels, self.image_size, transform, self.labeled
         )
@@ -265,7 +278,7 @@ class ShardsDataModule(PretuneDataModule):
 
     def eval_loader(self, split: str, batch_size: int | None = None, sharded: bool = True):
         raw = _ShardItems(f"{self.path}/{split}", self.cache_dir, labeled=True)
-        transform = eval_transform(self.image_size, self.transforms["eval_crop_pct"])
+        transform = eval_transform(self.image_size, self.eval_crop)
         items = ItemsDataset(raw, self.meta["splits"][split], self.channels, self.image_size, transform)
         shard = self.shard() if sharded else {}
         batch_size = batch_size or self.eval_batch_size
@@ -282,7 +295,11 @@ class ShardsDataModule(PretuneDataModule):
         return self.eval_loader("test")
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        return dict(batch, image=self.normalize(batch["image"]))
+        batch = dict(batch, image=self.normalize(batch["image"]))  # uint8 -> normalised float, on the device
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training and not self.augment.is_identity:  # the device's part of the recipe
+            batch = dict(batch, image=self.augment(batch["image"]))
+        return batch
 
     def run_metrics(self) -> dict:
         return {"data/skipped_samples": self.bad.total()} if self.bad.policy == "skip" else {}

@@ -169,11 +169,11 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     datamodule.use_backbone(backbone)
     datamodule.setup("fit")
     check_fits(backbone, datamodule)
+    if datamodule.describe():  # the loading path, the augmentation as resolved (transforms/recipe.py)
+        record["data"] = datamodule.describe()
     loading = getattr(datamodule, "loading", None)  # which path the data took (datamodules/loading/decision.py)
-    if loading is not None:
-        record["data"] = {"loading": loading.path}
-        if is_rank_zero():
-            print(f"data: {loading.reason}", flush=True)
+    if loading is not None and is_rank_zero():
+        print(f"data: {loading.reason}", flush=True)
     if is_rank_zero():
         write_run_record(out_dir, record)
     objective = build_objective(cfg.objective, backbone, datamodule.spec)

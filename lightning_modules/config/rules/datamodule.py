@@ -11,7 +11,6 @@ from lightning_modules.config.kinds import (
     FRACTION,
     OPEN_FRACTION,
     POSITIVE,
-    PROBABILITY,
     SEED,
     TARGET,
     Choice,
@@ -25,17 +24,21 @@ from lightning_modules.config.kinds import (
     Together,
 )
 
-# Image augmentation (datamodule.augment.* for labeled batches, objective.augment.* for SimCLR's views).
-# Images are normalised to mean 0, std 1: brightness and noise are in standard deviations.
+# Image augmentation, one recipe for every loading path (datamodules/transforms/recipe.py): datamodule.augment.* for
+# training batches, objective.augment.* for SimCLR's views. null: the preset's value. Images are normalised to
+# mean 0, std 1: brightness and noise are in standard deviations.
 AUGMENT = {
-    "scale": ListOf(Rule(float, low=0, high=1, low_open=True), 2, 2, ascending=True),  # crop area fraction
-    "rotate": Rule(float, low=0, high=180),  # degrees, either way
-    "translate": Rule(float, low=0, high=1),  # fraction of the image
-    "flip": Flag(),
-    "brightness": Rule(float, low=0, high=5),
-    "contrast": Rule(float, low=0, high=1),  # 1 + U(-c, c): above 1 it would invert images
-    "noise": Rule(float, low=0, high=5),
-    "erase": PROBABILITY,
+    "preset": Choice("auto", "photo", "small", "none", nullable=True),  # what a key left null takes
+    "scale": ListOf(Rule(float, low=0, high=1, low_open=True), 2, 2, ascending=True, nullable=True),  # crop area
+    "ratio": ListOf(POSITIVE, 2, 2, ascending=True, nullable=True),  # crop aspect ratio (width / height)
+    "flip": Flag(nullable=True),
+    "rotate": Rule(float, low=0, high=180, nullable=True),  # degrees, either way
+    "translate": Rule(float, low=0, high=1, nullable=True),  # fraction of the image
+    "brightness": Rule(float, low=0, high=5, nullable=True),
+    "contrast": Rule(float, low=0, high=1, nullable=True),  # 1 + U(-c, c): above 1 it would invert images
+    "auto_augment": Choice("randaugment", "trivialaugment", "autoaugment", "none", nullable=True),
+    "noise": Rule(float, low=0, high=5, nullable=True),
+    "erase": Rule(float, low=0, high=1, nullable=True),
 }
 
 
@@ -79,6 +82,7 @@ RULES: dict[str, object] = {
     "datamodule.device_budget": Rule(float, low=0, high=1),  # fraction of the GPU's memory for the splits
     "datamodule.augment": Section(),
     **{f"datamodule.augment.{k}": rule for k, rule in AUGMENT.items()},
+    "datamodule.eval_crop_pct": Rule(float, low=0, high=1, low_open=True, nullable=True),  # null: by image size
     # text data (datamodule=text_corpus, text_classification)
     "datamodule.max_length": Rule(int, low=4),  # tokens per example: [CLS] + text + [SEP] needs room
     "datamodule.document": Choice("file", "line"),
@@ -101,12 +105,6 @@ RULES: dict[str, object] = {
     "datamodule.num_workers": Rule(int, low=0, nullable=True),  # null: this node's cores / its processes
     "datamodule.on_bad_sample": Choice("error", "skip"),
     "datamodule.seed": SEED,  # shards: litdata's shuffle and every image's transform
-    "datamodule.transforms": Section(),
-    "datamodule.transforms.scale": ListOf(Rule(float, low=0, high=1, low_open=True), 2, 2, ascending=True),
-    "datamodule.transforms.ratio": ListOf(POSITIVE, 2, 2, ascending=True),
-    "datamodule.transforms.flip": Flag(),
-    "datamodule.transforms.auto_augment": Choice("randaugment", "trivialaugment", "autoaugment", nullable=True),
-    "datamodule.transforms.eval_crop_pct": FRACTION,
 }
 
 TOGETHER = [
