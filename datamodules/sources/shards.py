@@ -1,11 +1,17 @@
 """Image shards prepared by ``scripts/prepare_data.py``, streamed with litdata from a local directory or an
 object-store URL (``s3://``, ``gs://``, ``azure://``, ``hf://``; chunks are cached under ``cache_dir``).
 
-- **Training** is litdata's ``StreamingDataset``/``StreamingDataLoader``: chunks shuffled, then items within
-  them, seeded by ``seed`` and the epoch, so every run with the same seed (and the same number of processes
-  and workers) reads the same batches. Under DDP and multi-node litdata gives each rank its own chunks of every
-  epoch (its own distributed logic, not pretune's global-batch slices: the global batches differ from one
-  process's, the data seen per epoch is the same). Each image's transform is seeded by (seed, epoch, index).
+- **Training** is litdata's ``StreamingDataset``/``StreamingDataLoader``: chunks shuffled and dealt to the
+  workers, then items within each chunk, seeded by ``seed`` and the epoch, so every run with the same seed (and the
+  same number of processes and workers) reads the same batches. Under DDP and multi-node litdata gives each rank
+  its own chunks of every epoch (its own distributed logic, not pretune's global-batch slices: the global batches
+  differ from one process's, the data seen per epoch is the same). Each image's transform is seeded by (seed,
+  epoch, index).
+- **Every batch a fair sample.** A worker reads its own chunks, and a batch is one worker's: preparation writes the
+  training items in a random order (``prepare.py``), so every chunk, and every run of items in one, is a random
+  sample of the split, whatever the folder's order; the reader permutes each chunk's items wholly every epoch
+  (not in litdata's blocks of 256), and deals the items of each round of the workers' batches (one batch per
+  worker, from as many chunks) anew among those batches (``ShardLoader``), so items of different chunks meet.
 - **Mid-epoch resume**: a resumed epoch starts litdata where the uninterrupted run's loader stood after the
   batches already trained (the datamodule's ``batches_trained()``, Lightning's restored progress), so it reads
   exactly the batches the uninterrupted run reads; the epoch follows the trainer's, not litdata's counter.
@@ -16,9 +22,11 @@ object-store URL (``s3://``, ``gs://``, ``azure://``, ``hf://``; chunks are cach
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import warnings
+from inspect import signature
 from pathlib import Path
 
 import torch
@@ -85,11 +93,16 @@ def read_meta(path: str, cache_dir: str | None = None) -> dict:
     return meta
 
 
+# A whole permutation of each chunk's items every epoch (litdata >= 0.2.7x permutes blocks of 256 by default, which
+# keeps the same items together epoch after epoch; earlier versions permute wholly and have no such argument).
+WHOLE_CHUNK = {"item_shuffle_window": 0} if "item_shuffle_window" in signature(StreamingDataset).parameters else {}
+
+
 class TrainShards(StreamingDataset):
     """litdata's dataset, decoding and transforming each item as it is read (in the loader's workers)."""
 
     def __init__(self, path, cache_dir, seed, channels, size, transform, labeled):
-        super().__init__(path, cache_dir=cache_dir, shuffle=True, seed=seed, drop_last=True)
+        super().__init__(path, cache_dir=cache_dir, shuffle=True, seed=seed, drop_last=True, **WHOLE_CHUNK)
         # Not ``self.transform``: litdata applies an attribute of that name to the raw item itself.
         self.channels, self.size, self.image_transform, self.labeled = channels, size, transform, labeled
 
@@ -103,8 +116,9 @@ class TrainShards(StreamingDataset):
 
 
 class ShardLoader(StreamingDataLoader):
-    """litdata's loader with the epoch the trainer's, and a resumed epoch started where the uninterrupted run's
-    loader stood after the batches already trained (``skip_fn``), as the in-memory loader does."""
+    """litdata's loader with the epoch the trainer's, the items of each round of the workers' batches dealt anew
+    among them (``_redealt``), and a resumed epoch started where the uninterrupted run's loader stood after the
+    batches already trained (``skip_fn``), as the in-memory loader does."""
 
     def __init__(self, dataset, batch_size, num_workers, pin_memory, bad, epoch_fn, skip_fn):
         super().__init__(
@@ -118,28 +132,53 @@ class ShardLoader(StreamingDataLoader):
             generator=torch.Generator().manual_seed(0),
         )
         self.bad, self.epoch_fn, self.skip_fn = bad, epoch_fn, skip_fn
+        self.round = max(1, num_workers)  # the workers take turns, a batch each: a round is a batch of each
 
     def __iter__(self):
         skip, epoch = self.skip_fn(), self.epoch_fn()
-        if 0 < skip < len(self):
-            # litdata's position after ``skip`` batches of this epoch, exactly what its own state said then (its
+        skip = skip if 0 < skip < len(self) else 0
+        start = skip - skip % self.round  # where the round of the first batch to train begins
+        if start:
+            # litdata's position after ``start`` batches of this epoch, exactly what its own state said then (its
             # workers take turns, a batch each): litdata resumes from it, skipping the items in its workers.
             self.current_epoch = self.dataset.current_epoch = epoch + 1
-            self._num_samples_yielded_streaming = skip * self.batch_size
-            self._latest_worker_idx = (skip - 1) % max(1, self.num_workers)
+            self._num_samples_yielded_streaming = start * self.batch_size
+            self._latest_worker_idx = (start - 1) % self.round
             super().load_state_dict(super().state_dict())
         else:  # a new epoch (litdata counts from 1, adding one as it starts); nothing half-done carries over
             self.restore, self.current_epoch = False, epoch
         try:
-            for batch in super().__iter__():
-                batch = self.bad.screen(batch)
-                if batch is not None:
+            for i, batch in enumerate(self._redealt(super().__iter__(), epoch, start // self.round), start):
+                if i >= skip:  # the batches of the round that a resumed run had trained are read again, not yielded
                     yield batch
         except GeneratorExit:
             raise
         except BaseException:
             stop_workers(self._iterator, self)
             raise
+
+    def _redealt(self, batches, epoch: int, first_round: int):
+        """Rounds of ``self.round`` batches (one per worker, from different chunks), their items dealt anew among
+        them by a permutation seeded by (seed, epoch, round): each batch holds items of every chunk being read."""
+        pending, number = [], first_round
+        for batch in batches:
+            batch = self.bad.screen(batch)
+            if batch is not None:
+                pending.append(batch)
+            if len(pending) == self.round:
+                yield from self._deal(pending, epoch, number)
+                pending, number = [], number + 1
+        yield from self._deal(pending, epoch, number)
+
+    def _deal(self, batches: list[dict], epoch: int, number: int) -> list[dict]:
+        if len(batches) < 2:
+            return batches
+        sizes = [len(b["image"]) for b in batches]
+        key = hashlib.blake2b(f"{self.dataset.seed}:{epoch}:{number}".encode(), digest_size=8).digest()
+        order = torch.randperm(sum(sizes), generator=torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1))
+        parts = {k: torch.cat([b[k] for b in batches])[order].split(sizes) for k in batches[0]}
+        dealt = [{k: parts[k][i] for k in parts} for i in range(len(sizes))]
+        return [{k: v.pin_memory() for k, v in b.items()} for b in dealt] if self.pin_memory else dealt
 
     def close(self) -> None:
         if self._iterator is not None:
