@@ -7,7 +7,8 @@
 
 Options (key=value): out (required; must not exist, or overwrite=true), val_fraction=0.15, test_fraction=0.15,
 split_seed=0 (splits not given by val/ test/ folders or a ``split`` column), shuffle_seed=0 (the training items'
-order: written shuffled, so that every chunk mixes the classes), chunk_mb=64, workers=<cores>, on_bad_sample=error|skip. A mistake is one line on stderr and exit status 2.
+order: written shuffled, so that every chunk mixes the classes), chunk_mb=64, workers=<cores>,
+on_bad_sample=error|skip. A mistake is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
