@@ -446,9 +446,42 @@ def test_evaluate_zero_shot_and_retrieval_through_the_script(pretrained, tmp_pat
     zero_shot = evaluate("zero_shot", "datamodule=digits", f"hydra.run.dir={tmp_path / 'zs'}")
     assert zero_shot["status"] == "ok" and zero_shot["zero_shot/images"] == 270 and zero_shot["zero_shot/classes"] == 10
     assert 0 <= zero_shot["zero_shot/acc"] <= 1 and 0 <= zero_shot["zero_shot/f1"] <= 1
+    # The digits' own prompts, and the pre-training's 60 distinct captions kept for runs on other data.
+    assert zero_shot["zero_shot/templates_from"] == "datamodule=digits"
+    assert zero_shot["zero_shot/templates"][:2] == ["a handwritten {}", "the digit {}"]
+    assert json.loads((pretrained / "backbone" / "captions.json").read_text())["distinct"] == 60
     assert (tmp_path / "zs" / "csv" / "metrics.csv").is_file()  # and to the logger
     retrieval = evaluate("task=retrieval", "datamodule=image_text", f"hydra.run.dir={tmp_path / 'rt'}")
     assert retrieval["retrieval/pairs"] == 1620 and 0 <= retrieval["retrieval/t2i_recall@5"] <= 1
+
+
+def test_zero_shot_prompts_are_the_datas_own_else_the_pretraining_captions_else_generic(tmp_path):
+    from types import SimpleNamespace
+
+    from datamodules.sources.digits import DigitsDataModule
+    from datamodules.sources.image_folder import ImageFolderDataModule
+    from lightning_modules.objectives.clip import GENERIC_PROMPTS, templates_from_captions
+    from lightning_modules.runtime.evaluate import prompt_templates
+
+    names = ["cat", "dog", "golden_retriever"]
+    captions = ["a photo of a cat", "a photo of a Dog", "a photo of a golden retriever", "a {cat} drawn", "dog"]
+    captions += ["a cat asleep", "a dog asleep", "a dog asleep", "my neighbour's dog"]
+    # Seen with 2 classes or more, most classes first; the rest (one class only) are descriptions, not templates.
+    assert templates_from_captions(captions, names) == ["a photo of a {}", "a {} asleep"]
+    (tmp_path / "captions.json").write_text(json.dumps({"captions": captions, "distinct": len(captions)}))
+    unset, folder = SimpleNamespace(templates=None), ImageFolderDataModule(root=str(tmp_path))
+    pairs_run, other = {"path": str(tmp_path)}, {"path": str(tmp_path / "elsewhere")}
+    assert prompt_templates(unset, folder, pairs_run, names) == (
+        ["a photo of a {}", "a {} asleep"],
+        "the pre-training captions",
+    )
+    assert prompt_templates(unset, folder, other, names) == (list(GENERIC_PROMPTS), "CLIP's generic photo prompts")
+    assert prompt_templates(unset, DigitsDataModule(), pairs_run, names)[1] == "datamodule=digits"
+    given = SimpleNamespace(templates=["a sketch of a {}"])
+    assert prompt_templates(given, DigitsDataModule(), pairs_run, names) == (
+        ["a sketch of a {}"],
+        "zero_shot.templates",
+    )
 
 
 # --- DDP -------------------------------------------------------------------------------------------------

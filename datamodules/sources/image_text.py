@@ -43,6 +43,7 @@ from lightning_modules.config.rules import check
 from lightning_modules.core.errors import ConfigError
 
 FORMATS = (".csv", ".jsonl")
+CAPTIONS_FILE, CAPTION_SAMPLE = "captions.json", 1000  # kept next to a pre-trained backbone, for zero-shot prompts
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTIONS = (
     "a handwritten {word}",
@@ -256,6 +257,13 @@ class ImageTextDataModule(PretuneDataModule):
                 raise ConfigError(f"{named}: cannot read the image ({err})") from err
         x = torch.from_numpy(np.stack(arrays) / 255.0).float()
         return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
+
+    def export_files(self) -> dict:
+        """Next to the pre-trained backbone: a seeded sample of the distinct training captions, from which a zero-shot
+        evaluation reads the templates they were written with (``objectives/clip.py: templates_from_captions``)."""
+        captions = sorted({c for per_image in self.raw()["train"][1] for c in per_image})
+        keep = np.sort(np.random.default_rng(0).permutation(len(captions))[:CAPTION_SAMPLE])
+        return {CAPTIONS_FILE: {"captions": [captions[i] for i in keep], "distinct": len(captions)}}
 
     def texts(self) -> list[str]:
         """Every training caption: what a text tower built from scratch trains its tokenizer on."""
