@@ -139,7 +139,8 @@ class _OrderedBatches:
 
 class IndexedLoader:
     """Batches of ``dataset`` decoded by ``num_workers`` worker processes, in BatchLoader's order; a training
-    loader skips the batches a resumed epoch had trained (``skip_fn``)."""
+    loader skips the batches a resumed epoch had trained (``skip_fn``). ``dataset[(index, key)]`` is one sample
+    (``key``: the seed of its random transform); ``collate_fn`` makes a batch of them (text: cut to its longest)."""
 
     def __init__(
         self,
@@ -157,6 +158,7 @@ class IndexedLoader:
         pin_memory: bool = False,
         persistent: bool = True,
         skip_fn: Callable[[], int] | None = None,
+        collate_fn: Callable | None = None,
     ):
         self.epoch_fn = epoch_fn or (lambda: 0)
         index = {"index": torch.arange(len(dataset))}
@@ -171,6 +173,7 @@ class IndexedLoader:
             pin_memory=pin_memory,
             prefetch_factor=2 if num_workers > 0 else None,
             generator=torch.Generator().manual_seed(seed),  # not the global stream: the loader leaves it alone
+            collate_fn=collate_fn,  # None: torch's (stacks each entry)
         )
 
     def __len__(self) -> int:

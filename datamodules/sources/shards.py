@@ -23,18 +23,15 @@ object-store URL (``s3://``, ``gs://``, ``azure://``, ``hf://``; chunks are cach
 from __future__ import annotations
 
 import hashlib
-import json
-import tempfile
 import warnings
 from inspect import signature
-from pathlib import Path
 
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
 
 from datamodules.base import PretuneDataModule
 from datamodules.loading.decision import Loading, default_workers
-from datamodules.loading.prepare import FORMAT, META, VERSION
+from datamodules.loading.shard_reading import ShardItems, read_meta
 from datamodules.loading.streaming import BadSamples, IndexedLoader, ItemsDataset, OpenLoaders, stop_workers
 from datamodules.spec import ImageSpec
 from datamodules.transforms.augment import device_part
@@ -52,45 +49,6 @@ from lightning_modules.core.errors import ConfigError
 
 # litdata splits the items among workers itself, so Lightning's guess that __len__ may be off does not apply.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
-
-
-def is_url(path: str) -> bool:
-    return "://" in path or path.startswith("local:")
-
-
-def read_meta(path: str, cache_dir: str | None = None) -> dict:
-    """``pretune.json`` of a prepared directory (downloaded first from a URL), checked: a directory that was
-    not prepared (or whose preparation was cut short), or was prepared in another format version, is refused
-    with one line."""
-    where = f"datamodule.path={path}"
-    how = "prepare it with: python scripts/prepare_data.py image_folder root=<images> out=<dir>"
-    if is_url(path):
-        from litdata.streaming.downloader import get_downloader
-
-        if cache_dir:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        local = Path(tempfile.mkdtemp(prefix="pretune-meta-", dir=cache_dir)) / META
-        try:
-            get_downloader(path, str(local.parent), []).download_file(f"{path.rstrip('/')}/{META}", str(local))
-            text = local.read_text()
-        except Exception as err:
-            raise ConfigError(f"{where}: no {META} could be read there ({type(err).__name__}); {how}") from err
-    else:
-        folder = Path(path).expanduser()
-        if not folder.is_dir():
-            raise ConfigError(f"{where}: no such directory; {how}")
-        if not (folder / META).is_file():
-            partial = sorted(p.name for p in folder.parent.glob(f".{folder.name}.partial-*"))
-            cut = f" (an interrupted preparation left {partial[0]}: run it again)" if partial else ""
-            raise ConfigError(f"{where}: not a prepared shard directory, it has no {META}{cut}; {how}")
-        text = (folder / META).read_text()
-    meta = json.loads(text)
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ConfigError(
-            f"{where}: prepared as {meta.get('format')} version {meta.get('version')}, this pretune reads"
-            f" {FORMAT} version {VERSION}; prepare it again with scripts/prepare_data.py"
-        )
-    return meta
 
 
 # A whole permutation of each chunk's items every epoch (litdata >= 0.2.7x permutes blocks of 256 by default, which
@@ -193,19 +151,14 @@ class ShardLoader(StreamingDataLoader):
         pass
 
 
-class _ShardItems:
-    """``raw(index)`` for prepared shards read by index; the litdata dataset opens lazily in each worker."""
+class _ImageItems:
+    """``raw(index)`` for image shards read by index (evaluation): the file's bytes, its label, its name."""
 
-    def __init__(self, path: str, cache_dir: str | None, labeled: bool):
-        self.path, self.cache_dir, self.labeled, self._dataset = path, cache_dir, labeled, None
-
-    def __getstate__(self):
-        return dict(self.__dict__, _dataset=None)
+    def __init__(self, items: ShardItems, labeled: bool):
+        self.items, self.labeled = items, labeled
 
     def __call__(self, index: int):
-        if self._dataset is None:
-            self._dataset = StreamingDataset(self.path, cache_dir=self.cache_dir)
-        item = self._dataset[index]
+        item = self.items[index]
         return bytes(item["image"]), item.get("label") if self.labeled else None, item["name"]
 
 
@@ -272,11 +225,6 @@ class ShardsDataModule(PretuneDataModule):
             return
         self.resolve_recipe()
         meta = read_meta(self.path, self.cache_dir)
-        if meta["kind"] != "image_folder":
-            raise ConfigError(
-                f"datamodule.path={self.path} holds {meta['kind']} shards; datamodule=shards streams images"
-                " prepared from an image folder"
-            )
         self.meta = meta
         n_train = meta["splits"]["train"]
         if self.batch_size > n_train:
@@ -316,7 +264,7 @@ class ShardsDataModule(PretuneDataModule):
         return self.open_loaders.add(loader)
 
     def eval_loader(self, split: str, batch_size: int | None = None, sharded: bool = True):
-        raw = _ShardItems(f"{self.path}/{split}", self.cache_dir, labeled=True)
+        raw = _ImageItems(ShardItems(f"{self.path}/{split}", self.cache_dir), labeled=True)
         transform = eval_transform(self.image_size, self.eval_crop)
         items = ItemsDataset(raw, self.meta["splits"][split], self.channels, self.image_size, transform)
         shard = self.shard() if sharded else {}

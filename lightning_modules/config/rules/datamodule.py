@@ -87,7 +87,8 @@ RULES: dict[str, object] = {
     "datamodule.max_length": Rule(int, low=4),  # tokens per example: [CLS] + text + [SEP] needs room
     "datamodule.document": Choice("file", "line"),
     "datamodule.paths": ListOf(Text(r"\s*\S.*", "a .txt file or a glob"), min_len=1, nullable=True),
-    "datamodule.path": Custom(_check_data_path, "null, an existing file or directory, or a URL"),  # null: embedded
+    # a file (text, pairs), prepared shards (a directory or URL), or null: the embedded data
+    "datamodule.path": Custom(_check_data_path, "null, an existing file or directory, or a URL"),
     "datamodule.val_path": ExistingPath("file", nullable=True),
     "datamodule.test_path": ExistingPath("file", nullable=True),
     "datamodule.text_column": Text(),
@@ -112,8 +113,8 @@ TOGETHER = [
     Together(
         ("datamodule._target_", "datamodule.path"),
         lambda target, path: (
-            path is None or "://" in path or Path(path).is_dir() == target.endswith(".ShardsDataModule")
+            path is None or "://" in path or Path(path).is_dir() or not target.endswith(".ShardsDataModule")
         ),
-        "prepared shards (datamodule=shards) are a directory or URL; the other datamodules read a file",
+        "datamodule=shards reads prepared shards: a directory or URL (scripts/prepare_data.py image_folder)",
     ),
 ]
