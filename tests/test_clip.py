@@ -305,6 +305,54 @@ def test_jsonl_takes_a_list_of_captions(tmp_path):
     assert dm.splits["train"]["count"].eq(2).all()
 
 
+def test_image_text_shards_stream_the_pairs_with_the_image_sources_preprocessing(tmp_path):
+    from datamodules.loading.prepare import prepare
+    from datamodules.transforms.decode import decode
+    from datamodules.transforms.images import eval_transform
+
+    rows = [(f"img/{i % 6}.png", f"a photo number {i}") for i in range(12)]  # 6 images, 2 captions each
+    pairs = str(_write_pairs(tmp_path, rows=rows))
+    shards = prepare("image_text", out=str(tmp_path / "shards"), file=pairs, text_column="caption", workers=1)
+    dm = _pairs_module(path=str(shards), channels=3, image_size=8, batch_size=2, num_workers=1)
+    assert dm.describe() == {"loading": "stream"} and dm.spec.image_size == 8
+    train_pairs = json.loads((shards / "pretune.json").read_text())["splits"]["train"]
+    batches = list(dm.train_dataloader())
+    assert len(batches) == train_pairs // 2 and batches[0]["image"].dtype == torch.uint8
+    assert [b["input_ids"].tolist() for b in batches] == [b["input_ids"].tolist() for b in dm.train_dataloader()]
+    dm.batches_trained = lambda: 1  # a resumed epoch skips what was trained
+    assert [b["input_ids"].tolist() for b in dm.train_dataloader()] == [b["input_ids"].tolist() for b in batches[1:]]
+    from litdata import StreamingDataset
+
+    val = StreamingDataset(str(shards / "val"))
+    (batch,) = list(dm.eval_loader("val", batch_size=64))
+    for i in range(len(val)):  # each pair's image read as every image source reads a file; its ids
+        expected = eval_transform(8, 1.0)(decode(tmp_path / val[i]["name"], 3))
+        assert torch.equal(batch["image"][i], expected)
+    names = [val[i]["name"] for i in range(len(val))]
+    assert batch["image_id"].tolist() == [list(dict.fromkeys(names)).index(n) for n in names]
+    assert dm.on_after_batch_transfer(batch, 0)["image"].dtype == torch.float32  # normalised on the device
+    assert set(dm.export_files()["captions.json"]["captions"]) == {x for x in dm.texts()}
+
+
+def test_clip_pre_trains_on_image_text_shards(tmp_path):
+    from datamodules.loading.prepare import prepare
+
+    rows = [(f"img/{i % 6}.png", f"photo {i % 6} seen {i // 6}") for i in range(60)]
+    pairs = str(_write_pairs(tmp_path, rows=rows))
+    shards = prepare("image_text", out=str(tmp_path / "shards"), file=pairs, text_column="caption", workers=1)
+    options = [
+        f"datamodule.path={shards}",
+        "datamodule.channels=3",
+        "datamodule.batch_size=8",
+        "datamodule.num_workers=1",
+    ]
+    metrics = _pretrain(tmp_path / "run", *options)
+    assert metrics["status"] == "ok" and 0 <= metrics["val/i2t_recall@1"] <= 1
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["data"] == {"loading": "stream"}
+    kept = json.loads((tmp_path / "run" / "backbone" / "captions.json").read_text())["captions"]
+    assert kept and all(c.startswith("photo ") for c in kept)
+
+
 # --- per-tower freezing and learning rates ---------------------------------------------------------------
 
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.loading.decision import default_workers
 from datamodules.loading.in_memory import BatchLoader
 from datamodules.transforms.images import load_sample, sample_key
 from lightning_modules.core.errors import ConfigError
@@ -74,6 +75,27 @@ class BadSamples:
                 count = count.cuda()
             dist.all_reduce(count)
         return int(count)
+
+
+def worker_options(datamodule, num_workers: int | None, sharded: bool = True) -> dict:
+    """What every streaming loader takes from its datamodule and trainer: ``num_workers`` worker processes (null:
+    this node's cores shared by its training processes), pinned memory for a CUDA device, this rank's place."""
+    trainer = getattr(datamodule, "trainer", None)
+    on_node = trainer.num_devices if trainer is not None else 1
+    workers = num_workers if num_workers is not None else default_workers(on_node)
+    cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
+    return {"num_workers": workers, "pin_memory": cuda, **(datamodule.shard() if sharded else {})}
+
+
+def training_options(datamodule, seed: int) -> dict:
+    """What a training ``IndexedLoader`` takes from its datamodule: the order's seed, the epoch, the epoch's length,
+    and the batches a resumed epoch had trained."""
+    return {
+        "seed": seed,
+        "epoch_fn": datamodule.epoch,
+        "num_batches": getattr(datamodule, "train_batches_per_epoch", None),
+        "skip_fn": datamodule.batches_trained,
+    }
 
 
 class OpenLoaders:

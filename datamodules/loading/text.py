@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from datamodules.base import PretuneDataModule
-from datamodules.loading.decision import Loading, default_workers
+from datamodules.loading.decision import Loading
 from datamodules.loading.in_memory import BatchLoader
 from datamodules.loading.shard_reading import ShardItems, is_url, read_meta
-from datamodules.loading.streaming import BadSamples, IndexedLoader, OpenLoaders
+from datamodules.loading.streaming import BadSamples, IndexedLoader, OpenLoaders, training_options, worker_options
 from datamodules.loading.text_shards import cut_to_longest
 from datamodules.spec import TextSpec
 from datamodules.transforms.text import tokenize
@@ -115,17 +115,8 @@ class TextDataModule(PretuneDataModule):
         return ShardItems(f"{self.shard_path}/{split}", self.cache_dir)
 
     def _shard_loader(self, split: str, batch_size: int, train: bool, sharded: bool = True) -> IndexedLoader:
-        trainer = getattr(self, "trainer", None)
-        on_node = trainer.num_devices if trainer is not None else 1
-        workers = self.num_workers if self.num_workers is not None else default_workers(on_node)
-        options = dict(num_workers=workers, collate_fn=cut_to_longest, **(self.shard() if sharded else {}))
-        if train:
-            options.update(
-                seed=self.shuffle_seed,
-                epoch_fn=self.epoch,
-                num_batches=self.train_batches_per_epoch,
-                skip_fn=self.batches_trained,
-            )
+        options = dict(worker_options(self, self.num_workers, sharded), collate_fn=cut_to_longest)
+        options.update(training_options(self, self.shuffle_seed) if train else {})
         bad = BadSamples("error", f"datamodule.path={self.shard_path}")  # texts always decode: nothing to screen
         return self.open_loaders.add(IndexedLoader(self.streamed[split], batch_size, train, train, bad, **options))
 

@@ -1,7 +1,7 @@
-"""Text from prepared shards (``scripts/prepare_data.py text``), streamed: the items of a split read by index in
-``BatchLoader``'s seeded order of global batches (``streaming.IndexedLoader``: each rank its slice, a resumed epoch
-skipping what was trained) and tokenized in DataLoader workers by the backbone's tokenizer, as the in-memory
-text sources tokenize their files (``transforms/text.py``, ``sources/text_corpus.py``).
+"""Text and image–text pairs from prepared shards (``scripts/prepare_data.py text|image_text``), streamed: the items of
+a split read by index in ``BatchLoader``'s seeded order of global batches (``streaming.IndexedLoader``: each rank
+its slice, a resumed epoch skipping what was trained) and tokenized in DataLoader workers by the backbone's
+tokenizer, as the in-memory text sources tokenize their files (``transforms/text.py``, ``sources/text_corpus.py``).
 
 - ``LabeledTexts`` (``text_classification``): an item's text, truncated at ``max_length`` tokens and padded to it,
   and its label; a batch is cut to its longest text (``cut_to_longest``).
@@ -9,6 +9,7 @@ text sources tokenize their files (``transforms/text.py``, ``sources/text_corpus
   blocks of ``max_length`` tokens; block ``b`` is read as the documents it spans. Which those are comes from the
   documents' token counts, counted once when the datamodule is set up (``token_counts``); a worker keeps the
   documents it tokenized last, so a block does not tokenize again the long document its neighbour just did.
+- ``PairItems`` (``image_text``): an item's image, decoded and transformed as a streamed image is, and its caption.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch.utils.data import default_collate
 
 from datamodules.loading.shard_reading import ShardItems
+from datamodules.transforms.images import load_sample
 
 TOKEN_KEYS = ("input_ids", "attention_mask")
 
@@ -109,3 +111,29 @@ class CorpusBlocks(torch.utils.data.Dataset):
             d += 1
         block = torch.tensor(ids[offset : offset + self.max_length], dtype=torch.long)
         return {"input_ids": block, "attention_mask": torch.ones_like(block)}
+
+
+class PairItems(torch.utils.data.Dataset):
+    """(index, key) -> one image–caption pair of an ``image_text`` shard split: the image decoded and transformed
+    (``transform``, seeded by ``key`` as a streamed image is: ``transforms/images.py``), uint8, with ``_error`` and
+    ``_name`` for the bad-sample policy; the caption tokenized and padded to ``max_length``; and, for evaluation,
+    ``image_id`` and ``caption_id`` (which image, which distinct caption: ``ids``, rows of the split)."""
+
+    def __init__(self, items: ShardItems, tokenizer, max_length: int, channels: int, size: int, transform, ids=None):
+        self.items, self.tokenizer, self.max_length = items, tokenizer, max_length
+        self.channels, self.size, self.transform, self.ids = channels, size, transform, ids
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, item) -> dict:
+        index, key = item
+        row = self.items[int(index)]
+        out = load_sample(bytes(row["image"]), None, row["name"], self.channels, self.size, self.transform, key)
+        enc = self.tokenizer(
+            row["text"], truncation=True, max_length=self.max_length, padding="max_length", return_tensors="pt"
+        )
+        out.update({k: enc[k][0].long() for k in TOKEN_KEYS})
+        if self.ids is not None:
+            out["image_id"], out["caption_id"] = int(self.ids[0][index]), int(self.ids[1][index])
+        return out

@@ -19,7 +19,14 @@ import torch
 
 from datamodules.loading.decision import Loading, choose, default_workers
 from datamodules.loading.in_memory import InMemoryImageDataModule
-from datamodules.loading.streaming import BadSamples, IndexedLoader, ItemsDataset, OpenLoaders
+from datamodules.loading.streaming import (
+    BadSamples,
+    IndexedLoader,
+    ItemsDataset,
+    OpenLoaders,
+    training_options,
+    worker_options,
+)
 from datamodules.sources.folders import folder_splits
 from datamodules.spec import ImageSpec
 from datamodules.transforms.augment import BatchAugment, device_part
@@ -192,36 +199,19 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         raw = _Files(paths, labels if keep_labels else None)
         return ItemsDataset(raw, len(paths), self.channels, self.image_size, transform)
 
-    def _loader_options(self) -> dict:
-        trainer = getattr(self, "trainer", None)
-        on_node = trainer.num_devices if trainer is not None else 1
-        workers = self.num_workers if self.num_workers is not None else default_workers(on_node)
-        cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        return {"num_workers": workers, "pin_memory": cuda, **self.shard()}
-
     def train_dataloader(self):
         if not self.streams:
             return super().train_dataloader()
+        items, options = self._items("train", train=True), worker_options(self, self.num_workers)
         loader = IndexedLoader(
-            self._items("train", train=True),
-            self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            bad=self.bad,
-            seed=self.label_seed,
-            epoch_fn=self.epoch,
-            num_batches=self.train_batches_per_epoch,
-            skip_fn=self.batches_trained,
-            **self._loader_options(),
+            items, self.batch_size, True, True, self.bad, **options, **training_options(self, self.label_seed)
         )
         return self.open_loaders.add(loader)
 
     def eval_loader(self, split: str, batch_size: int | None = None, sharded: bool = True):
         if not self.streams:
             return super().eval_loader(split, batch_size, sharded)
-        options = self._loader_options()
-        if not sharded:
-            options.update(rank=0, world=1)
+        options = worker_options(self, self.num_workers, sharded)
         items = self._items(split, train=False)
         loader = IndexedLoader(items, batch_size or self.eval_batch_size, False, False, self.bad, **options)
         return self.open_loaders.add(loader)

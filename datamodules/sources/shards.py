@@ -30,9 +30,16 @@ import torch
 from litdata import StreamingDataLoader, StreamingDataset
 
 from datamodules.base import PretuneDataModule
-from datamodules.loading.decision import Loading, default_workers
+from datamodules.loading.decision import Loading
 from datamodules.loading.shard_reading import ShardItems, read_meta
-from datamodules.loading.streaming import BadSamples, IndexedLoader, ItemsDataset, OpenLoaders, stop_workers
+from datamodules.loading.streaming import (
+    BadSamples,
+    IndexedLoader,
+    ItemsDataset,
+    OpenLoaders,
+    stop_workers,
+    worker_options,
+)
 from datamodules.spec import ImageSpec
 from datamodules.transforms.augment import device_part
 from datamodules.transforms.images import (
@@ -245,13 +252,6 @@ class ShardsDataModule(PretuneDataModule):
         classes = tuple(meta["classes"])
         self.spec = ImageSpec(self.channels, self.image_size, len(classes) if self.labeled else 0, classes)
 
-    def _options(self) -> dict:
-        trainer = getattr(self, "trainer", None)
-        on_node = trainer.num_devices if trainer is not None else 1
-        workers = self.num_workers if self.num_workers is not None else default_workers(on_node)
-        cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        return {"num_workers": workers, "pin_memory": cuda}
-
     def train_dataloader(self):
         # Built here, not in setup: litdata reads the process group (rank, world size) when the dataset is
         # made, and the trainer has started it by now.
@@ -259,7 +259,8 @@ class ShardsDataModule(PretuneDataModule):
         dataset = TrainShards(
             f"{self.path}/train", self.cache_dir, self.seed, self.channels, self.image_size, transform, self.labeled
         )
-        workers, pin = self._options().values()
+        options = worker_options(self, self.num_workers, sharded=False)  # litdata shards across ranks itself
+        workers, pin = options["num_workers"], options["pin_memory"]
         loader = ShardLoader(dataset, self.batch_size, workers, pin, self.bad, self.epoch, self.batches_trained)
         return self.open_loaders.add(loader)
 
@@ -267,9 +268,10 @@ class ShardsDataModule(PretuneDataModule):
         raw = _ImageItems(ShardItems(f"{self.path}/{split}", self.cache_dir), labeled=True)
         transform = eval_transform(self.image_size, self.eval_crop)
         items = ItemsDataset(raw, self.meta["splits"][split], self.channels, self.image_size, transform)
-        shard = self.shard() if sharded else {}
         batch_size = batch_size or self.eval_batch_size
-        loader = IndexedLoader(items, batch_size, False, False, self.bad, **shard, **self._options())
+        loader = IndexedLoader(
+            items, batch_size, False, False, self.bad, **worker_options(self, self.num_workers, sharded)
+        )
         return self.open_loaders.add(loader)
 
     def teardown(self, stage: str) -> None:
