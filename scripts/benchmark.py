@@ -229,7 +229,7 @@ def _compile_seconds() -> float:
 def _data_and_backbone(cfg: DictConfig):
     """The datamodule, set up, and the backbone, built in run()'s order: a text backbone from scratch trains its
     tokenizer on the data's texts and hands it to the datamodule before ``setup`` tokenizes."""
-    from lightning_modules.backbones.handoff import build_backbone
+    from lightning_modules.backbones.factory import build_backbone
 
     dm = instantiate(cfg.datamodule, labeled=cfg.stage == "finetune")
     backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True), data=dm)
@@ -883,8 +883,9 @@ def main() -> None:
         "--loaders-folder",
         nargs="?",
         const="all",
-        choices=["throughput", "memory", "accuracy", "all"],
-        help="streaming data: loader vs training throughput, flat memory, in-memory vs streamed accuracy",
+        choices=["throughput", "memory", "accuracy", "mixing", "text", "all"],
+        help="streaming data: loader vs training throughput, flat memory, one folder's accuracy in memory / streamed /"
+        " from shards, the classes of shards' batches, text shards vs training",
     )
     from scripts import bench_streaming
 
