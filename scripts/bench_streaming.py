@@ -427,7 +427,7 @@ def text_shards(tmp: Path, workers: list[int]) -> list[str]:
     from datamodules.sources.stdlib_docs import corpus_documents, labeled_task
     from scripts.benchmark import make_cfg
 
-    torch.set_num_threads(cores())
+    torch.set_num_threads(1)  # one training thread: OpenMP threads on cores other jobs share wait on each other
     lines_file, labeled_file = tmp / "corpus.jsonl", tmp / "labeled.jsonl"
     documents = corpus_documents(str(tmp / "cache"))
     lines_file.write_text("".join(json.dumps({"text": line}) + "\n" for line in documents))
@@ -455,7 +455,7 @@ def text_shards(tmp: Path, workers: list[int]) -> list[str]:
         f" document) and the embedded labeled task ({len(rows):,} texts, 15 classes), prepared by prepare_data.py"
         " text and read by their datamodules with bert_micro's tokenizer (trained on them), batches of 64: texts/s"
         " of the train loader (DataLoader workers tokenizing; after its first batch) against texts/s of a training"
-        " step of bert_micro on one of its batches (forward, backward, AdamW; all cores), and the seconds the set-up"
+        " step of bert_micro on one of its batches (forward, backward, AdamW; one thread), and the seconds the set-up"
         " took (the tokenizer trained on the texts as they stream; the corpus's documents counted in tokens).",
         "",
         "| data | workers | set-up s | loader, texts/s | training step, texts/s | loader / training |",

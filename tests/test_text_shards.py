@@ -177,3 +177,20 @@ def test_a_fine_tune_on_text_shards_resumed_mid_epoch_equals_the_uninterrupted_r
         assert resumed[key] == full[key], key
     record = json.loads((tmp_path / "full" / "run.json").read_text())
     assert record["data"] == {"loading": "stream"}
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_on_text_shards_match_one_process_on_the_same_global_batch(reviews, tmp_path):
+    """As tests/test_ddp.py's text case, the texts read from shards: each rank its slice of every global batch
+    (each cut to its own longest text: an encoder's outputs do not depend on the padding, up to float noise)."""
+    from tests.test_ddp import BERT, TINY, _max_difference, _script, _weights
+
+    common = [*TINY, "logger=none", *BERT, "datamodule=text_classification", f"datamodule.path={reviews}"]
+    common += ["datamodule.num_workers=1", "datamodule.max_length=32", "freeze.layers=1"]
+    _script("finetune", *common, "datamodule.batch_size=16", f"hydra.run.dir={tmp_path / 'one'}")
+    _script("finetune", *common, "datamodule.batch_size=8", "trainer=ddp", f"hydra.run.dir={tmp_path / 'two'}")
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert one["status"] == two["status"] == "ok" and one["steps"] == two["steps"] == 3 * one["epochs"]
+    for key in ("train/loss", "val/loss", "test/loss", "test/acc"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+    assert _max_difference(_weights(tmp_path / "one"), _weights(tmp_path / "two")) < 5e-5
