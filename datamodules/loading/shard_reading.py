@@ -75,11 +75,12 @@ def read_meta(path: str, cache_dir: str | None = None, kind: str = "image_folder
 
 
 class ShardItems:
-    """The items of one prepared split by index, as litdata stored them (a dict per item); the litdata dataset
-    opens lazily, in each process that reads (DataLoader workers are forked without it)."""
+    """The ``size`` items of one prepared split (``pretune.json``'s count) by index, as litdata stored them (a dict
+    per item); the litdata dataset opens lazily, in each process that reads (DataLoader workers are forked without
+    it). The size is the split's, not ``len()`` of litdata's dataset: under DDP that is this rank's share."""
 
-    def __init__(self, path: str, cache_dir: str | None = None):
-        self.path, self.cache_dir, self._dataset = path, cache_dir, None
+    def __init__(self, path: str, size: int, cache_dir: str | None = None):
+        self.path, self.size, self.cache_dir, self._dataset = path, size, cache_dir, None
 
     def __getstate__(self):
         return dict(self.__dict__, _dataset=None)
@@ -92,7 +93,7 @@ class ShardItems:
         return self._dataset
 
     def __len__(self) -> int:
-        return len(self.dataset())
+        return self.size
 
     def __getitem__(self, index: int) -> dict:
         return self.dataset()[index]

@@ -112,7 +112,7 @@ class TextDataModule(PretuneDataModule):
         return {"loading": self.loading.path} if self.loading is not None else {}
 
     def shard_items(self, split: str) -> ShardItems:
-        return ShardItems(f"{self.shard_path}/{split}", self.cache_dir)
+        return ShardItems(f"{self.shard_path}/{split}", self.shard_meta["splits"][split], self.cache_dir)
 
     def _shard_loader(self, split: str, batch_size: int, train: bool, sharded: bool = True) -> IndexedLoader:
         options = dict(worker_options(self, self.num_workers, sharded), collate_fn=cut_to_longest)

@@ -196,7 +196,7 @@ class ImageTextDataModule(PretuneDataModule):
         return meta
 
     def shard_items(self, split: str) -> ShardItems:
-        return ShardItems(f"{self.shard_path}/{split}", self.cache_dir)
+        return ShardItems(f"{self.shard_path}/{split}", self.shard_meta["splits"][split], self.cache_dir)
 
     def describe(self) -> dict:
         return {"loading": self.loading.path} if self.loading is not None else {}

@@ -265,7 +265,7 @@ class ShardsDataModule(PretuneDataModule):
         return self.open_loaders.add(loader)
 
     def eval_loader(self, split: str, batch_size: int | None = None, sharded: bool = True):
-        raw = _ImageItems(ShardItems(f"{self.path}/{split}", self.cache_dir), labeled=True)
+        raw = _ImageItems(ShardItems(f"{self.path}/{split}", self.meta["splits"][split], self.cache_dir), labeled=True)
         transform = eval_transform(self.image_size, self.eval_crop)
         items = ItemsDataset(raw, self.meta["splits"][split], self.channels, self.image_size, transform)
         batch_size = batch_size or self.eval_batch_size
