@@ -4,6 +4,8 @@
 - ``spec`` after ``setup``: an ``ImageSpec``/``TextSpec`` for the objectives and backbones.
 - ``use_backbone(backbone)``: called by the run before ``setup``, so a source can take from the backbone what
   turns its raw input into tensors (a text source its tokenizer); an image source needs nothing.
+- ``describe()``: what the run record keeps under ``data`` (which loading path, the augmentation as resolved).
+- ``export_files()``: what a pre-training run keeps about its data next to ``backbone/`` (the pairs' captions).
 - ``can_cache_features()`` / ``cache_features(encode)``: whether a frozen backbone's features can be computed
   once and carried in the batches (in-memory data, no augmentation), and doing it (callbacks/feature_cache.py).
 - ``eval_loader(split, batch_size=None, sharded=True)``: a split in order, as validation and test see it
@@ -26,6 +28,15 @@ class PretuneDataModule(pl.LightningDataModule):
 
     def use_backbone(self, backbone) -> None:
         """Take what this source needs from the backbone before ``setup`` (nothing, by default)."""
+
+    def describe(self) -> dict:
+        """What this source resolved for the run record's ``data`` (the loading path, the augmentation recipe)."""
+        return {}
+
+    def export_files(self) -> dict:
+        """Files a pre-training run writes next to its ``backbone/`` (name -> JSON-serialisable content): what a later
+        evaluation needs to know about the data (image–text pairs: a sample of their captions)."""
+        return {}
 
     def can_cache_features(self) -> bool:
         """Whether ``cache_features`` can store features for every example (False: a source that streams)."""

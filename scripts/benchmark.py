@@ -883,8 +883,9 @@ def main() -> None:
         "--loaders-folder",
         nargs="?",
         const="all",
-        choices=["throughput", "memory", "accuracy", "all"],
-        help="streaming data: loader vs training throughput, flat memory, in-memory vs streamed accuracy",
+        choices=["throughput", "memory", "accuracy", "mixing", "text", "all"],
+        help="streaming data: loader vs training throughput, flat memory, one folder's accuracy in memory / streamed /"
+        " from shards, the classes of shards' batches, text shards vs training",
     )
     from scripts import bench_streaming
 

@@ -1,15 +1,17 @@
 """Labeled text: a CSV, TSV or JSONL file of texts and labels, or the embedded standard-library task.
 
-``datamodule.path`` is the training file (``.csv``, ``.tsv``, ``.jsonl``), with the texts in ``text_column``
-and the labels in ``label_column``; ``val_path`` and ``test_path`` are used when given, else those splits are
-carved from the training file (``val_fraction``, ``test_fraction``; stratified, seeded by ``split_seed``), as
-``image_folder`` does. With ``path: null`` the data is the embedded task: standard-library docstrings labeled by
-package family (``stdlib_docs.labeled_task``; ``families`` classes; split by module, fixed).
+``datamodule.path`` is the training file (``.csv``, ``.tsv``, ``.jsonl``), with the texts in ``text_column`` and the
+labels in ``label_column``, or prepared text shards with labels (``prepare_data.py text ... label_column=``; a
+directory or URL: streamed, their splits and classes as prepared, ``loading/text.py``); ``val_path`` and
+``test_path`` are used when given, else those splits are carved from the training file (``val_fraction``,
+``test_fraction``; stratified, seeded by ``split_seed``), as ``image_folder`` does. With ``path: null`` the data is
+the embedded task: standard-library docstrings labeled by package family (``stdlib_docs.labeled_task``; ``families``
+classes; split by module, fixed).
 
 Fine-tuning keeps ``label_fraction`` of the training labels (stratified, seeded by ``label_seed``); texts longer
-than ``max_length`` tokens are truncated, and how many were is reported once. A backbone built from scratch
-trains its tokenizer on all training texts (labeled or not, never validation or test), as the image sources
-normalise with the statistics of all training images.
+than ``max_length`` tokens are truncated, and how many were is reported once. A backbone built from scratch trains
+its tokenizer on all training texts (labeled or not, never validation or test), as the image sources normalise with
+the statistics of all training images.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from sklearn.model_selection import train_test_split
 
 from datamodules.loading.in_memory import label_subset
 from datamodules.loading.text import TextDataModule
+from datamodules.loading.text_shards import LabeledTexts
 from datamodules.sources.stdlib_docs import labeled_task
 from datamodules.sources.text_corpus import read_text
 from lightning_modules.config.rules import check
@@ -56,6 +59,14 @@ class TextClassificationDataModule(TextDataModule):
         for key, value in (("path", path), ("val_path", val_path), ("test_path", test_path)):
             check(f"datamodule.{key}", value)
         self.path, self.val_path, self.test_path = path, val_path, test_path
+        if self.is_shards(path):
+            for key, value in (("val_path", val_path), ("test_path", test_path)):
+                if value is not None:
+                    raise ConfigError(
+                        f"datamodule.{key}={value}: prepared shards bring their own splits; allowed is"
+                        f" datamodule.{key}=null with datamodule.path={path}"
+                    )
+            self.read_shards(path)
         self.text_column = check("datamodule.text_column", text_column)
         self.label_column = check("datamodule.label_column", label_column)
         self.families = check("datamodule.families", families)
@@ -142,6 +153,10 @@ class TextClassificationDataModule(TextDataModule):
             splits["train"], splits[split] = ([texts[i] for i in keep], y[keep]), ([texts[i] for i in hold], y[hold])
         return splits, classes
 
+    def _shard_texts(self):
+        items = self.shard_items("train")
+        return (items[i]["text"] for i in range(len(items)))
+
     def raw(self) -> tuple[dict, tuple[str, ...]]:
         """{"train"|"val"|"test": (texts, labels)} and the class names, read once."""
         if self._raw is None:
@@ -153,13 +168,16 @@ class TextClassificationDataModule(TextDataModule):
             self._raw = splits, tuple(classes)
         return self._raw
 
-    def texts(self) -> list[str]:
-        return list(self.raw()[0]["train"][0])
+    def texts(self):
+        """The training texts (streamed from shards: read as the tokenizer trains, not held)."""
+        return self._shard_texts() if self.shard_meta is not None else list(self.raw()[0]["train"][0])
 
     # --- tensors -------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
+        if self.splits or self.streamed:
             return
+        if self.shard_meta is not None:
+            return self._setup_shards()
         splits, classes = self.raw()
         texts, y = splits["train"]
         if self.labeled and self.label_fraction < 1:
@@ -185,6 +203,36 @@ class TextClassificationDataModule(TextDataModule):
             f"labeled training examples (label_fraction={self.label_fraction})" if self.labeled else "training texts"
         )
         self.spec = self.make_spec(classes)
+
+    def _setup_shards(self) -> None:
+        """Each split a dataset of tokenized texts read from the shards (``loading/text_shards.py``); a label
+        fraction is drawn from the training labels (one pass over them), as in memory."""
+        classes = self.shard_meta.get("classes") or []
+        if self.labeled and not classes:
+            raise ConfigError(
+                f"datamodule.path={self.shard_path}: its text shards have no labels (prepared without label_column);"
+                " datamodule=text_classification needs them: prepare_data.py text file=<table> out=<dir>"
+                " label_column=<column>"
+            )
+        tokenizer, keep = self._require_tokenizer(), None
+        if self.labeled and self.label_fraction < 1:
+            keep = label_subset(
+                np.asarray(self.shard_items("train").column("label")), self.label_fraction, self.label_seed
+            )
+        self.streamed = {
+            split: LabeledTexts(
+                self.shard_items(split),
+                tokenizer,
+                self.max_length,
+                labeled=bool(classes) and (self.labeled or split != "train"),
+                indices=keep if split == "train" else None,
+            )
+            for split in ("train", "val", "test")
+        }
+        self.check_batch_size(
+            f"labeled training examples (label_fraction={self.label_fraction})" if self.labeled else "training texts"
+        )
+        self.spec = self.make_spec(tuple(classes))
 
 
 def _class_names(labels) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ Nothing here unpickles: weights travel as safetensors, the architecture as YAML.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -56,11 +57,16 @@ def sha256_of(path: Path) -> str:
 
 
 def export_backbone(
-    backbone, target: Path, provenance: dict | None = None, objective=None, objective_cfg: dict | None = None
+    backbone,
+    target: Path,
+    provenance: dict | None = None,
+    objective=None,
+    objective_cfg: dict | None = None,
+    files: dict | None = None,
 ) -> Path:
     """Write ``target/`` = model.safetensors + config.yaml (+ the objective's heads and config when
-    given; + each tower as a backbone of its own in ``target/<tower>``), atomically: a killed export leaves
-    no half-written ``backbone/``."""
+    given; + each tower as a backbone of its own in ``target/<tower>``; + ``files``, name -> JSON content: what the
+    data left for later, e.g. the pairs' captions), atomically: a killed export leaves no half-written ``backbone/``."""
     from safetensors.torch import save_model
 
     target = Path(target)
@@ -68,6 +74,8 @@ def export_backbone(
     try:
         save_model(backbone.model, str(tmp / WEIGHTS))
         backbone.save_processor(tmp)  # a tokenizer travels with the weights it was trained for
+        for name, content in (files or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=1) + "\n")
         if objective is not None:
             save_model(objective, str(tmp / OBJECTIVE_WEIGHTS))
         towers = backbone.towers()

@@ -18,11 +18,19 @@ from lightning_modules.core.locations import CONFIG
 class BackboneExport(Callback):
     """``target``: the ``backbone/`` to write; ``provenance``: where it came from (recorded in its config.yaml);
     ``objective_cfg``: the objective whose heads are saved with it; ``artifact_names``: the W&B artifact of each part
-    (``""``: the whole backbone; a tower's name: that tower's folder)."""
+    (``""``: the whole backbone; a tower's name: that tower's folder); ``files``: what the data leave next to it
+    (``datamodule.export_files()``)."""
 
-    def __init__(self, target: Path, provenance: dict, objective_cfg: dict, artifact_names: dict[str, str]):
+    def __init__(
+        self,
+        target: Path,
+        provenance: dict,
+        objective_cfg: dict,
+        artifact_names: dict[str, str],
+        files: dict | None = None,
+    ):
         self.target, self.provenance = Path(target), provenance
-        self.objective_cfg, self.artifact_names = objective_cfg, artifact_names
+        self.objective_cfg, self.artifact_names, self.files = objective_cfg, artifact_names, files
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:  # the same weights on every rank: one export
@@ -33,6 +41,7 @@ class BackboneExport(Callback):
             provenance=self.provenance,
             objective=pl_module.objective,
             objective_cfg=self.objective_cfg,
+            files=self.files,
         )
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":

@@ -170,11 +170,11 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     datamodule.use_backbone(backbone)
     datamodule.setup("fit")
     check_fits(backbone, datamodule)
+    if datamodule.describe():  # the loading path, the augmentation as resolved (transforms/recipe.py)
+        record["data"] = datamodule.describe()
     loading = getattr(datamodule, "loading", None)  # which path the data took (datamodules/loading/decision.py)
-    if loading is not None:
-        record["data"] = {"loading": loading.path}
-        if is_rank_zero():
-            print(f"data: {loading.reason}", flush=True)
+    if loading is not None and is_rank_zero():
+        print(f"data: {loading.reason}", flush=True)
     if is_rank_zero():
         write_run_record(out_dir, record)
     objective = build_objective(cfg.objective, backbone, datamodule.spec)
@@ -207,7 +207,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         if OmegaConf.select(cfg, "finetune.measure_forgetting", default=False):
             callbacks.append(ForgettingProbe(init, record["weights"], backbone, datamodule))
     else:
-        callbacks.append(_export(cfg, model_cfg, out_dir))
+        callbacks.append(_export(cfg, model_cfg, out_dir, datamodule.export_files()))
     callbacks += _progress_bar(cfg.trainer.get("enable_progress_bar", True), callbacks)
     loggers = loggers_from(cfg.get("logger"), record.get("wandb"))
     # Checkpoints are what the callbacks config says (callbacks=none: none), not a checkpoint Lightning adds.
@@ -275,9 +275,9 @@ def _freezing(freeze_cfg, backbone, datamodule, objective, epochs: int, cache_fe
     return callbacks
 
 
-def _export(cfg: DictConfig, model_cfg: dict, out_dir: Path) -> BackboneExport:
-    """The pre-training's ``backbone/`` export, with where it came from and the W&B artifact names of its parts
-    (a dual encoder's towers too)."""
+def _export(cfg: DictConfig, model_cfg: dict, out_dir: Path, files: dict) -> BackboneExport:
+    """The pre-training's ``backbone/`` export, with where it came from, the W&B artifact names of its parts
+    (a dual encoder's towers too) and what the data leave next to it (``files``: the pairs' captions)."""
     objective = cfg.objective.get("_target_")
     provenance = {
         "objective": objective,
@@ -287,7 +287,8 @@ def _export(cfg: DictConfig, model_cfg: dict, out_dir: Path) -> BackboneExport:
     }
     names = {"": artifact_name(model_cfg, objective)}
     names |= {tower: artifact_name(model_cfg[tower], objective) for tower in towers_of(model_cfg)}
-    return BackboneExport(out_dir / "backbone", provenance, OmegaConf.to_container(cfg.objective, resolve=True), names)
+    objective_cfg = OmegaConf.to_container(cfg.objective, resolve=True)
+    return BackboneExport(out_dir / "backbone", provenance, objective_cfg, names, files)
 
 
 def _resume_path(ckpt_path, out_dir: Path, module) -> str | None:

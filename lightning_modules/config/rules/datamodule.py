@@ -13,7 +13,6 @@ from lightning_modules.config.kinds import (
     FRACTION,
     OPEN_FRACTION,
     POSITIVE,
-    PROBABILITY,
     SEED,
     TARGET,
     Choice,
@@ -28,17 +27,21 @@ from lightning_modules.config.kinds import (
 )
 from lightning_modules.core.locations import CONFIG, find_backbone_dir
 
-# Image augmentation (datamodule.augment.* for labeled batches, objective.augment.* for SimCLR's views).
-# Images are normalised to mean 0, std 1: brightness and noise are in standard deviations.
+# Image augmentation, one recipe for every loading path (datamodules/transforms/recipe.py): datamodule.augment.* for
+# training batches, objective.augment.* for SimCLR's views. null: the preset's value. Images are normalised to
+# mean 0, std 1: brightness and noise are in standard deviations.
 AUGMENT = {
-    "scale": ListOf(Rule(float, low=0, high=1, low_open=True), 2, 2, ascending=True),  # crop area fraction
-    "rotate": Rule(float, low=0, high=180),  # degrees, either way
-    "translate": Rule(float, low=0, high=1),  # fraction of the image
-    "flip": Flag(),
-    "brightness": Rule(float, low=0, high=5),
-    "contrast": Rule(float, low=0, high=1),  # 1 + U(-c, c): above 1 it would invert images
-    "noise": Rule(float, low=0, high=5),
-    "erase": PROBABILITY,
+    "preset": Choice("auto", "photo", "small", "none", nullable=True),  # what a key left null takes
+    "scale": ListOf(Rule(float, low=0, high=1, low_open=True), 2, 2, ascending=True, nullable=True),  # crop area
+    "ratio": ListOf(POSITIVE, 2, 2, ascending=True, nullable=True),  # crop aspect ratio (width / height)
+    "flip": Flag(nullable=True),
+    "rotate": Rule(float, low=0, high=180, nullable=True),  # degrees, either way
+    "translate": Rule(float, low=0, high=1, nullable=True),  # fraction of the image
+    "brightness": Rule(float, low=0, high=5, nullable=True),
+    "contrast": Rule(float, low=0, high=1, nullable=True),  # 1 + U(-c, c): above 1 it would invert images
+    "auto_augment": Choice("randaugment", "trivialaugment", "autoaugment", "none", nullable=True),
+    "noise": Rule(float, low=0, high=5, nullable=True),
+    "erase": Rule(float, low=0, high=1, nullable=True),
 }
 
 
@@ -109,11 +112,13 @@ RULES: dict[str, object] = {
     "datamodule.device_budget": Rule(float, low=0, high=1),  # fraction of the GPU's memory for the splits
     "datamodule.augment": Section(),
     **{f"datamodule.augment.{k}": rule for k, rule in AUGMENT.items()},
+    "datamodule.eval_crop_pct": Rule(float, low=0, high=1, low_open=True, nullable=True),  # null: by image size
     # text data (datamodule=text_corpus, text_classification)
     "datamodule.max_length": Rule(int, low=4),  # tokens per example: [CLS] + text + [SEP] needs room
     "datamodule.document": Choice("file", "line"),
     "datamodule.paths": ListOf(Text(r"\s*\S.*", "a .txt file or a glob"), min_len=1, nullable=True),
-    "datamodule.path": Custom(_check_data_path, "null, an existing file or directory, or a URL"),  # null: embedded
+    # a file (text, pairs), prepared shards (a directory or URL), or null: the embedded data
+    "datamodule.path": Custom(_check_data_path, "null, an existing file or directory, or a URL"),
     "datamodule.val_path": ExistingPath("file", nullable=True),
     "datamodule.test_path": ExistingPath("file", nullable=True),
     "datamodule.text_column": Text(),
@@ -131,12 +136,6 @@ RULES: dict[str, object] = {
     "datamodule.num_workers": Rule(int, low=0, nullable=True),  # null: this node's cores / its processes
     "datamodule.on_bad_sample": Choice("error", "skip"),
     "datamodule.seed": SEED,  # shards: litdata's shuffle and every image's transform
-    "datamodule.transforms": Section(),
-    "datamodule.transforms.scale": ListOf(Rule(float, low=0, high=1, low_open=True), 2, 2, ascending=True),
-    "datamodule.transforms.ratio": ListOf(POSITIVE, 2, 2, ascending=True),
-    "datamodule.transforms.flip": Flag(),
-    "datamodule.transforms.auto_augment": Choice("randaugment", "trivialaugment", "autoaugment", nullable=True),
-    "datamodule.transforms.eval_crop_pct": FRACTION,
 }
 
 TOGETHER = [
@@ -157,8 +156,8 @@ TOGETHER = [
     Together(
         ("datamodule._target_", "datamodule.path"),
         lambda target, path: (
-            path is None or "://" in path or Path(path).is_dir() == target.endswith(".ShardsDataModule")
+            path is None or "://" in path or Path(path).is_dir() or not target.endswith(".ShardsDataModule")
         ),
-        "prepared shards (datamodule=shards) are a directory or URL; the other datamodules read a file",
+        "datamodule=shards reads prepared shards: a directory or URL (scripts/prepare_data.py image_folder)",
     ),
 ]
