@@ -27,6 +27,7 @@ from sklearn.model_selection import train_test_split
 from datamodules.base import PretuneDataModule
 from datamodules.spec import ImageSpec
 from datamodules.transforms.augment import BatchAugment
+from datamodules.transforms.images import image_preprocessing
 from lightning_modules.backbones.base import FEATURES
 from lightning_modules.config.rules import check
 from lightning_modules.config.rules.datamodule import check_split_fractions
@@ -163,6 +164,8 @@ class InMemoryImageDataModule(PretuneDataModule):
 
     name = "images"
     pixel_max = 255  # the largest value of the source's 8-bit pixels (digits: 16)
+    # How a stored image reaches image_size: decode() resizes whole images (bilinear, squares stay squares).
+    eval_interpolation = "bilinear"
 
     def __init__(
         self,
@@ -264,6 +267,13 @@ class InMemoryImageDataModule(PretuneDataModule):
     def decode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A batch as the model sees it: images in [0, 1], resized, normalised with the training statistics."""
         return dict(batch, image=(self.to_unit(batch["image"]) - self.mean) / self.std)
+
+    def eval_preprocessing(self) -> dict:
+        """An image file as evaluation sees a stored image: resized to ``image_size`` (the centre square of a
+        non-square file), scaled to [0, 1], normalised with this run's mean and std (the training images', one
+        value for all channels; or the weights' own, per channel). A source of arrays on another scale (digits:
+        0..16) is read from 8-bit files as 0..255."""
+        return image_preprocessing(self.channels, self.image_size, self.mean, self.std, self.eval_interpolation)
 
     def images(self, split: str) -> torch.Tensor:
         """A whole split decoded (for inspection and tests; training decodes batch by batch)."""

@@ -27,6 +27,7 @@ from datamodules.transforms.images import (
     channel_stats,
     check_transforms,
     eval_transform,
+    image_preprocessing,
     train_transform,
 )
 from lightning_modules.config.rules import check
@@ -35,7 +36,7 @@ from lightning_modules.core.errors import ConfigError
 STATS_SAMPLE = 256  # training images that estimate the data's mean and std when streaming
 
 
-class _Files:
+class Files:
     """``raw(index)`` for a folder: the file's path, its label (None when unlabeled), its name.
 
     The paths are one fixed-width bytes array, not a list of Python strings: a forked worker reading a Python
@@ -53,6 +54,7 @@ class _Files:
 
 class ImageFolderDataModule(InMemoryImageDataModule):
     name = "image_folder"
+    eval_interpolation = "bicubic"  # held in memory: each file read as eval_transform(image_size, crop_pct=1.0)
 
     def __init__(
         self,
@@ -101,6 +103,15 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         else:
             self._files = (files, classes)
             super().setup(stage)  # load_splits() below reads the files
+
+    def eval_preprocessing(self) -> dict:
+        """Held in memory: each file's shorter side resized to ``image_size`` (bicubic), the centre square. Streamed:
+        the evaluation transform (``transforms.eval_crop_pct``) and the streaming path's mean and std."""
+        if not self.streams:
+            return super().eval_preprocessing()
+        mean, std = self.normalization
+        crop = self.transforms["eval_crop_pct"]
+        return image_preprocessing(self.channels, self.image_size, mean, std, "bicubic", crop)
 
     # --- in memory -------------------------------------------------------------------------------------
     def _read(self, paths: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -177,7 +188,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         else:
             transform = eval_transform(self.image_size, t["eval_crop_pct"])
         keep_labels = self.labeled or split != "train"
-        raw = _Files(paths, labels if keep_labels else None)
+        raw = Files(paths, labels if keep_labels else None)
         return ItemsDataset(raw, len(paths), self.channels, self.image_size, transform)
 
     def _loader_options(self) -> dict:

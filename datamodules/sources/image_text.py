@@ -37,6 +37,7 @@ from datamodules.sources.digits import DigitsDataModule
 from datamodules.sources.text_corpus import read_text
 from datamodules.spec import ImageTextSpec
 from datamodules.transforms.augment import BatchAugment
+from datamodules.transforms.images import image_preprocessing
 from datamodules.transforms.text import tokenize
 from lightning_modules.config.rules import check
 from lightning_modules.core.errors import ConfigError
@@ -145,6 +146,7 @@ class ImageTextDataModule(PretuneDataModule):
         self._raw: dict[str, tuple[list, list[list[str]], list]] | None = None
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
         self.truncated = 0
+        self.mean = self.std = None  # of the training images, once set up
         self.spec: ImageTextSpec | None = None
 
     # --- reading -------------------------------------------------------------------------------------------
@@ -249,6 +251,13 @@ class ImageTextDataModule(PretuneDataModule):
         x = torch.from_numpy(np.stack(arrays) / 255.0).float()
         return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
 
+    def eval_preprocessing(self) -> dict:
+        """Image files squashed to ``image_size`` (PIL, bilinear: the aspect ratio not kept, as ``_load_images`` reads
+        them), normalised with the training images' mean and std; captions by the text tower's tokenizer, truncated at
+        ``max_length`` tokens."""
+        pre = image_preprocessing(self.channels, self.image_size, [self.mean], [self.std], "bilinear", 1.0, "squash")
+        return {**pre, "modality": "image_text", "max_length": int(self.max_length)}
+
     def texts(self) -> list[str]:
         """Every training caption: what a text tower built from scratch trains its tokenizer on."""
         return [c for captions in self.raw()["train"][1] for c in captions]
@@ -279,6 +288,7 @@ class ImageTextDataModule(PretuneDataModule):
         images = {split: self._load_images(raw[split][0], raw[split][2]) for split in raw}
         # Normalised with all training images' statistics, as the in-memory image sources do.
         mean, std = images["train"].mean(), images["train"].std().clamp_min(1e-6)
+        self.mean, self.std = float(mean), float(std)
         total = truncated = 0
         for split, (_, captions, _) in raw.items():
             flat = [c for per_image in captions for c in per_image]

@@ -34,6 +34,7 @@ from datamodules.transforms.images import (
     check_transforms,
     eval_transform,
     fit_channels,
+    image_preprocessing,
     load_sample,
     sample_key,
     train_transform,
@@ -243,6 +244,12 @@ class ShardsDataModule(PretuneDataModule):
         )
         classes = tuple(meta["classes"])
         self.spec = ImageSpec(self.channels, self.image_size, len(classes) if self.labeled else 0, classes)
+
+    def eval_preprocessing(self) -> dict:
+        """The evaluation transform (``transforms.eval_crop_pct``, bicubic) and this run's mean and std."""
+        mean, std = self.normalization
+        crop = self.transforms["eval_crop_pct"]
+        return image_preprocessing(self.channels, self.image_size, mean, std, "bicubic", crop)
 
     def _options(self) -> dict:
         trainer = getattr(self, "trainer", None)

@@ -114,6 +114,8 @@ EVALUATIONS = {"zero_shot": ("image_text", "image"), "retrieval": ("image_text",
 def check_modalities(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "stage") == "evaluate":
         return _check_evaluation(cfg)
+    if "model" not in cfg:  # predict.py, export.py: the trained model says what it reads, once it is read
+        return None
     model = model_modality(cfg.model)
     data = DATAMODULES.get(OmegaConf.select(cfg, "datamodule._target_", default=None))
     objective = OBJECTIVES.get(OmegaConf.select(cfg, "objective._target_", default=None))
