@@ -97,7 +97,8 @@ def _export(cfg: DictConfig, out_dir: Path) -> dict:
         raise ConfigError(
             f"format={cfg.format}: {model_dir} could not be exported ({type(err).__name__}: {why})"
         ) from err
-    worst = max(float((run(batch) - want).abs().max()) for batch, want in zip(batches, expected, strict=True))
+    with torch.no_grad():
+        worst = max(float((run(batch) - want).abs().max()) for batch, want in zip(batches, expected, strict=True))
     if worst > TOLERANCE:
         target.unlink(missing_ok=True)
         raise ConfigError(
