@@ -115,7 +115,7 @@ class TimmBackbone(Backbone):
     # --- leaving pretune -------------------------------------------------------------------------------------
     def save_processor(self, directory: Path, preprocessing: dict | None = None) -> None:
         """timm's ``config.json`` for the feature extractor (``num_classes: 0``), with the data's preprocessing."""
-        from timm.models import save_config_for_hf
+        from timm.models._hub import save_config_for_hf  # (not re-exported by timm.models)
 
         with _own_config(self.model):
             save_config_for_hf(self.model, str(Path(directory) / "config.json"), data_config=timm_data(preprocessing))
