@@ -202,6 +202,7 @@ def test_timm_alone_loads_the_image_model_with_its_head_and_preprocessing(image_
     )
     expected, labels = pretune_logits(image_run)
     got = torch.tensor(out["logits"])
+    print(f"\nmax |logit difference|, timm alone: {float((got - expected).abs().max()):.2e}")  # shown with -s
     assert (got - expected).abs().max() <= PARITY
     assert out["labels"] == list(CLASSES)
     assert out["config"]["input_size"] == [3, 16, 16] and out["config"]["crop_pct"] == 1.0
@@ -238,6 +239,7 @@ def test_transformers_alone_loads_the_text_model_and_its_pipeline(text_run):
     )
     expected, labels = pretune_logits(text_run)
     got = torch.tensor(out["logits"])
+    print(f"\nmax |logit difference|, transformers alone (cls): {float((got - expected).abs().max()):.2e}")
     assert (got - expected).abs().max() <= PARITY
     assert out["top"] == [CLASSES[i] for i in expected.argmax(-1).tolist()]
     assert out["id2label"] == {str(i): c for i, c in enumerate(CLASSES)}
@@ -279,7 +281,9 @@ def test_every_pooling_loads_with_pretune_logits(tmp_path):
         """
     )
     for name, want in expected.items():
-        assert (torch.tensor(out[name]) - want).abs().max() <= PARITY, name
+        worst = float((torch.tensor(out[name]) - want).abs().max())
+        print(f"\nmax |logit difference|, transformers alone ({name}): {worst:.2e}")
+        assert worst <= PARITY, name
 
 
 def test_timm_transform_is_predicts_transform():
@@ -464,6 +468,7 @@ def test_onnx_image_and_text_within_1e_4_with_a_dynamic_batch(image_run, text_ru
 
     test_root = Path(OmegaConf.load(image_run / "config.yaml").datamodule.root) / "test"
     metrics, path = _export(tmp_path / "image", image_run, "onnx", f"input={test_root}")
+    print(f"\nmax |logit difference|, ONNX image: {metrics['parity/max_abs_logit_diff']:.2e}")
     assert metrics["parity/max_abs_logit_diff"] <= 1e-4 and metrics["parity/inputs"] == 12
     from lightning_modules.runtime.predict import find_inputs, model_batches, model_from_dir
 
@@ -482,6 +487,7 @@ def test_onnx_image_and_text_within_1e_4_with_a_dynamic_batch(image_run, text_ru
     texts = [row["text"] for row in csv.DictReader(open(OmegaConf.load(text_run / "config.yaml").datamodule.test_path))]
     texts_file.write_text("\n".join(texts))
     metrics, path = _export(tmp_path / "text", text_run, "onnx", f"input={texts_file}")
+    print(f"\nmax |logit difference|, ONNX text: {metrics['parity/max_abs_logit_diff']:.2e}")
     assert metrics["parity/max_abs_logit_diff"] <= 1e-4 and metrics["inputs"] == ["input_ids", "attention_mask"]
     tokenizer = model_from_dir(text_run / "model").network.processor
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -493,7 +499,7 @@ def test_onnx_image_and_text_within_1e_4_with_a_dynamic_batch(image_run, text_ru
 
 
 @pytest.mark.slow
-def test_torch_export_pt2_within_1e_4(image_run, tmp_path):
+def test_torch_export_pt2_within_1e_4(image_run, text_run, tmp_path):
     metrics, path = _export(tmp_path, image_run, "pt2")
     assert metrics["parity/max_abs_logit_diff"] <= 1e-4 and metrics["parity/on"] == "synthetic"
     program = torch.export.load(str(path)).module()
@@ -504,7 +510,16 @@ def test_torch_export_pt2_within_1e_4(image_run, tmp_path):
     model = model_from_dir(image_run / "model")
     cfg = OmegaConf.create({"batch_size": 3, "num_workers": 0, "on_bad_sample": "error", "input": "x"})
     ((_, batch),) = list(model_batches(model, Inputs("image", files, []), cfg, torch.device("cpu")))
-    assert (program(batch["image"]) - expected[:3]).abs().max() <= 1e-4
+    worst = float((program(batch["image"]) - expected[:3]).abs().max())
+    print(f"\nmax |logit difference|, pt2 image: {worst:.2e}")
+    assert worst <= 1e-4
+
+    texts_file = tmp_path / "texts.txt"
+    texts = [row["text"] for row in csv.DictReader(open(OmegaConf.load(text_run / "config.yaml").datamodule.test_path))]
+    texts_file.write_text("\n".join(texts))
+    metrics, path = _export(tmp_path / "text", text_run, "pt2", f"input={texts_file}")
+    print(f"max |logit difference|, pt2 text: {metrics['parity/max_abs_logit_diff']:.2e}")
+    assert metrics["parity/max_abs_logit_diff"] <= 1e-4 and metrics["parity/inputs"] == len(texts)
 
 
 def test_export_of_what_is_not_a_fine_tune_is_one_line(tmp_path, capsys):

@@ -150,10 +150,10 @@ class TimmBackbone(Backbone):
             )
         fc.load_state_dict(head.state_dict())
         model.eval()
-        size = preprocessing["image_size"]
-        image = torch.randn(2, preprocessing["channels"], size, size)
-        with torch.no_grad(), evaluating(self), evaluating(head):
-            expected, got = head(self.model(image)), model(image)
+        size, device = preprocessing["image_size"], next(self.model.parameters()).device
+        image = torch.randn(2, preprocessing["channels"], size, size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), evaluating(self), evaluating(head):  # the run's own random streams left alone
+            expected, got = head(self.model(image.to(device))).cpu(), model(image)
         if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
             raise ConfigError(
                 f"model.name={self.name}: timm's model with its classifier does not reproduce pretune's logits"

@@ -276,8 +276,9 @@ class TransformersBackbone(Backbone):
         model.classifier.load_state_dict(head.state_dict())
         enc = self.tokenizer(list(labels)[:8], truncation=True, max_length=int(preprocessing["max_length"]))
         batch = self.tokenizer.pad({k: enc[k] for k in ("input_ids", "attention_mask")}, return_tensors="pt")
+        device = next(self.model.parameters()).device
         with torch.no_grad(), evaluating(self), evaluating(head):
-            expected, got = head(self(dict(batch))), model(**batch).logits
+            expected, got = head(self({k: v.to(device) for k, v in batch.items()})).cpu(), model(**batch).logits
         if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
             raise ConfigError(
                 f"{self.described}: the transformers classifier does not reproduce pretune's logits (max |difference|"

@@ -5,8 +5,8 @@ on the Hugging Face Hub.
 It is written when the test stage ends (``teardown``): ``trainer.test`` has loaded the checkpoint validation
 selected (or, without checkpoints, kept the last weights) and measured it, so ``model/`` holds exactly what
 ``metrics.json``'s ``test/*`` describe, and its card carries them. Global rank 0 writes; the weights are the same on
-every rank. A backbone its family cannot export, or an objective without a linear head (a ``clm`` fine-tune), is one
-warning line and ``model/skipped`` in ``metrics.json``: the run's results stand without it.
+every rank. A backbone its family cannot export, an objective without a linear head (a ``clm`` fine-tune), or any
+failure writing it, is one warning line and ``model/skipped`` in ``metrics.json``: the run's results stand.
 """
 
 from __future__ import annotations
@@ -51,9 +51,10 @@ class ModelExport(Callback):
             about = {**self.about, "metrics": _metrics(trainer)}
             labels = datamodule.spec.class_names
             directory = write_model(pl_module.backbone, head, self.target, labels, preprocessing, about)
-        except ConfigError as err:
-            self.outcome = {"model/skipped": str(err)}
-            print(f"warning: model/: {err}", file=sys.stderr, flush=True)
+        except Exception as err:  # the run's results stand without model/: a warning, not a failed run
+            why = str(err) if isinstance(err, ConfigError) else f"not written ({type(err).__name__}: {message_of(err)})"
+            self.outcome = {"model/skipped": why}
+            print(f"warning: model/: {why}", file=sys.stderr, flush=True)
             return
         self.outcome = {"model/dir": directory.name, "time/model_export_s": round(time.perf_counter() - started, 3)}
         self._log_artifact(trainer, directory, about)
