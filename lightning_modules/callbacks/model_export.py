@@ -87,9 +87,9 @@ class ModelExport(Callback):
 
 def _metrics(trainer) -> dict:
     """What the exported weights scored: the test metrics, and the best validation score that selected them."""
-    out = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    out = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     checkpoint = trainer.checkpoint_callback
     score = getattr(checkpoint, "best_model_score", None) if checkpoint is not None else None
     if score is not None:
-        out[f"{checkpoint.monitor}_best"] = round(float(score), 6)
+        out[f"{checkpoint.monitor}_best"] = float(score)
     return out
