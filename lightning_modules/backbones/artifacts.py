@@ -39,17 +39,13 @@ def artifact_name(model_cfg, objective_target: str) -> str:
     return f"backbone-{name}-{objective}".replace("/", "_")
 
 
-def model_artifact_name(model_cfg, datamodule_cfg) -> str:
+def model_artifact_name(model_cfg, data_name: str, data_place=None) -> str:
     """A fine-tune's ``model/`` artifact: one collection per backbone and data (``model-resnet18-digits``), each
-    fine-tune a new version. The data is the datamodule's source name (``image_folder``: its folder's name; a text
-    file: its name)."""
+    fine-tune a new version. The data is the datamodule's ``name``, or the name of the folder or file it reads
+    (``data_place``: an image folder's root, a text file)."""
     backbone = artifact_name(model_cfg, "x").removeprefix("backbone-").removesuffix("-x")
-    target = str(datamodule_cfg.get("_target_", "data")).rsplit(".", 1)[-1]
-    data = target.removesuffix("DataModule").lower() or "data"
-    where = datamodule_cfg.get("root") or datamodule_cfg.get("path")
-    if where:
-        data = Path(str(where)).expanduser().name.split(".")[0] or data
-    return f"model-{backbone}-{data}".replace("/", "_")
+    data = Path(str(data_place)).expanduser().name.split(".")[0] if data_place else ""
+    return f"model-{backbone}-{data or data_name}".replace("/", "_")
 
 
 def log_folder(experiment, directory: Path, name: str, metadata: dict) -> None:

@@ -206,7 +206,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         if OmegaConf.select(cfg, "finetune.measure_forgetting", default=False):
             callbacks.append(ForgettingProbe(str(cfg.model.init), record["weights"], backbone, datamodule))
         if OmegaConf.select(cfg, "finetune.export_model", default=True):
-            callbacks.append(_model_export(cfg, model_cfg, out_dir, record))
+            callbacks.append(_model_export(cfg, model_cfg, out_dir, record, datamodule))
     else:
         callbacks.append(_export(cfg, model_cfg, out_dir))
     callbacks += _progress_bar(cfg.trainer.get("enable_progress_bar", True), callbacks)
@@ -293,7 +293,7 @@ def _export(cfg: DictConfig, model_cfg: dict, out_dir: Path) -> BackboneExport:
     return BackboneExport(out_dir / "backbone", provenance, OmegaConf.to_container(cfg.objective, resolve=True), names)
 
 
-def _model_export(cfg: DictConfig, model_cfg: dict, out_dir: Path, record: dict) -> ModelExport:
+def _model_export(cfg: DictConfig, model_cfg: dict, out_dir: Path, record: dict, datamodule) -> ModelExport:
     """A fine-tune's ``model/``, with what its card says of where it came from: this run, its data, the weights it
     started from (the run record's ``weights``) and, for a pretune backbone, how that was pre-trained."""
     data = cfg.datamodule
@@ -309,7 +309,11 @@ def _model_export(cfg: DictConfig, model_cfg: dict, out_dir: Path, record: dict)
         "pretrained": weights,
         "pretraining": _pretraining(weights),
     }
-    artifact = model_artifact_name(model_cfg, data) if OmegaConf.select(cfg, "logger.wandb") is not None else None
+    name = getattr(datamodule, "name", type(datamodule).__name__)
+    place = data.get("root") or data.get("path")
+    artifact = (
+        model_artifact_name(model_cfg, name, place) if OmegaConf.select(cfg, "logger.wandb") is not None else None
+    )
     return ModelExport(out_dir / MODEL_DIR, about, artifact, cfg.get("push_to_hub"))
 
 
