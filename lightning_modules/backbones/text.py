@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -271,7 +271,8 @@ class TransformersBackbone(Backbone):
             label2id={label: i for i, label in enumerate(labels)},
         )
         config.auto_map, config.architectures = dict(AUTO_MAP), [PretuneForSequenceClassification.__name__]
-        model = PretuneForSequenceClassification(config).eval()
+        with _no_init():  # every weight is loaded next: drawing random ones first costs seconds for MiniLM
+            model = PretuneForSequenceClassification(config).eval()
         model.backbone.load_state_dict(self.model.state_dict(), strict=True)
         model.classifier.load_state_dict(head.state_dict())
         enc = self.tokenizer(list(labels)[:8], truncation=True, max_length=int(preprocessing["max_length"]))
@@ -348,6 +349,15 @@ def _no_progress_bars():
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+def _no_init():
+    """transformers' own switch for building a model whose weights are loaded right after (none: build as usual)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # another transformers layout
+        return nullcontext()
+    return no_init_weights()
 
 
 def _from_config(config):
