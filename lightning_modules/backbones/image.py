@@ -137,7 +137,7 @@ class TimmBackbone(Backbone):
 
     def classifier(self, head: nn.Linear, preprocessing: dict) -> nn.Module:
         """``timm.create_model(name, num_classes=<classes>)`` holding this backbone's weights and ``head``'s, checked
-        on an input of the size ``preprocessing`` gives to give what ``head`` on this backbone gives."""
+        on an input of the size ``preprocessing`` gives to give what ``head`` on this backbone's features gives."""
         model = timm.create_model(self.name, num_classes=head.out_features, **self.kwargs)
         missing, unexpected = model.load_state_dict(self.model.state_dict(), strict=False)
         fc = model.get_classifier()
@@ -151,9 +151,12 @@ class TimmBackbone(Backbone):
         fc.load_state_dict(head.state_dict())
         model.eval()
         size, device = preprocessing["image_size"], next(self.model.parameters()).device
-        image = torch.randn(2, preprocessing["channels"], size, size, generator=torch.Generator().manual_seed(0))
+        image = torch.randn(1, preprocessing["channels"], size, size, generator=torch.Generator().manual_seed(0))
+        # The body (forward_features) is the same weights in both, and timm builds it the same whatever num_classes:
+        # run it once (it is the cost); the heads (pooling and what follows) are what may differ.
         with torch.no_grad(), evaluating(self), evaluating(head):  # the run's own random streams left alone
-            expected, got = head(self.model(image.to(device))).cpu(), model(image)
+            features = self.model.forward_features(image.to(device))
+            expected, got = head(self.model.forward_head(features)).cpu(), model.forward_head(features.cpu())
         if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
             raise ConfigError(
                 f"model.name={self.name}: timm's model with its classifier does not reproduce pretune's logits"
