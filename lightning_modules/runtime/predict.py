@@ -264,9 +264,12 @@ def _image_batches(pre: dict, inputs: Inputs, cfg: DictConfig, device: torch.dev
     files = Files(np.asarray([str(p) for p in inputs.items], dtype=object), np.arange(n))
     items = ItemsDataset(files, n, pre["channels"], pre["image_size"], preprocessing_transform(pre))
     bad = BadSamples(str(cfg.on_bad_sample), f"input={cfg.input}", key="on_bad_sample")
-    workers = cfg.get("num_workers")
-    workers = min(default_workers(), max(0, (n - 1) // int(cfg.batch_size))) if workers is None else int(workers)
-    loader = IndexedLoader(items, int(cfg.batch_size), False, False, bad, num_workers=workers, persistent=False)
+    workers, batches = cfg.get("num_workers"), -(-n // int(cfg.batch_size))
+    if (
+        workers is None
+    ):  # one batch: decoded here (starting a worker costs more); else a worker a batch, up to the cores
+        workers = 0 if batches == 1 else min(default_workers(), batches)
+    loader = IndexedLoader(items, int(cfg.batch_size), False, False, bad, num_workers=int(workers), persistent=False)
     for batch in loader:
         image = standardize(batch["image"].to(device), pre["mean"], pre["std"])
         yield batch["label"].tolist(), {"image": image}
