@@ -32,14 +32,20 @@ MODEL_DIR = "model"  # in a fine-tune's run dir
 LIBRARIES = {"image": ("timm", "image-classification"), "text": ("transformers", "text-classification")}
 
 
-def write_model(backbone, head, target: Path, labels, preprocessing: dict, about: dict | None = None) -> Path:
+def write_model(
+    backbone, head, target: Path, labels, preprocessing: dict, about: dict | None = None, extra=None
+) -> Path:
     """Write ``target/``: ``backbone`` with ``head`` (an ``nn.Linear`` on its pooled features) as its family's own
     classifier, the class names ``labels`` in label order, the evaluation ``preprocessing`` (a datamodule's
-    ``eval_preprocessing()``), and ``about`` (where it came from, what it scored) in ``pretune.json`` and the card."""
+    ``eval_preprocessing()``), and ``about`` (where it came from, what it scored) in ``pretune.json`` and the card.
+    ``extra(directory)``: writes more into the folder before it appears (e.g. an ``adapter/`` next to the merged
+    weights)."""
     target = Path(target)
     tmp = atomic_dir(target)
     try:
         backbone.save_classifier(head, tmp, list(labels), preprocessing)
+        if extra is not None:
+            extra(tmp)
         meta = {
             "format": FORMAT,
             "backbone_class": f"{type(backbone).__module__}.{type(backbone).__qualname__}",
