@@ -10,6 +10,10 @@
   once and carried in the batches (in-memory data, no augmentation), and doing it (callbacks/feature_cache.py).
 - ``eval_loader(split, batch_size=None, sharded=True)``: a split in order, as validation and test see it
   (``sharded=False``: all of it on this process).
+- ``eval_preprocessing()`` after ``setup``: what a raw input goes through before the backbone at evaluation, as
+  plain values (images: channels, size, resizing, mean and std per channel; text: the token limit), so that an
+  exported model (a fine-tune's ``model/``, a pre-training's ``backbone/``) carries it and ``scripts/predict.py``
+  applies it to new inputs without the datamodule.
 - Loaders shard every global batch across ranks (``shard``) and reshuffle by epoch (``epoch``), so a run
   resumed at epoch k, or split over W processes, sees the batches the uninterrupted single process sees; a
   train loader skips ``batches_trained()`` batches, so a run resumed from a mid-epoch checkpoint does too.
@@ -37,6 +41,10 @@ class PretuneDataModule(pl.LightningDataModule):
         """Files a pre-training run writes next to its ``backbone/`` (name -> JSON-serialisable content): what a later
         evaluation needs to know about the data (image–text pairs: a sample of their captions)."""
         return {}
+
+    def eval_preprocessing(self) -> dict | None:
+        """What an input goes through at evaluation (see the module docstring); None: a source that cannot say."""
+        return None
 
     def can_cache_features(self) -> bool:
         """Whether ``cache_features`` can store features for every example (False: a source that streams)."""

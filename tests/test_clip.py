@@ -751,3 +751,52 @@ def test_evaluate_refuses_what_it_cannot_evaluate_in_one_line(args, needle, tmp_
     )
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_predict_classifies_new_images_zero_shot_over_given_class_names(pretrained, tmp_path):
+    """scripts/predict.py with a CLIP run: its towers and projections rebuilt from the run alone (its config.yaml,
+    backbone/ and the preprocessing recorded there), the class names through the templates; the same top labels
+    as the towers built the way scripts/evaluate.py builds them, on the same inputs."""
+    import csv
+
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from datamodules.spec import ImageTextSpec
+    from datamodules.transforms.images import preprocessing_transform, standardize
+    from lightning_modules.backbones.factory import build_backbone
+    from lightning_modules.backbones.handoff import read_backbone_config, resolve_init
+    from lightning_modules.objectives.base import saved_objective
+    from lightning_modules.runtime.predict import predict
+    from tests.conftest import CONF
+
+    digits = load_digits()
+    for i in range(5):
+        Image.fromarray((digits.images[i] * 255 / 16).round().astype(np.uint8)).save(tmp_path / f"{i}.png")
+    names = ["zero", "one", "two", "three", "four"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("predict", [f"run_dir={pretrained}", f"input={tmp_path}", f"class_names=[{','.join(names)}]"])
+        evaluate_cfg = compose("evaluate", [f"model.init={pretrained}"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "out")
+    metrics = predict(cfg)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert metrics["predicted"] == 5 and [r["input"] for r in rows] == [f"{i}.png" for i in range(5)]
+
+    pre = read_backbone_config(pretrained / "backbone")["preprocessing"]
+    assert pre["crop_mode"] == "center" and pre["channels"] == 1 and pre["modality"] == "image_text"
+    source = resolve_init(str(pretrained))
+    backbone = build_backbone(OmegaConf.to_container(evaluate_cfg.model, resolve=True), source=source).eval()
+    tok = backbone.towers()["text"].processor
+    spec = ImageTextSpec(1, pre["image_size"], len(tok), backbone.towers()["text"].max_positions, tok.pad_token_id, tok)
+    objective = saved_objective(source, backbone, spec).eval()
+    images = [preprocessing_transform(pre)(Image.open(tmp_path / f"{i}.png").convert("L")) for i in range(5)]
+    with torch.no_grad():
+        classes = objective.class_embeddings(backbone, names, ["{}"])
+        batch = {"image": standardize(torch.stack(images), pre["mean"], pre["std"])}
+        expected = objective.zero_shot_logits(backbone, batch, classes).softmax(-1)
+    assert [r["label_1"] for r in rows] == [names[i] for i in expected.argmax(-1).tolist()]
+    assert [float(r["probability_1"]) for r in rows] == pytest.approx(expected.max(-1).values.tolist(), abs=1e-5)

@@ -79,7 +79,8 @@ def test_a_users_backbone_fine_tunes_with_its_first_group_frozen(tmp_path, monke
 
     built = {}
 
-    def build_backbone(model_cfg, data=None, source=None):  # the run's own, keeping the backbone and its initial weights
+    # the run's own, keeping the backbone and its initial weights
+    def build_backbone(model_cfg, data=None, source=None):
         backbone = factory.build_backbone(model_cfg, data, source)
         built["backbone"], built["before"] = backbone, {k: v.clone() for k, v in backbone.state_dict().items()}
         return backbone

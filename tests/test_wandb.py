@@ -65,6 +65,7 @@ def test_finetune_run_records_its_backbone_source_and_per_group_lr_and_frozen_fl
     out = Path(cfg.paths.output_dir)
     logged = read_offline_run(out)
     source = {"path": str((pre / "backbone").resolve()), "sha256": sha256_of(pre / "backbone" / WEIGHTS)}
+    source["logged_as"] = "backbone-vit_tiny_patch16_224-mae"  # its pre-training logged it: lineage when online
     assert logged["config"]["run"]["weights"] == source  # the run record, in W&B and beside config.yaml
     assert json.loads((out / "run.json").read_text())["weights"] == source
     assert "source" not in yaml.safe_load((out / "config.yaml").read_text())["model"]  # config.yaml: as composed
@@ -75,7 +76,7 @@ def test_finetune_run_records_its_backbone_source_and_per_group_lr_and_frozen_fl
     assert first["params/trainable"] == metrics["params/trainable"]
     assert logged["summary"]["test/acc"] == pytest.approx(metrics["test/acc"])
     assert logged["summary"]["params/trainable"] == json.loads((out / "metrics.json").read_text())["params/trainable"]
-    assert logged["artifacts"] == []  # fine-tunes log no backbone
+    assert [a["name"] for a in logged["artifacts"]] == ["model-vit_tiny_patch16_224-digits"]  # model/, no backbone
 
 
 def test_runs_in_one_process_stay_separate_wandb_runs(cfg_factory):

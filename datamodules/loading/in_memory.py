@@ -27,6 +27,7 @@ from sklearn.model_selection import train_test_split
 from datamodules.base import PretuneDataModule
 from datamodules.spec import ImageSpec
 from datamodules.transforms.augment import BatchAugment
+from datamodules.transforms.images import image_preprocessing
 from datamodules.transforms.recipe import eval_crop, resolve
 from lightning_modules.backbones.base import FEATURES
 from lightning_modules.config.rules import check
@@ -170,6 +171,8 @@ class InMemoryImageDataModule(PretuneDataModule):
     crops_eval_at_read = False  # True: evaluation images are stored centre-cropped already (read from files)
     # Why an op with no whole-batch entry (torchvision's policies) is refused here, in the line that says so.
     held_in_memory = "is applied per image by streaming workers, and these images are held in memory"
+    # How a stored image reaches image_size: decode() resizes whole images (bilinear, squares stay squares).
+    eval_interpolation = "bilinear"
 
     def __init__(
         self,
@@ -297,6 +300,15 @@ class InMemoryImageDataModule(PretuneDataModule):
 
     def decoder(self, split: str):
         return self.decode if split == "train" else self.decode_eval
+
+    def eval_preprocessing(self) -> dict:
+        """An image file as evaluation sees a stored image: resized to ``image_size / eval_crop_pct`` (the centre
+        square of a non-square file), the centre ``image_size`` kept, scaled to [0, 1], normalised with this run's
+        mean and std (the training images', one value for all channels; or the weights' own, per channel). A source
+        of arrays on another scale (digits: 0..16) is read from 8-bit files as 0..255."""
+        return image_preprocessing(
+            self.channels, self.image_size, self.mean, self.std, self.eval_interpolation, self.eval_crop
+        )
 
     def images(self, split: str) -> torch.Tensor:
         """A whole split decoded (for inspection and tests; training decodes batch by batch)."""

@@ -35,10 +35,10 @@ ON_BAD_SAMPLE = ("error", "skip")
 class BadSamples:
     """What happens to a sample whose file cannot be decoded: one clear error, or dropped and counted."""
 
-    def __init__(self, policy: str, where: str):
+    def __init__(self, policy: str, where: str, key: str = "datamodule.on_bad_sample"):
         if policy not in ON_BAD_SAMPLE:
-            raise ConfigError(f"datamodule.on_bad_sample={policy!r} is invalid: allowed are 'error', 'skip'")
-        self.policy, self.where = policy, where
+            raise ConfigError(f"{key}={policy!r} is invalid: allowed are 'error', 'skip'")
+        self.policy, self.where, self.key = policy, where, key  # key: the option a user sets (predict.py's own)
         self.skipped, self._named = 0, set()
 
     def screen(self, batch: dict) -> dict | None:
@@ -53,7 +53,7 @@ class BadSamples:
         if self.policy == "error":
             raise ConfigError(
                 f"{self.where}: cannot read image {names[bad[0]]} ({errors[bad[0]]});"
-                " datamodule.on_bad_sample=skip skips unreadable images and counts them"
+                f" {self.key}=skip skips unreadable images and counts them"
             )
         self.skipped += len(bad)
         for i in bad:

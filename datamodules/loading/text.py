@@ -144,6 +144,10 @@ class TextDataModule(PretuneDataModule):
         """``tokenize`` with the backbone's tokenizer and ``max_length``."""
         return tokenize(self._require_tokenizer(), texts, self.max_length)
 
+    def eval_preprocessing(self) -> dict:
+        """The backbone's tokenizer (it travels with the weights), truncating at ``max_length`` tokens."""
+        return {"modality": "text", "max_length": int(self.max_length)}
+
     def make_spec(self, class_names: tuple[str, ...] = ()) -> TextSpec:
         tokenizer = self._require_tokenizer()
         return TextSpec(

@@ -31,7 +31,13 @@ from datamodules.sources.folders import folder_splits
 from datamodules.spec import ImageSpec
 from datamodules.transforms.augment import BatchAugment, device_part
 from datamodules.transforms.decode import decode
-from datamodules.transforms.images import Normalize, channel_stats, eval_transform, train_transform
+from datamodules.transforms.images import (
+    Normalize,
+    channel_stats,
+    eval_transform,
+    image_preprocessing,
+    train_transform,
+)
 from datamodules.transforms.recipe import WORKER_OPS
 from lightning_modules.config.rules import check
 from lightning_modules.core.errors import ConfigError
@@ -39,7 +45,7 @@ from lightning_modules.core.errors import ConfigError
 STATS_SAMPLE = 256  # training images that estimate the data's mean and std when streaming
 
 
-class _Files:
+class Files:
     """``raw(index)`` for a folder: the file's path, its label (None when unlabeled), its name.
 
     The paths are one fixed-width bytes array, not a list of Python strings: a forked worker reading a Python
@@ -62,6 +68,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         "is applied per image by streaming workers, and these images are held in memory (datamodule.loading=stream"
         " streams them)"
     )
+    eval_interpolation = "bicubic"  # held in memory: each file read as eval_transform(image_size, eval_crop_pct)
 
     def __init__(
         self,
@@ -119,6 +126,14 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         else:
             self._files = (files, classes)
             super().setup(stage)  # load_splits() below reads the files
+
+    def eval_preprocessing(self) -> dict:
+        """Either path reads a file with the evaluation transform (``eval_crop_pct``, bicubic); held in memory it is
+        normalised with the in-memory statistics, streamed with the streaming path's mean and std."""
+        if not self.streams:
+            return super().eval_preprocessing()
+        mean, std = self.normalization
+        return image_preprocessing(self.channels, self.image_size, mean, std, "bicubic", self.eval_crop)
 
     # --- in memory -------------------------------------------------------------------------------------
     def _read(self, paths: np.ndarray, labels: np.ndarray, crop_pct: float) -> tuple[torch.Tensor, np.ndarray]:
@@ -196,7 +211,7 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         else:
             transform = eval_transform(self.image_size, self.eval_crop)
         keep_labels = self.labeled or split != "train"
-        raw = _Files(paths, labels if keep_labels else None)
+        raw = Files(paths, labels if keep_labels else None)
         return ItemsDataset(raw, len(paths), self.channels, self.image_size, transform)
 
     def train_dataloader(self):

@@ -48,7 +48,13 @@ from datamodules.sources.text_corpus import read_text
 from datamodules.spec import ImageTextSpec
 from datamodules.transforms.augment import BatchAugment, device_part
 from datamodules.transforms.decode import decode
-from datamodules.transforms.images import Normalize, eval_transform, fit_channels, train_transform
+from datamodules.transforms.images import (
+    Normalize,
+    eval_transform,
+    fit_channels,
+    image_preprocessing,
+    train_transform,
+)
 from datamodules.transforms.recipe import WORKER_OPS, resolve
 from datamodules.transforms.text import tokenize
 from lightning_modules.config.rules import check
@@ -168,6 +174,7 @@ class ImageTextDataModule(PretuneDataModule):
         self._raw: dict[str, tuple[list, list[list[str]], list]] | None = None
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
         self.truncated = 0
+        self.mean = self.std = None  # of the training images, once set up
         self.spec: ImageTextSpec | None = None
 
     def batch_augment(self) -> BatchAugment:
@@ -359,6 +366,15 @@ class ImageTextDataModule(PretuneDataModule):
         keep = np.sort(np.random.default_rng(0).permutation(len(captions))[:CAPTION_SAMPLE])
         return {CAPTIONS_FILE: {"captions": [captions[i] for i in keep], "distinct": len(captions)}}
 
+    def eval_preprocessing(self) -> dict:
+        """Image files read as every image source reads them (the shorter side resized to ``image_size``, bicubic,
+        the centre square), normalised with the training images' mean and std (from shards: the preparation's);
+        captions by the text tower's tokenizer, truncated at ``max_length`` tokens."""
+        streamed = self.shard_meta is not None
+        mean, std = (self.normalize.mean, self.normalize.std) if streamed else ([self.mean], [self.std])
+        pre = image_preprocessing(self.channels, self.image_size, mean, std, "bicubic", 1.0)
+        return {**pre, "modality": "image_text", "max_length": int(self.max_length)}
+
     def texts(self):
         """Every training caption: what a text tower built from scratch trains its tokenizer on (streamed from
         shards: read as the tokenizer trains)."""
@@ -391,6 +407,7 @@ class ImageTextDataModule(PretuneDataModule):
         images = {split: self._load_images(raw[split][0], raw[split][2]) for split in raw}
         # Normalised with all training images' statistics, as the in-memory image sources do.
         mean, std = images["train"].mean(), images["train"].std().clamp_min(1e-6)
+        self.mean, self.std = float(mean), float(std)
         total = truncated = 0
         for split, (_, captions, _) in raw.items():
             flat = [c for per_image in captions for c in per_image]

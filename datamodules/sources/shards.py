@@ -46,6 +46,7 @@ from datamodules.transforms.images import (
     Normalize,
     eval_transform,
     fit_channels,
+    image_preprocessing,
     load_sample,
     sample_key,
     train_transform,
@@ -251,6 +252,11 @@ class ShardsDataModule(PretuneDataModule):
         )
         classes = tuple(meta["classes"])
         self.spec = ImageSpec(self.channels, self.image_size, len(classes) if self.labeled else 0, classes)
+
+    def eval_preprocessing(self) -> dict:
+        """The evaluation transform (``eval_crop_pct``, bicubic) and this run's mean and std."""
+        mean, std = self.normalization
+        return image_preprocessing(self.channels, self.image_size, mean, std, "bicubic", self.eval_crop)
 
     def train_dataloader(self):
         # Built here, not in setup: litdata reads the process group (rank, world size) when the dataset is

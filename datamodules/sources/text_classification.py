@@ -79,41 +79,8 @@ class TextClassificationDataModule(TextDataModule):
     # --- reading -------------------------------------------------------------------------------------------
     def _rows(self, key: str, value: str) -> list[tuple[str, str]]:
         """(text, label) rows of one file, refused with one line naming ``key`` and the file."""
-        path = Path(value).expanduser()
-        what = f"datamodule.{key}={value}"
-        if path.suffix.lower() not in FORMATS:
-            raise ConfigError(f"{what}: unknown format {path.suffix or '(none)'}; allowed are {', '.join(FORMATS)}")
-        if not path.is_file():
-            raise ConfigError(f"{what}: no such file")
-        text = read_text(path, what)
-        columns = (self.text_column, self.label_column)
-        if path.suffix.lower() == ".jsonl":
-            rows = []
-            for number, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ConfigError(f"{what}: line {number} is not JSON ({err.msg})") from err
-                if not isinstance(record, dict):
-                    raise ConfigError(f"{what}: line {number} is not a JSON object")
-                for column in columns:
-                    if column not in record:
-                        key_ = "text_column" if column == self.text_column else "label_column"
-                        raise ConfigError(f"datamodule.{key_}={column}: line {number} of {path} has no such key")
-                rows.append((record[self.text_column], record[self.label_column]))
-        else:
-            reader = csv.DictReader(io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            header = reader.fieldnames or []
-            for key_, column in (("text_column", self.text_column), ("label_column", self.label_column)):
-                if column not in header:
-                    raise ConfigError(
-                        f"datamodule.{key_}={column}: no such column in {path} (columns: {', '.join(header)})"
-                    )
-            rows = [(r[self.text_column], r[self.label_column]) for r in reader]
-        if not rows:
-            raise ConfigError(f"{what}: no rows")
+        columns = {"datamodule.text_column": self.text_column, "datamodule.label_column": self.label_column}
+        rows = read_columns(Path(value).expanduser(), columns, f"datamodule.{key}={value}")
         return [("" if t is None else str(t), str(label)) for t, label in rows]
 
     def _read_files(self):
@@ -233,6 +200,42 @@ class TextClassificationDataModule(TextDataModule):
             f"labeled training examples (label_fraction={self.label_fraction})" if self.labeled else "training texts"
         )
         self.spec = self.make_spec(tuple(classes))
+
+
+def read_columns(path: Path, columns: dict[str, str], what: str) -> list[tuple]:
+    """The rows of a .csv, .tsv or .jsonl file as tuples of ``columns`` (the key a user names each column with ->
+    the column), in the file's order; a missing column or a malformed line is one line naming its key and the file
+    (``what``: how the file was named, e.g. ``datamodule.path=reviews.csv``)."""
+    if path.suffix.lower() not in FORMATS:
+        raise ConfigError(f"{what}: unknown format {path.suffix or '(none)'}; allowed are {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise ConfigError(f"{what}: no such file")
+    text = read_text(path, what)
+    if path.suffix.lower() == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{what}: line {number} is not JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise ConfigError(f"{what}: line {number} is not a JSON object")
+            for key, column in columns.items():
+                if column not in record:
+                    raise ConfigError(f"{key}={column}: line {number} of {path} has no such key")
+            rows.append(tuple(record[column] for column in columns.values()))
+    else:
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        header = reader.fieldnames or []
+        for key, column in columns.items():
+            if column not in header:
+                raise ConfigError(f"{key}={column}: no such column in {path} (columns: {', '.join(header)})")
+        rows = [tuple(r[column] for column in columns.values()) for r in reader]
+    if not rows:
+        raise ConfigError(f"{what}: no rows")
+    return rows
 
 
 def _class_names(labels) -> tuple[str, ...]:

@@ -41,17 +41,52 @@ def fit_channels(values: list[float], channels: int) -> list[float]:
     return [sum(values) / len(values)] * channels
 
 
-def _centre(size: int, crop_pct: float) -> list:
-    """Resize the shorter side to ``size / crop_pct``, keep the aspect ratio, take the centre square."""
-    return [
-        v2.Resize(round(size / crop_pct), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(size),
-    ]
+INTERPOLATIONS = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}
 
 
-def eval_transform(size: int, crop_pct: float = 0.875):
+def _centre(size: int, crop_pct: float, interpolation: str = "bicubic", crop_mode: str = "center") -> list:
+    """Resize the shorter side to ``size / crop_pct``, keep the aspect ratio, take the centre square
+    (``crop_mode=squash``: both sides to ``size / crop_pct``, the aspect ratio not kept)."""
+    scaled = round(size / crop_pct)
+    resize_to = scaled if crop_mode == "center" else (scaled, scaled)
+    return [v2.Resize(resize_to, INTERPOLATIONS[interpolation], antialias=True), v2.CenterCrop(size)]
+
+
+def eval_transform(size: int, crop_pct: float = 0.875, interpolation: str = "bicubic", crop_mode: str = "center"):
     """Evaluation on every path (and how the in-memory path reads its training images, at ``crop_pct=1``)."""
-    return v2.Compose([*_centre(size, crop_pct), v2.PILToTensor()])
+    return v2.Compose([*_centre(size, crop_pct, interpolation, crop_mode), v2.PILToTensor()])
+
+
+def image_preprocessing(
+    channels: int, size: int, mean, std, interpolation: str = "bicubic", crop_pct: float = 1.0, crop_mode="center"
+) -> dict:
+    """An image source's evaluation preprocessing as plain values (``eval_preprocessing``): an 8-bit image file
+    decoded to ``channels``, resized and cropped to ``size`` as ``eval_transform`` does, scaled to [0, 1] and
+    normalised with ``mean`` and ``std`` per channel (a source's single statistic repeated over its channels)."""
+    as_list = lambda v: [float(x) for x in (v.flatten().tolist() if isinstance(v, torch.Tensor) else v)]  # noqa: E731
+    return {
+        "modality": "image",
+        "channels": int(channels),
+        "image_size": int(size),
+        "interpolation": interpolation,
+        "crop_pct": float(crop_pct),
+        "crop_mode": crop_mode,
+        "mean": fit_channels(as_list(mean), channels),
+        "std": fit_channels(as_list(std), channels),
+    }
+
+
+def preprocessing_transform(pre: dict):
+    """``eval_transform`` as a recorded preprocessing (``image_preprocessing``) asks for it: file to uint8."""
+    return eval_transform(pre["image_size"], pre["crop_pct"], pre["interpolation"], pre.get("crop_mode", "center"))
+
+
+def standardize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 images (B, C, H, W) -> float, scaled to [0, 1] and normalised per channel: the in-memory sources'
+    ``decode`` and torchvision's ``ToTensor`` + ``Normalize`` (what timm's transforms do), operation for operation."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255 - mean_t) / std_t
 
 
 def train_transform(size: int, recipe: Recipe):

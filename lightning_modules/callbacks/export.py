@@ -1,7 +1,7 @@
-"""At the end of pre-training: export ``backbone/`` (weights, architecture, processor, the objective's heads)
-and, when the run logs to W&B, log it as a model artifact, so fine-tunes can load it by path or by artifact.
-A backbone made of towers (a dual encoder) also logs each tower (``backbone/image``, ``backbone/text``) as an
-artifact of its own, named after the tower's model (``backbone-<model.text.name>-clip``)."""
+"""At the end of pre-training: export ``backbone/`` (weights, architecture, processor, the objective's heads, the
+data's evaluation preprocessing) and, when the run logs to W&B, log it as a model artifact, so fine-tunes can load
+it by path or by artifact. A backbone made of towers (a dual encoder) also logs each tower (``backbone/image``,
+``backbone/text``) as an artifact of its own, named after the tower's model (``backbone-<model.text.name>-clip``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from pytorch_lightning.callbacks import Callback
 
-from lightning_modules.backbones.artifacts import log_backbone
+from lightning_modules.backbones.artifacts import log_folder
 from lightning_modules.backbones.handoff import export_backbone
 from lightning_modules.core.locations import CONFIG
 
@@ -35,6 +35,7 @@ class BackboneExport(Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:  # the same weights on every rank: one export
             return
+        datamodule = trainer.datamodule
         export_backbone(
             pl_module.backbone,
             self.target,
@@ -42,6 +43,7 @@ class BackboneExport(Callback):
             objective=pl_module.objective,
             objective_cfg=self.objective_cfg,
             files=self.files,
+            preprocessing=datamodule.eval_preprocessing() if datamodule is not None else None,
         )
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
@@ -49,4 +51,4 @@ class BackboneExport(Callback):
                     directory = self.target / part
                     if (directory / CONFIG).is_file():  # the towers the export wrote
                         meta = yaml.safe_load((directory / CONFIG).read_text())
-                        log_backbone(logger.experiment, directory, name, meta)
+                        log_folder(logger.experiment, directory, name, meta)

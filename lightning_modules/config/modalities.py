@@ -125,6 +125,8 @@ def check_modalities(cfg: DictConfig) -> None:
     interpolation it breaks, ``model.kwargs.in_chans=${datamodule.channels}`` on text data)."""
     if _select(cfg, "stage") == "evaluate":
         return _check_evaluation(cfg)
+    if _select(cfg, "model") is None:  # predict.py, export.py: the trained model says what it reads, once it is read
+        return None
     model = model_modality(cfg.model) if isinstance(_select(cfg, "model"), DictConfig) else None
     data = class_attribute(_select(cfg, "datamodule._target_"), "modality")
     objective_target = _select(cfg, "objective._target_")

@@ -44,8 +44,13 @@ def main(cfg: DictConfig):
     try:
         check_config(cfg)
         # heavy imports only once the config is known good
-        if cfg.get("stage") == "evaluate":
+        stage = cfg.get("stage")
+        if stage == "evaluate":
             from lightning_modules.runtime.evaluate import evaluate as run  # keeps torch out of the config check
+        elif stage == "predict":
+            from lightning_modules.runtime.predict import predict as run  # keeps torch out of the config check
+        elif stage == "export":
+            from lightning_modules.runtime.exporting import export as run  # keeps torch out of the config check
         else:
             from lightning_modules.runtime.run import run  # keeps torch out of the config check
 
@@ -60,4 +65,5 @@ def main(cfg: DictConfig):
             return None
         sys.exit(code)
     # The value at the checkpoint that validation selected (what the run was tested with), else the last.
-    return metrics.get(f"{cfg.optimized_metric}_best", metrics.get(cfg.optimized_metric))
+    optimized = cfg.get("optimized_metric")  # predict.py and export.py optimize nothing
+    return metrics.get(f"{optimized}_best", metrics.get(optimized)) if optimized else None

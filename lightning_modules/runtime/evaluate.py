@@ -72,7 +72,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return metrics
 
 
-def _device(device: str) -> torch.device:
+def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -98,7 +98,7 @@ def _evaluate(cfg: DictConfig, source: dict | None) -> dict:
         )
     if not hasattr(objective, "class_embeddings"):
         raise ConfigError(f"model.init={cfg.model.init}: its objective ({type(objective).__name__}) is not CLIP")
-    device = _device(str(cfg.get("device", "auto")))
+    device = pick_device(str(cfg.get("device", "auto")))
     backbone.to(device).eval()
     objective.to(device).eval()
     with torch.no_grad():

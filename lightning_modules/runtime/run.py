@@ -23,12 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from lightning_modules.backbones.artifacts import artifact_name, record_use
+from lightning_modules.backbones.artifacts import artifact_name, model_artifact_name, record_use
 from lightning_modules.backbones.factory import build_backbone
-from lightning_modules.backbones.handoff import resolve_init, state_differences
+from lightning_modules.backbones.handoff import provenance_of, resolve_init, state_differences
+from lightning_modules.backbones.model_dir import MODEL_DIR
 from lightning_modules.callbacks.export import BackboneExport
 from lightning_modules.callbacks.feature_cache import FeatureCache
 from lightning_modules.callbacks.forgetting import ForgettingProbe
+from lightning_modules.callbacks.model_export import ModelExport
 from lightning_modules.callbacks.monitor import LayerGroupMonitor, count_params
 from lightning_modules.callbacks.progress import ThrottledProgressBar
 from lightning_modules.callbacks.seeding import EpochSeed
@@ -206,6 +208,11 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     if finetune:
         if OmegaConf.select(cfg, "finetune.measure_forgetting", default=False):
             callbacks.append(ForgettingProbe(init, record["weights"], backbone, datamodule))
+        if OmegaConf.select(cfg, "finetune.export_model", default=True):
+            wandb_on = OmegaConf.select(cfg, "logger.wandb") is not None
+            about = _model_card(cfg.datamodule, cfg.seed, out_dir, record["weights"])
+            artifact = _model_artifact(model_cfg, datamodule, cfg.datamodule) if wandb_on else None
+            callbacks.append(ModelExport(out_dir / MODEL_DIR, about, artifact, cfg.get("push_to_hub")))
     else:
         callbacks.append(_export(cfg, model_cfg, out_dir, datamodule.export_files()))
     callbacks += _progress_bar(cfg.trainer.get("enable_progress_bar", True), callbacks)
@@ -225,7 +232,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run": record})
     try:
         for experiment in _wandb_runs(trainer):
-            record_use(experiment, init)
+            record_use(experiment, init, record["weights"])
         # A configured callback refusing this run mid-way (EarlyStopping's metric never logged): one line.
         with runtime_cuda_check(enabled=isinstance(trainer.accelerator, CPUAccelerator)), blamed_on(configured):
             resume = _resume_path(cfg.get("ckpt_path"), out_dir, module)
@@ -287,8 +294,43 @@ def _export(cfg: DictConfig, model_cfg: dict, out_dir: Path, files: dict) -> Bac
     }
     names = {"": artifact_name(model_cfg, objective)}
     names |= {tower: artifact_name(model_cfg[tower], objective) for tower in towers_of(model_cfg)}
+    if OmegaConf.select(cfg, "logger.wandb") is not None:  # a fine-tune from this backbone/ links to the artifact
+        provenance["wandb_artifact"] = names[""]
     objective_cfg = OmegaConf.to_container(cfg.objective, resolve=True)
     return BackboneExport(out_dir / "backbone", provenance, objective_cfg, names, files)
+
+
+def _model_card(data_cfg, seed: int, out_dir: Path, weights: dict | None) -> dict:
+    """What a fine-tune's ``model/`` card says of where it came from: this run, its data, the weights it started
+    from (the run record's ``weights``) and, for a pretune backbone, how that was pre-trained."""
+    data = {k: data_cfg.get(k) for k in ("root", "path", "text_column", "label_column") if data_cfg.get(k) is not None}
+    return {
+        "run_dir": str(out_dir.resolve()),
+        "data": {
+            "datamodule": str(data_cfg.get("_target_", "")).rsplit(".", 1)[-1],
+            **data,
+            "label_fraction": data_cfg.get("label_fraction", 1.0),
+            "seed": seed,
+        },
+        "pretrained": weights,
+        "pretraining": _pretraining(weights),
+    }
+
+
+def _model_artifact(model_cfg: dict, datamodule, data_cfg) -> str:
+    """The W&B name of a fine-tune's model artifact: the backbone's and the data's (its folder or file)."""
+    name = getattr(datamodule, "name", type(datamodule).__name__)
+    return model_artifact_name(model_cfg, name, data_cfg.get("root") or data_cfg.get("path"))
+
+
+def _pretraining(weights: dict | None) -> dict | None:
+    """How a pretune backbone the fine-tune started from was pre-trained (its objective and data), from its
+    ``config.yaml``; None for other weights."""
+    if not weights or not weights.get("path") or weights.get("file"):
+        return None
+    provenance = provenance_of(Path(weights["path"]))
+    out = {k: str(provenance[k]).rsplit(".", 1)[-1] for k in ("objective", "datamodule") if k in provenance}
+    return out | {k: provenance[k] for k in ("run_dir", "wandb_artifact") if k in provenance}
 
 
 def _resume_path(ckpt_path, out_dir: Path, module) -> str | None:
