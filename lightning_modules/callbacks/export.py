@@ -12,6 +12,7 @@ from pytorch_lightning.callbacks import Callback
 
 from lightning_modules.backbones.artifacts import log_backbone
 from lightning_modules.backbones.handoff import export_backbone
+from lightning_modules.core.distributed import unsharded
 from lightning_modules.core.locations import CONFIG
 
 
@@ -25,15 +26,18 @@ class BackboneExport(Callback):
         self.objective_cfg, self.artifact_names = objective_cfg, artifact_names
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:  # the same weights on every rank: one export
+        # FSDP: every rank helps gather the whole weights (rank 0 reads them); otherwise nothing to do
+        with unsharded(pl_module, reader=trainer.is_global_zero):
+            if trainer.is_global_zero:  # the same weights on every rank: one export
+                export_backbone(
+                    pl_module.backbone,
+                    self.target,
+                    provenance=self.provenance,
+                    objective=pl_module.objective,
+                    objective_cfg=self.objective_cfg,
+                )
+        if not trainer.is_global_zero:
             return
-        export_backbone(
-            pl_module.backbone,
-            self.target,
-            provenance=self.provenance,
-            objective=pl_module.objective,
-            objective_cfg=self.objective_cfg,
-        )
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 for part, name in self.artifact_names.items():
