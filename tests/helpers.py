@@ -144,6 +144,23 @@ class WaitAt:
         return _Wait()
 
 
+class SignalAt:
+    """A Lightning callback that sends ``signum`` to its own process as optimizer step ``step`` starts (Python runs
+    the handler at once, in the middle of that step)."""
+
+    def __new__(cls, step: int, signum: int):
+        import os
+
+        from pytorch_lightning.callbacks import Callback
+
+        class _Signal(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == step:
+                    os.kill(os.getpid(), signum)
+
+        return _Signal()
+
+
 class StopAtStep:
     """A Lightning callback that ends fit after optimizer step ``step``, as if the run had been killed right after
     a checkpoint taken at that step (in the middle of an epoch)."""

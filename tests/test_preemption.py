@@ -106,3 +106,36 @@ def test_a_signalled_slurm_job_saves_requeues_and_its_requeued_run_ends_as_an_un
     assert not before & after and last_before < first_after == 8  # steps 0..7 trained before the cut, 8.. after
     assert before | after == _logged_steps(uninterrupted["history"])
     assert attempts[1]["summary"]["test/acc"] == pytest.approx(full_metrics["test/acc"])
+
+
+@pytest.mark.slow
+def test_under_submitit_its_handler_requeues_once_the_checkpoint_is_saved(cfg_factory, tmp_path, monkeypatch):
+    """Hydra's submitit launcher runs the job in-process with its own USR2 handler (requeue, count, exit): the run
+    saves ``last.ckpt`` at the end of the step in flight first, hands the signal on, and ends as requeued."""
+    from lightning_modules.core.errors import Requeued
+    from lightning_modules.runtime.run import run
+
+    for key, value in SLURM.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")  # an scontrol that must not be called here
+    (tmp_path / "scontrol").write_text(f"#!/bin/sh\ntouch {tmp_path / 'scontrol_called'}\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    saved = tmp_path / "finetune" / "checkpoints" / "last.ckpt"
+    handed = []
+
+    def submitit(signum, frame):  # what submitit's SignalHandler.checkpoint_and_try_requeue does on rank 0
+        handed.append((signum, torch.load(saved, weights_only=True)["global_step"]))
+        raise SystemExit(-1)
+
+    previous = signal.signal(signal.SIGUSR2, submitit)
+    try:
+        send = ["+callbacks.signal._target_=tests.helpers.SignalAt", "+callbacks.signal.step=4"]
+        cfg = cfg_factory("finetune", *COMMON, *send, f"+callbacks.signal.signum={int(signal.SIGUSR2)}")
+        with pytest.raises(Requeued) as stop:
+            run(cfg)
+        assert signal.getsignal(signal.SIGUSR2) is submitit  # put back once the run stopped
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert stop.value.code == 3 and handed == [(signal.SIGUSR2, 5)]  # saved at the end of step 5, then handed on
+    assert not (tmp_path / "scontrol_called").exists()  # submitit requeues, not pretune a second time
+    assert not (tmp_path / "finetune" / "metrics.json").exists()

@@ -62,7 +62,8 @@ def _final_metrics(trainer: pl.Trainer) -> dict:
 
 def loggers_from(logger_cfg, identity: dict | None = None) -> list:
     """The configured loggers (``cfg.logger``); ``identity``: the W&B run's name and group where the config leaves
-    them unset (``wandb_runs.run_identity``). W&B is offline unless a key is configured."""
+    them unset (``wandb_runs.run_identity``), and its id (``wandb_runs.run_id``: a resumed run continues its W&B
+    run). W&B is offline unless a key is configured."""
     loggers = []
     for name, conf in (logger_cfg or {}).items():
         if conf is None:
@@ -165,7 +166,9 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     checkpoint = _checkpoint_file(cfg.get("ckpt_path"), out_dir)
     if OmegaConf.select(cfg, "logger.wandb") is not None:  # unset name/group come from the Hydra job
         record["wandb"] = wandb_runs.run_identity(Path(cfg.paths.log_dir), out_dir)
-        record["wandb"]["id"] = wandb_runs.run_id(out_dir, resuming=checkpoint is not None)
+        record["wandb"]["id"] = OmegaConf.select(cfg, "logger.wandb.id") or wandb_runs.run_id(
+            out_dir, resuming=checkpoint is not None
+        )
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(record["float32_matmul_precision"])
     datamodule = build(cfg.datamodule, "datamodule", labeled=finetune)
