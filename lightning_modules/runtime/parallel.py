@@ -37,6 +37,7 @@ import sys
 import threading
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 from lightning_fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning_fabric.strategies.launchers.subprocess_script import _basic_subprocess_cmd, _ChildProcessObserver
@@ -247,10 +248,11 @@ class HydraFSDPStrategy(_HydraJobs, ModelParallelStrategy):
         """As Lightning's, with two fixes. Only a fit restores optimizers: testing ``best.ckpt`` (weights only) after
         the fit would otherwise look in it for the fit's optimizer states, which it does not hold. And while the
         optimizer's state loads, exactly the parameters the checkpoint holds a state for count as trainable: torch's
-        loader (``set_optimizer_state_dict``) loads the states of the parameters that require grad at that moment,
-        and gives those without a saved one a blank state; on a resume the freezing callbacks put the checkpoint's
-        epoch in place only later (the epoch-0 state stands until then), so the state of a group unfrozen since
-        would be dropped, and its next steps would differ from the uninterrupted run's (tests/test_fsdp.py)."""
+        loader (``set_optimizer_state_dict``) loads the states of the parameters that require grad at that moment
+        (and refuses one that requires grad but has none saved). On a resume the freezing callbacks put the
+        checkpoint's epoch in place only later (the epoch-0 state stands until then), so the state of a group
+        unfrozen since would be dropped, and its next steps would differ from the uninterrupted run's
+        (tests/test_fsdp.py)."""
         from pytorch_lightning.trainer.states import TrainerFn
 
         if self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
@@ -293,7 +295,6 @@ class HydraFSDPStrategy(_HydraJobs, ModelParallelStrategy):
 def _params_with_saved_state(checkpoint_path, module) -> set[str] | None:
     """The names of the parameters a full checkpoint holds an optimizer state for (None for a folder of shards).
     Lightning keys those states by parameter index; torch's rekeying names them, as Lightning's loader does."""
-    import torch
     from torch.distributed.fsdp import FullyShardedDataParallel, OptimStateKeyType
 
     if not os.path.isfile(checkpoint_path):
