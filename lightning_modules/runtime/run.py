@@ -299,15 +299,15 @@ def _export(cfg: DictConfig, model_cfg: dict, out_dir: Path) -> BackboneExport:
 def _checkpoint_file(ckpt_path, out_dir: Path) -> Path | None:
     """The checkpoint ``ckpt_path`` names: a file, a run dir (its ``last.ckpt``), or ``last``, this run dir's own
     ``last.ckpt`` (None while there is none: the first attempt). A requeued SLURM job (``callbacks/preemption.py``)
-    continues from its own ``last.ckpt`` as if ``ckpt_path=last`` were given."""
+    continues from its own ``last.ckpt`` once it has one, whatever ``ckpt_path`` it started from."""
+    own = out_dir / "checkpoints" / "last.ckpt"
+    if requeued_job() and own.is_file():
+        return own
     path = ckpt_path
-    if path is None and requeued_job():
-        path = "last"
     if path is None:
         return None
-    if str(path) == "last":  # this run dir's own last.ckpt: a relaunch (or a SLURM requeue) continues
-        path = out_dir / "checkpoints" / "last.ckpt"
-        return path if path.is_file() else None  # nothing saved yet: this is the first attempt
+    if str(path) == "last":  # this run dir's own last.ckpt: a relaunch continues
+        return own if own.is_file() else None  # nothing saved yet: this is the first attempt
     if Path(path).is_dir():  # a run dir: its last checkpoint
         path = Path(path) / "checkpoints" / "last.ckpt"
     if not Path(path).is_file():
