@@ -124,6 +124,44 @@ class PauseAt:
         return _Pause()
 
 
+class WaitAt:
+    """A Lightning callback that, at batch ``batch`` of epoch ``epoch``, touches ``marker`` and waits until ``go``
+    exists: a run caught mid-epoch, for a test to signal, then let go on."""
+
+    def __new__(cls, epoch: int, batch: int, marker: str, go: str):
+        import time
+        from pathlib import Path
+
+        from pytorch_lightning.callbacks import Callback
+
+        class _Wait(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch_, batch_idx):
+                if trainer.current_epoch == epoch and batch_idx == batch:
+                    Path(marker).touch()
+                    deadline = time.time() + 600
+                    while not Path(go).exists() and time.time() < deadline:
+                        time.sleep(0.05)
+
+        return _Wait()
+
+
+class SignalAt:
+    """A Lightning callback that sends ``signum`` to its own process as optimizer step ``step`` starts (Python runs
+    the handler at once, in the middle of that step)."""
+
+    def __new__(cls, step: int, signum: int):
+        import os
+
+        from pytorch_lightning.callbacks import Callback
+
+        class _Signal(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == step:
+                    os.kill(os.getpid(), signum)
+
+        return _Signal()
+
+
 class StopAtStep:
     """A Lightning callback that ends fit after optimizer step ``step``, as if the run had been killed right after
     a checkpoint taken at that step (in the middle of an epoch)."""

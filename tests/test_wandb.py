@@ -140,6 +140,27 @@ def test_an_online_run_marks_the_fetched_artifact_as_its_input():
     assert online.used == ["me/pretune/backbone-x-mae:v3"]
 
 
+@pytest.mark.slow
+def test_a_run_resumed_with_ckpt_path_last_continues_its_wandb_run(cfg_factory):
+    """The W&B run's id is in run.json; the run resumed in its dir takes it up (resume="allow") instead of starting
+    another: offline, a second log under the same id, which wandb sync appends to the first. A new run gets a new id."""
+    from tests.wandb_log import read_offline_runs
+
+    stop = ["+callbacks.stop._target_=tests.helpers.StopAfter", "+callbacks.stop.epochs=1"]
+    run(cfg_factory("finetune", *TINY, *stop, name="cut"))
+    out = Path(cfg_factory("finetune", *TINY, name="cut").paths.output_dir)
+    first = json.loads((out / "run.json").read_text())["wandb"]["id"]
+    metrics = run(cfg_factory("finetune", *TINY, "ckpt_path=last", name="cut"))
+    attempts = read_offline_runs(out)
+    assert [a["id"] for a in attempts] == [first, first]
+    assert json.loads((out / "run.json").read_text())["wandb"]["id"] == first
+    steps = [{row["trainer/global_step"] for row in a["history"] if "train/loss_step" in row} for a in attempts]
+    assert max(steps[0]) < min(steps[1])  # the resumed attempt logs the steps after the cut, not from 0
+    assert attempts[1]["summary"]["test/acc"] == pytest.approx(metrics["test/acc"])
+    run(cfg_factory("finetune", *TINY, "trainer.max_epochs=1", name="other"))
+    assert read_offline_runs(out.parent / "other")[0]["id"] != first
+
+
 @pytest.mark.parametrize(
     ("mode", "app_dir", "run_dir", "group"),
     [

@@ -12,6 +12,7 @@ from pytorch_lightning.callbacks import Callback
 
 from lightning_modules.backbones.artifacts import log_folder
 from lightning_modules.backbones.handoff import export_backbone
+from lightning_modules.core.distributed import unsharded
 from lightning_modules.core.locations import CONFIG
 
 
@@ -33,18 +34,21 @@ class BackboneExport(Callback):
         self.objective_cfg, self.artifact_names, self.files = objective_cfg, artifact_names, files
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:  # the same weights on every rank: one export
-            return
         datamodule = trainer.datamodule
-        export_backbone(
-            pl_module.backbone,
-            self.target,
-            provenance=self.provenance,
-            objective=pl_module.objective,
-            objective_cfg=self.objective_cfg,
-            files=self.files,
-            preprocessing=datamodule.eval_preprocessing() if datamodule is not None else None,
-        )
+        # FSDP: every rank helps gather the whole weights (rank 0 reads them); otherwise nothing to do
+        with unsharded(pl_module, reader=trainer.is_global_zero):
+            if trainer.is_global_zero:  # the same weights on every rank: one export
+                export_backbone(
+                    pl_module.backbone,
+                    self.target,
+                    provenance=self.provenance,
+                    objective=pl_module.objective,
+                    objective_cfg=self.objective_cfg,
+                    files=self.files,
+                    preprocessing=datamodule.eval_preprocessing() if datamodule is not None else None,
+                )
+        if not trainer.is_global_zero:
+            return
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 for part, name in self.artifact_names.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,18 @@ def _record_failure(cfg: DictConfig, out_dir: Path | None, err: Exception) -> No
         write_metrics(out_dir, {"status": "failed", "stage": stage if isinstance(stage, str) else None, "error": error})
     except Exception:  # the output dir itself may be what failed
         pass
+
+
+def this_node(argv: list[str]) -> list[str]:
+    """The command line of this node when a run is started by hand on several (the same command on each, with
+    ``NODE_RANK`` 0, 1, ...: README "Scaling out"). Node k > 0 shares the run dir with node 0 but writes nothing
+    there (global rank 0 writes the run's files): not Hydra's ``.hydra/`` a second time, and its log as
+    ``<script>_node<k>.log``, as a DDP child rank does (``runtime/parallel.py``). A child rank (``LOCAL_RANK`` set)
+    already has its own; SLURM and torchrun set no ``NODE_RANK``."""
+    node = os.environ.get("NODE_RANK", "0")
+    if node in ("", "0") or "LOCAL_RANK" in os.environ:
+        return argv
+    return [*argv, "hydra.output_subdir=null", f"hydra.job.name={Path(argv[0]).stem}_node{node}"]
 
 
 def main(cfg: DictConfig):

@@ -32,12 +32,13 @@ from lightning_modules.callbacks.feature_cache import FeatureCache
 from lightning_modules.callbacks.forgetting import ForgettingProbe
 from lightning_modules.callbacks.model_export import ModelExport
 from lightning_modules.callbacks.monitor import LayerGroupMonitor, count_params
+from lightning_modules.callbacks.preemption import Requeue, requeued_job
 from lightning_modules.callbacks.progress import ThrottledProgressBar
 from lightning_modules.callbacks.seeding import EpochSeed
 from lightning_modules.config.library import blamed_on, build
 from lightning_modules.config.modalities import choice_name, pretrain_only, tower_errors, towers_of
 from lightning_modules.config.rules import check
-from lightning_modules.core.errors import ConfigError
+from lightning_modules.core.errors import ConfigError, Requeued
 from lightning_modules.core.results import is_rank_zero, write_atomic, write_metrics, write_run_record
 from lightning_modules.objectives.base import build_objective
 from lightning_modules.runtime import wandb_runs
@@ -63,7 +64,8 @@ def _final_metrics(trainer: pl.Trainer) -> dict:
 
 def loggers_from(logger_cfg, identity: dict | None = None) -> list:
     """The configured loggers (``cfg.logger``); ``identity``: the W&B run's name and group where the config leaves
-    them unset (``wandb_runs.run_identity``). W&B is offline unless a key is configured."""
+    them unset (``wandb_runs.run_identity``), and its id (``wandb_runs.run_id``: a resumed run continues its W&B
+    run). W&B is offline unless a key is configured."""
     loggers = []
     for name, conf in (logger_cfg or {}).items():
         if conf is None:
@@ -73,6 +75,8 @@ def loggers_from(logger_cfg, identity: dict | None = None) -> list:
             extra = {k: v for k, v in (identity or {}).items() if conf.get(k) is None}
             if conf.get("offline") is None:
                 extra["offline"] = wandb_runs.offline_default()
+            if "id" in extra and conf.get("resume") is None:  # the run record's id: a resumed run continues it
+                extra["resume"] = "allow"
         loggers.append(build(conf, f"logger.{name}", **extra))
     return loggers
 
@@ -144,7 +148,7 @@ def run(cfg: DictConfig) -> dict:
     try:
         return _run(cfg, out_dir, started)
     except BaseException as err:
-        if is_rank_zero():
+        if is_rank_zero() and not isinstance(err, Requeued):  # a requeued job's run goes on: no result yet
             write_metrics(
                 out_dir,
                 {"status": "failed", "stage": cfg.stage, "error": f"{type(err).__name__}: {err}".splitlines()[0]},
@@ -162,8 +166,12 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
             cfg.get("float32_matmul_precision", "auto"), cfg.trainer.get("accelerator", "auto")
         ),
     }
+    checkpoint = _checkpoint_file(cfg.get("ckpt_path"), out_dir)
     if OmegaConf.select(cfg, "logger.wandb") is not None:  # unset name/group come from the Hydra job
         record["wandb"] = wandb_runs.run_identity(Path(cfg.paths.log_dir), out_dir)
+        record["wandb"]["id"] = OmegaConf.select(cfg, "logger.wandb.id") or wandb_runs.run_id(
+            out_dir, resuming=checkpoint is not None
+        )
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(record["float32_matmul_precision"])
     datamodule = build(cfg.datamodule, "datamodule", labeled=finetune)
@@ -197,6 +205,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     configured = _configured(cfg.get("callbacks"))
     callbacks = [callback for callback, _values in configured.values()]
     callbacks.append(EpochSeed(cfg.seed))
+    callbacks.append(Requeue(out_dir / "checkpoints" / "last.ckpt"))  # under SLURM: save and requeue when signalled
     callbacks += _freezing(
         cfg.get("freeze"),
         backbone,
@@ -235,7 +244,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
             record_use(experiment, init, record["weights"])
         # A configured callback refusing this run mid-way (EarlyStopping's metric never logged): one line.
         with runtime_cuda_check(enabled=isinstance(trainer.accelerator, CPUAccelerator)), blamed_on(configured):
-            resume = _resume_path(cfg.get("ckpt_path"), out_dir, module)
+            resume = _checked_resume(checkpoint, module)
             metrics = _fit_and_test(trainer, module, datamodule, out_dir, cfg.stage, cfg.optimized_metric, resume)
         metrics["time/run_s"] = round(time.time() - started, 2)
         for experiment in _wandb_runs(trainer):
@@ -333,21 +342,31 @@ def _pretraining(weights: dict | None) -> dict | None:
     return out | {k: provenance[k] for k in ("run_dir", "wandb_artifact") if k in provenance}
 
 
-def _resume_path(ckpt_path, out_dir: Path, module) -> str | None:
-    """``ckpt_path``, checked: it must exist, hold only plain weights, and fit this config's model.
-    Checkpoints are loaded with ``weights_only=True``, so a pickle that would run code is refused,
-    never executed."""
+def _checkpoint_file(ckpt_path, out_dir: Path) -> Path | None:
+    """The checkpoint ``ckpt_path`` names: a file, a run dir (its ``last.ckpt``), or ``last``, this run dir's own
+    ``last.ckpt`` (None while there is none: the first attempt). A requeued SLURM job (``callbacks/preemption.py``)
+    continues from its own ``last.ckpt`` once it has one, whatever ``ckpt_path`` it started from."""
+    own = out_dir / "checkpoints" / "last.ckpt"
+    if requeued_job() and own.is_file():
+        return own
     path = ckpt_path
     if path is None:
         return None
-    if str(path) == "last":  # this run dir's own last.ckpt: a relaunch (or a SLURM requeue) continues
-        path = out_dir / "checkpoints" / "last.ckpt"
-        if not path.is_file():
-            return None  # nothing saved yet: this is the first attempt
-    elif Path(path).is_dir():  # a run dir: its last checkpoint
+    if str(path) == "last":  # this run dir's own last.ckpt: a relaunch continues
+        return own if own.is_file() else None  # nothing saved yet: this is the first attempt
+    if Path(path).is_dir():  # a run dir: its last checkpoint
         path = Path(path) / "checkpoints" / "last.ckpt"
     if not Path(path).is_file():
         raise ConfigError(f"ckpt_path={path}: no such checkpoint file")
+    return Path(path)
+
+
+def _checked_resume(path: Path | None, module) -> str | None:
+    """The checkpoint to resume, checked: it must hold only plain weights, and fit this config's model.
+    Checkpoints are loaded with ``weights_only=True``, so a pickle that would run code is refused,
+    never executed."""
+    if path is None:
+        return None
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # UnpicklingError for unsafe content, RuntimeError/EOFError for corrupt files
