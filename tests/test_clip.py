@@ -90,7 +90,7 @@ def test_loss_falls_on_a_tiny_batch():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        objective.after_step()
+        objective.after_step(backbone)
         losses.append(loss.item())
     assert losses[0] > 1.5 and losses[-1] < 0.25 * losses[0], losses[::8]  # ln 8 = 2.08 for a uniform guess
 
@@ -106,7 +106,7 @@ def test_logit_scale_is_clamped_at_100_after_every_step():
         optimizer.step()
         assert objective.logit_scale.item() > math.log(100)  # the step went past the clamp ...
         assert objective.scale().item() == pytest.approx(100.0)  # (the forward never uses more than 100)
-        objective.after_step()
+        objective.after_step(backbone)
         assert objective.logit_scale.item() == pytest.approx(math.log(100))  # ... and is brought back
 
 

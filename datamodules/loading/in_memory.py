@@ -195,6 +195,7 @@ class InMemoryImageDataModule(PretuneDataModule):
         self.augment = BatchAugment.from_config("datamodule.augment", augment)
         # The stored splits: {"image": uint8 (N, C, h, w) at the size read, "label": long (N,)}; see decode().
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
+        self.train_labels: torch.Tensor | None = None  # all training labels, even unserved (labeled_examples)
         self.mean = self.std = None  # of the decoded training pixels, 0-dim float32, on the splits' device
         self.placement = "cpu"  # where the splits live: cpu, device (an accelerator), or pinned (copied per batch)
         self.target = torch.device("cpu")  # where batches go
@@ -303,6 +304,8 @@ class InMemoryImageDataModule(PretuneDataModule):
         if self.labeled and self.label_fraction < 1:
             train_x, train_y = self._label_subset(train_x, train_y)
         splits["train"] = (train_x, train_y)
+        # Kept for the feature monitor even where training is served the images alone (labeled_examples).
+        self.train_labels = torch.as_tensor(train_y, dtype=torch.long)
         for name, (x, y) in splits.items():
             batch = {"image": x.contiguous()}
             if self.labeled or name != "train":
@@ -315,12 +318,32 @@ class InMemoryImageDataModule(PretuneDataModule):
                 f"datamodule.batch_size={self.batch_size} is larger than the {n_train} {what}"
                 f" (label_fraction={self.label_fraction}); allowed is at most {n_train}"
             )
-        self.spec = ImageSpec(self.channels, self.image_size, len(classes), tuple(classes))
+        stats = tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist())
+        self.augment.set_pixel_stats(*stats)  # the photo ops act on pixels
+        self.spec = ImageSpec(self.channels, self.image_size, len(classes), tuple(classes), *stats)
 
     def _label_subset(self, x: torch.Tensor, y: np.ndarray):
         """Keep a stratified, seeded ``label_fraction`` of the training labels (at least one per class)."""
         idx = label_subset(y, self.label_fraction, self.label_seed)
         return x[idx], y[idx]
+
+    def labeled_examples(self, split: str, limit: int | None = None) -> tuple[dict, object] | None:
+        """The ``split``'s images with their labels, as stored (at most ``limit`` of them: a stratified subset, seeded
+        by ``split_seed``, so the same for every run on this data), and ``decode``, which makes a batch of them what
+        the model reads (never augmented). For the feature monitor (callbacks/feature_monitor.py): pre-training is
+        served its training images unlabeled, and their labels are kept for this alone."""
+        if split not in self.splits:  # streamed (image_folder above its memory budget): nothing held to read
+            return None
+        tensors = {k: v for k, v in self.splits[split].items() if k in ("image", "label")}
+        if "label" not in tensors:
+            if split != "train":
+                return None
+            tensors["label"] = self.train_labels.to(tensors["image"].device)
+        if limit is not None and limit < len(tensors["label"]):
+            keep = label_subset(tensors["label"].cpu().numpy(), limit / len(tensors["label"]), self.split_seed)
+            index = torch.as_tensor(keep, device=tensors["image"].device)
+            tensors = {k: v.index_select(0, index) for k, v in tensors.items()}
+        return tensors, self.decode
 
     def place(self, device: torch.device | str) -> str:
         """Put the stored splits where batches for ``device`` come from, once: on an accelerator if they fit

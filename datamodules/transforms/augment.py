@@ -3,6 +3,13 @@
 One random affine matrix per sample (scale = random-resized-crop, rotation, translation,
 optional horizontal flip) applied with a single ``affine_grid``/``grid_sample`` call, then
 per-sample brightness/contrast jitter, Gaussian noise and random erasing.
+
+The photo ops of the BYOL/DINO recipes (``photo.py``) come between the jitter and the noise, each off unless
+asked for, so the draws of a recipe without them are what they always were: ``jitter`` (the probability of
+torchvision's ``ColorJitter(*jitter_strength)``: brightness, contrast, saturation and hue factors), ``grayscale``,
+``blur`` (a Gaussian of ``blur_sigma``) and ``solarize`` (probabilities). ``size`` makes the crop at another side
+length (multi-crop's small local views). They act on pixels in [0, 1]: the batch is un-normalised with the data's
+``pixel_stats`` (``set_pixel_stats``; the spec's mean and std) and normalised again after.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datamodules.transforms import photo
 from lightning_modules.config.rules import check
 from lightning_modules.core.distributed import shard_draw
 from lightning_modules.core.errors import ConfigError
@@ -30,6 +38,13 @@ class BatchAugment(nn.Module):
         contrast: float = 0.0,
         noise: float = 0.0,
         erase: float = 0.0,
+        size: int | None = None,
+        jitter: float = 0.0,
+        jitter_strength: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        grayscale: float = 0.0,
+        blur: float = 0.0,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        solarize: float = 0.0,
     ):
         super().__init__()
         lo, hi = float(scale[0]), float(scale[1])
@@ -43,17 +58,27 @@ class BatchAugment(nn.Module):
             float(noise),
             float(erase),
         )
+        self.size = None if size is None else int(size)
+        self.photo = photo.PhotoOps(jitter, jitter_strength, grayscale, blur, blur_sigma, solarize)
+
+    def set_pixel_stats(self, mean, std) -> None:
+        """The mean and std the batches were normalised with (per channel, or one for all): the photo ops undo
+        them, act on pixels in [0, 1], and apply them again. Unset: the batches are taken as pixels already."""
+        self.photo.set_pixel_stats(mean, std)
 
     @classmethod
-    def from_config(cls, key: str, augment: dict | None) -> BatchAugment:
+    def from_config(cls, key: str, augment: dict | None, data=None) -> BatchAugment:
         """The augmentation a config node (``datamodule.augment``, ``objective.augment``) describes, each
-        value checked by its rule under ``key``; null means none."""
+        value checked by its rule under ``key``; null means none. ``data``: the data's spec, whose mean and std
+        the photo ops undo (``set_pixel_stats``)."""
         known = inspect.signature(cls.__init__).parameters.keys() - {"self"}
         for name, value in (augment or {}).items():
             if name not in known:
                 raise ConfigError(f"{key}.{name} is unknown: allowed are {', '.join(sorted(known))}")
             check(f"{key}.{name}", value)
-        return cls(**(augment or {}))
+        made = cls(**(augment or {}))
+        made.set_pixel_stats(getattr(data, "mean", None), getattr(data, "std", None))
+        return made
 
     @property
     def is_identity(self) -> bool:
@@ -61,6 +86,8 @@ class BatchAugment(nn.Module):
             self.scale == (1.0, 1.0)
             and not (self.rotate or self.translate or self.flip)
             and not (self.brightness or self.contrast or self.noise or self.erase)
+            and self.size is None
+            and self.photo.is_identity
         )
 
     # Every random draw goes through shard_draw: under DDP each rank draws for the global batch and keeps
@@ -86,7 +113,8 @@ class BatchAugment(nn.Module):
         theta = torch.stack(
             [torch.stack([sx * cos, -side * sin, tx], 1), torch.stack([sx * sin, side * cos, ty], 1)], 1
         )
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        shape = list(x.shape) if self.size is None else [*x.shape[:2], self.size, self.size]
+        grid = F.affine_grid(theta, shape, align_corners=False)
         # Pad with the per-image minimum (the background once normalised), not with zero.
         bg = x.amin(dim=(1, 2, 3), keepdim=True)
         out = F.grid_sample(x - bg, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + bg
@@ -95,6 +123,8 @@ class BatchAugment(nn.Module):
             c = 1 + self._uniform(n, -self.contrast, self.contrast, x).view(n, 1, 1, 1)
             b = self._uniform(n, -self.brightness, self.brightness, x).view(n, 1, 1, 1)
             out = (out - mean) * c + mean + b
+        if not self.photo.is_identity:
+            out = self.photo(out)
         if self.noise:
             shape, like = out.shape[1:], {"device": out.device, "dtype": out.dtype}
             out = out + self.noise * shard_draw(lambda m: torch.randn(m, *shape, **like), n)

@@ -56,11 +56,17 @@ def sha256_of(path: Path) -> str:
 
 
 def export_backbone(
-    backbone, target: Path, provenance: dict | None = None, objective=None, objective_cfg: dict | None = None
+    backbone,
+    target: Path,
+    provenance: dict | None = None,
+    objective=None,
+    objective_cfg: dict | None = None,
+    weights: str | None = None,
 ) -> Path:
     """Write ``target/`` = model.safetensors + config.yaml (+ the objective's heads and config when
     given; + each tower as a backbone of its own in ``target/<tower>``), atomically: a killed export leaves
-    no half-written ``backbone/``."""
+    no half-written ``backbone/``. ``weights``: what the weights are, when there is a choice (a teacher–student
+    objective's student or teacher), recorded in config.yaml."""
     from safetensors.torch import save_model
 
     target = Path(target)
@@ -82,6 +88,7 @@ def export_backbone(
             "sha256": sha256_of(tmp / WEIGHTS),
             "provenance": provenance or {},
             "objective": objective_cfg,
+            **({"weights": weights} if weights else {}),
             **({"towers": list(towers)} if towers else {}),
         }
         (tmp / CONFIG).write_text(yaml.safe_dump(meta, sort_keys=False))

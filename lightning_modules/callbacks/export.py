@@ -27,12 +27,15 @@ class BackboneExport(Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:  # the same weights on every rank: one export
             return
+        # The objective says which backbone is kept: the trained one, or a teacher–student objective's teacher.
+        backbone, weights = pl_module.objective.exported_backbone(pl_module.backbone)
         export_backbone(
-            pl_module.backbone,
+            backbone,
             self.target,
             provenance=self.provenance,
             objective=pl_module.objective,
             objective_cfg=self.objective_cfg,
+            weights=weights,
         )
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":

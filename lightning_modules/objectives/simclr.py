@@ -45,7 +45,7 @@ class SimCLR(Objective):
     ):
         super().__init__(backbone, data)
         self.temperature = float(check("objective.temperature", temperature))
-        self.augment = BatchAugment.from_config("objective.augment", augment)
+        self.augment = BatchAugment.from_config("objective.augment", augment, data)
         self.projector = nn.Sequential(
             nn.Linear(backbone.num_features, proj_hidden),
             # Batch statistics are per rank under DDP unless trainer.sync_batchnorm=true (CUDA only);

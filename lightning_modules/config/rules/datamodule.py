@@ -36,6 +36,15 @@ AUGMENT = {
     "contrast": Rule(float, low=0, high=1),  # 1 + U(-c, c): above 1 it would invert images
     "noise": Rule(float, low=0, high=5),
     "erase": PROBABILITY,
+    # the photo ops (datamodules/transforms/photo.py): probabilities, 0 = off; jitter's strengths as torchvision's
+    # ColorJitter(brightness, contrast, saturation, hue); blur's sigma range in pixels; size: the crop's side
+    "size": Rule(int, low=1, high=4096, nullable=True),
+    "jitter": PROBABILITY,
+    "jitter_strength": ListOf(Rule(float, low=0, high=1), 4, 4),
+    "grayscale": PROBABILITY,
+    "blur": PROBABILITY,
+    "blur_sigma": ListOf(Rule(float, low=0, high=64, low_open=True), 2, 2, ascending=True),
+    "solarize": PROBABILITY,
 }
 
 
