@@ -162,8 +162,9 @@ class FeatureMonitor(Callback):
         self.seconds += time.perf_counter() - started
 
     def _make_probe(self, width: int, device) -> None:
-        generator = torch.Generator().manual_seed(0)  # the same probe every run; the global RNG untouched
-        self.probe = torch.nn.Linear(width, self.classes)
+        # The same probe every run, drawn from its own generator: the global RNG (the augmentations') is untouched.
+        generator = torch.Generator().manual_seed(0)
+        self.probe = torch.nn.Linear(width, self.classes, device="meta").to_empty(device="cpu")
         bound = 1 / width**0.5
         with torch.no_grad():
             self.probe.weight.uniform_(-bound, bound, generator=generator)

@@ -88,7 +88,7 @@ class PretuneModule(pl.LightningModule):
                 self.register_buffer(f"_l2sp_anchor_{i}", p.detach().clone(), persistent=False)
                 self._anchor_names.append(name)
         self.optimizer_cfg, self.scheduler_cfg = dict(optimizer), dict(scheduler)
-        self._total_steps, self._steps_before = 1, 0  # set by configure_optimizers and each training step
+        self._total_steps = 1  # the run's optimizer steps, set by configure_optimizers
         self.val_metrics = objective.make_metrics("val/")
         self.test_metrics = objective.make_metrics("test/")
 
@@ -163,7 +163,6 @@ class PretuneModule(pl.LightningModule):
             )
 
     def training_step(self, batch, batch_idx):
-        self._steps_before = self.global_step
         self.objective.progress = (self.global_step, self._total_steps)
         out = self(batch)
         loss = out["loss"].detach()
@@ -195,11 +194,12 @@ class PretuneModule(pl.LightningModule):
             if in_step:  # the bar shows the latest value that arrived, a host number: no sync at each redraw
                 self.log("train/loss_step", torch.tensor(step_loss), prog_bar=True, logger=False)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        # After the optimizer's update (CLIP's logit scale clamped, an EMA teacher moved); only when it updated
-        # (accumulate_grad_batches steps every few batches).
-        if self.global_step > self._steps_before:
-            self.objective.after_step(self.backbone)
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # Right after the update (CLIP's logit scale clamped, an EMA teacher moved), before any callback sees the
+        # step: a checkpoint taken at it holds what the step made. Once per optimizer step, however many batches
+        # it accumulated.
+        self.objective.after_step(self.backbone)
 
     def on_train_epoch_end(self):
         self._read_reports(wait=True, in_step=False)
