@@ -154,6 +154,21 @@ def label_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return np.sort(idx)
 
 
+def at_most(tensors: dict[str, torch.Tensor], limit: int | None, seed: int) -> dict[str, torch.Tensor]:
+    """Labeled examples (``tensors`` with a ``label``), cut to a stratified, seeded subset of ``limit`` when there are
+    more (None: all)."""
+    labels = tensors["label"]
+    if limit is None or limit >= len(labels):
+        return tensors
+    keep = torch.as_tensor(label_subset(labels.cpu().numpy(), limit / len(labels), seed))
+    return {k: v.index_select(0, keep.to(v.device)) for k, v in tensors.items()}
+
+
+def as_stored(batch: dict) -> dict:
+    """Examples that are already what the model reads (nothing to decode)."""
+    return batch
+
+
 class InMemoryImageDataModule(PretuneDataModule):
     """Seeded stratified train/val/test split, optional label fraction, batch augmentation.
 
@@ -339,11 +354,7 @@ class InMemoryImageDataModule(PretuneDataModule):
             if split != "train":
                 return None
             tensors["label"] = self.train_labels.to(tensors["image"].device)
-        if limit is not None and limit < len(tensors["label"]):
-            keep = label_subset(tensors["label"].cpu().numpy(), limit / len(tensors["label"]), self.split_seed)
-            index = torch.as_tensor(keep, device=tensors["image"].device)
-            tensors = {k: v.index_select(0, index) for k, v in tensors.items()}
-        return tensors, self.decode
+        return at_most(tensors, limit, self.split_seed), self.decode
 
     def place(self, device: torch.device | str) -> str:
         """Put the stored splits where batches for ``device`` come from, once: on an accelerator if they fit

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from datamodules.base import PretuneDataModule
-from datamodules.loading.in_memory import BatchLoader
+from datamodules.loading.in_memory import BatchLoader, as_stored, at_most
 from datamodules.spec import TextSpec
 from datamodules.transforms.text import tokenize
 from lightning_modules.backbones.base import FEATURES
@@ -140,6 +140,16 @@ class TextDataModule(PretuneDataModule):
 
     def test_dataloader(self):
         return self.eval_loader("test")
+
+    def labeled_examples(self, split: str, limit: int | None = None) -> tuple[dict, object] | None:
+        """The ``split``'s token ids with their labels (at most ``limit``: a stratified subset seeded by
+        ``split_seed``), as the model reads them; None for a split without labels. For the feature monitor
+        (callbacks/feature_monitor.py)."""
+        tensors = self.splits.get(split) or {}
+        if "label" not in tensors:
+            return None
+        tensors = {k: tensors[k] for k in ("input_ids", "attention_mask", "label")}
+        return at_most(tensors, limit, getattr(self, "split_seed", 0)), as_stored
 
     def can_cache_features(self) -> bool:
         return True  # nothing random reaches the backbone in a text batch (MLM's masks are the objective's)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from datamodules.base import PretuneDataModule
-from datamodules.loading.in_memory import BatchLoader
+from datamodules.loading.in_memory import BatchLoader, as_stored, at_most
 from datamodules.sources.digits import DigitsDataModule
 from datamodules.sources.text_corpus import read_text
 from datamodules.spec import ImageTextSpec
@@ -143,6 +143,7 @@ class ImageTextDataModule(PretuneDataModule):
         self.augment = BatchAugment(**(augment or {}))
         self.tokenizer = None
         self._raw: dict[str, tuple[list, list[list[str]], list]] | None = None
+        self.labels: dict[str, torch.Tensor] = {}  # the embedded pairs' digit classes (labeled_examples)
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
         self.truncated = 0
         self.spec: ImageTextSpec | None = None
@@ -165,6 +166,7 @@ class ImageTextDataModule(PretuneDataModule):
             images, labels = splits[split]
             captions = [[t.format(word=DIGIT_WORDS[y], digit=y) for t in self.templates] for y in labels.tolist()]
             out[split] = (list(digits.to_unit(images)), captions, [None] * len(captions))  # in [0, 1], resized
+            self.labels[split] = torch.as_tensor(labels, dtype=torch.long)
         return out
 
     def _from_files(self):
@@ -311,6 +313,15 @@ class ImageTextDataModule(PretuneDataModule):
             )
         tok = self.tokenizer
         self.spec = ImageTextSpec(self.channels, self.image_size, len(tok), self.max_length, int(tok.pad_token_id), tok)
+
+    def labeled_examples(self, split: str, limit: int | None = None) -> tuple[dict, object] | None:
+        """The embedded pairs' images with their digits' classes (at most ``limit``: a stratified subset, seeded by
+        ``split_seed``), for the feature monitor's k-NN and probe on the image tower; None for pairs from files,
+        which carry no labels."""
+        if split not in self.labels or split not in self.splits:
+            return None
+        tensors = {"image": self.splits[split]["image"], "label": self.labels[split]}
+        return at_most(tensors, limit, self.split_seed), as_stored
 
     # --- loaders -------------------------------------------------------------------------------------------
     def train_dataloader(self):

@@ -21,6 +21,7 @@ import torch
 
 from datamodules.loading.text import TextDataModule
 from datamodules.sources.stdlib_docs import corpus_documents
+from datamodules.sources.text_classification import TextClassificationDataModule
 from lightning_modules.config.rules import check
 from lightning_modules.core.errors import ConfigError
 
@@ -60,6 +61,21 @@ class TextCorpusDataModule(TextDataModule):
         self.val_fraction = float(check("datamodule.val_fraction", val_fraction))
         self.split_seed, self.shuffle_seed = split_seed, shuffle_seed
         self._documents: list[str] | None = None
+        self._task: TextClassificationDataModule | None = None  # the embedded corpus's labeled task, when asked for
+
+    def labeled_examples(self, split: str, limit: int | None = None) -> tuple[dict, object] | None:
+        """A corpus has no labels. The embedded one has a labeled task of its own: the standard library's docstrings
+        labeled by package family (``datamodule=text_classification``'s embedded task), whose validation and test
+        modules the corpus leaves out; the feature monitor classifies those, tokenized by the same tokenizer. A
+        corpus of the user's files has none: None."""
+        if self.paths is not None:
+            return None
+        if self._task is None:
+            task = TextClassificationDataModule(max_length=self.max_length, cache_dir=self.cache_dir)
+            task.tokenizer = self._require_tokenizer()
+            task.setup()
+            self._task = task
+        return self._task.labeled_examples(split, limit)
 
     def files(self) -> list[Path]:
         """The files ``paths`` names, in order, each once."""

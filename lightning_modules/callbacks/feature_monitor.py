@@ -78,7 +78,7 @@ class FeatureMonitor(Callback):
         bank_size: int | None = 1000,
         probe: bool = True,
         probe_batch_size: int = 64,
-        probe_lr: float = 1e-3,
+        probe_lr: float = 1e-2,
         batch_size: int = 512,
     ):
         self.k = check("callbacks.feature_monitor.k", k)
@@ -122,8 +122,11 @@ class FeatureMonitor(Callback):
 
     def _features(self, pl_module, batch: dict) -> torch.Tensor:
         batch = {k: v.to(pl_module.device) for k, v in batch.items() if k != "label"}
-        out = pl_module.backbone(batch)
-        return out["image"] if isinstance(out, dict) else out  # a dual encoder: its image tower
+        backbone = pl_module.backbone
+        towers = backbone.towers()  # a dual encoder (CLIP): the tower that reads these examples
+        if towers:
+            backbone = towers["image" if "image" in batch else "text"]
+        return backbone(batch)
 
     def _encode(self, pl_module, tensors: dict, decode) -> torch.Tensor:
         n = len(tensors["label"])
@@ -163,13 +166,15 @@ class FeatureMonitor(Callback):
 
     def _make_probe(self, width: int, device) -> None:
         # The same probe every run, drawn from its own generator: the global RNG (the augmentations') is untouched.
+        # Features standardised first (a BatchNorm without affine, as MAE's linear probe): their scale is whatever
+        # pre-training made it, and one learning rate then fits every backbone.
         generator = torch.Generator().manual_seed(0)
-        self.probe = torch.nn.Linear(width, self.classes, device="meta").to_empty(device="cpu")
+        linear = torch.nn.Linear(width, self.classes, device="meta").to_empty(device="cpu")
         bound = 1 / width**0.5
         with torch.no_grad():
-            self.probe.weight.uniform_(-bound, bound, generator=generator)
-            self.probe.bias.uniform_(-bound, bound, generator=generator)
-        self.probe.to(device)
+            linear.weight.uniform_(-bound, bound, generator=generator)
+            linear.bias.uniform_(-bound, bound, generator=generator)
+        self.probe = torch.nn.Sequential(torch.nn.BatchNorm1d(width, affine=False), linear).to(device)
         self.optimizer = torch.optim.Adam(self.probe.parameters(), lr=self.probe_lr)
         if self._restored is not None:
             self.probe.load_state_dict(self._restored["probe"])
@@ -188,7 +193,7 @@ class FeatureMonitor(Callback):
         predicted = knn_predict(queries, bank, bank_labels, self.classes, self.k, self.temperature)
         values = {"val/knn_acc": (predicted == labels).float().mean()}
         if self.probe is not None:
-            with torch.no_grad():
+            with evaluating(self.probe):
                 values["val/probe_acc"] = (self.probe(queries).argmax(1) == labels).float().mean()
         # The same on every rank (each computed all of it): sync_dist averages equal values.
         pl_module.log_dict(values, prog_bar=True, sync_dist=True)
