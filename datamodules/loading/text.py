@@ -13,6 +13,8 @@ no batch carries the padding of the longest text in the data.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from datamodules.base import PretuneDataModule
@@ -22,6 +24,23 @@ from datamodules.transforms.text import tokenize
 from lightning_modules.backbones.base import FEATURES
 from lightning_modules.config.rules import check
 from lightning_modules.core.errors import ConfigError
+
+
+def read_text(path: Path, key: str) -> str:
+    """A file's text as UTF-8, refused with one line naming ``key`` and the file when it cannot be."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot read {path} ({err.strerror or err})") from err
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{key}: {path} is not UTF-8 text (byte 0x{data[err.start]:02x} at position {err.start})"
+        ) from err
+    if not text.strip():
+        raise ConfigError(f"{key}: {path} is empty")
+    return text
 
 
 class PaddedBatchLoader(BatchLoader):

@@ -33,8 +33,8 @@ import torch
 
 from datamodules.base import PretuneDataModule
 from datamodules.loading.in_memory import BatchLoader, as_stored, at_most
+from datamodules.loading.text import read_text
 from datamodules.sources.digits import DigitsDataModule
-from datamodules.sources.text_corpus import read_text
 from datamodules.spec import ImageTextSpec
 from datamodules.transforms.augment import BatchAugment
 from datamodules.transforms.text import tokenize

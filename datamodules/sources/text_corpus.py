@@ -19,28 +19,11 @@ from pathlib import Path
 
 import torch
 
-from datamodules.loading.text import TextDataModule
+from datamodules.loading.text import TextDataModule, read_text
 from datamodules.sources.stdlib_docs import corpus_documents
 from datamodules.sources.text_classification import TextClassificationDataModule
 from lightning_modules.config.rules import check
 from lightning_modules.core.errors import ConfigError
-
-
-def read_text(path: Path, key: str) -> str:
-    """A file's text as UTF-8, refused with one line naming ``key`` and the file when it cannot be."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"{key}: cannot read {path} ({err.strerror or err})") from err
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(
-            f"{key}: {path} is not UTF-8 text (byte 0x{data[err.start]:02x} at position {err.start})"
-        ) from err
-    if not text.strip():
-        raise ConfigError(f"{key}: {path} is empty")
-    return text
 
 
 class TextCorpusDataModule(TextDataModule):

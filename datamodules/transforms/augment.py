@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datamodules.transforms import photo
-from lightning_modules.config.rules import check
+from lightning_modules.config.rules import check, rule_for
 from lightning_modules.core.distributed import shard_draw
 from lightning_modules.core.errors import ConfigError
 
@@ -71,7 +71,7 @@ class BatchAugment(nn.Module):
         """The augmentation a config node (``datamodule.augment``, ``objective.augment``) describes, each
         value checked by its rule under ``key``; null means none. ``data``: the data's spec, whose mean and std
         the photo ops undo (``set_pixel_stats``)."""
-        known = inspect.signature(cls.__init__).parameters.keys() - {"self"}
+        known = {n for n in inspect.signature(cls.__init__).parameters if rule_for(f"{key}.{n}") is not None}
         for name, value in (augment or {}).items():
             if name not in known:
                 raise ConfigError(f"{key}.{name} is unknown: allowed are {', '.join(sorted(known))}")

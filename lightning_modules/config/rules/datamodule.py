@@ -36,8 +36,12 @@ AUGMENT = {
     "contrast": Rule(float, low=0, high=1),  # 1 + U(-c, c): above 1 it would invert images
     "noise": Rule(float, low=0, high=5),
     "erase": PROBABILITY,
-    # the photo ops (datamodules/transforms/photo.py): probabilities, 0 = off; jitter's strengths as torchvision's
-    # ColorJitter(brightness, contrast, saturation, hue); blur's sigma range in pixels; size: the crop's side
+}
+# The photo ops (datamodules/transforms/photo.py), for the self-supervised objectives' views (objective.augment*):
+# probabilities, 0 = off; jitter's strengths as torchvision's ColorJitter(brightness, contrast, saturation, hue);
+# blur's sigma range in pixels; size: the crop's side (multi-crop's local views). Not datamodule.augment's yet: the
+# one recipe of the in-memory and streaming paths takes them there.
+PHOTO_AUGMENT = {
     "size": Rule(int, low=1, high=4096, nullable=True),
     "jitter": PROBABILITY,
     "jitter_strength": ListOf(Rule(float, low=0, high=1), 4, 4),
