@@ -354,6 +354,7 @@ def test_a_pretraining_run_exports_each_tower_and_both_load_back_bit_for_bit(pre
     metrics = json.loads((pretrained / "metrics.json").read_text())
     for key in ("val/loss", "val/i2t_recall@1", "val/i2t_recall@5", "val/i2t_recall@10", "val/t2i_recall@10"):
         assert 0 <= metrics[key] < 10, key
+    assert 0 <= metrics["val/knn_acc"] <= 1  # the feature monitor on the image tower (the embedded digits' classes)
     assert "lr/text/embeddings" not in metrics  # logged per epoch, not a run metric
     backbone_dir = pretrained / "backbone"
     meta = yaml.safe_load((backbone_dir / "config.yaml").read_text())

@@ -70,6 +70,15 @@ def evaluating(module: torch.nn.Module):
             m.training = mode
 
 
+class Rescaled(torch.nn.Module):
+    """Features scaled to length sqrt(width) (entries of about 1): their scale is whatever pre-training made it, and
+    one learning rate then fits every backbone. No running statistics (a BatchNorm's would lag the drifting
+    features early in a run and make the first validations' probe a constant guess)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) * x.shape[1] ** 0.5
+
+
 class FeatureMonitor(Callback):
     def __init__(
         self,
@@ -114,14 +123,24 @@ class FeatureMonitor(Callback):
         )
 
     def _reason_off(self, trainer) -> str | None:
+        if "FSDP" in type(trainer.strategy).__name__:
+            return "FSDP shards the backbone's weights, which the monitor reads whole"
         find = getattr(trainer.datamodule, "labeled_examples", None)
         self.labeled = {s: find(s, self.bank_size if s == "train" else None) for s in ("train", "val")} if find else {}
         if not self.labeled or any(found is None for found in self.labeled.values()):
             return "the data has no labeled training and validation examples to classify"
         return None
 
+    @staticmethod
+    def _batch(tensors: dict, rows, decode, device) -> dict:
+        """Stored examples ``rows`` (a slice or indices) as the model reads them, on ``device`` (decoded there: the
+        datamodule's statistics sit where its batches go)."""
+        return decode(
+            {k: v[rows.to(v.device) if torch.is_tensor(rows) else rows].to(device) for k, v in tensors.items()}
+        )
+
     def _features(self, pl_module, batch: dict) -> torch.Tensor:
-        batch = {k: v.to(pl_module.device) for k, v in batch.items() if k != "label"}
+        batch = {k: v for k, v in batch.items() if k != "label"}
         backbone = pl_module.backbone
         towers = backbone.towers()  # a dual encoder (CLIP): the tower that reads these examples
         if towers:
@@ -133,7 +152,7 @@ class FeatureMonitor(Callback):
         parts = []
         with evaluating(pl_module.backbone):
             for start in range(0, n, self.batch_size):
-                batch = decode({k: v[start : start + self.batch_size] for k, v in tensors.items()})
+                batch = self._batch(tensors, slice(start, start + self.batch_size), decode, pl_module.device)
                 parts.append(self._features(pl_module, batch).float())
         return torch.cat(parts)
 
@@ -151,13 +170,12 @@ class FeatureMonitor(Callback):
         if not (self.active and self.use_probe):
             return
         started = time.perf_counter()
-        rows = self._probe_batch()
-        examples = self.bank_decode({k: v[rows.to(v.device)] for k, v in self.bank.items()})
+        examples = self._batch(self.bank, self._probe_batch(), self.bank_decode, pl_module.device)
         with evaluating(pl_module.backbone):
             features = self._features(pl_module, examples).float()
         if self.probe is None:
             self._make_probe(features.shape[1], features.device)
-        loss = F.cross_entropy(self.probe(features), examples["label"].to(features.device))
+        loss = F.cross_entropy(self.probe(features), examples["label"])
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
@@ -166,15 +184,13 @@ class FeatureMonitor(Callback):
 
     def _make_probe(self, width: int, device) -> None:
         # The same probe every run, drawn from its own generator: the global RNG (the augmentations') is untouched.
-        # Features standardised first (a BatchNorm without affine, as MAE's linear probe): their scale is whatever
-        # pre-training made it, and one learning rate then fits every backbone.
         generator = torch.Generator().manual_seed(0)
         linear = torch.nn.Linear(width, self.classes, device="meta").to_empty(device="cpu")
         bound = 1 / width**0.5
         with torch.no_grad():
             linear.weight.uniform_(-bound, bound, generator=generator)
             linear.bias.uniform_(-bound, bound, generator=generator)
-        self.probe = torch.nn.Sequential(torch.nn.BatchNorm1d(width, affine=False), linear).to(device)
+        self.probe = torch.nn.Sequential(Rescaled(), linear).to(device)
         self.optimizer = torch.optim.Adam(self.probe.parameters(), lr=self.probe_lr)
         if self._restored is not None:
             self.probe.load_state_dict(self._restored["probe"])
@@ -193,7 +209,7 @@ class FeatureMonitor(Callback):
         predicted = knn_predict(queries, bank, bank_labels, self.classes, self.k, self.temperature)
         values = {"val/knn_acc": (predicted == labels).float().mean()}
         if self.probe is not None:
-            with evaluating(self.probe):
+            with torch.no_grad():
                 values["val/probe_acc"] = (self.probe(queries).argmax(1) == labels).float().mean()
         # The same on every rank (each computed all of it): sync_dist averages equal values.
         pl_module.log_dict(values, prog_bar=True, sync_dist=True)
