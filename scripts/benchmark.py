@@ -6,6 +6,7 @@
     python scripts/benchmark.py --compare trainer.precision=bf16-mixed   # pretune vs pretune + overrides
     python scripts/benchmark.py --overhead "finetune: resnet_micro"     # pretune's extra ms a step, an epoch
     python scripts/benchmark.py --device cuda  # on a GPU: against a tuned hand loop, data on the device (~6 min)
+    python scripts/benchmark.py --predict      # predict.py against the fine-tune's evaluation, same inputs
 
 Each case runs the plain loop and pretune's real run path (``run(cfg)`` on the composed config, with the
 default callbacks, CSV logger and progress bar) interleaved, ``--repeats`` times; the table shows medians.
@@ -229,7 +230,7 @@ def _compile_seconds() -> float:
 def _data_and_backbone(cfg: DictConfig):
     """The datamodule, set up, and the backbone, built in run()'s order: a text backbone from scratch trains its
     tokenizer on the data's texts and hands it to the datamodule before ``setup`` tokenizes."""
-    from lightning_modules.backbones.handoff import build_backbone
+    from lightning_modules.backbones.factory import build_backbone
 
     dm = instantiate(cfg.datamodule, labeled=cfg.stage == "finetune")
     backbone = build_backbone(OmegaConf.to_container(cfg.model, resolve=True), data=dm)
@@ -883,12 +884,14 @@ def main() -> None:
         "--loaders-folder",
         nargs="?",
         const="all",
-        choices=["throughput", "memory", "accuracy", "all"],
-        help="streaming data: loader vs training throughput, flat memory, in-memory vs streamed accuracy",
+        choices=["throughput", "memory", "accuracy", "mixing", "text", "all"],
+        help="streaming data: loader vs training throughput, flat memory, one folder's accuracy in memory / streamed /"
+        " from shards, the classes of shards' batches, text shards vs training",
     )
-    from scripts import bench_streaming
+    from scripts import bench_predict, bench_streaming
 
     bench_streaming.add_arguments(parser)
+    bench_predict.add_arguments(parser)
     args = parser.parse_args()
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     if args.device == "cuda":
@@ -899,6 +902,8 @@ def main() -> None:
         return memory_child(args.memory_child[0], args.memory_child[1], args.memory_child[2:])
     if args.loaders_folder:
         return bench_streaming.run_mode(args.loaders_folder, args)
+    if args.predict:
+        return bench_predict.run_mode(args)
     if args.loaders:
         print("| loader | s to first batch | batches/s |\n|---|---:|---:|")
         return print("\n".join(f"| {n} | {first:.3f} | {rate:.0f} |" for n, first, rate in loader_options()))

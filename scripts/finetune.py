@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from lightning_modules.runtime.cli import main as run_job  # noqa: E402  (light: no torch import)
+from lightning_modules.runtime.cli import this_node  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
@@ -21,4 +22,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    sys.argv = this_node(sys.argv)  # node 1.. of a run started by hand on several: its own log, no second .hydra/
     main()

@@ -6,7 +6,8 @@
     python scripts/prepare_data.py image_text file=pairs.csv out=/data/pairs [image_column=image text_column=caption]
 
 Options (key=value): out (required; must not exist, or overwrite=true), val_fraction=0.15, test_fraction=0.15,
-split_seed=0 (splits not given by val/ test/ folders or a ``split`` column), chunk_mb=64, workers=<cores>,
+split_seed=0 (splits not given by val/ test/ folders or a ``split`` column), shuffle_seed=0 (the training items'
+order: written shuffled, so that every chunk mixes the classes), chunk_mb=64, workers=<cores>,
 on_bad_sample=error|skip. A mistake is one line on stderr and exit status 2.
 """
 
@@ -28,6 +29,7 @@ OPTIONS = {
     "val_fraction": float,
     "test_fraction": float,
     "split_seed": int,
+    "shuffle_seed": int,
     "chunk_mb": float,
     "workers": int,
     "on_bad_sample": str,

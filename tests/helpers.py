@@ -19,6 +19,7 @@ VIT = (
         "mlp_ratio": 2.0,
     },
 )
+TIMM = "lightning_modules.backbones.image.TimmBackbone"  # a model config's _target_ for a timm model
 RESNET = ("resnet18", {"in_chans": 1, "layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8})
 SPEC = ImageSpec(channels=1, image_size=16, num_classes=3, class_names=("a", "b", "c"))
 
@@ -121,6 +122,44 @@ class PauseAt:
                     time.sleep(600)
 
         return _Pause()
+
+
+class WaitAt:
+    """A Lightning callback that, at batch ``batch`` of epoch ``epoch``, touches ``marker`` and waits until ``go``
+    exists: a run caught mid-epoch, for a test to signal, then let go on."""
+
+    def __new__(cls, epoch: int, batch: int, marker: str, go: str):
+        import time
+        from pathlib import Path
+
+        from pytorch_lightning.callbacks import Callback
+
+        class _Wait(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch_, batch_idx):
+                if trainer.current_epoch == epoch and batch_idx == batch:
+                    Path(marker).touch()
+                    deadline = time.time() + 600
+                    while not Path(go).exists() and time.time() < deadline:
+                        time.sleep(0.05)
+
+        return _Wait()
+
+
+class SignalAt:
+    """A Lightning callback that sends ``signum`` to its own process as optimizer step ``step`` starts (Python runs
+    the handler at once, in the middle of that step)."""
+
+    def __new__(cls, step: int, signum: int):
+        import os
+
+        from pytorch_lightning.callbacks import Callback
+
+        class _Signal(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == step:
+                    os.kill(os.getpid(), signum)
+
+        return _Signal()
 
 
 class StopAtStep:

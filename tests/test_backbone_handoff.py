@@ -10,7 +10,7 @@ from lightning_modules.backbones.factory import build_backbone
 from lightning_modules.backbones.handoff import export_backbone
 from lightning_modules.core.errors import ConfigError
 from lightning_modules.core.locations import CONFIG, WEIGHTS
-from tests.helpers import RESNET, VIT, resnet, vit
+from tests.helpers import RESNET, TIMM, VIT, resnet, vit
 
 
 def test_layer_groups_are_ordered_and_cover_every_parameter():
@@ -38,7 +38,7 @@ def test_vit_micro_and_resnet_micro_are_micro(cfg_factory):
 
 
 def _model_cfg(spec, init):
-    return {"name": spec[0], "kwargs": dict(spec[1]), "init": str(init)}
+    return {"_target_": TIMM, "name": spec[0], "kwargs": dict(spec[1]), "init": str(init)}
 
 
 @pytest.mark.parametrize("spec", [VIT, RESNET], ids=["vit", "resnet"])
@@ -63,7 +63,7 @@ def test_mismatched_architecture_is_refused(tmp_path):
     export_backbone(build_backbone(_model_cfg(VIT, "none")), tmp_path / "backbone")
     deeper = dict(VIT[1], depth=3)
     with pytest.raises(ConfigError, match=r"does not match.*kwargs.depth: 2 \(saved\) vs 3 \(model\)"):
-        build_backbone({"name": VIT[0], "kwargs": deeper, "init": str(tmp_path)})
+        build_backbone({"_target_": TIMM, "name": VIT[0], "kwargs": deeper, "init": str(tmp_path)})
     with pytest.raises(ConfigError, match=r"name: vit_tiny_patch16_224 \(saved\) vs resnet18 \(model\)"):
         build_backbone(_model_cfg(RESNET, tmp_path))
 
@@ -79,7 +79,7 @@ def test_corrupt_or_truncated_weights_are_refused(tmp_path):
 def test_weights_of_another_shape_are_refused(tmp_path):
     """A config.yaml that claims the right architecture over weights that are not: keys and shapes checked."""
     target = export_backbone(
-        build_backbone({"name": VIT[0], "kwargs": dict(VIT[1], embed_dim=16), "init": "none"}),
+        build_backbone({"_target_": TIMM, "name": VIT[0], "kwargs": dict(VIT[1], embed_dim=16), "init": "none"}),
         tmp_path / "backbone",
     )
     meta = yaml.safe_load((target / CONFIG).read_text())
@@ -99,7 +99,7 @@ def test_missing_init_path_is_refused(tmp_path):
 
 def test_timm_pretrained_fails_clearly_offline():
     with pytest.raises(ConfigError, match="model.init=timm: could not load timm's pretrained weights"):
-        build_backbone({"name": "resnet18", "kwargs": {}, "init": "timm"})
+        build_backbone({"_target_": TIMM, "name": "resnet18", "kwargs": {}, "init": "timm"})
 
 
 def test_export_is_atomic_on_failure(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from lightning_modules.backbones.handoff import export_backbone
 from lightning_modules.core.locations import WEIGHTS
 from lightning_modules.runtime.cli import main
 from tests.conftest import make_cfg
-from tests.helpers import RESNET
+from tests.helpers import RESNET, TIMM
 
 TINY = ["debug=limit", "model=resnet_micro"]
 
@@ -28,7 +28,8 @@ def _vit_backbone_dir(root: Path) -> Path:
 
 
 def _truncated(root: Path) -> Path:
-    target = export_backbone(build_backbone({"name": RESNET[0], "kwargs": RESNET[1], "init": "none"}), root / "cut")
+    model = {"_target_": TIMM, "name": RESNET[0], "kwargs": RESNET[1], "init": "none"}
+    target = export_backbone(build_backbone(model), root / "cut")
     data = (target / WEIGHTS).read_bytes()
     (target / WEIGHTS).write_bytes(data[: len(data) // 3])
     return target
@@ -200,6 +201,14 @@ CASES = [
     ),
     ("callback-not-a-component", "finetune", ["callbacks.model_checkpoint=5"], None, "callbacks.model_checkpoint=5"),
     (
+        "probe-longer-than-the-run",
+        "finetune",
+        ["freeze=lp_ft", "freeze.probe_epochs=100", "trainer.max_epochs=10"],
+        None,
+        "freeze.probe_epochs=100, trainer.max_epochs=10: the linear probe would take the whole run and nothing would"
+        " be fine-tuned; allowed is freeze.probe_epochs below trainer.max_epochs",
+    ),
+    (
         "batch-larger-than-data",
         "finetune",
         ["datamodule.label_fraction=0.01", "datamodule.batch_size=64"],
@@ -333,6 +342,20 @@ TEXT_CASES = [
         ["datamodule=digits", "model=bert_micro"],
         None,
         "model=bert_micro takes text inputs, but datamodule=digits gives image",
+    ),
+    (
+        "image-model-on-text",
+        "finetune",
+        ["datamodule=text_classification", "model=resnet_micro"],
+        None,
+        "model=resnet_micro takes image inputs, but datamodule=text_classification gives text",
+    ),
+    (
+        "max-length-beyond-the-presets-positions",
+        "finetune",
+        ["datamodule=text_classification", "datamodule.max_length=100000"],
+        None,
+        "datamodule.max_length=100000 is longer than the backbone's 128 positions; allowed is at most 128",
     ),
     (
         "pooling-word",

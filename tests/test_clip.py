@@ -305,6 +305,54 @@ def test_jsonl_takes_a_list_of_captions(tmp_path):
     assert dm.splits["train"]["count"].eq(2).all()
 
 
+def test_image_text_shards_stream_the_pairs_with_the_image_sources_preprocessing(tmp_path):
+    from datamodules.loading.prepare import prepare
+    from datamodules.transforms.decode import decode
+    from datamodules.transforms.images import eval_transform
+
+    rows = [(f"img/{i % 6}.png", f"a photo number {i}") for i in range(12)]  # 6 images, 2 captions each
+    pairs = str(_write_pairs(tmp_path, rows=rows))
+    shards = prepare("image_text", out=str(tmp_path / "shards"), file=pairs, text_column="caption", workers=1)
+    dm = _pairs_module(path=str(shards), channels=3, image_size=8, batch_size=2, num_workers=1)
+    assert dm.describe() == {"loading": "stream"} and dm.spec.image_size == 8
+    train_pairs = json.loads((shards / "pretune.json").read_text())["splits"]["train"]
+    batches = list(dm.train_dataloader())
+    assert len(batches) == train_pairs // 2 and batches[0]["image"].dtype == torch.uint8
+    assert [b["input_ids"].tolist() for b in batches] == [b["input_ids"].tolist() for b in dm.train_dataloader()]
+    dm.batches_trained = lambda: 1  # a resumed epoch skips what was trained
+    assert [b["input_ids"].tolist() for b in dm.train_dataloader()] == [b["input_ids"].tolist() for b in batches[1:]]
+    from litdata import StreamingDataset
+
+    val = StreamingDataset(str(shards / "val"))
+    (batch,) = list(dm.eval_loader("val", batch_size=64))
+    for i in range(len(val)):  # each pair's image read as every image source reads a file; its ids
+        expected = eval_transform(8, 1.0)(decode(tmp_path / val[i]["name"], 3))
+        assert torch.equal(batch["image"][i], expected)
+    names = [val[i]["name"] for i in range(len(val))]
+    assert batch["image_id"].tolist() == [list(dict.fromkeys(names)).index(n) for n in names]
+    assert dm.on_after_batch_transfer(batch, 0)["image"].dtype == torch.float32  # normalised on the device
+    assert set(dm.export_files()["captions.json"]["captions"]) == {x for x in dm.texts()}
+
+
+def test_clip_pre_trains_on_image_text_shards(tmp_path):
+    from datamodules.loading.prepare import prepare
+
+    rows = [(f"img/{i % 6}.png", f"photo {i % 6} seen {i // 6}") for i in range(60)]
+    pairs = str(_write_pairs(tmp_path, rows=rows))
+    shards = prepare("image_text", out=str(tmp_path / "shards"), file=pairs, text_column="caption", workers=1)
+    options = [
+        f"datamodule.path={shards}",
+        "datamodule.channels=3",
+        "datamodule.batch_size=8",
+        "datamodule.num_workers=1",
+    ]
+    metrics = _pretrain(tmp_path / "run", *options)
+    assert metrics["status"] == "ok" and 0 <= metrics["val/i2t_recall@1"] <= 1
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["data"] == {"loading": "stream"}
+    kept = json.loads((tmp_path / "run" / "backbone" / "captions.json").read_text())["captions"]
+    assert kept and all(c.startswith("photo ") for c in kept)
+
+
 # --- per-tower freezing and learning rates ---------------------------------------------------------------
 
 
@@ -447,9 +495,42 @@ def test_evaluate_zero_shot_and_retrieval_through_the_script(pretrained, tmp_pat
     zero_shot = evaluate("zero_shot", "datamodule=digits", f"hydra.run.dir={tmp_path / 'zs'}")
     assert zero_shot["status"] == "ok" and zero_shot["zero_shot/images"] == 270 and zero_shot["zero_shot/classes"] == 10
     assert 0 <= zero_shot["zero_shot/acc"] <= 1 and 0 <= zero_shot["zero_shot/f1"] <= 1
+    # The digits' own prompts, and the pre-training's 60 distinct captions kept for runs on other data.
+    assert zero_shot["zero_shot/templates_from"] == "datamodule=digits"
+    assert zero_shot["zero_shot/templates"][:2] == ["a handwritten {}", "the digit {}"]
+    assert json.loads((pretrained / "backbone" / "captions.json").read_text())["distinct"] == 60
     assert (tmp_path / "zs" / "csv" / "metrics.csv").is_file()  # and to the logger
     retrieval = evaluate("task=retrieval", "datamodule=image_text", f"hydra.run.dir={tmp_path / 'rt'}")
     assert retrieval["retrieval/pairs"] == 1620 and 0 <= retrieval["retrieval/t2i_recall@5"] <= 1
+
+
+def test_zero_shot_prompts_are_the_datas_own_else_the_pretraining_captions_else_generic(tmp_path):
+    from types import SimpleNamespace
+
+    from datamodules.sources.digits import DigitsDataModule
+    from datamodules.sources.image_folder import ImageFolderDataModule
+    from lightning_modules.objectives.clip import GENERIC_PROMPTS, templates_from_captions
+    from lightning_modules.runtime.evaluate import prompt_templates
+
+    names = ["cat", "dog", "golden_retriever"]
+    captions = ["a photo of a cat", "a photo of a Dog", "a photo of a golden retriever", "a {cat} drawn", "dog"]
+    captions += ["a cat asleep", "a dog asleep", "a dog asleep", "my neighbour's dog"]
+    # Seen with 2 classes or more, most classes first; the rest (one class only) are descriptions, not templates.
+    assert templates_from_captions(captions, names) == ["a photo of a {}", "a {} asleep"]
+    (tmp_path / "captions.json").write_text(json.dumps({"captions": captions, "distinct": len(captions)}))
+    unset, folder = SimpleNamespace(templates=None), ImageFolderDataModule(root=str(tmp_path))
+    pairs_run, other = {"path": str(tmp_path)}, {"path": str(tmp_path / "elsewhere")}
+    assert prompt_templates(unset, folder, pairs_run, names) == (
+        ["a photo of a {}", "a {} asleep"],
+        "the pre-training captions",
+    )
+    assert prompt_templates(unset, folder, other, names) == (list(GENERIC_PROMPTS), "CLIP's generic photo prompts")
+    assert prompt_templates(unset, DigitsDataModule(), pairs_run, names)[1] == "datamodule=digits"
+    given = SimpleNamespace(templates=["a sketch of a {}"])
+    assert prompt_templates(given, DigitsDataModule(), pairs_run, names) == (
+        ["a sketch of a {}"],
+        "zero_shot.templates",
+    )
 
 
 # --- DDP -------------------------------------------------------------------------------------------------
@@ -631,7 +712,8 @@ BAD = [
     ("tower-init-missing", "pretrain", ["datamodule=image_text", "model.image.init={tmp}/nothing"], None,
      "model.image.init={tmp}/nothing: no such path"),
     ("tower-of-the-wrong-kind", "pretrain", ["datamodule=image_text", "model@model.image=bert_micro"], None,
-     "model.image.type=transformers cannot be the image tower, which takes image inputs: allowed is timm"),
+     "model.image._target_=lightning_modules.backbones.text.TransformersBackbone cannot be the image tower, which takes"
+     " image inputs: allowed are model@model.image=efficientnet_lite0_imagenet, resnet_micro, timm, vit_micro"),
     ("tower-size", "pretrain", ["datamodule=image_text", "model.text.layers=0"], None,
      "model.text.layers=0 is out of range: allowed is an integer in [1, 1024]"),
     ("freeze-a-tower-of-a-plain-backbone", "finetune", ["freeze.text=all"], None,
@@ -672,9 +754,50 @@ def test_evaluate_refuses_what_it_cannot_evaluate_in_one_line(args, needle, tmp_
     assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
 
 
-def test_the_tower_tables_agree_with_the_dual_encoder():
-    from lightning_modules.backbones.dual import DualEncoder
-    from lightning_modules.config.modalities import BACKBONE_TYPES, TOWERS
+def test_predict_classifies_new_images_zero_shot_over_given_class_names(pretrained, tmp_path):
+    """scripts/predict.py with a CLIP run: its towers and projections rebuilt from the run alone (its config.yaml,
+    backbone/ and the preprocessing recorded there), the class names through the templates; the same top labels
+    as the towers built the way scripts/evaluate.py builds them, on the same inputs."""
+    import csv
 
-    assert TOWERS == {DualEncoder.type: DualEncoder.TOWERS}
-    assert BACKBONE_TYPES[DualEncoder.type][1] == DualEncoder.modality
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from datamodules.spec import ImageTextSpec
+    from datamodules.transforms.images import preprocessing_transform, standardize
+    from lightning_modules.backbones.factory import build_backbone
+    from lightning_modules.backbones.handoff import read_backbone_config, resolve_init
+    from lightning_modules.objectives.base import saved_objective
+    from lightning_modules.runtime.predict import predict
+    from tests.conftest import CONF
+
+    digits = load_digits()
+    for i in range(5):
+        Image.fromarray((digits.images[i] * 255 / 16).round().astype(np.uint8)).save(tmp_path / f"{i}.png")
+    names = ["zero", "one", "two", "three", "four"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("predict", [f"run_dir={pretrained}", f"input={tmp_path}", f"class_names=[{','.join(names)}]"])
+        evaluate_cfg = compose("evaluate", [f"model.init={pretrained}"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "out")
+    metrics = predict(cfg)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert metrics["predicted"] == 5 and [r["input"] for r in rows] == [f"{i}.png" for i in range(5)]
+
+    pre = read_backbone_config(pretrained / "backbone")["preprocessing"]
+    assert pre["crop_mode"] == "center" and pre["channels"] == 1 and pre["modality"] == "image_text"
+    source = resolve_init(str(pretrained))
+    backbone = build_backbone(OmegaConf.to_container(evaluate_cfg.model, resolve=True), source=source).eval()
+    tok = backbone.towers()["text"].processor
+    spec = ImageTextSpec(1, pre["image_size"], len(tok), backbone.towers()["text"].max_positions, tok.pad_token_id, tok)
+    objective = saved_objective(source, backbone, spec).eval()
+    images = [preprocessing_transform(pre)(Image.open(tmp_path / f"{i}.png").convert("L")) for i in range(5)]
+    with torch.no_grad():
+        classes = objective.class_embeddings(backbone, names, ["{}"])
+        batch = {"image": standardize(torch.stack(images), pre["mean"], pre["std"])}
+        expected = objective.zero_shot_logits(backbone, batch, classes).softmax(-1)
+    assert [r["label_1"] for r in rows] == [names[i] for i in expected.argmax(-1).tolist()]
+    assert [float(r["probability_1"]) for r in rows] == pytest.approx(expected.max(-1).values.tolist(), abs=1e-5)

@@ -50,14 +50,20 @@ def composed() -> list[tuple[str, object, dict]]:
                     stage = _stage_of(group, option)
                     cfg = compose(config_name=stage, overrides=[f"{group}={option}"])
                     out.append((f"{stage} {group}={option}", cfg, RULES))
-            for tower, family in (("image", "timm"), ("text", "transformers")):  # a dual encoder's towers take
-                for option in _options("model"):  # any preset of their family (model@model.image=resnet_micro)
-                    if f"type: {family}" not in (CONF / "model" / f"{option}.yaml").read_text():
+            families = (("image", "image.TimmBackbone"), ("text", "text.TransformersBackbone"))
+            for tower, family in families:  # a dual encoder's towers take any preset of their family
+                for option in _options("model"):  # (model@model.image=resnet_micro)
+                    if (
+                        f"_target_: lightning_modules.backbones.{family}"
+                        not in (CONF / "model" / f"{option}.yaml").read_text()
+                    ):
                         continue
                     overrides = ["datamodule=image_text", f"model@model.{tower}={option}"]
                     out.append((f"pretrain {' '.join(overrides)}", compose("pretrain", overrides=overrides), RULES))
             for task in ("zero_shot", "retrieval"):
                 out.append((f"evaluate {task}", compose(config_name="evaluate", overrides=[f"task={task}"]), RULES))
+            for script in ("predict", "export"):  # scripts/predict.py, scripts/export.py
+                out.append((script, compose(config_name=script), RULES))
             for study in ("transfer_study", "transfer_study_text"):
                 out.append((study, compose(config_name=study), STUDY_RULES))
         composed.cache = out

@@ -69,7 +69,12 @@ BASES = {
         + ["callbacks=early_stopping", "logger=tensorboard"],
         True,
     ),
-    "finetune-lpft": ("finetune", ["model=resnet_micro", "freeze=lp_ft", "scheduler=plateau", "logger=csv"], True),
+    # a probe shorter than TINY's one epoch: a longer one would only probe, which the config check refuses
+    "finetune-lpft": (
+        "finetune",
+        ["model=resnet_micro", "freeze=lp_ft", "freeze.probe_epochs=0", "scheduler=plateau", "logger=csv"],
+        True,
+    ),
     "finetune-probe-folder": (
         "finetune",
         ["model=resnet_micro", "freeze=linear_probe", "scheduler=none", "datamodule=image_folder"]
@@ -90,6 +95,9 @@ BASES = {
     # scripts/evaluate.py needs a CLIP pre-training run: checked, not run.
     "evaluate-zero-shot": ("evaluate", ["task=zero_shot", "model.init={clip}"], False),
     "evaluate-retrieval": ("evaluate", ["task=retrieval", "datamodule=image_text", "model.init={clip}"], False),
+    # scripts/predict.py and export.py need a fine-tune run: checked, not run (tests/test_model_export.py runs them).
+    "predict": ("predict", ["run_dir={clip}", "input={folder}"], False),
+    "export": ("export", ["run_dir={clip}"], False),
     "finetune-gpu": ("finetune", ["trainer=gpu", "trainer.accelerator=gpu", "model=resnet_micro"], True),
     "finetune-lite0": ("finetune", ["model=efficientnet_lite0_imagenet", "model.input_size=32"], "large"),
     "pretrain-fsdp": ("pretrain", ["trainer=fsdp", "objective=mae", "model=vit_micro"], False),
@@ -289,7 +297,9 @@ def bases(folder) -> dict:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         for name, (stage, overrides, _run) in BASES.items():
             filled = [o.format(folder=folder, cache=folder.parent / "cache", clip=_clip_run(folder)) for o in overrides]
-            tiny = [*FAST, *filled, *TINY] if stage != "evaluate" else [*filled, "logger=none"]  # it trains nothing
+            tiny = {"evaluate": [*filled, "logger=none"], "predict": filled, "export": filled}.get(  # train nothing
+                stage, [*FAST, *filled, *TINY]
+            )
             cfg = compose(config_name=stage, overrides=[*tiny, f"paths.output_dir={folder.parent}/out"])
             out[name] = (cfg, {k: d for k, d in _keys(cfg).items() if not k.startswith("paths.output_dir")})
     return out

@@ -1,5 +1,6 @@
 """Scaling out: DDP on 2 CPU processes (gloo) matches one process on the same global batch; a multirun of
-DDP jobs writes one complete run dir per job; the multi-node and FSDP configs compose and instantiate."""
+DDP jobs writes one complete run dir per job; the multi-node and FSDP configs compose and instantiate (two nodes
+on loopback: tests/test_nodes.py; FSDP training: tests/test_fsdp.py)."""
 
 from __future__ import annotations
 
@@ -156,7 +157,7 @@ def test_a_child_rank_reruns_this_job_not_the_sweep(tmp_path, monkeypatch):
     ]
 
 
-# --- configs that cannot run here: multi-node DDP, FSDP ----------------------------------------------------
+# --- configs of many ranks, built without starting them: multi-node DDP, FSDP --------------------------------
 
 
 def test_ddp_config_builds_a_two_node_trainer_with_the_hydra_job_launcher():
@@ -180,19 +181,28 @@ def test_the_transfer_study_refuses_ddp_stages(tmp_path):
             _run_stage("pretrain", ["trainer=ddp"], tmp_path)
 
 
-def test_fsdp_config_composes_and_instantiates_with_a_block_wrap_policy():
-    from timm.models.vision_transformer import Block
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+def test_fsdp_config_composes_and_instantiates_fsdp2_over_every_rank():
+    from pytorch_lightning.strategies import ModelParallelStrategy
 
-    from lightning_modules.runtime.parallel import HydraFSDPStrategy
+    from lightning_modules.runtime.parallel import HydraFSDPStrategy, HydraJobLauncher
 
     cfg = make_cfg("finetune", ["trainer=fsdp", "trainer.num_nodes=2", "trainer.devices=8"])
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.num_nodes == 2  # (FAST forces accelerator=cpu)
     strategy = instantiate(cfg.trainer.strategy)
-    assert isinstance(strategy, HydraFSDPStrategy)
-    policy = strategy.kwargs["auto_wrap_policy"]
-    assert isinstance(policy, ModuleWrapPolicy) and Block in policy._module_classes
-    assert strategy.kwargs["use_orig_params"] is True and strategy.sharding_strategy.name == "FULL_SHARD"
+    assert isinstance(strategy, HydraFSDPStrategy) and isinstance(strategy, ModelParallelStrategy)
+    assert strategy.reshard_after_forward is True and strategy._save_distributed_checkpoint is False
+    assert strategy._tensor_parallel_size == 1 and strategy.start_timeout_s == 600
+    trainer = instantiate(cfg.trainer, logger=False)  # builds, launches nothing
+    assert trainer.world_size == 16 and isinstance(trainer.strategy._launcher, HydraJobLauncher)
+
+
+def test_start_timeout_is_checked_with_the_config():
+    from lightning_modules.config.check import check_config
+    from lightning_modules.core.errors import ConfigError
+
+    for bad, shown in (("0", "0"), ("-5", "-5"), ("soon", "'soon'")):
+        with pytest.raises(ConfigError, match=rf"trainer.strategy.start_timeout_s={shown} .*: allowed is a number > 0"):
+            check_config(make_cfg("finetune", ["trainer=ddp", f"trainer.strategy.start_timeout_s={bad}"]))
 
 
 # --- end to end through the scripts: 2 processes vs 1 on the same global batch ------------------------------

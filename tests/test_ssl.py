@@ -285,6 +285,35 @@ def test_a_recipe_without_photo_ops_draws_what_it_drew_before():
     assert torch.equal(a, b) and torch.equal(after_a, torch.rand(1))
 
 
+def test_the_photo_ops_are_datamodule_augment_keys_on_every_loading_path(tmp_path):
+    """The one recipe takes the photo ops held in memory and streamed: each path's device part undoes its own
+    normalisation (solarize at p=1 is exact on pixels), and the spec carries it for an objective's views; ``size``
+    is the views' alone."""
+    from datamodules.sources.digits import DigitsDataModule
+    from lightning_modules.core.errors import ConfigError
+    from tests.test_streaming import stream, write_folder
+
+    def solarized_on_pixels(augment, mean, std, channels):
+        mean, std = (torch.as_tensor(v, dtype=torch.float32).reshape(1, -1, 1, 1) for v in (mean, std))
+        pixels = torch.rand(4, channels, 16, 16, generator=torch.Generator().manual_seed(0))
+        out = augment((pixels - mean) / std) * std + mean
+        torch.testing.assert_close(out, torch.where(pixels >= 0.5, 1 - pixels, pixels), atol=1e-5, rtol=0)
+
+    solarize = {"preset": "none", "solarize": 1.0}
+    held = DigitsDataModule(augment=solarize, batch_size=8, image_size=16)
+    held.setup()
+    assert [step.__name__ for step in held.augment.steps] == ["_photo"]
+    assert held.spec.mean == (float(held.mean),) and held.spec.std == (float(held.std),)
+    solarized_on_pixels(held.augment, held.mean, held.std, 1)
+    streamed = stream(write_folder(tmp_path, n=6), augment=solarize, batch_size=4)
+    mean, std = streamed.normalization
+    assert [step.__name__ for step in streamed.augment.steps] == ["_photo"]
+    assert streamed.spec.mean == tuple(mean) and streamed.spec.std == tuple(std) and mean[0] != mean[1]
+    solarized_on_pixels(streamed.augment, mean, std, 3)
+    with pytest.raises(ConfigError, match=r"^datamodule.augment.size is unknown: allowed are auto_augment, blur"):
+        DigitsDataModule(augment={"size": 8})
+
+
 def test_the_crop_size_option_makes_small_local_views():
     x = batch(4)["image"]  # 16 x 16
     assert BatchAugment(scale=(0.1, 0.4), size=8)(x).shape == (4, 1, 8, 8)

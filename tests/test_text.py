@@ -16,6 +16,7 @@ from lightning_modules.backbones.factory import build_backbone
 from lightning_modules.backbones.handoff import export_backbone
 from lightning_modules.core.errors import ConfigError
 from tests.conftest import ROOT
+from tests.helpers import TIMM
 from tests.text_helpers import BERT, GPT, hf_dir, minilm_dir, sample_texts, text_backbone, text_spec, token_batch
 
 TOKENIZER_HASHES = """
@@ -123,7 +124,7 @@ def test_mlm_masking_statistics_on_a_large_batch():
 
 def test_mlm_draws_under_ddp_are_the_single_process_draws(monkeypatch):
     """Rank r of 2, masking its half of a global batch, gets exactly the masks one process draws for those rows."""
-    from lightning_modules.runtime import distributed
+    from lightning_modules.core import distributed
 
     backbone = text_backbone(BERT)
     objective = _mlm(backbone)
@@ -268,13 +269,13 @@ def test_a_bert_micro_backbone_is_refused_for_a_gpt_micro_config(tmp_path):
 
 
 def test_hugging_face_dirs_load_without_a_preset_and_carry_their_architecture(tmp_path):
-    """hf:<dir> builds a transformers backbone whatever model.type says; exported after pre-training, its
+    """hf:<dir> builds a transformers backbone whatever the preset's _target_ says; exported after pre-training, its
     architecture travels with it (config.json), so a fine-tune from that run needs no matching preset."""
     from transformers import AutoModel
 
     for model, kind, groups in ((BERT, "encoder", 3), (GPT, "decoder", 3)):
         where = hf_dir(tmp_path / model["name"], model)
-        vit_preset = {"type": "timm", "name": "vit_tiny_patch16_224", "init": f"hf:{where}", "pooling": "mean"}
+        vit_preset = {"_target_": TIMM, "name": "vit_tiny_patch16_224", "init": f"hf:{where}", "pooling": "mean"}
         backbone = build_backbone(vit_preset)
         assert (backbone.kind, len(backbone.layer_groups()), backbone.pooling) == (kind, groups, "mean")
         reference = AutoModel.from_pretrained(str(where))

@@ -113,7 +113,7 @@ def test_long_texts_are_truncated_and_counted_once(tmp_path, bert, caplog, monke
 
 
 def test_embedded_task_splits_by_module_and_the_corpus_leaves_held_out_modules_out(tmp_path):
-    from datamodules import stdlib_docs
+    from datamodules.sources import stdlib_docs
 
     cache = str(tmp_path / "cache")
     splits, classes = stdlib_docs.labeled_task(15, cache)

@@ -65,6 +65,7 @@ def test_finetune_run_records_its_backbone_source_and_per_group_lr_and_frozen_fl
     out = Path(cfg.paths.output_dir)
     logged = read_offline_run(out)
     source = {"path": str((pre / "backbone").resolve()), "sha256": sha256_of(pre / "backbone" / WEIGHTS)}
+    source["logged_as"] = "backbone-vit_tiny_patch16_224-mae"  # its pre-training logged it: lineage when online
     assert logged["config"]["run"]["weights"] == source  # the run record, in W&B and beside config.yaml
     assert json.loads((out / "run.json").read_text())["weights"] == source
     assert "source" not in yaml.safe_load((out / "config.yaml").read_text())["model"]  # config.yaml: as composed
@@ -75,7 +76,7 @@ def test_finetune_run_records_its_backbone_source_and_per_group_lr_and_frozen_fl
     assert first["params/trainable"] == metrics["params/trainable"]
     assert logged["summary"]["test/acc"] == pytest.approx(metrics["test/acc"])
     assert logged["summary"]["params/trainable"] == json.loads((out / "metrics.json").read_text())["params/trainable"]
-    assert logged["artifacts"] == []  # fine-tunes log no backbone
+    assert [a["name"] for a in logged["artifacts"]] == ["model-vit_tiny_patch16_224-digits"]  # model/, no backbone
 
 
 def test_runs_in_one_process_stay_separate_wandb_runs(cfg_factory):
@@ -137,6 +138,27 @@ def test_an_online_run_marks_the_fetched_artifact_as_its_input():
     record_use(online, "wandb:me/pretune/backbone-x-mae:v3")
     record_use(online, "/local/backbone")  # a local source is recorded in the config, not as an artifact
     assert online.used == ["me/pretune/backbone-x-mae:v3"]
+
+
+@pytest.mark.slow
+def test_a_run_resumed_with_ckpt_path_last_continues_its_wandb_run(cfg_factory):
+    """The W&B run's id is in run.json; the run resumed in its dir takes it up (resume="allow") instead of starting
+    another: offline, a second log under the same id, which wandb sync appends to the first. A new run gets a new id."""
+    from tests.wandb_log import read_offline_runs
+
+    stop = ["+callbacks.stop._target_=tests.helpers.StopAfter", "+callbacks.stop.epochs=1"]
+    run(cfg_factory("finetune", *TINY, *stop, name="cut"))
+    out = Path(cfg_factory("finetune", *TINY, name="cut").paths.output_dir)
+    first = json.loads((out / "run.json").read_text())["wandb"]["id"]
+    metrics = run(cfg_factory("finetune", *TINY, "ckpt_path=last", name="cut"))
+    attempts = read_offline_runs(out)
+    assert [a["id"] for a in attempts] == [first, first]
+    assert json.loads((out / "run.json").read_text())["wandb"]["id"] == first
+    steps = [{row["trainer/global_step"] for row in a["history"] if "train/loss_step" in row} for a in attempts]
+    assert max(steps[0]) < min(steps[1])  # the resumed attempt logs the steps after the cut, not from 0
+    assert attempts[1]["summary"]["test/acc"] == pytest.approx(metrics["test/acc"])
+    run(cfg_factory("finetune", *TINY, "trainer.max_epochs=1", name="other"))
+    assert read_offline_runs(out.parent / "other")[0]["id"] != first
 
 
 @pytest.mark.parametrize(

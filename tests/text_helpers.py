@@ -7,7 +7,7 @@ import functools
 from pathlib import Path
 
 BERT = {
-    "type": "transformers",
+    "_target_": "lightning_modules.backbones.text.TransformersBackbone",
     "name": "bert",
     "init": "none",
     "layers": 2,

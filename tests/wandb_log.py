@@ -46,22 +46,34 @@ def _put(tree: dict, item, value) -> None:
 
 
 def read_offline_run(run_dir: Path) -> dict:
-    """The run (name, group, job_type, tags), its config, the history keys, the final summary and
+    """The run (name, group, job_type, tags, id), its config, the history keys, the final summary and
     the artifacts logged, from the one offline run under ``run_dir``/wandb."""
-    logs = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(logs) == 1, f"expected one offline W&B run under {run_dir}, found {logs}"
+    runs = read_offline_runs(run_dir)
+    assert len(runs) == 1, f"expected one offline W&B run under {run_dir}, found {len(runs)}"
+    return runs[0]
+
+
+def read_offline_runs(run_dir: Path) -> list[dict]:
+    """Every offline run log under ``run_dir``/wandb, oldest first (a run resumed offline writes a log of its own,
+    under the same run id; ``wandb sync`` uploads them in order into one run)."""
+    logs = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))  # named offline-run-<start time>-<id>
+    return [_read_log(log) for log in logs]
+
+
+def _read_log(log: Path) -> dict:
     # wandb's service process may still be flushing the log when finish() returns: wait for the
     # exit record, the last one written.
     deadline = time.time() + 30
-    while not any(r.WhichOneof("record_type") == "exit" for r in records(logs[0])):
-        assert time.time() < deadline, f"{logs[0]} has no exit record: the run did not finish"
+    while not any(r.WhichOneof("record_type") == "exit" for r in records(log)):
+        assert time.time() < deadline, f"{log} has no exit record: the run did not finish"
         time.sleep(0.5)
     out = {"config": {}, "history_keys": set(), "summary": {}, "artifacts": [], "history": []}
-    for record in records(logs[0]):
+    for record in records(log):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
             out.update(name=run.display_name, group=run.run_group, job_type=run.job_type, tags=list(run.tags))
+            out["id"] = run.run_id
             out["config"].update({item.key: json.loads(item.value_json) for item in run.config.update})
         elif kind == "config":
             out["config"].update({item.key: json.loads(item.value_json) for item in record.config.update})

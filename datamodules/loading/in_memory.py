@@ -27,6 +27,8 @@ from sklearn.model_selection import train_test_split
 from datamodules.base import PretuneDataModule
 from datamodules.spec import ImageSpec
 from datamodules.transforms.augment import BatchAugment
+from datamodules.transforms.images import image_preprocessing
+from datamodules.transforms.recipe import eval_crop, resolve
 from lightning_modules.backbones.base import FEATURES
 from lightning_modules.config.rules import check
 from lightning_modules.config.rules.datamodule import check_split_fractions
@@ -174,10 +176,18 @@ class InMemoryImageDataModule(PretuneDataModule):
 
     ``labeled=False`` (pre-training) serves the whole training split as images only;
     ``labeled=True`` (fine-tuning) serves ``label_fraction`` of it with labels.
+
+    ``augment`` is the training recipe and ``eval_crop_pct`` the evaluation crop (``transforms/recipe.py``), the
+    same keys whichever path the data take; held in memory, every op of the recipe is a whole-batch tensor op.
     """
 
     name = "images"
     pixel_max = 255  # the largest value of the source's 8-bit pixels (digits: 16)
+    crops_eval_at_read = False  # True: evaluation images are stored centre-cropped already (read from files)
+    # Why an op with no whole-batch entry (torchvision's policies) is refused here, in the line that says so.
+    held_in_memory = "is applied per image by streaming workers, and these images are held in memory"
+    # How a stored image reaches image_size: decode() resizes whole images (bilinear, squares stay squares).
+    eval_interpolation = "bilinear"
 
     def __init__(
         self,
@@ -192,6 +202,7 @@ class InMemoryImageDataModule(PretuneDataModule):
         label_seed: int = 0,
         labeled: bool = True,
         augment: dict | None = None,
+        eval_crop_pct: float | None = None,
         train_batches_per_epoch: int | None = None,
         device_budget: float = 0.25,
     ):
@@ -207,7 +218,8 @@ class InMemoryImageDataModule(PretuneDataModule):
         check("datamodule.train_batches_per_epoch", train_batches_per_epoch)  # null: one pass over the data
         self.train_batches_per_epoch = train_batches_per_epoch
         self.device_budget = float(check("datamodule.device_budget", device_budget))
-        self.augment = BatchAugment.from_config("datamodule.augment", augment)
+        self.augment_config, self.eval_crop_config = augment, eval_crop_pct
+        self.resolve_recipe()  # its values checked now; resolved again in setup, at the final image size
         # The stored splits: {"image": uint8 (N, C, h, w) at the size read, "label": long (N,)}; see decode().
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
         self.train_labels: torch.Tensor | None = None  # all training labels, even unserved (labeled_examples)
@@ -226,6 +238,22 @@ class InMemoryImageDataModule(PretuneDataModule):
         if pre.get("input_size"):
             self.image_size = check("datamodule.image_size", int(pre["input_size"]))
         self.norm_mean, self.norm_std = pre.get("mean"), pre.get("std")
+
+    # --- the recipe ------------------------------------------------------------------------
+    def resolve_recipe(self) -> None:
+        """The training recipe and evaluation crop at ``image_size`` (``use_backbone`` may change it), and the
+        machinery that applies the recipe on this path (``batch_augment``)."""
+        self.recipe = resolve("datamodule.augment", self.augment_config, self.image_size)
+        self.eval_crop = eval_crop(self.eval_crop_config, self.augment_config, self.image_size)
+        self.augment = self.batch_augment()
+
+    def batch_augment(self) -> BatchAugment:
+        """Held in memory: every op of the recipe, a whole batch at a time."""
+        return BatchAugment.from_recipe(self.recipe, "datamodule.augment", self.held_in_memory)
+
+    def describe(self) -> dict:
+        """For the run record: the recipe as resolved, and the evaluation crop."""
+        return {"augment": self.recipe.record(), "eval_crop_pct": self.eval_crop}
 
     # --- what a subclass provides -------------------------------------------------------
     def load(self) -> tuple[torch.Tensor, np.ndarray, tuple[str, ...]]:
@@ -257,33 +285,50 @@ class InMemoryImageDataModule(PretuneDataModule):
         }, classes
 
     # --- shared logic -------------------------------------------------------------------
-    def resize(self, images: torch.Tensor) -> torch.Tensor:
+    def resize(self, images: torch.Tensor, crop_pct: float = 1.0) -> torch.Tensor:
         """Images (N, C, H, W) as the config asks: ``channels`` (grey repeated to RGB, RGB averaged to grey),
-        ``image_size``."""
+        ``image_size``; with ``crop_pct`` < 1, resized to ``image_size / crop_pct`` and the centre kept."""
         if images.shape[1] != self.channels:
             images = images.repeat(1, self.channels, 1, 1) if images.shape[1] == 1 else images.mean(1, keepdim=True)
-        if images.shape[-1] == self.image_size and images.shape[-2] == self.image_size:
+        size = self.image_size if crop_pct == 1.0 else round(self.image_size / crop_pct)
+        if images.shape[-1] != size or images.shape[-2] != size:
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        if size == self.image_size:
             return images
-        return F.interpolate(
-            images,
-            size=(self.image_size, self.image_size),
-            mode="bilinear",
-            align_corners=False,
-            antialias=True,
-        )
+        start = (size - self.image_size) // 2
+        return images[..., start : start + self.image_size, start : start + self.image_size]
 
-    def to_unit(self, images: torch.Tensor) -> torch.Tensor:
+    def to_unit(self, images: torch.Tensor, crop_pct: float = 1.0) -> torch.Tensor:
         """Stored images as float32 in [0, 1] at ``image_size``, before normalisation."""
         x = images.float() / self.pixel_max if images.dtype == torch.uint8 else images.float()
-        return self.resize(x)
+        return self.resize(x, crop_pct)
 
     def decode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A batch as the model sees it: images in [0, 1], resized, normalised with the training statistics."""
+        """A training batch as the model sees it: images in [0, 1], resized, normalised with the training
+        statistics (the recipe's augmentation follows on the device: ``on_after_batch_transfer``)."""
         return dict(batch, image=(self.to_unit(batch["image"]) - self.mean) / self.std)
+
+    def decode_eval(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An evaluation batch: as ``decode``, with the evaluation crop (``eval_crop_pct``) unless the images were
+        stored cropped."""
+        crop = 1.0 if self.crops_eval_at_read else self.eval_crop
+        return dict(batch, image=(self.to_unit(batch["image"], crop) - self.mean) / self.std)
+
+    def decoder(self, split: str):
+        return self.decode if split == "train" else self.decode_eval
+
+    def eval_preprocessing(self) -> dict:
+        """An image file as evaluation sees a stored image: resized to ``image_size / eval_crop_pct`` (the centre
+        square of a non-square file), the centre ``image_size`` kept, scaled to [0, 1], normalised with this run's
+        mean and std (the training images', one value for all channels; or the weights' own, per channel). A source
+        of arrays on another scale (digits: 0..16) is read from 8-bit files as 0..255."""
+        return image_preprocessing(
+            self.channels, self.image_size, self.mean, self.std, self.eval_interpolation, self.eval_crop
+        )
 
     def images(self, split: str) -> torch.Tensor:
         """A whole split decoded (for inspection and tests; training decodes batch by batch)."""
-        return self.decode(self.splits[split])["image"]
+        return self.decoder(split)(self.splits[split])["image"]
 
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for split in self.splits.values() for t in split.values())
@@ -305,6 +350,7 @@ class InMemoryImageDataModule(PretuneDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
+        self.resolve_recipe()
         splits, classes = self.load_splits()
         train_x, train_y = splits["train"]
         # Normalise with statistics of all training images (labeled or not), shared by every split and
@@ -404,7 +450,7 @@ class InMemoryImageDataModule(PretuneDataModule):
         shard = self.shard() if sharded else {}
         size = batch_size or self.eval_batch_size
         return BatchLoader(
-            self.splits[split], size, False, False, transform=self.decode, **self.batch_device(), **shard
+            self.splits[split], size, False, False, transform=self.decoder(split), **self.batch_device(), **shard
         )
 
     def val_dataloader(self):
@@ -423,9 +469,10 @@ class InMemoryImageDataModule(PretuneDataModule):
         decoded (size, normalisation), so features are reused only for the same decoded inputs."""
         decoding = [torch.tensor([self.image_size, self.pixel_max]), self.mean.cpu(), self.std.cpu()]
         for name, tensors in self.splits.items():
-            batches = BatchLoader(dict(tensors), self.eval_batch_size, False, False, transform=self.decode)
-            # in place: the loaders made already see it
-            tensors[FEATURES] = encode(name, [tensors["image"], *decoding], batches)
+            cropped = name != "train" and self.eval_crop != 1.0 and not self.crops_eval_at_read
+            identity = [tensors["image"], *decoding, *([torch.tensor([self.eval_crop])] if cropped else [])]
+            batches = BatchLoader(dict(tensors), self.eval_batch_size, False, False, transform=self.decoder(name))
+            tensors[FEATURES] = encode(name, identity, batches)  # in place: the loaders made already see it
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         # Augment training batches only, on whatever device they landed on.

@@ -3,8 +3,14 @@ shards with litdata's ``optimize``, which ``datamodule=shards`` streams from a l
 
 Layout of a prepared directory (format ``pretune-shards``, version ``VERSION``)::
 
-    <out>/pretune.json          what was prepared: kind, splits and their sizes, class names, image statistics
+    <out>/pretune.json          what was prepared: kind, splits and their sizes, class names, image statistics,
+                                the seed of the training items' order (shuffle_seed)
     <out>/{train,val,test}/     one litdata dataset per split (index.json + chunk-*.bin)
+
+**Order.** Training items are written in a random order seeded by ``shuffle_seed`` (recorded in ``pretune.json``),
+not in the folder's: a folder is grouped by class, and a reader that streams a chunk at a time (litdata gives each
+worker its own chunks) would see a few classes per batch. Shuffled, every chunk and every run of items within one is
+a random sample of the split. Validation and test items keep the split's order (each is read once, in order).
 
 Items hold raw data; decoding and tokenizing stay with the datamodule that reads them:
 ``image_folder``: {"image": the file's bytes, "label": class index, "name": its path under the root};
@@ -35,10 +41,13 @@ from sklearn.model_selection import train_test_split
 from datamodules.loading.decision import default_workers
 from datamodules.sources.folders import folder_splits
 from datamodules.transforms.decode import decode
+from lightning_modules.config.kinds import SEED
 from lightning_modules.config.rules.datamodule import check_split_fractions
 from lightning_modules.core.errors import ConfigError
 
-FORMAT, VERSION, META = "pretune-shards", 1, "pretune.json"
+# Version 2: training items are written in a seeded random order (version 1 wrote them in the folder's or table's
+# order: a class-sorted folder made chunks of a few classes each).
+FORMAT, VERSION, META = "pretune-shards", 2, "pretune.json"
 KINDS = ("image_folder", "text", "image_text")
 SPLITS = ("train", "val", "test")
 STATS_SAMPLE = 256
@@ -181,6 +190,7 @@ def prepare(
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     split_seed: int = 0,
+    shuffle_seed: int = 0,
     chunk_mb: float = 64,
     workers: int | None = None,
     on_bad_sample: str = "error",
@@ -194,6 +204,7 @@ def prepare(
     if on_bad_sample not in ("error", "skip"):
         raise ConfigError(f"on_bad_sample={on_bad_sample!r} is invalid: allowed are 'error', 'skip'")
     check_split_fractions(val_fraction, test_fraction, prefix="")  # the command's keys have no datamodule. prefix
+    SEED.check("shuffle_seed", shuffle_seed)
     if "://" in str(out) or str(out).startswith("local:"):
         raise ConfigError(
             f"out={out}: prepare into a local directory, then copy it to the object store (e.g. aws s3 sync);"
@@ -220,7 +231,9 @@ def prepare(
             on_bad_sample,
         )
         fn = _text_item if kind == "text" else _pair_item
-    meta.update(extra, splits={s: len(entries[s]) for s in SPLITS})
+    order = np.random.default_rng(shuffle_seed).permutation(len(entries["train"]))
+    entries["train"] = [entries["train"][i] for i in order]  # a seeded random order: chunks mix classes
+    meta.update(extra, splits={s: len(entries[s]) for s in SPLITS}, shuffle_seed=shuffle_seed)
     empty = [s for s in SPLITS if not entries[s]]
     if empty:
         raise ConfigError(f"{kind}: the {empty[0]} split would be empty; add examples or change its fraction")

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.loading.decision import default_workers
 from datamodules.loading.in_memory import BatchLoader
 from datamodules.transforms.images import load_sample, sample_key
 from lightning_modules.core.errors import ConfigError
@@ -34,10 +35,10 @@ ON_BAD_SAMPLE = ("error", "skip")
 class BadSamples:
     """What happens to a sample whose file cannot be decoded: one clear error, or dropped and counted."""
 
-    def __init__(self, policy: str, where: str):
+    def __init__(self, policy: str, where: str, key: str = "datamodule.on_bad_sample"):
         if policy not in ON_BAD_SAMPLE:
-            raise ConfigError(f"datamodule.on_bad_sample={policy!r} is invalid: allowed are 'error', 'skip'")
-        self.policy, self.where = policy, where
+            raise ConfigError(f"{key}={policy!r} is invalid: allowed are 'error', 'skip'")
+        self.policy, self.where, self.key = policy, where, key  # key: the option a user sets (predict.py's own)
         self.skipped, self._named = 0, set()
 
     def screen(self, batch: dict) -> dict | None:
@@ -52,7 +53,7 @@ class BadSamples:
         if self.policy == "error":
             raise ConfigError(
                 f"{self.where}: cannot read image {names[bad[0]]} ({errors[bad[0]]});"
-                " datamodule.on_bad_sample=skip skips unreadable images and counts them"
+                f" {self.key}=skip skips unreadable images and counts them"
             )
         self.skipped += len(bad)
         for i in bad:
@@ -74,6 +75,27 @@ class BadSamples:
                 count = count.cuda()
             dist.all_reduce(count)
         return int(count)
+
+
+def worker_options(datamodule, num_workers: int | None, sharded: bool = True) -> dict:
+    """What every streaming loader takes from its datamodule and trainer: ``num_workers`` worker processes (null:
+    this node's cores shared by its training processes), pinned memory for a CUDA device, this rank's place."""
+    trainer = getattr(datamodule, "trainer", None)
+    on_node = trainer.num_devices if trainer is not None else 1
+    workers = num_workers if num_workers is not None else default_workers(on_node)
+    cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
+    return {"num_workers": workers, "pin_memory": cuda, **(datamodule.shard() if sharded else {})}
+
+
+def training_options(datamodule, seed: int) -> dict:
+    """What a training ``IndexedLoader`` takes from its datamodule: the order's seed, the epoch, the epoch's length,
+    and the batches a resumed epoch had trained."""
+    return {
+        "seed": seed,
+        "epoch_fn": datamodule.epoch,
+        "num_batches": getattr(datamodule, "train_batches_per_epoch", None),
+        "skip_fn": datamodule.batches_trained,
+    }
 
 
 class OpenLoaders:
@@ -139,7 +161,8 @@ class _OrderedBatches:
 
 class IndexedLoader:
     """Batches of ``dataset`` decoded by ``num_workers`` worker processes, in BatchLoader's order; a training
-    loader skips the batches a resumed epoch had trained (``skip_fn``)."""
+    loader skips the batches a resumed epoch had trained (``skip_fn``). ``dataset[(index, key)]`` is one sample
+    (``key``: the seed of its random transform); ``collate_fn`` makes a batch of them (text: cut to its longest)."""
 
     def __init__(
         self,
@@ -157,6 +180,7 @@ class IndexedLoader:
         pin_memory: bool = False,
         persistent: bool = True,
         skip_fn: Callable[[], int] | None = None,
+        collate_fn: Callable | None = None,
     ):
         self.epoch_fn = epoch_fn or (lambda: 0)
         index = {"index": torch.arange(len(dataset))}
@@ -171,6 +195,7 @@ class IndexedLoader:
             pin_memory=pin_memory,
             prefetch_factor=2 if num_workers > 0 else None,
             generator=torch.Generator().manual_seed(seed),  # not the global stream: the loader leaves it alone
+            collate_fn=collate_fn,  # None: torch's (stacks each entry)
         )
 
     def __len__(self) -> int:

@@ -7,10 +7,15 @@ import torch
 
 from datamodules.loading.in_memory import InMemoryImageDataModule
 
+# Zero-shot prompts for handwritten digits (``scripts/evaluate.py zero_shot``): the digit datamodules' own, not a
+# default for other data (a model is asked about a user's photos with generic prompts, ``objectives/clip.py``).
+DIGIT_PROMPTS = ("a handwritten {}", "the digit {}", "the number {}", "a picture of the number {}")
+
 
 class DigitsDataModule(InMemoryImageDataModule):
     name = "digits"
     pixel_max = 16  # the images hold the integers 0..16
+    prompt_templates = DIGIT_PROMPTS
 
     def load(self):
         from sklearn.datasets import load_digits

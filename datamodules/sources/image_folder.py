@@ -3,10 +3,11 @@
 ``val/`` and ``test/`` folders are used when present; otherwise they are split off the training images with
 the configured fractions (seeded, stratified), as file lists, before anything is decoded. Then the run takes
 one of two paths (``datamodules/loading/decision.py``): data within ``memory_budget_gb`` are decoded once, by a pool of
-threads, into memory (``InMemoryImageDataModule``: batch augmentation as tensor ops); larger data stream from
-disk, decoded per batch by DataLoader workers with the standard per-image transforms
-(``datamodules/loading/streaming.py``, ``transforms.py``). Both see the same split and, batch by batch, the same
-images in the same order; neither squashes the aspect ratio (shorter side resized, centre crop).
+threads, into memory (``InMemoryImageDataModule``: the recipe as whole-batch tensor ops); larger data stream from
+disk, decoded per batch by DataLoader workers that take the recipe's crop, flip and policy per image
+(``datamodules/loading/streaming.py``, ``transforms/images.py``), the rest of the recipe following per batch on the
+device. Both see the same split, the same recipe (``augment``, ``transforms/recipe.py``) and, batch by batch, the same
+images in the same order; both evaluate on the same pixels (``eval_crop_pct``); neither squashes the aspect ratio.
 """
 
 from __future__ import annotations
@@ -18,24 +19,33 @@ import torch
 
 from datamodules.loading.decision import Loading, choose, default_workers
 from datamodules.loading.in_memory import InMemoryImageDataModule
-from datamodules.loading.streaming import BadSamples, IndexedLoader, ItemsDataset, OpenLoaders
+from datamodules.loading.streaming import (
+    BadSamples,
+    IndexedLoader,
+    ItemsDataset,
+    OpenLoaders,
+    training_options,
+    worker_options,
+)
 from datamodules.sources.folders import folder_splits
 from datamodules.spec import ImageSpec
+from datamodules.transforms.augment import BatchAugment, device_part
 from datamodules.transforms.decode import decode
 from datamodules.transforms.images import (
     Normalize,
     channel_stats,
-    check_transforms,
     eval_transform,
+    image_preprocessing,
     train_transform,
 )
+from datamodules.transforms.recipe import WORKER_OPS
 from lightning_modules.config.rules import check
 from lightning_modules.core.errors import ConfigError
 
 STATS_SAMPLE = 256  # training images that estimate the data's mean and std when streaming
 
 
-class _Files:
+class Files:
     """``raw(index)`` for a folder: the file's path, its label (None when unlabeled), its name.
 
     The paths are one fixed-width bytes array, not a list of Python strings: a forked worker reading a Python
@@ -53,6 +63,12 @@ class _Files:
 
 class ImageFolderDataModule(InMemoryImageDataModule):
     name = "image_folder"
+    crops_eval_at_read = True  # val/test files are read with the evaluation crop, as the streaming workers read them
+    held_in_memory = (
+        "is applied per image by streaming workers, and these images are held in memory (datamodule.loading=stream"
+        " streams them)"
+    )
+    eval_interpolation = "bicubic"  # held in memory: each file read as eval_transform(image_size, eval_crop_pct)
 
     def __init__(
         self,
@@ -61,7 +77,6 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         memory_budget_gb: float = 4.0,
         num_workers: int | None = None,
         on_bad_sample: str = "error",
-        transforms: dict | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -70,7 +85,6 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         self.memory_budget_gb = float(check("datamodule.memory_budget_gb", memory_budget_gb))
         self.num_workers = check("datamodule.num_workers", num_workers)
         self.bad = BadSamples(check("datamodule.on_bad_sample", on_bad_sample), f"datamodule.root={root}")
-        self.transforms = check_transforms(transforms)
         self.loading: Loading | None = None  # the path this run took, once set up
         self.normalization: tuple[list[float], list[float]] | None = None
         self._files: dict | None = None
@@ -89,6 +103,16 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         """Streamed images are re-decoded and re-augmented per batch: nothing holds them to cache features of."""
         return not self.streams and super().can_cache_features()
 
+    def batch_augment(self) -> BatchAugment:
+        """Streamed, the workers take the crop, the flip and the policy; the device the rest. Before the path is
+        known (at build), values are checked as for memory, but an op only streaming can do is not refused yet."""
+        if getattr(self, "loading", None) is None or self.streams:
+            return device_part(self.recipe)
+        return super().batch_augment()
+
+    def describe(self) -> dict:
+        return {"loading": self.loading.path, **super().describe()} if self.loading else super().describe()
+
     def setup(self, stage: str | None = None) -> None:
         if self.spec is not None:
             return
@@ -97,16 +121,26 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         what = f"datamodule=image_folder root={self.root}"
         self.loading = choose(what, n, self.channels, self.image_size, self.loading_mode, self.memory_budget_gb)
         if self.streams:
+            self.resolve_recipe()
             self._setup_streaming(files, classes)
         else:
             self._files = (files, classes)
             super().setup(stage)  # load_splits() below reads the files
 
+    def eval_preprocessing(self) -> dict:
+        """Either path reads a file with the evaluation transform (``eval_crop_pct``, bicubic); held in memory it is
+        normalised with the in-memory statistics, streamed with the streaming path's mean and std."""
+        if not self.streams:
+            return super().eval_preprocessing()
+        mean, std = self.normalization
+        return image_preprocessing(self.channels, self.image_size, mean, std, "bicubic", self.eval_crop)
+
     # --- in memory -------------------------------------------------------------------------------------
-    def _read(self, paths: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    def _read(self, paths: np.ndarray, labels: np.ndarray, crop_pct: float) -> tuple[torch.Tensor, np.ndarray]:
         """Decode ``paths`` with a pool of threads (PIL releases the GIL while decoding), keeping the aspect
-        ratio: the shorter side resized to ``image_size``, the centre square kept."""
-        transform = eval_transform(self.image_size, crop_pct=1.0)
+        ratio: the shorter side resized to ``image_size / crop_pct``, the centre square kept (training images at
+        ``crop_pct=1``: the whole square, for the random crop to take its part of)."""
+        transform = eval_transform(self.image_size, crop_pct)
 
         def read(path):
             try:
@@ -128,7 +162,8 @@ class ImageFolderDataModule(InMemoryImageDataModule):
     def load_splits(self):
         files, classes = self._files if self._files is not None else self.split_files()
         self._files = None  # the in-memory tensors are what is kept, not the file lists
-        return {split: self._read(paths, labels) for split, (paths, labels) in files.items()}, classes
+        crops = {split: 1.0 if split == "train" else self.eval_crop for split in files}
+        return {split: self._read(paths, labels, crops[split]) for split, (paths, labels) in files.items()}, classes
 
     # --- streamed --------------------------------------------------------------------------------------
     def _setup_streaming(self, files: dict, classes: tuple[str, ...]) -> None:
@@ -153,12 +188,14 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         std = list(self.norm_std) if self.norm_std is not None else std
         self.normalization = (mean, std)
         self.normalize = Normalize(mean, std)
-        self.spec = ImageSpec(self.channels, self.image_size, len(classes), tuple(classes))
+        self.augment.set_pixel_stats(mean, std)  # the device's photo ops act on pixels, after normalisation
+        stats = tuple(self.normalize.mean), tuple(self.normalize.std)
+        self.spec = ImageSpec(self.channels, self.image_size, len(classes), tuple(classes), *stats)
 
     def _data_stats(self, paths: np.ndarray) -> tuple[list[float], list[float]]:
         rng = np.random.default_rng(self.split_seed)
         sample = paths[np.sort(rng.permutation(len(paths))[:STATS_SAMPLE])]
-        transform = eval_transform(self.image_size, self.transforms["eval_crop_pct"])
+        transform = eval_transform(self.image_size, self.eval_crop)
         images = []
         for path in sample:
             try:
@@ -171,45 +208,27 @@ class ImageFolderDataModule(InMemoryImageDataModule):
 
     def _items(self, split: str, train: bool) -> ItemsDataset:
         paths, labels = self.stream[split]
-        t = self.transforms
         if train:
-            transform = train_transform(self.image_size, t["scale"], t["ratio"], t["flip"], t["auto_augment"])
+            transform = train_transform(self.image_size, self.recipe.only(WORKER_OPS))
         else:
-            transform = eval_transform(self.image_size, t["eval_crop_pct"])
+            transform = eval_transform(self.image_size, self.eval_crop)
         keep_labels = self.labeled or split != "train"
-        raw = _Files(paths, labels if keep_labels else None)
+        raw = Files(paths, labels if keep_labels else None)
         return ItemsDataset(raw, len(paths), self.channels, self.image_size, transform)
-
-    def _loader_options(self) -> dict:
-        trainer = getattr(self, "trainer", None)
-        on_node = trainer.num_devices if trainer is not None else 1
-        workers = self.num_workers if self.num_workers is not None else default_workers(on_node)
-        cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        return {"num_workers": workers, "pin_memory": cuda, **self.shard()}
 
     def train_dataloader(self):
         if not self.streams:
             return super().train_dataloader()
+        items, options = self._items("train", train=True), worker_options(self, self.num_workers)
         loader = IndexedLoader(
-            self._items("train", train=True),
-            self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            bad=self.bad,
-            seed=self.label_seed,
-            epoch_fn=self.epoch,
-            num_batches=self.train_batches_per_epoch,
-            skip_fn=self.batches_trained,
-            **self._loader_options(),
+            items, self.batch_size, True, True, self.bad, **options, **training_options(self, self.label_seed)
         )
         return self.open_loaders.add(loader)
 
     def eval_loader(self, split: str, batch_size: int | None = None, sharded: bool = True):
         if not self.streams:
             return super().eval_loader(split, batch_size, sharded)
-        options = self._loader_options()
-        if not sharded:
-            options.update(rank=0, world=1)
+        options = worker_options(self, self.num_workers, sharded)
         items = self._items(split, train=False)
         loader = IndexedLoader(items, batch_size or self.eval_batch_size, False, False, self.bad, **options)
         return self.open_loaders.add(loader)
@@ -218,9 +237,9 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         self.open_loaders.close()  # the workers end with the fit (or test), not when the collector gets to them
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if not self.streams:
-            return super().on_after_batch_transfer(batch, dataloader_idx)
-        return dict(batch, image=self.normalize(batch["image"]))  # uint8 -> normalised float, on the device
+        if self.streams:  # uint8 -> normalised float, on the device; then the device's part of the recipe
+            batch = dict(batch, image=self.normalize(batch["image"]))
+        return super().on_after_batch_transfer(batch, dataloader_idx)
 
     def run_metrics(self) -> dict:
         """For metrics.json: how many samples were skipped as unreadable (with on_bad_sample=skip)."""

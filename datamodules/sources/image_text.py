@@ -7,6 +7,12 @@ embedded digits with captions made from their labels.
   *images* is held out (seeded by ``split_seed``: no image on both sides). Images are read once with PIL,
   converted to ``channels`` (1: grayscale, 3: RGB), resized to ``image_size`` and kept in memory.
   A missing image file, an unreadable image or an empty caption is one line naming the file and its line.
+- **Prepared shards** (``datamodule.path``: a directory or URL that ``prepare_data.py image_text`` wrote, one item
+  per pair): streamed, their own splits (the val split is validation), each pair once per pass; DataLoader workers
+  decode each image, take the recipe's crop, flip and policy per image and tokenize its caption, the device
+  normalises (with the statistics ``pretune.json`` records) and applies the rest of the recipe, as for streamed
+  image folders; batches in ``BatchLoader``'s seeded order, each rank its slice, a resumed epoch skipping what was
+  trained (``loading/text_shards.py``). An image that no longer decodes follows ``on_bad_sample``.
 - **Embedded** (``path: null``): scikit-learn's digits, each image with a caption per template in ``captions``
   (``{word}``: "seven", ``{digit}``: "7"). It checks the machinery (two towers, the loss, retrieval, zero-shot,
   the hand-off); it is not a caption corpus: every image of a class has the same captions. The images are split
@@ -32,16 +38,31 @@ import numpy as np
 import torch
 
 from datamodules.base import PretuneDataModule
+from datamodules.loading.decision import Loading
 from datamodules.loading.in_memory import BatchLoader, as_stored, at_most
+from datamodules.loading.shard_reading import ShardItems, is_url, read_meta
+from datamodules.loading.streaming import BadSamples, IndexedLoader, OpenLoaders, training_options, worker_options
 from datamodules.loading.text import read_text
+from datamodules.loading.text_shards import PairItems, cut_to_longest
 from datamodules.sources.digits import DigitsDataModule
 from datamodules.spec import ImageTextSpec
-from datamodules.transforms.augment import BatchAugment
+from datamodules.transforms.augment import BatchAugment, device_part
+from datamodules.transforms.decode import decode
+from datamodules.transforms.images import (
+    Normalize,
+    eval_transform,
+    fit_channels,
+    image_preprocessing,
+    train_transform,
+)
+from datamodules.transforms.recipe import WORKER_OPS, resolve
 from datamodules.transforms.text import tokenize
 from lightning_modules.config.rules import check
+from lightning_modules.config.rules.datamodule import longer_than_positions
 from lightning_modules.core.errors import ConfigError
 
 FORMATS = (".csv", ".jsonl")
+CAPTIONS_FILE, CAPTION_SAMPLE = "captions.json", 1000  # kept next to a pre-trained backbone, for zero-shot prompts
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTIONS = (
     "a handwritten {word}",
@@ -114,6 +135,9 @@ class ImageTextDataModule(PretuneDataModule):
         train_batches_per_epoch: int | None = None,
         captions: list[str] | tuple[str, ...] = CAPTIONS,
         augment: dict | None = None,
+        num_workers: int | None = None,
+        on_bad_sample: str = "error",
+        cache_dir: str | None = None,
         labeled: bool = False,  # what the run passes every datamodule; pairs carry no labels
     ):
         super().__init__()
@@ -140,13 +164,99 @@ class ImageTextDataModule(PretuneDataModule):
                     ) from err
             if not self.templates:
                 raise ConfigError("datamodule.captions=[] is invalid: allowed is a list of caption templates")
-        self.augment = BatchAugment(**(augment or {}))
+        self.augment_config = augment
+        self.num_workers = check("datamodule.num_workers", num_workers)
+        self.bad = BadSamples(check("datamodule.on_bad_sample", on_bad_sample), f"datamodule.path={path}")
+        self.cache_dir, self.loading, self.streamed, self.open_loaders = cache_dir, None, None, OpenLoaders()
+        self.shard_meta = self._read_shards(path, val_path)
+        self.augment = self.batch_augment()
         self.tokenizer = None
         self._raw: dict[str, tuple[list, list[list[str]], list]] | None = None
         self.labels: dict[str, torch.Tensor] = {}  # the embedded pairs' digit classes (labeled_examples)
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
         self.truncated = 0
+        self.mean = self.std = None  # of the training images, once set up
         self.spec: ImageTextSpec | None = None
+
+    def batch_augment(self) -> BatchAugment:
+        """The image sources' recipe (``transforms/recipe.py``): held in memory, every op is a whole-batch tensor op;
+        streamed from shards, the device applies what the workers leave to it."""
+        self.recipe = resolve("datamodule.augment", self.augment_config, self.image_size)
+        if self.shard_meta is not None:
+            return device_part(self.recipe)
+        return BatchAugment.from_recipe(self.recipe, "datamodule.augment", "is applied per image by streaming workers")
+
+    # --- prepared shards -----------------------------------------------------------------------------------
+    def _read_shards(self, path, val_path) -> dict | None:
+        if path is None or not (is_url(str(path)) or Path(str(path)).expanduser().is_dir()):
+            return None
+        if val_path is not None:
+            raise ConfigError(
+                f"datamodule.val_path={val_path}: prepared shards bring their own splits; allowed is"
+                f" datamodule.val_path=null with datamodule.path={path}"
+            )
+        self.shard_path = str(path).rstrip("/")
+        meta = read_meta(self.shard_path, self.cache_dir, "image_text", self.name)
+        self.loading = Loading(
+            "stream",
+            f"datamodule=image_text path={path}: streamed from prepared image-text shards by DataLoader workers"
+            f" ({sum(meta['splits'].values()):,} pairs: {meta['splits']})",
+        )
+        return meta
+
+    def shard_items(self, split: str) -> ShardItems:
+        return ShardItems(f"{self.shard_path}/{split}", self.shard_meta["splits"][split], self.cache_dir)
+
+    def describe(self) -> dict:
+        return {"loading": self.loading.path} if self.loading is not None else {}
+
+    def _shard_captions(self):
+        items = self.shard_items("train")
+        return (items[i]["text"] for i in range(len(items)))
+
+    def _setup_shards(self) -> None:
+        """The statistics that normalise the images, the training pairs as the workers read them, the validation
+        pairs with their ids."""
+        mean, std = (fit_channels(self.shard_meta[k], self.channels) for k in ("mean", "std"))
+        self.normalize = Normalize(mean, std)
+        self.augment.set_pixel_stats(mean, std)  # the device's photo ops act on pixels, after normalisation
+        worker = train_transform(self.image_size, self.recipe.only(WORKER_OPS))
+        tok, length = self.tokenizer, self.max_length
+        train = PairItems(self.shard_items("train"), tok, length, self.channels, self.image_size, worker)
+        self.streamed = {"train": train, "val": self._eval_pairs("val")}  # other splits' eval pairs: on demand
+        n_train = len(self.streamed["train"])
+        if self.batch_size > n_train:
+            raise ConfigError(
+                f"datamodule.batch_size={self.batch_size} is larger than the {n_train} training pairs; allowed is at"
+                f" most {n_train}"
+            )
+        self.spec = ImageTextSpec(self.channels, self.image_size, len(tok), length, int(tok.pad_token_id), tok)
+
+    def _eval_pairs(self, split: str) -> PairItems:
+        """A split's pairs for evaluation: in order, with which image and which distinct caption each is (one pass
+        over their names and captions)."""
+        items = self.shard_items(split)
+        names, captions = items.column("name"), items.column("text")
+        images = {n: i for i, n in enumerate(dict.fromkeys(names))}
+        distinct = {c: i for i, c in enumerate(dict.fromkeys(captions))}  # identical captions are one caption
+        ids = (np.array([images[n] for n in names]), np.array([distinct[c] for c in captions]))
+        transform = eval_transform(self.image_size, 1.0)
+        return PairItems(items, self.tokenizer, self.max_length, self.channels, self.image_size, transform, ids)
+
+    def _shard_loader(self, split: str, batch_size: int, train: bool, sharded: bool = True) -> IndexedLoader:
+        key = split if train or split != "train" else "train/eval"  # the training pairs, evaluated: in order, ids
+        if key not in self.streamed:
+            self.streamed[key] = self._eval_pairs(split)
+        options = dict(worker_options(self, self.num_workers, sharded), collate_fn=cut_to_longest)
+        options.update(training_options(self, self.shuffle_seed) if train else {})
+        loader = IndexedLoader(self.streamed[key], batch_size, train, train, self.bad, **options)
+        return self.open_loaders.add(loader)
+
+    def teardown(self, stage: str) -> None:
+        self.open_loaders.close()
+
+    def run_metrics(self) -> dict:
+        return {"data/skipped_samples": self.bad.total()} if self.streamed and self.bad.policy == "skip" else {}
 
     # --- reading -------------------------------------------------------------------------------------------
     def raw(self) -> dict[str, tuple[list, list[list[str]], list]]:
@@ -238,21 +348,41 @@ class ImageTextDataModule(PretuneDataModule):
         """The images as one (N, C, H, W) float tensor in [0, 1] (the embedded ones already are)."""
         if all(isinstance(x, torch.Tensor) for x in images):
             return torch.stack(images)
-        from PIL import Image, UnidentifiedImageError
+        from PIL import UnidentifiedImageError
 
-        mode, size = ("L" if self.channels == 1 else "RGB"), self.image_size
-        arrays = []
+        # As every image source reads a file: the shorter side resized to image_size, the centre square kept.
+        transform, arrays = eval_transform(self.image_size, 1.0), []
         for file, named in zip(images, where, strict=True):
             try:
-                with Image.open(file) as im:
-                    arrays.append(np.asarray(im.convert(mode).resize((size, size), Image.BILINEAR), dtype=np.float32))
+                arrays.append(transform(decode(file, self.channels)))
             except (UnidentifiedImageError, OSError) as err:
                 raise ConfigError(f"{named}: cannot read the image ({err})") from err
-        x = torch.from_numpy(np.stack(arrays) / 255.0).float()
-        return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
+        return torch.stack(arrays).float() / 255.0
 
-    def texts(self) -> list[str]:
-        """Every training caption: what a text tower built from scratch trains its tokenizer on."""
+    def export_files(self) -> dict:
+        """Next to the pre-trained backbone: a seeded sample of the distinct training captions, from which a zero-shot
+        evaluation reads the templates they were written with (``objectives/clip.py: templates_from_captions``)."""
+        if self.shard_meta is not None:
+            captions = sorted(set(self._shard_captions()))
+        else:
+            captions = sorted({c for per_image in self.raw()["train"][1] for c in per_image})
+        keep = np.sort(np.random.default_rng(0).permutation(len(captions))[:CAPTION_SAMPLE])
+        return {CAPTIONS_FILE: {"captions": [captions[i] for i in keep], "distinct": len(captions)}}
+
+    def eval_preprocessing(self) -> dict:
+        """Image files read as every image source reads them (the shorter side resized to ``image_size``, bicubic,
+        the centre square), normalised with the training images' mean and std (from shards: the preparation's);
+        captions by the text tower's tokenizer, truncated at ``max_length`` tokens."""
+        streamed = self.shard_meta is not None
+        mean, std = (self.normalize.mean, self.normalize.std) if streamed else ([self.mean], [self.std])
+        pre = image_preprocessing(self.channels, self.image_size, mean, std, "bicubic", 1.0)
+        return {**pre, "modality": "image_text", "max_length": int(self.max_length)}
+
+    def texts(self):
+        """Every training caption: what a text tower built from scratch trains its tokenizer on (streamed from
+        shards: read as the tokenizer trains)."""
+        if self.shard_meta is not None:
+            return self._shard_captions()
         return [c for captions in self.raw()["train"][1] for c in captions]
 
     # --- the backbone's tokenizer, then tensors -------------------------------------------------------------
@@ -266,21 +396,22 @@ class ImageTextDataModule(PretuneDataModule):
             )
         limit = getattr(text, "max_positions", None)
         if limit is not None and self.max_length > limit:
-            raise ConfigError(
-                f"datamodule.max_length={self.max_length} is longer than the text tower's {limit} positions;"
-                f" allowed is at most {limit}"
-            )
+            raise ConfigError(longer_than_positions(self.max_length, limit, "the text tower's"))
         self.tokenizer = text.processor
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
+        if self.splits or self.streamed:
             return
         if self.tokenizer is None:
             raise RuntimeError("use_backbone(backbone) must come before setup(): the tokenizer is the text tower's")
+        if self.shard_meta is not None:
+            return self._setup_shards()
         raw = self.raw()
         images = {split: self._load_images(raw[split][0], raw[split][2]) for split in raw}
         # Normalised with all training images' statistics, as the in-memory image sources do.
         mean, std = images["train"].mean(), images["train"].std().clamp_min(1e-6)
+        self.mean, self.std = float(mean), float(std)
+        self.augment.set_pixel_stats(self.mean, self.std)  # the photo ops act on pixels
         total = truncated = 0
         for split, (_, captions, _) in raw.items():
             flat = [c for per_image in captions for c in per_image]
@@ -325,6 +456,8 @@ class ImageTextDataModule(PretuneDataModule):
 
     # --- loaders -------------------------------------------------------------------------------------------
     def train_dataloader(self):
+        if self.streamed is not None:
+            return self._shard_loader("train", self.batch_size, train=True)
         return PairLoader(
             self.splits["train"],
             self.batch_size,
@@ -339,6 +472,8 @@ class ImageTextDataModule(PretuneDataModule):
 
     def eval_loader(self, split: str, batch_size: int | None = None, sharded: bool = True):
         """Every (image, caption) pair of a split, in order; ``sharded=False``: all of it on this process."""
+        if self.streamed is not None:
+            return self._shard_loader(split, batch_size or self.eval_batch_size, train=False, sharded=sharded)
         shard = self.shard() if sharded else {}
         return PairLoader(self.splits[split], batch_size or self.eval_batch_size, False, False, sample=False, **shard)
 
@@ -346,6 +481,8 @@ class ImageTextDataModule(PretuneDataModule):
         return self.eval_loader("val")
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.streamed is not None:  # uint8 -> normalised float, on the device
+            batch = dict(batch, image=self.normalize(batch["image"]))
         # Augment training images only, a whole batch at a time, on whatever device they landed on.
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.training and not self.augment.is_identity:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from datamodules.loading.in_memory import InMemoryImageDataModule
+from datamodules.sources.digits import DIGIT_PROMPTS
 from lightning_modules.core.errors import ConfigError
 
 
@@ -21,6 +22,7 @@ def mnist5k_path():
 
 class MNIST5kDataModule(InMemoryImageDataModule):
     name = "mnist5k"
+    prompt_templates = DIGIT_PROMPTS
 
     def load(self):
         path = mnist5k_path()

@@ -1,11 +1,17 @@
 """Image shards prepared by ``scripts/prepare_data.py``, streamed with litdata from a local directory or an
 object-store URL (``s3://``, ``gs://``, ``azure://``, ``hf://``; chunks are cached under ``cache_dir``).
 
-- **Training** is litdata's ``StreamingDataset``/``StreamingDataLoader``: chunks shuffled, then items within
-  them, seeded by ``seed`` and the epoch, so every run with the same seed (and the same number of processes
-  and workers) reads the same batches. Under DDP and multi-node litdata gives each rank its own chunks of every
-  epoch (its own distributed logic, not pretune's global-batch slices: the global batches differ from one
-  process's, the data seen per epoch is the same). Each image's transform is seeded by (seed, epoch, index).
+- **Training** is litdata's ``StreamingDataset``/``StreamingDataLoader``: chunks shuffled and dealt to the
+  workers, then items within each chunk, seeded by ``seed`` and the epoch, so every run with the same seed (and the
+  same number of processes and workers) reads the same batches. Under DDP and multi-node litdata gives each rank
+  its own chunks of every epoch (its own distributed logic, not pretune's global-batch slices: the global batches
+  differ from one process's, the data seen per epoch is the same). Each image's transform is seeded by (seed,
+  epoch, index).
+- **Every batch a fair sample.** A worker reads its own chunks, and a batch is one worker's: preparation writes the
+  training items in a random order (``prepare.py``), so every chunk, and every run of items in one, is a random
+  sample of the split, whatever the folder's order; the reader permutes each chunk's items wholly every epoch
+  (not in litdata's blocks of 256), and deals the items of each round of the workers' batches (one batch per
+  worker, from as many chunks) anew among those batches (``ShardLoader``), so items of different chunks meet.
 - **Mid-epoch resume**: a resumed epoch starts litdata where the uninterrupted run's loader stood after the
   batches already trained (the datamodule's ``batches_trained()``, Lightning's restored progress), so it reads
   exactly the batches the uninterrupted run reads; the epoch follows the trainer's, not litdata's counter.
@@ -16,28 +22,36 @@ object-store URL (``s3://``, ``gs://``, ``azure://``, ``hf://``; chunks are cach
 
 from __future__ import annotations
 
-import json
-import tempfile
+import hashlib
 import warnings
-from pathlib import Path
+from inspect import signature
 
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
 
 from datamodules.base import PretuneDataModule
-from datamodules.loading.decision import Loading, default_workers
-from datamodules.loading.prepare import FORMAT, META, VERSION
-from datamodules.loading.streaming import BadSamples, IndexedLoader, ItemsDataset, OpenLoaders, stop_workers
+from datamodules.loading.decision import Loading
+from datamodules.loading.shard_reading import ShardItems, read_meta
+from datamodules.loading.streaming import (
+    BadSamples,
+    IndexedLoader,
+    ItemsDataset,
+    OpenLoaders,
+    stop_workers,
+    worker_options,
+)
 from datamodules.spec import ImageSpec
+from datamodules.transforms.augment import device_part
 from datamodules.transforms.images import (
     Normalize,
-    check_transforms,
     eval_transform,
     fit_channels,
+    image_preprocessing,
     load_sample,
     sample_key,
     train_transform,
 )
+from datamodules.transforms.recipe import WORKER_OPS, eval_crop, resolve
 from lightning_modules.config.rules import check
 from lightning_modules.core.errors import ConfigError
 
@@ -45,50 +59,16 @@ from lightning_modules.core.errors import ConfigError
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
-def is_url(path: str) -> bool:
-    return "://" in path or path.startswith("local:")
-
-
-def read_meta(path: str, cache_dir: str | None = None) -> dict:
-    """``pretune.json`` of a prepared directory (downloaded first from a URL), checked: a directory that was
-    not prepared (or whose preparation was cut short), or was prepared in another format version, is refused
-    with one line."""
-    where = f"datamodule.path={path}"
-    how = "prepare it with: python scripts/prepare_data.py image_folder root=<images> out=<dir>"
-    if is_url(path):
-        from litdata.streaming.downloader import get_downloader
-
-        if cache_dir:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        local = Path(tempfile.mkdtemp(prefix="pretune-meta-", dir=cache_dir)) / META
-        try:
-            get_downloader(path, str(local.parent), []).download_file(f"{path.rstrip('/')}/{META}", str(local))
-            text = local.read_text()
-        except Exception as err:
-            raise ConfigError(f"{where}: no {META} could be read there ({type(err).__name__}); {how}") from err
-    else:
-        folder = Path(path).expanduser()
-        if not folder.is_dir():
-            raise ConfigError(f"{where}: no such directory; {how}")
-        if not (folder / META).is_file():
-            partial = sorted(p.name for p in folder.parent.glob(f".{folder.name}.partial-*"))
-            cut = f" (an interrupted preparation left {partial[0]}: run it again)" if partial else ""
-            raise ConfigError(f"{where}: not a prepared shard directory, it has no {META}{cut}; {how}")
-        text = (folder / META).read_text()
-    meta = json.loads(text)
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ConfigError(
-            f"{where}: prepared as {meta.get('format')} version {meta.get('version')}, this pretune reads"
-            f" {FORMAT} version {VERSION}; prepare it again with scripts/prepare_data.py"
-        )
-    return meta
+# A whole permutation of each chunk's items every epoch (litdata >= 0.2.7x permutes blocks of 256 by default, which
+# keeps the same items together epoch after epoch; earlier versions permute wholly and have no such argument).
+WHOLE_CHUNK = {"item_shuffle_window": 0} if "item_shuffle_window" in signature(StreamingDataset).parameters else {}
 
 
 class TrainShards(StreamingDataset):
     """litdata's dataset, decoding and transforming each item as it is read (in the loader's workers)."""
 
     def __init__(self, path, cache_dir, seed, channels, size, transform, labeled):
-        super().__init__(path, cache_dir=cache_dir, shuffle=True, seed=seed, drop_last=True)
+        super().__init__(path, cache_dir=cache_dir, shuffle=True, seed=seed, drop_last=True, **WHOLE_CHUNK)
         # Not ``self.transform``: litdata applies an attribute of that name to the raw item itself.
         self.channels, self.size, self.image_transform, self.labeled = channels, size, transform, labeled
 
@@ -102,8 +82,9 @@ class TrainShards(StreamingDataset):
 
 
 class ShardLoader(StreamingDataLoader):
-    """litdata's loader with the epoch the trainer's, and a resumed epoch started where the uninterrupted run's
-    loader stood after the batches already trained (``skip_fn``), as the in-memory loader does."""
+    """litdata's loader with the epoch the trainer's, the items of each round of the workers' batches dealt anew
+    among them (``_redealt``), and a resumed epoch started where the uninterrupted run's loader stood after the
+    batches already trained (``skip_fn``), as the in-memory loader does."""
 
     def __init__(self, dataset, batch_size, num_workers, pin_memory, bad, epoch_fn, skip_fn):
         super().__init__(
@@ -117,28 +98,53 @@ class ShardLoader(StreamingDataLoader):
             generator=torch.Generator().manual_seed(0),
         )
         self.bad, self.epoch_fn, self.skip_fn = bad, epoch_fn, skip_fn
+        self.round = max(1, num_workers)  # the workers take turns, a batch each: a round is a batch of each
 
     def __iter__(self):
         skip, epoch = self.skip_fn(), self.epoch_fn()
-        if 0 < skip < len(self):
-            # litdata's position after ``skip`` batches of this epoch, exactly what its own state said then (its
+        skip = skip if 0 < skip < len(self) else 0
+        start = skip - skip % self.round  # where the round of the first batch to train begins
+        if start:
+            # litdata's position after ``start`` batches of this epoch, exactly what its own state said then (its
             # workers take turns, a batch each): litdata resumes from it, skipping the items in its workers.
             self.current_epoch = self.dataset.current_epoch = epoch + 1
-            self._num_samples_yielded_streaming = skip * self.batch_size
-            self._latest_worker_idx = (skip - 1) % max(1, self.num_workers)
+            self._num_samples_yielded_streaming = start * self.batch_size
+            self._latest_worker_idx = (start - 1) % self.round
             super().load_state_dict(super().state_dict())
         else:  # a new epoch (litdata counts from 1, adding one as it starts); nothing half-done carries over
             self.restore, self.current_epoch = False, epoch
         try:
-            for batch in super().__iter__():
-                batch = self.bad.screen(batch)
-                if batch is not None:
+            for i, batch in enumerate(self._redealt(super().__iter__(), epoch, start // self.round), start):
+                if i >= skip:  # the batches of the round that a resumed run had trained are read again, not yielded
                     yield batch
         except GeneratorExit:
             raise
         except BaseException:
             stop_workers(self._iterator, self)
             raise
+
+    def _redealt(self, batches, epoch: int, first_round: int):
+        """Rounds of ``self.round`` batches (one per worker, from different chunks), their items dealt anew among
+        them by a permutation seeded by (seed, epoch, round): each batch holds items of every chunk being read."""
+        pending, number = [], first_round
+        for batch in batches:
+            batch = self.bad.screen(batch)
+            if batch is not None:
+                pending.append(batch)
+            if len(pending) == self.round:
+                yield from self._deal(pending, epoch, number)
+                pending, number = [], number + 1
+        yield from self._deal(pending, epoch, number)
+
+    def _deal(self, batches: list[dict], epoch: int, number: int) -> list[dict]:
+        if len(batches) < 2:
+            return batches
+        sizes = [len(b["image"]) for b in batches]
+        key = hashlib.blake2b(f"{self.dataset.seed}:{epoch}:{number}".encode(), digest_size=8).digest()
+        order = torch.randperm(sum(sizes), generator=torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1))
+        parts = {k: torch.cat([b[k] for b in batches])[order].split(sizes) for k in batches[0]}
+        dealt = [{k: parts[k][i] for k in parts} for i in range(len(sizes))]
+        return [{k: v.pin_memory() for k, v in b.items()} for b in dealt] if self.pin_memory else dealt
 
     def close(self) -> None:
         if self._iterator is not None:
@@ -153,19 +159,14 @@ class ShardLoader(StreamingDataLoader):
         pass
 
 
-class _ShardItems:
-    """``raw(index)`` for prepared shards read by index; the litdata dataset opens lazily in each worker."""
+class _ImageItems:
+    """``raw(index)`` for image shards read by index (evaluation): the file's bytes, its label, its name."""
 
-    def __init__(self, path: str, cache_dir: str | None, labeled: bool):
-        self.path, self.cache_dir, self.labeled, self._dataset = path, cache_dir, labeled, None
-
-    def __getstate__(self):
-        return dict(self.__dict__, _dataset=None)
+    def __init__(self, items: ShardItems, labeled: bool):
+        self.items, self.labeled = items, labeled
 
     def __call__(self, index: int):
-        if self._dataset is None:
-            self._dataset = StreamingDataset(self.path, cache_dir=self.cache_dir)
-        item = self._dataset[index]
+        item = self.items[index]
         return bytes(item["image"]), item.get("label") if self.labeled else None, item["name"]
 
 
@@ -187,7 +188,8 @@ class ShardsDataModule(PretuneDataModule):
         labeled: bool = True,
         num_workers: int | None = None,
         on_bad_sample: str = "error",
-        transforms: dict | None = None,
+        augment: dict | None = None,
+        eval_crop_pct: float | None = None,
         cache_dir: str | None = None,
     ):
         super().__init__()
@@ -200,12 +202,23 @@ class ShardsDataModule(PretuneDataModule):
         self.seed, self.labeled = seed, labeled
         self.num_workers = check("datamodule.num_workers", num_workers)
         self.bad = BadSamples(check("datamodule.on_bad_sample", on_bad_sample), f"datamodule.path={path}")
-        self.transforms = check_transforms(transforms)
+        self.augment_config, self.eval_crop_config = augment, eval_crop_pct
+        self.resolve_recipe()  # its values checked now; resolved again in setup, at the final image size
         self.loading: Loading | None = None
         self.meta: dict | None = None
         self.norm_mean: list[float] | None = None  # the backbone's weights' statistics (use_backbone), if any
         self.norm_std: list[float] | None = None
         self.open_loaders = OpenLoaders()
+
+    def resolve_recipe(self) -> None:
+        """The training recipe and evaluation crop (``transforms/recipe.py``), as the image folder's: the workers
+        take the crop, the flip and the policy per image, the device the rest per batch."""
+        self.recipe = resolve("datamodule.augment", self.augment_config, self.image_size)
+        self.eval_crop = eval_crop(self.eval_crop_config, self.augment_config, self.image_size)
+        self.augment = device_part(self.recipe)
+
+    def describe(self) -> dict:
+        return {"loading": "stream", "augment": self.recipe.record(), "eval_crop_pct": self.eval_crop}
 
     def use_backbone(self, backbone) -> None:
         """As the in-memory datamodules: weights trained elsewhere bring the input size and the mean/std they
@@ -218,12 +231,8 @@ class ShardsDataModule(PretuneDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.spec is not None:
             return
+        self.resolve_recipe()
         meta = read_meta(self.path, self.cache_dir)
-        if meta["kind"] != "image_folder":
-            raise ConfigError(
-                f"datamodule.path={self.path} holds {meta['kind']} shards; datamodule=shards streams images"
-                " prepared from an image folder"
-            )
         self.meta = meta
         n_train = meta["splits"]["train"]
         if self.batch_size > n_train:
@@ -235,6 +244,7 @@ class ShardsDataModule(PretuneDataModule):
         std = self.norm_std if self.norm_std is not None else fit_channels(meta["std"], self.channels)
         self.normalize = Normalize(list(mean), list(std))
         self.normalization = (self.normalize.mean, self.normalize.std)
+        self.augment.set_pixel_stats(*self.normalization)  # the device's photo ops act on pixels
         total = sum(meta["splits"].values())
         self.loading = Loading(
             "stream",
@@ -242,34 +252,34 @@ class ShardsDataModule(PretuneDataModule):
             f" by DataLoader workers ({total:,} images: {meta['splits']})",
         )
         classes = tuple(meta["classes"])
-        self.spec = ImageSpec(self.channels, self.image_size, len(classes) if self.labeled else 0, classes)
+        stats = tuple(self.normalize.mean), tuple(self.normalize.std)
+        self.spec = ImageSpec(self.channels, self.image_size, len(classes) if self.labeled else 0, classes, *stats)
 
-    def _options(self) -> dict:
-        trainer = getattr(self, "trainer", None)
-        on_node = trainer.num_devices if trainer is not None else 1
-        workers = self.num_workers if self.num_workers is not None else default_workers(on_node)
-        cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        return {"num_workers": workers, "pin_memory": cuda}
+    def eval_preprocessing(self) -> dict:
+        """The evaluation transform (``eval_crop_pct``, bicubic) and this run's mean and std."""
+        mean, std = self.normalization
+        return image_preprocessing(self.channels, self.image_size, mean, std, "bicubic", self.eval_crop)
 
     def train_dataloader(self):
         # Built here, not in setup: litdata reads the process group (rank, world size) when the dataset is
         # made, and the trainer has started it by now.
-        t = self.transforms
-        transform = train_transform(self.image_size, t["scale"], t["ratio"], t["flip"], t["auto_augment"])
+        transform = train_transform(self.image_size, self.recipe.only(WORKER_OPS))
         dataset = TrainShards(
             f"{self.path}/train", self.cache_dir, self.seed, self.channels, self.image_size, transform, self.labeled
         )
-        workers, pin = self._options().values()
+        options = worker_options(self, self.num_workers, sharded=False)  # litdata shards across ranks itself
+        workers, pin = options["num_workers"], options["pin_memory"]
         loader = ShardLoader(dataset, self.batch_size, workers, pin, self.bad, self.epoch, self.batches_trained)
         return self.open_loaders.add(loader)
 
     def eval_loader(self, split: str, batch_size: int | None = None, sharded: bool = True):
-        raw = _ShardItems(f"{self.path}/{split}", self.cache_dir, labeled=True)
-        transform = eval_transform(self.image_size, self.transforms["eval_crop_pct"])
+        raw = _ImageItems(ShardItems(f"{self.path}/{split}", self.meta["splits"][split], self.cache_dir), labeled=True)
+        transform = eval_transform(self.image_size, self.eval_crop)
         items = ItemsDataset(raw, self.meta["splits"][split], self.channels, self.image_size, transform)
-        shard = self.shard() if sharded else {}
         batch_size = batch_size or self.eval_batch_size
-        loader = IndexedLoader(items, batch_size, False, False, self.bad, **shard, **self._options())
+        loader = IndexedLoader(
+            items, batch_size, False, False, self.bad, **worker_options(self, self.num_workers, sharded)
+        )
         return self.open_loaders.add(loader)
 
     def teardown(self, stage: str) -> None:
@@ -282,7 +292,11 @@ class ShardsDataModule(PretuneDataModule):
         return self.eval_loader("test")
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        return dict(batch, image=self.normalize(batch["image"]))
+        batch = dict(batch, image=self.normalize(batch["image"]))  # uint8 -> normalised float, on the device
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training and not self.augment.is_identity:  # the device's part of the recipe
+            batch = dict(batch, image=self.augment(batch["image"]))
+        return batch
 
     def run_metrics(self) -> dict:
         return {"data/skipped_samples": self.bad.total()} if self.bad.policy == "skip" else {}

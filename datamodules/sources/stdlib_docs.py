@@ -81,8 +81,9 @@ def _parse_stdlib() -> list[tuple[str, str]]:
 def stdlib_docstrings(cache_dir: str | None = None) -> tuple[tuple[str, str], ...]:
     """Every (module, docstring) of this Python's standard library; cached in ``cache_dir`` when given."""
     key = hashlib.sha256(f"{EXTRACTION}|{sys.version}|{_stdlib()}".encode()).hexdigest()[:16]
-    cache = Path(cache_dir) / f"stdlib_docstrings-{sys.version_info.major}.{sys.version_info.minor}-{key}.json"
-    if cache_dir and cache.is_file():
+    name = f"stdlib_docstrings-{sys.version_info.major}.{sys.version_info.minor}-{key}.json"
+    cache = Path(cache_dir) / name if cache_dir else None  # null: parse every time
+    if cache is not None and cache.is_file():
         try:
             return tuple(tuple(d) for d in json.loads(cache.read_text()))
         except (ValueError, OSError):

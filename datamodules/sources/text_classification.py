@@ -1,15 +1,17 @@
 """Labeled text: a CSV, TSV or JSONL file of texts and labels, or the embedded standard-library task.
 
-``datamodule.path`` is the training file (``.csv``, ``.tsv``, ``.jsonl``), with the texts in ``text_column``
-and the labels in ``label_column``; ``val_path`` and ``test_path`` are used when given, else those splits are
-carved from the training file (``val_fraction``, ``test_fraction``; stratified, seeded by ``split_seed``), as
-``image_folder`` does. With ``path: null`` the data is the embedded task: standard-library docstrings labeled by
-package family (``stdlib_docs.labeled_task``; ``families`` classes; split by module, fixed).
+``datamodule.path`` is the training file (``.csv``, ``.tsv``, ``.jsonl``), with the texts in ``text_column`` and the
+labels in ``label_column``, or prepared text shards with labels (``prepare_data.py text ... label_column=``; a
+directory or URL: streamed, their splits and classes as prepared, ``loading/text.py``); ``val_path`` and
+``test_path`` are used when given, else those splits are carved from the training file (``val_fraction``,
+``test_fraction``; stratified, seeded by ``split_seed``), as ``image_folder`` does. With ``path: null`` the data is
+the embedded task: standard-library docstrings labeled by package family (``stdlib_docs.labeled_task``; ``families``
+classes; split by module, fixed).
 
 Fine-tuning keeps ``label_fraction`` of the training labels (stratified, seeded by ``label_seed``); texts longer
-than ``max_length`` tokens are truncated, and how many were is reported once. A backbone built from scratch
-trains its tokenizer on all training texts (labeled or not, never validation or test), as the image sources
-normalise with the statistics of all training images.
+than ``max_length`` tokens are truncated, and how many were is reported once. A backbone built from scratch trains
+its tokenizer on all training texts (labeled or not, never validation or test), as the image sources normalise with
+the statistics of all training images.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from sklearn.model_selection import train_test_split
 
 from datamodules.loading.in_memory import label_subset
 from datamodules.loading.text import TextDataModule, read_text
+from datamodules.loading.text_shards import LabeledTexts
 from datamodules.sources.stdlib_docs import labeled_task
 from lightning_modules.config.rules import check
 from lightning_modules.config.rules.datamodule import check_split_fractions
@@ -55,6 +58,14 @@ class TextClassificationDataModule(TextDataModule):
         for key, value in (("path", path), ("val_path", val_path), ("test_path", test_path)):
             check(f"datamodule.{key}", value)
         self.path, self.val_path, self.test_path = path, val_path, test_path
+        if self.is_shards(path):
+            for key, value in (("val_path", val_path), ("test_path", test_path)):
+                if value is not None:
+                    raise ConfigError(
+                        f"datamodule.{key}={value}: prepared shards bring their own splits; allowed is"
+                        f" datamodule.{key}=null with datamodule.path={path}"
+                    )
+            self.read_shards(path)
         self.text_column = check("datamodule.text_column", text_column)
         self.label_column = check("datamodule.label_column", label_column)
         self.families = check("datamodule.families", families)
@@ -67,41 +78,8 @@ class TextClassificationDataModule(TextDataModule):
     # --- reading -------------------------------------------------------------------------------------------
     def _rows(self, key: str, value: str) -> list[tuple[str, str]]:
         """(text, label) rows of one file, refused with one line naming ``key`` and the file."""
-        path = Path(value).expanduser()
-        what = f"datamodule.{key}={value}"
-        if path.suffix.lower() not in FORMATS:
-            raise ConfigError(f"{what}: unknown format {path.suffix or '(none)'}; allowed are {', '.join(FORMATS)}")
-        if not path.is_file():
-            raise ConfigError(f"{what}: no such file")
-        text = read_text(path, what)
-        columns = (self.text_column, self.label_column)
-        if path.suffix.lower() == ".jsonl":
-            rows = []
-            for number, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ConfigError(f"{what}: line {number} is not JSON ({err.msg})") from err
-                if not isinstance(record, dict):
-                    raise ConfigError(f"{what}: line {number} is not a JSON object")
-                for column in columns:
-                    if column not in record:
-                        key_ = "text_column" if column == self.text_column else "label_column"
-                        raise ConfigError(f"datamodule.{key_}={column}: line {number} of {path} has no such key")
-                rows.append((record[self.text_column], record[self.label_column]))
-        else:
-            reader = csv.DictReader(io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            header = reader.fieldnames or []
-            for key_, column in (("text_column", self.text_column), ("label_column", self.label_column)):
-                if column not in header:
-                    raise ConfigError(
-                        f"datamodule.{key_}={column}: no such column in {path} (columns: {', '.join(header)})"
-                    )
-            rows = [(r[self.text_column], r[self.label_column]) for r in reader]
-        if not rows:
-            raise ConfigError(f"{what}: no rows")
+        columns = {"datamodule.text_column": self.text_column, "datamodule.label_column": self.label_column}
+        rows = read_columns(Path(value).expanduser(), columns, f"datamodule.{key}={value}")
         return [("" if t is None else str(t), str(label)) for t, label in rows]
 
     def _read_files(self):
@@ -141,6 +119,10 @@ class TextClassificationDataModule(TextDataModule):
             splits["train"], splits[split] = ([texts[i] for i in keep], y[keep]), ([texts[i] for i in hold], y[hold])
         return splits, classes
 
+    def _shard_texts(self):
+        items = self.shard_items("train")
+        return (items[i]["text"] for i in range(len(items)))
+
     def raw(self) -> tuple[dict, tuple[str, ...]]:
         """{"train"|"val"|"test": (texts, labels)} and the class names, read once."""
         if self._raw is None:
@@ -152,13 +134,16 @@ class TextClassificationDataModule(TextDataModule):
             self._raw = splits, tuple(classes)
         return self._raw
 
-    def texts(self) -> list[str]:
-        return list(self.raw()[0]["train"][0])
+    def texts(self):
+        """The training texts (streamed from shards: read as the tokenizer trains, not held)."""
+        return self._shard_texts() if self.shard_meta is not None else list(self.raw()[0]["train"][0])
 
     # --- tensors -------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
+        if self.splits or self.streamed:
             return
+        if self.shard_meta is not None:
+            return self._setup_shards()
         splits, classes = self.raw()
         texts, y = splits["train"]
         if self.labeled and self.label_fraction < 1:
@@ -184,6 +169,72 @@ class TextClassificationDataModule(TextDataModule):
             f"labeled training examples (label_fraction={self.label_fraction})" if self.labeled else "training texts"
         )
         self.spec = self.make_spec(classes)
+
+    def _setup_shards(self) -> None:
+        """Each split a dataset of tokenized texts read from the shards (``loading/text_shards.py``); a label
+        fraction is drawn from the training labels (one pass over them), as in memory."""
+        classes = self.shard_meta.get("classes") or []
+        if self.labeled and not classes:
+            raise ConfigError(
+                f"datamodule.path={self.shard_path}: its text shards have no labels (prepared without label_column);"
+                " datamodule=text_classification needs them: prepare_data.py text file=<table> out=<dir>"
+                " label_column=<column>"
+            )
+        tokenizer, keep = self._require_tokenizer(), None
+        if self.labeled and self.label_fraction < 1:
+            keep = label_subset(
+                np.asarray(self.shard_items("train").column("label")), self.label_fraction, self.label_seed
+            )
+        self.streamed = {
+            split: LabeledTexts(
+                self.shard_items(split),
+                tokenizer,
+                self.max_length,
+                labeled=bool(classes) and (self.labeled or split != "train"),
+                indices=keep if split == "train" else None,
+            )
+            for split in ("train", "val", "test")
+        }
+        self.check_batch_size(
+            f"labeled training examples (label_fraction={self.label_fraction})" if self.labeled else "training texts"
+        )
+        self.spec = self.make_spec(tuple(classes))
+
+
+def read_columns(path: Path, columns: dict[str, str], what: str) -> list[tuple]:
+    """The rows of a .csv, .tsv or .jsonl file as tuples of ``columns`` (the key a user names each column with ->
+    the column), in the file's order; a missing column or a malformed line is one line naming its key and the file
+    (``what``: how the file was named, e.g. ``datamodule.path=reviews.csv``)."""
+    if path.suffix.lower() not in FORMATS:
+        raise ConfigError(f"{what}: unknown format {path.suffix or '(none)'}; allowed are {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise ConfigError(f"{what}: no such file")
+    text = read_text(path, what)
+    if path.suffix.lower() == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{what}: line {number} is not JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise ConfigError(f"{what}: line {number} is not a JSON object")
+            for key, column in columns.items():
+                if column not in record:
+                    raise ConfigError(f"{key}={column}: line {number} of {path} has no such key")
+            rows.append(tuple(record[column] for column in columns.values()))
+    else:
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        header = reader.fieldnames or []
+        for key, column in columns.items():
+            if column not in header:
+                raise ConfigError(f"{key}={column}: no such column in {path} (columns: {', '.join(header)})")
+        rows = [tuple(r[column] for column in columns.values()) for r in reader]
+    if not rows:
+        raise ConfigError(f"{what}: no rows")
+    return rows
 
 
 def _class_names(labels) -> tuple[str, ...]:

@@ -2,7 +2,9 @@
 
 ``datamodule.paths``: files or globs (``notes/*.txt``, ``~/books/**/*.txt``); ``datamodule.document``: ``file``
 (each file is one document) or ``line`` (each non-blank line is one). With ``paths: null`` the corpus is the
-documentation shipped with Python (``stdlib_docs.corpus_documents``: ~2 M characters).
+documentation shipped with Python (``stdlib_docs.corpus_documents``: ~2 M characters). Or ``datamodule.path``:
+prepared text shards (``prepare_data.py text``, a directory or URL), each row a document, streamed with the
+shards' own splits (``loading/text_shards.py``: the same blocks, read by DataLoader workers).
 
 Every document is tokenized once (BERT-style: ``[CLS] text [SEP]``; GPT-style: text then ``<|endoftext|>``),
 the documents are concatenated and cut into blocks of ``max_length`` tokens (the remainder dropped), and a
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from datamodules.loading.text import TextDataModule, read_text
+from datamodules.loading.text_shards import CorpusBlocks, token_counts
 from datamodules.sources.stdlib_docs import corpus_documents
 from datamodules.sources.text_classification import TextClassificationDataModule
 from lightning_modules.config.rules import check
@@ -32,6 +35,7 @@ class TextCorpusDataModule(TextDataModule):
     def __init__(
         self,
         paths: list[str] | None = None,
+        path: str | None = None,
         document: str = "line",
         val_fraction: float = 0.05,
         split_seed: int = 0,
@@ -40,6 +44,19 @@ class TextCorpusDataModule(TextDataModule):
     ):
         super().__init__(**kwargs)
         self.paths = list(paths) if paths else None
+        check("datamodule.path", path)
+        if path is not None:
+            if self.paths is not None:
+                raise ConfigError(
+                    f"datamodule.paths={self.paths}, datamodule.path={path}: give one, .txt files (paths) or prepared"
+                    " text shards (path)"
+                )
+            if not self.is_shards(path):
+                raise ConfigError(
+                    f"datamodule.path={path}: allowed is a directory or URL of prepared text shards"
+                    " (prepare_data.py text); .txt files go in datamodule.paths"
+                )
+            self.read_shards(path)
         self.document = check("datamodule.document", document)
         self.val_fraction = float(check("datamodule.val_fraction", val_fraction))
         self.split_seed, self.shuffle_seed = split_seed, shuffle_seed
@@ -50,8 +67,8 @@ class TextCorpusDataModule(TextDataModule):
         """A corpus has no labels. The embedded one has a labeled task of its own: the standard library's docstrings
         labeled by package family (``datamodule=text_classification``'s embedded task), whose validation and test
         modules the corpus leaves out; the feature monitor classifies those, tokenized by the same tokenizer. A
-        corpus of the user's files has none: None."""
-        if self.paths is not None:
+        corpus of the user's files, or of prepared text shards, has none: None."""
+        if self.paths is not None or self.shard_meta is not None:
             return None
         if self._task is None:
             task = TextClassificationDataModule(max_length=self.max_length, cache_dir=self.cache_dir)
@@ -90,12 +107,17 @@ class TextCorpusDataModule(TextDataModule):
                 self._documents = docs
         return self._documents
 
-    def texts(self) -> list[str]:
+    def texts(self):
+        if self.shard_meta is not None:  # read as the tokenizer trains, not held
+            items = self.shard_items("train")
+            return (items[i]["text"] for i in range(len(items)))
         return self.documents()
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
+        if self.splits or self.streamed:
             return
+        if self.shard_meta is not None:
+            return self._setup_shards()
         tokenizer = self._require_tokenizer()
         ids = tokenizer(self.documents(), verbose=False)["input_ids"]  # documents longer than a block are expected
         eos = tokenizer.eos_token_id if tokenizer.cls_token_id is None else None  # GPT-style: end each document
@@ -114,5 +136,20 @@ class TextCorpusDataModule(TextDataModule):
             self.splits[split] = {"input_ids": blocks[rows], "attention_mask": torch.ones_like(blocks[rows])}
             self.lengths[split] = torch.full((len(rows),), self.max_length)
         self.splits["test"], self.lengths["test"] = self.splits["val"], self.lengths["val"]
+        self.check_batch_size(f"training blocks of {self.max_length} tokens")
+        self.spec = self.make_spec()
+
+    def _setup_shards(self) -> None:
+        """Each split's documents counted in tokens (one pass), then read a block at a time by the workers."""
+        tokenizer, self.streamed = self._require_tokenizer(), {}
+        for split in ("train", "val", "test"):
+            items = self.shard_items(split)
+            blocks = CorpusBlocks(items, tokenizer, self.max_length, token_counts(items, tokenizer))
+            if len(blocks) < 1:
+                raise ConfigError(
+                    f"datamodule.path={self.shard_path}: the {split} split's {int(blocks.starts[-1])} tokens make no"
+                    f" block of max_length={self.max_length}"
+                )
+            self.streamed[split] = blocks
         self.check_batch_size(f"training blocks of {self.max_length} tokens")
         self.spec = self.make_spec()

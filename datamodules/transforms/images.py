@@ -3,9 +3,10 @@ standard transforms (torchvision's), run in DataLoader worker processes.
 
 - **Decoding** reads the whole file (a truncated JPEG fails here, not later) and converts every mode people
   have on disk (grayscale, RGBA, palette, CMYK, 16-bit) to ``L`` (channels=1) or ``RGB`` (channels=3).
-- **Training**: random-resized crop, horizontal flip, and optionally RandAugment, TrivialAugment or
-  AutoAugment, the ImageNet convention. **Evaluation**: the shorter side resized to ``size / crop_pct``, then
-  the centre ``size`` x ``size`` crop: the aspect ratio is kept, never squashed.
+- **Training**: the recipe's per-image ops (``recipe.py``): the random-resized crop from the file at its own
+  resolution, the horizontal flip, and torchvision's RandAugment, TrivialAugment or AutoAugment; the rest of the
+  recipe is applied per batch on the device. **Evaluation**: the shorter side resized to ``size / crop_pct``,
+  then the centre ``size`` x ``size`` crop: the aspect ratio is kept, never squashed (every path alike).
 - **Randomness per sample**: each image's transform draws from a generator seeded by (seed, epoch, pass,
   index), not from a worker's stream. Which worker decodes an image, how many workers there are, and whether
   the run was resumed mid-epoch then change nothing: the same image gets the same crop in the same epoch.
@@ -23,35 +24,14 @@ import torch
 from torchvision.transforms import v2
 
 from datamodules.transforms.decode import decode
-from lightning_modules.config.rules import check
-from lightning_modules.core.errors import ConfigError
+from datamodules.transforms.recipe import Recipe
 
-# datamodule.transforms.auto_augment -> torchvision's policy (defaults as in their papers' ImageNet settings)
+# datamodule.augment.auto_augment -> torchvision's policy (defaults as in their papers' ImageNet settings)
 AUTO_AUGMENT = {
     "randaugment": lambda: v2.RandAugment(num_ops=2, magnitude=9),
     "trivialaugment": v2.TrivialAugmentWide,
     "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
 }
-
-
-# Per-image transforms of the streaming path (conf/datamodule/image_folder.yaml: transforms).
-TRANSFORMS = {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "flip": True, "auto_augment": None, "eval_crop_pct": 0.875}
-
-
-def check_transforms(transforms: dict | None) -> dict:
-    out = dict(TRANSFORMS, **(transforms or {}))
-    unknown = sorted(set(out) - set(TRANSFORMS))
-    if unknown:
-        raise ConfigError(f"datamodule.transforms.{unknown[0]} is unknown: allowed are {sorted(TRANSFORMS)}")
-    for key in ("scale", "ratio"):
-        lo, hi = (float(v) for v in out[key])
-        if not (0 < lo <= hi and (key != "scale" or hi <= 1)):
-            bound = "0 < low <= high <= 1" if key == "scale" else "0 < low <= high"
-            raise ConfigError(f"datamodule.transforms.{key}={[lo, hi]} is invalid: allowed is [low, high] with {bound}")
-        out[key] = (lo, hi)
-    check("datamodule.transforms.auto_augment", out["auto_augment"])
-    check("datamodule.transforms.eval_crop_pct", out["eval_crop_pct"])
-    return out
 
 
 def fit_channels(values: list[float], channels: int) -> list[float]:
@@ -61,28 +41,67 @@ def fit_channels(values: list[float], channels: int) -> list[float]:
     return [sum(values) / len(values)] * channels
 
 
-def eval_transform(size: int, crop_pct: float = 0.875):
-    """Resize the shorter side to ``size / crop_pct``, keep the aspect ratio, take the centre square."""
-    return v2.Compose(
-        [
-            v2.Resize(round(size / crop_pct), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(size),
-            v2.PILToTensor(),
-        ]
-    )
+INTERPOLATIONS = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}
 
 
-def train_transform(
-    size: int,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    flip: bool = True,
-    auto_augment: str | None = None,
-):
+def _centre(size: int, crop_pct: float, interpolation: str = "bicubic", crop_mode: str = "center") -> list:
+    """Resize the shorter side to ``size / crop_pct``, keep the aspect ratio, take the centre square
+    (``crop_mode=squash``: both sides to ``size / crop_pct``, the aspect ratio not kept)."""
+    scaled = round(size / crop_pct)
+    resize_to = scaled if crop_mode == "center" else (scaled, scaled)
+    return [v2.Resize(resize_to, INTERPOLATIONS[interpolation], antialias=True), v2.CenterCrop(size)]
+
+
+def eval_transform(size: int, crop_pct: float = 0.875, interpolation: str = "bicubic", crop_mode: str = "center"):
+    """Evaluation on every path (and how the in-memory path reads its training images, at ``crop_pct=1``)."""
+    return v2.Compose([*_centre(size, crop_pct, interpolation, crop_mode), v2.PILToTensor()])
+
+
+def image_preprocessing(
+    channels: int, size: int, mean, std, interpolation: str = "bicubic", crop_pct: float = 1.0, crop_mode="center"
+) -> dict:
+    """An image source's evaluation preprocessing as plain values (``eval_preprocessing``): an 8-bit image file
+    decoded to ``channels``, resized and cropped to ``size`` as ``eval_transform`` does, scaled to [0, 1] and
+    normalised with ``mean`` and ``std`` per channel (a source's single statistic repeated over its channels)."""
+    as_list = lambda v: [float(x) for x in (v.flatten().tolist() if isinstance(v, torch.Tensor) else v)]  # noqa: E731
+    return {
+        "modality": "image",
+        "channels": int(channels),
+        "image_size": int(size),
+        "interpolation": interpolation,
+        "crop_pct": float(crop_pct),
+        "crop_mode": crop_mode,
+        "mean": fit_channels(as_list(mean), channels),
+        "std": fit_channels(as_list(std), channels),
+    }
+
+
+def preprocessing_transform(pre: dict):
+    """``eval_transform`` as a recorded preprocessing (``image_preprocessing``) asks for it: file to uint8."""
+    return eval_transform(pre["image_size"], pre["crop_pct"], pre["interpolation"], pre.get("crop_mode", "center"))
+
+
+def standardize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 images (B, C, H, W) -> float, scaled to [0, 1] and normalised per channel: the in-memory sources'
+    ``decode`` and torchvision's ``ToTensor`` + ``Normalize`` (what timm's transforms do), operation for operation."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255 - mean_t) / std_t
+
+
+def train_transform(size: int, recipe: Recipe):
+    """The ops of ``recipe`` that the streaming workers apply to each image (``recipe.WORKER_OPS``): the random
+    crop, taken from the file at its own resolution (without one, the evaluation resize: the shorter side to
+    ``size``, the centre square), the horizontal flip and torchvision's policy. The other ops are the device's,
+    per batch (``BatchAugment``), as in memory."""
+    if recipe.scale == (1.0, 1.0) and recipe.ratio == (1.0, 1.0):
+        crop = _centre(size, 1.0)
+    else:
+        crop = [v2.RandomResizedCrop(size, scale=recipe.scale, ratio=recipe.ratio, antialias=True)]
     steps = [
-        v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True),
-        *([v2.RandomHorizontalFlip()] if flip else []),
-        *([AUTO_AUGMENT[auto_augment]()] if auto_augment else []),
+        *crop,
+        *([v2.RandomHorizontalFlip()] if recipe.flip else []),
+        *([AUTO_AUGMENT[recipe.auto_augment]()] if recipe.auto_augment else []),
         v2.PILToTensor(),
     ]
     return v2.Compose(steps)

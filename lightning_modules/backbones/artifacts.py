@@ -1,6 +1,8 @@
 """Backbones as W&B model artifacts: each pre-training logs its ``backbone/`` as a new version of a collection
 named after the backbone and the objective, and ``model.init=wandb:<entity>/<project>/<name>:<alias>`` fetches one
-back and marks it as the run's input, so the dashboard links each fine-tune to the pre-training it came from.
+back and marks it as the run's input, so the dashboard links each fine-tune to the pre-training it came from. A
+fine-tune logs its ``model/`` as a model artifact too (``model-<backbone>-<data>``), the run's output: backbone
+artifact -> fine-tune run -> model artifact is the lineage.
 
 wandb is imported only inside the functions that need it: it is heavy and optional at run time.
 """
@@ -37,11 +39,21 @@ def artifact_name(model_cfg, objective_target: str) -> str:
     return f"backbone-{name}-{objective}".replace("/", "_")
 
 
-def log_backbone(experiment, backbone_dir: Path, name: str, metadata: dict) -> None:
+def model_artifact_name(model_cfg, data_name: str, data_place=None) -> str:
+    """A fine-tune's ``model/`` artifact: one collection per backbone and data (``model-resnet18-digits``), each
+    fine-tune a new version. The data is the datamodule's ``name``, or the name of the folder or file it reads
+    (``data_place``: an image folder's root, a text file)."""
+    backbone = artifact_name(model_cfg, "x").removeprefix("backbone-").removesuffix("-x")
+    data = Path(str(data_place)).expanduser().name.split(".")[0] if data_place else ""
+    return f"model-{backbone}-{data or data_name}".replace("/", "_")
+
+
+def log_folder(experiment, directory: Path, name: str, metadata: dict) -> None:
+    """Log ``directory`` (a ``backbone/`` or a ``model/``) as a new version of the model artifact ``name``."""
     import wandb
 
     artifact = wandb.Artifact(name, type="model", metadata=metadata)
-    artifact.add_dir(str(backbone_dir))
+    artifact.add_dir(str(directory))
     experiment.log_artifact(artifact, aliases=["latest"])
 
 
@@ -66,8 +78,18 @@ def fetch_backbone(init: str) -> Path:
         ) from err
 
 
-def record_use(experiment, init: str) -> None:
-    """Lineage: mark the fetched artifact as this run's input (an online run only; offline runs
-    cannot, their run record still names it under ``weights``)."""
-    if init.startswith(PREFIX) and not experiment.offline:
+def record_use(experiment, init: str, source: dict | None = None) -> None:
+    """Lineage: mark the backbone this run starts from as its input: the fetched artifact (``wandb:``), or a local
+    ``backbone/`` whose pre-training logged it (``source``, the run record's ``weights``: ``logged_as`` names the
+    artifact; W&B finds the version with the same files). An online run only: W&B refuses ``use_artifact`` offline;
+    the run record and the model artifact's metadata still name the source."""
+    if experiment.offline:
+        return
+    if init.startswith(PREFIX):
         experiment.use_artifact(init.removeprefix(PREFIX))
+    elif source and source.get("logged_as") and source.get("path"):
+        import wandb
+
+        artifact = wandb.Artifact(source["logged_as"], type="model")
+        artifact.add_dir(source["path"])
+        experiment.use_artifact(artifact)

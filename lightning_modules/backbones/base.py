@@ -19,6 +19,11 @@ A backbone
 - may be made of *towers* (``towers()``: a dual encoder's ``image`` and ``text`` backbones), each a backbone
   of its own: its layer groups are a stack of their own (``tower_groups()``), so freezing and layer-wise LR
   decay count each tower from its own input side, and the hand-off exports each tower as its own backbone.
+- can leave pretune as a classifier (``save_classifier``): its library model with a linear head on its pooled
+  features, written as its library's own classifier (timm's Hugging Face Hub layout, a transformers model folder),
+  which that library loads without pretune; ``load_classifier`` reads it back for ``scripts/predict.py`` and
+  ``scripts/export.py``. A family without such a format (a user's own backbone that does not opt in) says so in
+  one line, and the run goes on without ``model/``.
 
 Subclasses say how their parameters fall into groups (``grouped_parameter_names``); one function here turns
 that into ``LayerGroup``s, the same way for every kind of model.
@@ -26,12 +31,15 @@ that into ``LayerGroup``s, the same way for every kind of model.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import nn
+
+from lightning_modules.core.errors import ConfigError
 
 FEATURES = "features"  # the batch entry holding a frozen backbone's pooled features, when cached
 
@@ -52,7 +60,7 @@ class Backbone(nn.Module):
     """Base class: ``self.model`` is the wrapped library model, ``num_features`` the pooled width."""
 
     modality: ClassVar[str]  # the batch entries it reads: "image", "text" or "image_text" (a dual encoder)
-    type: ClassVar[str]  # the model.type that builds it (saved in backbone/config.yaml)
+    type: ClassVar[str]  # the family's name: a spec's "type" (backbone/config.yaml), compared when weights load
     preprocessing: dict = {}  # what its weights expect of an input (images: mean, std, input_size); {}: nothing
 
     def __init__(self, model: nn.Module, num_features: int):
@@ -102,8 +110,25 @@ class Backbone(nn.Module):
         """What turns raw input into this backbone's tensors (a tokenizer), or None."""
         return None
 
-    def save_processor(self, directory: Path) -> None:
-        """Write the processor's files into ``directory`` (next to the weights); nothing for a backbone without."""
+    def save_processor(self, directory: Path, preprocessing: dict | None = None) -> None:
+        """Write the processor's files into ``directory`` (next to the weights), and what the family's own library
+        needs to load the weights there (``preprocessing``: the data's, see ``datamodules/base.py``); nothing for a
+        backbone without."""
+
+    def save_classifier(self, head: nn.Linear, directory: Path, labels: list[str], preprocessing: dict) -> None:
+        """Write ``self.model`` with ``head`` (a linear layer on the pooled features) as the family's own classifier
+        into the existing, empty ``directory``: its weights, the class names in label order and the evaluation
+        ``preprocessing``, in a form the family's library loads without pretune, giving the logits pretune gives."""
+        raise ConfigError(
+            f"{type(self).__name__} has no classifier format of its own (it does not implement"
+            " Backbone.save_classifier), so model/ is not written; its weights are in checkpoints/best.ckpt"
+        )
+
+    @classmethod
+    def load_classifier(cls, directory: Path) -> nn.Module:
+        """What ``save_classifier`` wrote, as a module from a batch dict (this family's entries) to logits; its
+        ``processor`` turns raw input into those entries (a tokenizer; None for images)."""
+        raise ConfigError(f"{directory}: {cls.__name__} cannot read a classifier back (Backbone.load_classifier)")
 
     def towers(self) -> dict[str, Backbone]:
         """The backbones this one is made of, by name (a dual encoder: ``image`` and ``text``); none for a
@@ -162,3 +187,16 @@ def _group_name(index: int, names: list[str], modules: dict, owner: dict) -> str
         if prefix not in parts:
             parts.append(prefix)
     return "+".join(parts)
+
+
+@contextmanager
+def evaluating(module: nn.Module):
+    """``module`` in eval mode inside (dropout off), each submodule's own mode restored after: a frozen group stays
+    in the eval mode its freezing set, the rest as training left it."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.train(mode)

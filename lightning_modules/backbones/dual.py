@@ -1,6 +1,6 @@
-"""An image–text dual encoder (``model.type=dual_encoder``, ``model=clip_micro``): two backbones side by side, an
-image tower (any image backbone, ``model.image.*``: a timm model) and a text tower (``model.text.*``: BERT-style
-from a config, or ``hf:`` pre-trained), as CLIP pairs them. The contrastive objective (``objective=clip``) owns
+"""An image–text dual encoder (``DualEncoder``, ``model=clip_micro``): two backbones side by side, an image tower
+(any image backbone, ``model.image.*``: a timm model) and a text tower (``model.text.*``: BERT-style from a config,
+or ``hf:`` pre-trained), as CLIP pairs them. The contrastive objective (``objective=clip``) owns
 the projections into the shared embedding space and the temperature; this class is only the two towers.
 
 It answers the backbone contract by delegating to its towers:
@@ -26,7 +26,7 @@ from torch import nn
 
 from lightning_modules.backbones.base import Backbone
 from lightning_modules.backbones.factory import backbone_class, build_backbone
-from lightning_modules.config.modalities import backbone_type, tower_errors, towers_of
+from lightning_modules.config.modalities import tower_errors, towers_of
 from lightning_modules.core.errors import ConfigError
 
 
@@ -36,7 +36,8 @@ class DualEncoder(Backbone):
 
     modality = "image_text"
     type = "dual_encoder"
-    TOWERS = {"image": "image", "text": "text"}  # tower name -> the modality it must have
+    # tower name (its key under model) -> the modality it must have; the config check reads it from this source
+    TOWERS = {"image": "image", "text": "text"}
 
     def __init__(self, image: Backbone, text: Backbone):
         super().__init__(nn.ModuleDict({"image": image, "text": text}), 0)
@@ -61,7 +62,7 @@ class DualEncoder(Backbone):
                     towers[name] = build_backbone(tower_cfg, data)
                 else:
                     saved = Path(directory) / name
-                    tower_cls = backbone_class(backbone_type(tower_cfg))
+                    tower_cls = backbone_class(tower_cfg)
                     towers[name] = tower_cls.from_config({**tower_cfg, "init": str(saved)}, data, directory=saved)
         return cls(**towers)
 
@@ -74,7 +75,7 @@ class DualEncoder(Backbone):
         spec = {"type": DualEncoder.type, "name": "dual"}
         for name, tower_cfg in towers_of(model_cfg).items():
             tower_saved = (saved or {}).get(name) if isinstance((saved or {}).get(name), dict) else None
-            tower_spec = backbone_class(backbone_type(tower_cfg)).spec_of(tower_cfg, tower_saved)
+            tower_spec = backbone_class(tower_cfg).spec_of(tower_cfg, tower_saved)
             spec[name] = _with_pooling(tower_spec, tower_cfg.get("pooling"))
         return spec
 

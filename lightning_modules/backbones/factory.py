@@ -1,5 +1,11 @@
-"""From a ``model`` config to a backbone: the class the config names, built and initialised as ``model.init`` says
-(random, timm's pretrained weights, a pre-training run's ``backbone/``, a weight file, a Hugging Face model)."""
+"""From a ``model`` config to a backbone: the class its ``_target_`` names (pretune's ``TimmBackbone``,
+``TransformersBackbone``, ``DualEncoder``, or a ``Backbone`` subclass of the user's own), built with
+``cls.from_config(model_cfg, data, directory=...)`` and initialised as ``model.init`` says (random, timm's
+pretrained weights, a pre-training run's ``backbone/``, a weight file, a Hugging Face model).
+
+Unlike the other components, a backbone is not built by Hydra's ``instantiate`` with the config's keys as keyword
+arguments: ``from_config`` takes the whole model config as a dict (a dual encoder's towers are model configs
+inside it, a text backbone needs the datamodule's texts, a saved ``backbone/`` its directory)."""
 
 from __future__ import annotations
 
@@ -8,30 +14,44 @@ from pathlib import Path
 
 from pytorch_lightning.utilities import rank_zero_info
 
+from lightning_modules.backbones.base import Backbone
 from lightning_modules.backbones.handoff import (
     load_backbone_weights,
     read_backbone_config,
     resolve_init,
     spec_differences,
 )
-from lightning_modules.config.modalities import BACKBONE_TYPES, backbone_type
-from lightning_modules.core.errors import ConfigError
+from lightning_modules.config.modalities import backbone_target
+from lightning_modules.core.errors import ConfigError, message_of
 from lightning_modules.core.locations import CONFIG, WEIGHTS, is_file_init
 
 
-def backbone_class(type_: str):
-    """The Backbone class ``model.type`` names (imported only when used)."""
-    if type_ not in BACKBONE_TYPES:
-        raise ConfigError(f"model.type={type_} is unknown: allowed are {sorted(BACKBONE_TYPES)}")
-    module, name = BACKBONE_TYPES[type_][0].rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)
+def backbone_class(model_cfg: dict) -> type[Backbone]:
+    """The Backbone class a model config builds (``backbone_target``: its ``_target_``, or the transformers
+    family for ``model.init=hf:``), imported; one line when it cannot be, or is no Backbone."""
+    target = backbone_target(model_cfg)
+    if target is None:
+        raise ConfigError("model._target_ is required: the Backbone class to build, e.g. mypkg.MyBackbone")
+    module, _, name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except Exception as err:  # what importing it says: no such module, an error in it, no such class
+        raise ConfigError(
+            f"model._target_={target}: cannot be imported ({type(err).__name__}: {message_of(err)})"
+        ) from err
+    if not (isinstance(cls, type) and issubclass(cls, Backbone)):
+        raise ConfigError(
+            f"model._target_={target} is not a Backbone: allowed is a subclass of"
+            " lightning_modules.backbones.base.Backbone (from_config, spec_of, spec, forward, grouped_parameter_names)"
+        )
+    return cls
 
 
 def build_backbone(model_cfg: dict, data=None, source: dict | None = None):
     """Build the backbone ``model`` describes and initialise it as ``model.init`` says (from ``source`` when the
     run already resolved it: ``handoff.resolve_init``). ``data``: the datamodule, for a backbone that needs
     something from it to be built (a text backbone trains its tokenizer on its texts)."""
-    cls = backbone_class(backbone_type(model_cfg))
+    cls = backbone_class(model_cfg)
     init = str(model_cfg.get("init", "none"))
     if init == "none" or init.startswith("hf:"):  # from scratch, or a Hugging Face model (the class loads it)
         return cls.from_config(model_cfg, data)
@@ -77,7 +97,10 @@ def build_backbone(model_cfg: dict, data=None, source: dict | None = None):
 def _from_weight_file(cls, model_cfg: dict, data, init: str, path: Path):
     """``model.init=file:<path>``: the configured backbone with the file's weights (backbones/weight_files.py)."""
     if not hasattr(cls, "load_weight_file"):
-        raise ConfigError(f"model.init={init}: a weight file loads into model.type=timm, not {cls.type}")
+        raise ConfigError(
+            f"model.init={init}: a weight file loads into a backbone that maps one onto itself (a timm model), not"
+            f" {cls.__name__}"
+        )
     backbone = cls.from_config(model_cfg, data)
     notes = backbone.load_weight_file(path, model_cfg.get("init_map"), init)
     for note in notes:

@@ -9,6 +9,7 @@ Nothing here unpickles: weights travel as safetensors, the architecture as YAML.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -41,7 +42,7 @@ def read_backbone_config(backbone_dir: Path) -> dict:
     return meta
 
 
-def _atomic_dir(target: Path):
+def atomic_dir(target: Path):
     """A temp dir next to ``target``; the caller fills it, then ``os.replace`` makes it appear whole."""
     target.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -61,24 +62,30 @@ def export_backbone(
     provenance: dict | None = None,
     objective=None,
     objective_cfg: dict | None = None,
+    files: dict | None = None,
+    preprocessing: dict | None = None,
     weights: str | None = None,
 ) -> Path:
     """Write ``target/`` = model.safetensors + config.yaml (+ the objective's heads and config when
-    given; + each tower as a backbone of its own in ``target/<tower>``), atomically: a killed export leaves
-    no half-written ``backbone/``. ``weights``: what the weights are, when there is a choice (a teacher–student
-    objective's student or teacher), recorded in config.yaml."""
+    given; + each tower as a backbone of its own in ``target/<tower>``; + ``files``, name -> JSON content: what the
+    data left for later, e.g. the pairs' captions), atomically: a killed export leaves no half-written ``backbone/``.
+    ``preprocessing``: what the data's evaluation gave the backbone (``eval_preprocessing()``), recorded in
+    config.yaml and in the family's own config (timm's ``config.json``). ``weights``: what the weights are, when
+    there is a choice (a teacher–student objective's student or teacher), recorded in config.yaml."""
     from safetensors.torch import save_model
 
     target = Path(target)
-    tmp = _atomic_dir(target)
+    tmp = atomic_dir(target)
     try:
         save_model(backbone.model, str(tmp / WEIGHTS))
-        backbone.save_processor(tmp)  # a tokenizer travels with the weights it was trained for
+        backbone.save_processor(tmp, preprocessing)  # a tokenizer travels with the weights it was trained for
+        for name, content in (files or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=1) + "\n")
         if objective is not None:
             save_model(objective, str(tmp / OBJECTIVE_WEIGHTS))
         towers = backbone.towers()
         for name, tower in towers.items():  # each tower a backbone of its own, next to the whole
-            export_backbone(tower, tmp / name, provenance={**(provenance or {}), "tower": name})
+            export_backbone(tower, tmp / name, {**(provenance or {}), "tower": name}, preprocessing=preprocessing)
         features = backbone.num_features
         meta = {
             "format": FORMAT,
@@ -88,6 +95,7 @@ def export_backbone(
             "sha256": sha256_of(tmp / WEIGHTS),
             "provenance": provenance or {},
             "objective": objective_cfg,
+            "preprocessing": preprocessing,
             **({"weights": weights} if weights else {}),
             **({"towers": list(towers)} if towers else {}),
         }
@@ -179,7 +187,19 @@ def resolve_init(init: str) -> dict | None:
         source["artifact"] = init.removeprefix("wandb:")
     else:
         backbone_dir = find_backbone_dir(init)
+        logged_as = provenance_of(backbone_dir).get("wandb_artifact")  # its pre-training logged it to W&B as ...
+        source |= {"logged_as": logged_as} if logged_as else {}
     return {"path": str(backbone_dir.resolve()), "sha256": sha256_of(backbone_dir / WEIGHTS), **source}
+
+
+def provenance_of(backbone_dir: Path) -> dict:
+    """Where a saved backbone came from (its ``config.yaml``'s ``provenance``); {} when unreadable (the load says
+    why, with the key)."""
+    try:
+        provenance = (yaml.safe_load((backbone_dir / CONFIG).read_text()) or {}).get("provenance")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return {}
+    return provenance if isinstance(provenance, dict) else {}
 
 
 def _hf_source(name: str) -> dict:

@@ -1,6 +1,6 @@
-"""Text backbones from transformers (``model.type=transformers``): a BERT-style encoder or a GPT-style decoder,
-built from a transformers config (``model=bert_micro``, ``model=gpt_micro``: no download) or loaded with its
-tokenizer from a Hugging Face model (``model.init=hf:<local dir or hub name>``).
+"""Text backbones from transformers (``TransformersBackbone``): a BERT-style encoder or a GPT-style decoder, built
+from a transformers config (``model=bert_micro``, ``model=gpt_micro``: no download) or loaded with its tokenizer
+from a Hugging Face model (``model.init=hf:<local dir or hub name>``, which builds this class whatever the preset).
 
 - Reads ``batch["input_ids"]`` and ``batch["attention_mask"]`` (right-padded); ``forward`` pools the last
   hidden states (``model.pooling``: ``cls`` the first token, ``mean`` over the real tokens, ``last`` the last
@@ -13,6 +13,9 @@ tokenizer from a Hugging Face model (``model.init=hf:<local dir or hub name>``).
 - ``kind``: ``encoder`` (bidirectional: MLM, classification) or ``decoder`` (causal: CLM, classification).
 - ``processor`` is the tokenizer; ``save_processor`` writes it and the transformers config (``config.json``)
   into ``backbone/``, and the spec records the tokenizer's hash, size and special ids, checked on load.
+- Leaving pretune (``save_classifier``): a transformers model folder of ``PretuneForSequenceClassification``
+  (``hf_classifier.py``, copied into the folder: the base model, pooled by the very function ``forward`` pools with,
+  and the head), its tokenizer truncating at the data's ``max_length``, ``id2label``/``label2id``.
 
 The architecture: from the model config's sizes (``model.layers``, ``hidden``, ``heads``, ``intermediate``,
 ``max_positions``, ``vocab_size``) when built here, and compared with a saved backbone's as for images; from
@@ -22,13 +25,18 @@ for a pretune backbone that was itself pre-trained from an ``hf:`` model.
 
 from __future__ import annotations
 
+import copy
+import shutil
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lightning_modules.backbones.base import Backbone
+from lightning_modules.backbones import hf_classifier
+from lightning_modules.backbones.base import Backbone, evaluating
 from lightning_modules.backbones.handoff import read_backbone_config
+from lightning_modules.backbones.hf_classifier import PretuneClassifierConfig, PretuneForSequenceClassification, pool
 from lightning_modules.backbones.tokenizer import (
     KINDS,
     check_tokenizer,
@@ -40,7 +48,11 @@ from lightning_modules.config.rules import check
 from lightning_modules.core.errors import ConfigError
 from lightning_modules.core.locations import hf_local_dir, tokenizer_dir
 
-ARCHS = ("bert", "gpt2")  # what model.name builds from scratch
+MODELING_FILE = "modeling_pretune.py"  # hf_classifier.py, as a text model/ carries it (the config's auto_map)
+AUTO_MAP = {
+    "AutoConfig": "modeling_pretune.PretuneClassifierConfig",
+    "AutoModelForSequenceClassification": "modeling_pretune.PretuneForSequenceClassification",
+}
 
 
 def hf_config(model_cfg: dict, tokenizer=None):
@@ -48,8 +60,9 @@ def hf_config(model_cfg: dict, tokenizer=None):
     from transformers import AutoConfig
 
     name = model_cfg.get("name")
-    if name not in ARCHS:
-        raise ConfigError(f"model.name={name} is not a text architecture pretune builds: allowed are {list(ARCHS)}")
+    if name not in TransformersBackbone.ARCH_KINDS:
+        allowed = list(TransformersBackbone.ARCH_KINDS)
+        raise ConfigError(f"model.name={name} is not a text architecture pretune builds: allowed are {allowed}")
     sizes = {k: check(f"model.{k}", model_cfg[k]) for k in ("layers", "hidden", "heads", "intermediate")}
     max_positions, vocab_size = check("model.max_positions", model_cfg["max_positions"]), model_cfg["vocab_size"]
     check("model.vocab_size", vocab_size)
@@ -108,6 +121,9 @@ class TransformersBackbone(Backbone):
 
     modality = "text"
     type = "transformers"
+    # model.name built from sizes -> its kind: a BERT-style encoder or a GPT-style decoder (the config check reads
+    # it from this source, to refuse objective=mlm on gpt_micro before anything is built)
+    ARCH_KINDS = {"bert": "encoder", "gpt2": "decoder"}
 
     def __init__(self, model: nn.Module, tokenizer, pooling: str = "cls", hf_source: str | None = None):
         super().__init__(model, model.config.hidden_size)
@@ -173,19 +189,14 @@ class TransformersBackbone(Backbone):
         """A pre-trained Hugging Face model and its tokenizer: a local directory, or a hub name (downloaded
         when online; from the local cache when offline)."""
         from transformers import AutoModel
-        from transformers.utils import logging as hf_logging
 
         what = f"model.init=hf:{source}"
         directory = hf_local_dir(source)  # a local dir checked to hold a model, or a hub name (refused offline)
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # a bar per weight file, no news in a run's log
         try:
-            model = AutoModel.from_pretrained(directory)
+            with _no_progress_bars():
+                model = AutoModel.from_pretrained(directory)
         except (OSError, ValueError, KeyError) as err:  # no weights, unknown architecture, offline hub ...
             raise ConfigError(f"{what}: could not load it as a Hugging Face model ({_first_line(err)})") from err
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
         tokenizer = load_tokenizer(directory, what)
         check_tokenizer(tokenizer, model.config.vocab_size, what)
         return cls(model, tokenizer, pooling, hf_source=source)
@@ -235,24 +246,64 @@ class TransformersBackbone(Backbone):
         """The longest input the backbone takes (its position embeddings)."""
         return int(self.model.config.max_position_embeddings)
 
-    def save_processor(self, directory: Path) -> None:
+    def save_processor(self, directory: Path, preprocessing: dict | None = None) -> None:
         """The tokenizer (``tokenizer.json`` ...) and the transformers config (``config.json``)."""
         self.tokenizer.save_pretrained(str(directory))
         self.model.config.save_pretrained(str(directory))
+
+    def save_classifier(self, head: nn.Linear, directory: Path, labels: list[str], preprocessing: dict) -> None:
+        """``save_pretrained`` of the classifier (``config.json`` with ``auto_map`` and the labels,
+        ``model.safetensors``), the tokenizer (truncating at ``max_length``, right-padding, giving only the ids and
+        the mask the model reads) and ``modeling_pretune.py``."""
+        directory = Path(directory)
+        with _no_progress_bars():
+            self.classifier(head, labels, preprocessing).save_pretrained(str(directory))
+        tokenizer = copy.deepcopy(self.tokenizer)  # the run's own stays as it is
+        tokenizer.model_max_length, tokenizer.padding_side = int(preprocessing["max_length"]), "right"
+        tokenizer.model_input_names = ["input_ids", "attention_mask"]
+        tokenizer.save_pretrained(str(directory))
+        shutil.copyfile(hf_classifier.__file__, directory / MODELING_FILE)
+
+    def classifier(self, head: nn.Linear, labels: list[str], preprocessing: dict) -> PretuneForSequenceClassification:
+        """The transformers classifier holding this backbone's weights and ``head``'s, checked on the class names
+        (as texts) to give what ``head`` on this backbone gives."""
+        config = PretuneClassifierConfig(
+            encoder=self.model.config.to_dict(),
+            pooling=self.pooling,
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
+        config.auto_map, config.architectures = dict(AUTO_MAP), [PretuneForSequenceClassification.__name__]
+        with _no_init():  # every weight is loaded next: drawing random ones first costs seconds for MiniLM
+            model = PretuneForSequenceClassification(config).eval()
+        model.backbone.load_state_dict(self.model.state_dict(), strict=True)
+        model.classifier.load_state_dict(head.state_dict())
+        enc = self.tokenizer(list(labels)[:8], truncation=True, max_length=int(preprocessing["max_length"]))
+        batch = self.tokenizer.pad({k: enc[k] for k in ("input_ids", "attention_mask")}, return_tensors="pt")
+        device = next(self.model.parameters()).device
+        with torch.no_grad(), evaluating(self), evaluating(head):
+            expected, got = head(self({k: v.to(device) for k, v in batch.items()})).cpu(), model(**batch).logits
+        if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+            raise ConfigError(
+                f"{self.described}: the transformers classifier does not reproduce pretune's logits (max |difference|"
+                f" {float((got - expected).abs().max()):.2e}), so model/ is not written"
+            )
+        return model
+
+    @classmethod
+    def load_classifier(cls, directory: Path) -> nn.Module:
+        """The classifier and its tokenizer (pretune's own copy of the class: no remote code to trust)."""
+        from transformers import AutoTokenizer
+
+        with _no_progress_bars():
+            model = PretuneForSequenceClassification.from_pretrained(str(directory)).eval()
+        return TextClassifier(model, AutoTokenizer.from_pretrained(str(directory), config=model.config))
 
     def tokens(self, batch: dict) -> torch.Tensor:
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
 
     def forward(self, batch: dict) -> torch.Tensor:
-        hidden = self.tokens(batch)
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        mask = batch["attention_mask"]
-        if self.pooling == "mean":
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        last = (mask.sum(1) - 1).clamp_min(0)  # right padding: the last real token
-        return hidden[torch.arange(len(hidden), device=hidden.device), last]
+        return pool(self.tokens(batch), batch["attention_mask"], self.pooling)  # the exported classifier's pooling
 
     def grouped_parameter_names(self) -> list[tuple[str | None, list[str]]]:
         layers_path, layers = self._layers
@@ -268,6 +319,18 @@ class TransformersBackbone(Backbone):
         return [("embeddings", groups[0])] + [(None, names) for names in groups[1:]]
 
 
+class TextClassifier(nn.Module):
+    """A text classifier read back from ``model/``: ``input_ids`` and ``attention_mask`` to logits; ``processor`` is
+    its tokenizer."""
+
+    def __init__(self, model: nn.Module, tokenizer):
+        super().__init__()
+        self.model, self.processor = model, tokenizer
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
 def _layer_list(model: nn.Module):
     """(path, ModuleList) of the model's transformer layers: the ModuleList with one entry per hidden layer."""
     n = getattr(model.config, "num_hidden_layers", None)
@@ -275,6 +338,29 @@ def _layer_list(model: nn.Module):
         if isinstance(module, nn.ModuleList) and len(module) == n:
             return path, module
     return None
+
+
+@contextmanager
+def _no_progress_bars():
+    """transformers' progress bars off inside (a bar per weight file: no news in a run's log), as they were after."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _no_init():
+    """transformers' own switch for building a model whose weights are loaded right after (none: build as usual)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # another transformers layout
+        return nullcontext()
+    return no_init_weights()
 
 
 def _from_config(config):

@@ -3,15 +3,17 @@ with one line naming the key, the value and what is allowed."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_modules.config.kinds import Section
-from lightning_modules.config.modalities import TOWERS, _choice, check_modalities, check_towers, towers_of
+from lightning_modules.config.library import OWN
+from lightning_modules.config.modalities import check_modalities, check_towers, choice_name, towers_of
 from lightning_modules.config.rules import REQUIRED_GROUPS, RULES, check_together, passed_through, rule_for
+from lightning_modules.config.rules.model import TOWER_KEYS
 from lightning_modules.core.errors import ConfigError, show
+from lightning_modules.core.locations import CONF
 
 
 def keys(cfg: DictConfig, rules: dict = RULES, prefix: str = "") -> Iterator[str]:
@@ -30,7 +32,6 @@ def keys(cfg: DictConfig, rules: dict = RULES, prefix: str = "") -> Iterator[str
             yield key
 
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 UNKNOWN = object()  # a value only the Hydra app can resolve
 
 
@@ -63,12 +64,16 @@ def _raw(cfg: DictConfig, key: str):
 
 
 def _in_component(cfg: DictConfig, key: str) -> bool:
-    """Whether ``key`` is inside a node built from its ``_target_`` (which refuses an argument it does not take)."""
+    """Whether ``key`` is an argument of a component built from its ``_target_`` (which refuses an argument it
+    does not take). A backbone (the model config, a tower) is built from its whole config (``from_config``),
+    which refuses nothing: pretune's own backbones read only keys that have a rule, so under them a key without
+    one is a mistake (``+model.nmae=x``); a user's backbone class reads keys of its own."""
     parts = key.split(".")
-    for i in range(1, len(parts)):
+    for i in range(len(parts) - 1, 0, -1):  # the innermost component holds the key
         node = OmegaConf.select(cfg, ".".join(parts[:i]), default=None)
         if isinstance(node, DictConfig) and "_target_" in node:
-            return True
+            target = node._get_node("_target_")._value()
+            return not (parts[0] == "model" and isinstance(target, str) and target.startswith(OWN))
     return False
 
 
@@ -113,6 +118,8 @@ def check_config(cfg: DictConfig, pending: tuple = ()) -> None:
     if missing:
         raise ConfigError(f"{missing[0]} is required but not set (e.g. {missing[0]}=<value> on the command line)")
     stage = value(cfg, "stage") if "stage" in cfg else None
+    if stage is not None and stage is not UNKNOWN:  # first: it says which groups a run needs and what applies
+        rule_for("stage").check("stage", stage)
     for group in REQUIRED_GROUPS.get(stage, ()) if isinstance(stage, str) else ():
         node = cfg._get_node(group) if group in cfg else None
         if not isinstance(node, DictConfig) or node._is_none() or node._is_interpolation():
@@ -122,26 +129,35 @@ def check_config(cfg: DictConfig, pending: tuple = ()) -> None:
                 f" allowed is {group}=<one of: {options}>"
             )
     model = cfg._get_node("model") if "model" in cfg else None
-    towers_checked = not isinstance(model, DictConfig) or model._is_none()
-    if not towers_checked:
-        # A tower's kind and init first (here only: check_modalities relies on it): a tower of the wrong kind
-        # (model@model.image=bert_micro) has keys its place does not take, and the line should say why.
-        try:
-            check_towers(model)
-            towers_checked = True
-        except ConfigError:
-            raise
-        except Exception:  # a reference that cannot be resolved (model.type=${nope}): check_values names it
-            pass
+    model = model if isinstance(model, DictConfig) and not model._is_none() else None
+    # What the classes the config names take first, a tower's kind and init among it (check_modalities relies
+    # on it): read from _target_ values, which are no interpolations, so a mismatch is named before a reference
+    # it breaks (model.kwargs.in_chans=${datamodule.channels} on text data), and a tower of the wrong kind
+    # (model@model.image=bert_micro), whose keys its place does not take, says why.
+    towers_checked = model is None or _early(lambda: check_towers(model))
+    modalities_checked = towers_checked and _early(lambda: check_modalities(cfg))
     check_values(cfg, pending=pending)
     if not towers_checked:
         check_towers(model)
-    check_modalities(cfg)
+    if not modalities_checked:
+        check_modalities(cfg)
     towers = towers_of(cfg.model) if isinstance(cfg.get("model"), DictConfig) else {}
-    for name in sorted({n for names in TOWERS.values() for n in names}):
+    for name in sorted(TOWER_KEYS):
         chosen = OmegaConf.select(cfg, f"freeze.{name}", default=None)
         if chosen is not None and name not in towers:
             raise ConfigError(
-                f"freeze.{name}={chosen}: {_choice(cfg, 'model')} has no {name} tower (freeze.{name} sets a dual"
+                f"freeze.{name}={chosen}: {choice_name(cfg, 'model')} has no {name} tower (freeze.{name} sets a dual"
                 f" encoder's {name} tower); allowed is freeze.{name}=null, or freeze.layers for this backbone"
             )
+
+
+def _early(check: Callable[[], None]) -> bool:
+    """Run a check before the per-key rules: True when it passed; False when it met a value only the rules can
+    name (a reference that cannot be resolved), to be run again after them."""
+    try:
+        check()
+    except ConfigError:
+        raise
+    except Exception:  # omegaconf's InterpolationResolutionError and kin: check_values names it
+        return False
+    return True

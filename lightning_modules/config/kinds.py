@@ -225,11 +225,17 @@ class Together:
 
     keys: tuple
     test: Callable  # called with the values of ``keys``, in order; True when they fit together
-    says: str  # what must hold, e.g. "val_fraction + test_fraction must be below 1"
+    # what must hold, e.g. "val_fraction + test_fraction must be below 1" (the line names every key and value);
+    # or a function of the values giving the whole line, where a check made at run time already words it
+    says: str | Callable
 
     def check(self, values: dict) -> None:
-        if not self.test(*(values[k] for k in self.keys)):
-            raise ConfigError(", ".join(f"{k}={show(values[k])}" for k in self.keys) + f": {self.says}")
+        found = [values[k] for k in self.keys]
+        if self.test(*found):
+            return
+        if callable(self.says):
+            raise ConfigError(self.says(*found))
+        raise ConfigError(", ".join(f"{k}={show(v)}" for k, v in zip(self.keys, found, strict=True)) + f": {self.says}")
 
 
 # Rules many groups share.

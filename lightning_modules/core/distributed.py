@@ -1,4 +1,4 @@
-"""What the objectives, the data and the run need to know about a distributed (DDP) run; torch only.
+"""What the objectives, the data and the run need to know about a distributed (DDP, FSDP) run; torch only.
 
 On one process every function here is the identity (rank 0 of 1), so single-process code paths are
 unchanged. The rule that makes ``B`` per rank on ``W`` ranks match ``W*B`` on one process: the loader
@@ -97,3 +97,33 @@ def global_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         count = count.clone()
         dist.all_reduce(count)
     return total * world / count.clamp_min(1)
+
+
+@contextmanager
+def unsharded(module: torch.nn.Module, reader: bool = True):
+    """Inside, an FSDP2-sharded ``module`` (``trainer=fsdp``) holds its whole parameters as plain CPU tensors on the
+    ``reader`` rank: what an export of the weights reads (safetensors, ``state_dict``). Every rank must enter: each
+    sharded parameter is gathered from all of them (a collective), in the module's order; tied parameters stay tied.
+    On leaving, the sharded parameters are put back. A module that is not sharded is left as it is."""
+    from torch.distributed.tensor import DTensor
+
+    swapped, whole = [], {}
+    with torch.no_grad():
+        for owner in module.modules():
+            for name, p in list(owner._parameters.items()):
+                if not isinstance(p, DTensor):
+                    continue
+                if id(p) not in whole:
+                    gathered = p.full_tensor()
+                    whole[id(p)] = (
+                        torch.nn.Parameter(gathered.to("cpu", copy=True), p.requires_grad) if reader else None
+                    )
+                if reader:
+                    swapped.append((owner, name, p))
+    for owner, name, p in swapped:
+        owner._parameters[name] = whole[id(p)]  # a plain copy in the sharded one's place
+    try:
+        yield module
+    finally:
+        for owner, name, p in swapped:
+            owner._parameters[name] = p

@@ -9,6 +9,15 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step."""
 
 
+class Requeued(SystemExit):
+    """A SLURM job saved its checkpoint and was requeued (``callbacks/preemption.py``): the run stops here and the
+    requeued job resumes it. Not a failure: no ``metrics.json``, and the process exits with status 3 (an exit, which
+    Hydra and submitit let through: a submitit job records no result, so its launcher waits for the requeued one)."""
+
+    def __init__(self):
+        super().__init__(3)
+
+
 def show(value) -> str:
     """A value as it would be typed on the command line: strings quoted, null, true/false, nan."""
     if value is None:

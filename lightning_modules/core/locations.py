@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lightning_modules.core.errors import ConfigError
 
+CONF = Path(__file__).resolve().parents[2] / "conf"  # the shipped configs, one folder per group
 PACKAGE = "pkg://"  # pkg://<package>/<path inside it>: shipped in an installed Python package
 FILE = "file:"  # model.init=file:<path>
 WEIGHTS, CONFIG = "model.safetensors", "config.yaml"  # what a backbone/ folder holds

@@ -23,7 +23,8 @@ class Objective(nn.Module):
     dicts (``image``, ``label``, ``input_ids`` ...), never tuples; the backbone reads its own entries.
     ``modalities`` says which inputs the objective takes (``image``, ``text``, ``image_text``: image–caption pairs
     on a dual encoder); a backbone or data of another modality is refused
-    here with one line (and before anything heavy runs, by ``config/check.py``, for the shipped configs).
+    here with one line (and before anything heavy runs by ``config/check.py``, which reads these class attributes
+    from the source: keep them literals).
     """
 
     modalities: ClassVar[tuple[str, ...]] = ("image",)
@@ -35,6 +36,8 @@ class Objective(nn.Module):
     supervised: bool = False
     # For text: the kind of backbone it needs ("encoder": BERT-style, "decoder": GPT-style), or None for either.
     text_kind: ClassVar[str | None] = None
+    # True for an objective that only pre-trains (a fine-tune's default metrics and test step are a classifier's).
+    pretrain_only: ClassVar[bool] = False
 
     def __init__(self, backbone, data):
         super().__init__()

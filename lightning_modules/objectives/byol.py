@@ -40,8 +40,12 @@ class BYOL(TeacherStudent):
         augment_2: dict | None = None,
     ):
         super().__init__(backbone, data)
-        self.augment = BatchAugment.from_config("objective.augment", augment, data)
-        self.augment_2 = BatchAugment.from_config("objective.augment_2", augment_2, data)
+        self.augment = BatchAugment.from_config(
+            "objective.augment", augment, data.image_size, stats=(data.mean, data.std)
+        )
+        self.augment_2 = BatchAugment.from_config(
+            "objective.augment_2", augment_2, data.image_size, stats=(data.mean, data.std)
+        )
         proj_dim = check("objective.proj_dim", proj_dim)
         self.projector = BYOLProjectionHead(
             backbone.num_features, check("objective.proj_hidden", proj_hidden), proj_dim

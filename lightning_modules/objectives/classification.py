@@ -47,6 +47,12 @@ class Classification(Objective):
             )
 
     @property
+    def linear_head(self) -> nn.Linear:
+        """The head as it classifies at evaluation (its dropout is off then): what a fine-tune's ``model/`` puts on
+        the backbone (``callbacks/model_export.py``)."""
+        return self.head[1]
+
+    @property
     def pooled_only(self) -> bool:
         return self.mix is None  # mixup/cutmix change the images the backbone sees
 

@@ -17,11 +17,16 @@
 - Zero-shot classification (``zero_shot_logits``): each class name is put through prompt templates, the prompts'
   embeddings are averaged per class (and normalised again), and an image gets the class whose embedding is
   nearest; ``scripts/evaluate.py zero_shot`` (``runtime/evaluate.py``) runs it on any labeled image datamodule.
+  Its prompts: the data's own (the digit datamodules' ``prompt_templates``), else those the pre-training captions
+  were written with (``templates_from_captions``: the captions a run records, ``captions.json``, with a class
+  name in the place of ``{}``), else ``GENERIC_PROMPTS``, a photo ensemble from CLIP's ImageNet prompts.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +40,37 @@ from lightning_modules.core.errors import ConfigError
 from lightning_modules.objectives.base import Objective
 
 RECALL_AT = (1, 5, 10)
+# Zero-shot prompts for data that bring none of their own: photo prompts from CLIP's ImageNet ensemble (Radford et
+# al. 2021, its notebook's 80), the ones that describe any photo.
+GENERIC_PROMPTS = (
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a cropped photo of a {}.",
+    "a close-up photo of a {}.",
+    "a bright photo of a {}.",
+    "a dark photo of a {}.",
+    "a blurry photo of a {}.",
+    "a photo of the small {}.",
+    "a photo of the large {}.",
+)
+
+
+def templates_from_captions(captions: list[str], class_names: list[str], most: int = 16) -> list[str]:
+    """The templates ``captions`` were written with, as far as they name the classes: each caption that names a
+    class (as a whole word, case aside; ``_`` in a folder's name read as a space) with ``{}`` in its place, kept
+    when it was seen with at least two classes, most classes first. None: ``[]``."""
+    names = sorted({*class_names, *(n.replace("_", " ") for n in class_names)}, key=len, reverse=True)
+    patterns = [(name, re.compile(rf"(?<!\w){re.escape(name)}(?!\w)", re.IGNORECASE)) for name in names]
+    seen: dict[str, set[str]] = defaultdict(set)
+    for caption in captions:
+        escaped = caption.replace("{", "{{").replace("}", "}}")
+        for name, pattern in patterns:
+            if pattern.search(escaped):
+                seen[pattern.sub("{}", escaped, count=1)].add(name.replace(" ", "_").lower())
+                break
+    kept = [t for t, classes in seen.items() if len(classes) >= 2]
+    return sorted(kept, key=lambda t: (-len(seen[t]), t))[:most]
 
 
 def clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -113,6 +149,7 @@ def _first_of_each(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class CLIP(Objective):
     modalities = ("image_text",)
+    pretrain_only = True  # fine-tune one tower instead (model.init=<run>/backbone/image)
 
     def __init__(
         self,

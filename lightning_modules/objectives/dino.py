@@ -98,10 +98,16 @@ class DINO(TeacherStudent):
                 f" local crops are made at {data.image_size} (model.kwargs.dynamic_img_size=true for a timm ViT)"
             )
             local_size = None
-        self.augment = BatchAugment.from_config("objective.augment", augment, data)
-        self.augment_2 = BatchAugment.from_config("objective.augment_2", augment_2, data)
+        self.augment = BatchAugment.from_config(
+            "objective.augment", augment, data.image_size, stats=(data.mean, data.std)
+        )
+        self.augment_2 = BatchAugment.from_config(
+            "objective.augment_2", augment_2, data.image_size, stats=(data.mean, data.std)
+        )
         local = dict(local_augment or {}, **({"size": local_size} if local_size is not None else {}))
-        self.local_augment = BatchAugment.from_config("objective.local_augment", local, data)
+        self.local_augment = BatchAugment.from_config(
+            "objective.local_augment", local, data.image_size, stats=(data.mean, data.std)
+        )
         self.head = dino_head(
             backbone.num_features,
             check("objective.head_hidden", head_hidden),

@@ -40,9 +40,11 @@ class MAE(Objective):
         super().__init__(backbone, data)
         vit = backbone.model
         if not isinstance(vit, VisionTransformer):
+            named = getattr(backbone, "name", None)  # a timm model's; a backbone of the user's own: its class
+            what = f"model.name={named}" if isinstance(named, str) else f"the {type(backbone).__name__} backbone"
             raise ConfigError(
-                f"objective=mae needs a ViT backbone, but model.name={backbone.name} is a"
-                f" {type(vit).__name__}; use model=vit_micro or a timm vit_* model (or objective=simclr)"
+                f"objective=mae needs a ViT backbone, but {what} is a {type(vit).__name__}; use model=vit_micro or a"
+                " timm vit_* model (or objective=simclr)"
             )
         self.mask_ratio, self.norm_pix_loss = float(check("objective.mask_ratio", mask_ratio)), bool(norm_pix_loss)
         self.patch = vit.patch_embed.patch_size[0]

@@ -55,7 +55,9 @@ class VICReg(Objective):
             float(check(f"objective.{k}", v))
             for k, v in (("invariance", invariance), ("variance", variance), ("covariance", covariance))
         )
-        self.augment = BatchAugment.from_config("objective.augment", augment, data)
+        self.augment = BatchAugment.from_config(
+            "objective.augment", augment, data.image_size, stats=(data.mean, data.std)
+        )
         self.projector = VICRegProjectionHead(
             backbone.num_features,
             check("objective.proj_hidden", proj_hidden),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -38,14 +39,31 @@ def _record_failure(cfg: DictConfig, out_dir: Path | None, err: Exception) -> No
         pass
 
 
+def this_node(argv: list[str]) -> list[str]:
+    """The command line of this node when a run is started by hand on several (the same command on each, with
+    ``NODE_RANK`` 0, 1, ...: README "Scaling out"). Node k > 0 shares the run dir with node 0 but writes nothing
+    there (global rank 0 writes the run's files): not Hydra's ``.hydra/`` a second time, and its log as
+    ``<script>_node<k>.log``, as a DDP child rank does (``runtime/parallel.py``). A child rank (``LOCAL_RANK`` set)
+    already has its own; SLURM and torchrun set no ``NODE_RANK``."""
+    node = os.environ.get("NODE_RANK", "0")
+    if node in ("", "0") or "LOCAL_RANK" in os.environ:
+        return argv
+    return [*argv, "hydra.output_subdir=null", f"hydra.job.name={Path(argv[0]).stem}_node{node}"]
+
+
 def main(cfg: DictConfig):
     """Run one job; returns ``optimized_metric`` for Hydra sweepers."""
     warnings_to_log()
     try:
         check_config(cfg)
         # heavy imports only once the config is known good
-        if cfg.get("stage") == "evaluate":
+        stage = cfg.get("stage")
+        if stage == "evaluate":
             from lightning_modules.runtime.evaluate import evaluate as run  # keeps torch out of the config check
+        elif stage == "predict":
+            from lightning_modules.runtime.predict import predict as run  # keeps torch out of the config check
+        elif stage == "export":
+            from lightning_modules.runtime.exporting import export as run  # keeps torch out of the config check
         else:
             from lightning_modules.runtime.run import run  # keeps torch out of the config check
 
@@ -60,4 +78,5 @@ def main(cfg: DictConfig):
             return None
         sys.exit(code)
     # The value at the checkpoint that validation selected (what the run was tested with), else the last.
-    return metrics.get(f"{cfg.optimized_metric}_best", metrics.get(cfg.optimized_metric))
+    optimized = cfg.get("optimized_metric")  # predict.py and export.py optimize nothing
+    return metrics.get(f"{optimized}_best", metrics.get(optimized)) if optimized else None

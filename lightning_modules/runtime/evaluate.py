@@ -1,9 +1,12 @@
 """One evaluation of a pre-trained image–text model, without training it (``scripts/evaluate.py``):
 
 - ``zero_shot``: classify a labeled image datamodule's split (``zero_shot.split``: test) with no label seen: each
-  class name (the datamodule's, or ``zero_shot.class_names``) through the prompt templates (``zero_shot.templates``),
-  the prompts' embeddings averaged per class, each image given the nearest class. Logs ``zero_shot/acc`` (top-1)
-  and ``zero_shot/f1`` (macro), torchmetrics' as for a trained classifier.
+  class name (the datamodule's, or ``zero_shot.class_names``) through the prompt templates, the prompts' embeddings
+  averaged per class, each image given the nearest class. Logs ``zero_shot/acc`` (top-1) and ``zero_shot/f1``
+  (macro), torchmetrics' as for a trained classifier. The templates (``prompt_templates``): ``zero_shot.templates``
+  when set; else the datamodule's own (the digit datamodules'); else those the pre-training's captions were written
+  with (``captions.json`` next to its backbone); else CLIP's generic photo prompts. ``metrics.json`` says which
+  (``zero_shot/templates``, ``zero_shot/templates_from``).
 - ``retrieval``: image→text and text→image recall@1/5/10 (and the CLIP loss) on an image–caption datamodule's
   validation pairs, as a pre-training run's validation computes them (``retrieval/i2t_recall@1`` ...).
 
@@ -14,6 +17,7 @@ and logs the metrics to the configured logger (``logger=wandb``: a run of job ty
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -22,6 +26,7 @@ import torch
 import torchmetrics
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.sources.image_text import CAPTIONS_FILE
 from datamodules.spec import ImageTextSpec
 from lightning_modules.backbones.artifacts import record_use
 from lightning_modules.backbones.factory import build_backbone
@@ -29,6 +34,7 @@ from lightning_modules.config.library import build
 from lightning_modules.core.errors import ConfigError
 from lightning_modules.core.results import is_rank_zero, write_atomic, write_metrics, write_run_record
 from lightning_modules.objectives.base import saved_objective
+from lightning_modules.objectives.clip import GENERIC_PROMPTS, templates_from_captions
 from lightning_modules.runtime import wandb_runs
 from lightning_modules.runtime.run import finish, loggers_from, resolve_sources
 
@@ -66,7 +72,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return metrics
 
 
-def _device(device: str) -> torch.device:
+def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -92,16 +98,31 @@ def _evaluate(cfg: DictConfig, source: dict | None) -> dict:
         )
     if not hasattr(objective, "class_embeddings"):
         raise ConfigError(f"model.init={cfg.model.init}: its objective ({type(objective).__name__}) is not CLIP")
-    device = _device(str(cfg.get("device", "auto")))
+    device = pick_device(str(cfg.get("device", "auto")))
     backbone.to(device).eval()
     objective.to(device).eval()
     with torch.no_grad():
         if task == "zero_shot":
-            return _zero_shot(cfg.zero_shot, backbone, objective, datamodule, device)
+            return _zero_shot(cfg.zero_shot, backbone, objective, datamodule, device, source)
         return _retrieval(cfg.retrieval, backbone, objective, datamodule, device)
 
 
-def _zero_shot(conf, backbone, objective, datamodule, device) -> dict:
+def prompt_templates(conf, datamodule, source: dict | None, class_names: list[str]) -> tuple[list[str], str]:
+    """The zero-shot prompts and where they come from (see the module's docstring)."""
+    if conf.templates:
+        return list(conf.templates), "zero_shot.templates"
+    own = getattr(datamodule, "prompt_templates", None)
+    if own:
+        return list(own), f"datamodule={datamodule.name}"
+    recorded = Path(source["path"]) / CAPTIONS_FILE if source and "path" in source else None
+    if recorded is not None and recorded.is_file():
+        derived = templates_from_captions(json.loads(recorded.read_text())["captions"], class_names)
+        if derived:
+            return derived, "the pre-training captions"
+    return list(GENERIC_PROMPTS), "CLIP's generic photo prompts"
+
+
+def _zero_shot(conf, backbone, objective, datamodule, device, source: dict | None) -> dict:
     class_names = list(conf.class_names or datamodule.spec.class_names)
     n = len(datamodule.spec.class_names)
     if len(class_names) != n:
@@ -109,7 +130,8 @@ def _zero_shot(conf, backbone, objective, datamodule, device) -> dict:
             f"zero_shot.class_names has {len(class_names)} names, but the datamodule has {n} classes; allowed is"
             f" one name per class, in label order ({', '.join(datamodule.spec.class_names)})"
         )
-    classes = objective.class_embeddings(backbone, class_names, list(conf.templates))
+    templates, origin = prompt_templates(conf, datamodule, source, class_names)
+    classes = objective.class_embeddings(backbone, class_names, templates)
     metrics = torchmetrics.MetricCollection(
         {
             "acc": torchmetrics.classification.MulticlassAccuracy(n, average="micro"),
@@ -123,7 +145,8 @@ def _zero_shot(conf, backbone, objective, datamodule, device) -> dict:
         metrics.update(objective.zero_shot_logits(backbone, batch, classes), batch["label"])
         images += len(batch["label"])
     out = {k: float(v) for k, v in metrics.compute().items()}
-    return out | {"zero_shot/classes": n, "zero_shot/images": images, "zero_shot/split": conf.split}
+    described = {"zero_shot/templates": templates, "zero_shot/templates_from": origin}
+    return out | {"zero_shot/classes": n, "zero_shot/images": images, "zero_shot/split": conf.split, **described}
 
 
 def _retrieval(conf, backbone, objective, datamodule, device) -> dict:

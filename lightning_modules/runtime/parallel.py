@@ -1,7 +1,7 @@
-"""Lightning's DDP and FSDP strategies, fitted to Hydra jobs and to freezing (``conf/trainer/ddp.yaml``,
-``fsdp.yaml``).
+"""Lightning's DDP and FSDP strategies, fitted to Hydra jobs, to freezing and to several nodes
+(``conf/trainer/ddp.yaml``, ``fsdp.yaml``).
 
-Three things differ from ``pytorch_lightning.strategies.DDPStrategy`` (1 and 3 also for FSDP):
+Four things differ from ``pytorch_lightning.strategies.DDPStrategy`` (1, 3 and 4 also for FSDP):
 
 1. **Child processes re-run this job, not the command line.** Lightning starts ranks 1..N-1 by re-running
    ``sys.argv`` plus ``hydra.run.dir=<hydra.run.dir>``. In a multirun that command still holds ``-m`` and
@@ -17,6 +17,16 @@ Three things differ from ``pytorch_lightning.strategies.DDPStrategy`` (1 and 3 a
 3. **``close()`` ends the job's process group.** Several jobs in one process (a sweep, the transfer study)
    each start their own ranks; the previous job's process group and its ``LOCAL_RANK``/``MASTER_PORT``
    variables would otherwise make the next job believe its ranks already exist, and hang.
+4. **A node that never arrives is one line, not a hang.** The process group's start (the TCP store's wait
+   for every rank, gloo's or NCCL's connections) is bounded by ``start_timeout_s``, and fails naming it; the
+   collectives after it keep Lightning's timeout (``timeout``, 30 minutes), which a long checkpoint write or
+   validation on one rank must not hit.
+
+FSDP is FSDP2 (torch's ``fully_shard``, per-parameter sharding) through Lightning's ``ModelParallelStrategy``,
+one FSDP unit per layer group of the backbone: it trains on CPU processes over gloo as on GPUs over NCCL, and
+since each parameter is sharded on its own, frozen and trainable parameters mix freely in a unit and a group
+unfrozen mid-run (gradual, LP-FT) gets its gradients reduced like any other (FSDP1, Lightning's
+``FSDPStrategy``, flattens a unit's parameters into one and refuses the CPU: ``tests/test_fsdp.py``).
 """
 
 from __future__ import annotations
@@ -25,12 +35,18 @@ import os
 import subprocess
 import sys
 import threading
+from datetime import timedelta
 
+import torch
 import torch.distributed as dist
+from lightning_fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning_fabric.strategies.launchers.subprocess_script import _basic_subprocess_cmd, _ChildProcessObserver
 from lightning_fabric.utilities.distributed import _set_num_threads_if_needed
-from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
+from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+from lightning_modules.config.rules import check
+from lightning_modules.core.errors import ConfigError, message_of
 
 # What the launcher puts into this process's environment for the children (and Lightning then reads back).
 _DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -140,12 +156,37 @@ class HydraJobLauncher(_SubprocessScriptLauncher):
 
 
 class _HydraJobs:
-    """Mixin for Lightning strategies that start their ranks with the subprocess-script launcher."""
+    """Mixin for Lightning strategies that start their ranks with the subprocess-script launcher. ``start_timeout_s``
+    bounds the process group's start (the mixin's ``__init__`` takes it; the rest go to the strategy)."""
+
+    def __init__(self, *args, start_timeout_s: float = 600, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start_timeout_s = check("trainer.strategy.start_timeout_s", start_timeout_s)
 
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
         if isinstance(self._launcher, _SubprocessScriptLauncher):  # ranks started by this process
             self._launcher = HydraJobLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    def _start_process_group(self, start) -> None:
+        """``start()`` (Lightning's process group start) with ``start_timeout_s`` as its timeout: the TCP store
+        waits that long for every rank (or, on the other nodes, for the store to answer); then the collectives'
+        own timeout. A rank that never came is one line naming the key."""
+        collectives, self._timeout = self._timeout, timedelta(seconds=self.start_timeout_s)
+        try:
+            start()
+        except dist.DistError as err:
+            env = self.cluster_environment
+            raise ConfigError(
+                f"trainer.strategy.start_timeout_s={self.start_timeout_s}: not every process of trainer.num_nodes="
+                f"{self.num_nodes} x trainer.devices={self.num_processes} arrived in time (this is node"
+                f" {env.node_rank()}, rank {env.global_rank()}; MASTER_ADDR={env.main_address}"
+                f" MASTER_PORT={env.main_port}): {message_of(err)}"
+            ) from err
+        finally:
+            self._timeout = collectives
+        if collectives is not None:
+            dist.set_timeout(collectives)
 
     def close(self, failed: bool = False) -> None:
         """End of the job (after fit and test): children done, process group gone, environment restored."""
@@ -156,7 +197,10 @@ class _HydraJobs:
 
 
 class HydraDDPStrategy(_HydraJobs, DDPStrategy):
-    """``DDPStrategy`` for pretune: Hydra-job children, frozen parameters registered, ``close()``."""
+    """``DDPStrategy`` for pretune: Hydra-job children, frozen parameters registered, a bounded start, ``close()``."""
+
+    def setup_distributed(self) -> None:
+        self._start_process_group(super().setup_distributed)
 
     def _setup_model(self, model):
         frozen = [p for p in model.parameters() if not p.requires_grad]
@@ -169,6 +213,111 @@ class HydraDDPStrategy(_HydraJobs, DDPStrategy):
                 p.requires_grad_(False)
 
 
-class HydraFSDPStrategy(_HydraJobs, FSDPStrategy):
-    """``FSDPStrategy`` with Hydra-job children and ``close()``. Frozen groups need ``use_orig_params=True``
-    (``conf/trainer/fsdp.yaml``); unfreezing mid-run (gradual, LP-FT) is not supported under FSDP."""
+class HydraFSDPStrategy(_HydraJobs, ModelParallelStrategy):
+    """FSDP2 over every rank (data parallel, no tensor parallelism), one unit per layer group (``shard``), with
+    Hydra-job children, a bounded start and ``close()``. ``reshard_after_forward``: free each unit's gathered
+    parameters after its forward (FULL_SHARD's memory) or keep them for the backward (SHARD_GRAD_OP's speed).
+    Checkpoints hold whole tensors, gathered on rank 0 (``save_distributed_checkpoint=false``): they load like DDP
+    ones, into any number of ranks; ``true`` writes a folder with one shard per rank instead."""
+
+    def __init__(
+        self,
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = False,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        **kwargs,
+    ):
+        super().__init__(
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            **kwargs,
+        )
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes  # every rank holds a shard
+        super().setup_environment()
+
+    def _setup_distributed(self) -> None:
+        self._start_process_group(super()._setup_distributed)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        """As Lightning's, with two fixes. Only a fit restores optimizers: testing ``best.ckpt`` (weights only) after
+        the fit would otherwise look in it for the fit's optimizer states, which it does not hold. And while the
+        optimizer's state loads, exactly the parameters the checkpoint holds a state for count as trainable: torch's
+        loader (``set_optimizer_state_dict``) loads the states of the parameters that require grad at that moment
+        (and refuses one that requires grad but has none saved). On a resume the freezing callbacks put the
+        checkpoint's epoch in place only later (the epoch-0 state stands until then), so the state of a group
+        unfrozen since would be dropped, and its next steps would differ from the uninterrupted run's
+        (tests/test_fsdp.py)."""
+        from pytorch_lightning.trainer.states import TrainerFn
+
+        if self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+            optimizers, self.optimizers = self.optimizers, []
+            try:
+                return super().load_checkpoint(checkpoint_path, weights_only)
+            finally:
+                self.optimizers = optimizers
+        saved = _params_with_saved_state(checkpoint_path, self.lightning_module)
+        params = dict(self.lightning_module.named_parameters())
+        flipped = [p for name, p in params.items() if saved is not None and p.requires_grad != (name in saved)]
+        for p in flipped:
+            p.requires_grad_(not p.requires_grad)
+        try:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        finally:
+            for p in flipped:
+                p.requires_grad_(not p.requires_grad)
+
+    def shard(self, module) -> None:
+        """Apply ``fully_shard`` to ``module`` (a ``PretuneModule``, from its ``configure_model``): one unit per
+        layer group (the group's outermost modules), then the root unit for the rest (the objective's heads, and
+        parameters no whole module of a group holds, e.g. a ViT's position embedding). A group with a parameter
+        that a module outside it also holds (an output layer tied to the embeddings) stays in the root unit:
+        FSDP2 shards a parameter in one unit only. Run again for testing, it finds the module sharded."""
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(module, FSDPModule):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        held = _holders(module)
+        for group in module.backbone.layer_groups():
+            units = _outermost(group.modules)
+            inside = _holders(*units)
+            if units and all(held[p] == inside[p] for p in inside):
+                fully_shard(units, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+        fully_shard(module, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+
+
+def _params_with_saved_state(checkpoint_path, module) -> set[str] | None:
+    """The names of the parameters a full checkpoint holds an optimizer state for (None for a folder of shards).
+    Lightning keys those states by parameter index; torch's rekeying names them, as Lightning's loader does."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, OptimStateKeyType
+
+    if not os.path.isfile(checkpoint_path):
+        return None
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+    names: set[str] = set()
+    for state in checkpoint.get("optimizer_states", []):
+        if state.get("state"):
+            named = FullyShardedDataParallel.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, module)
+            names |= set(named["state"])
+    return names
+
+
+def _holders(*modules) -> dict[int, int]:
+    """How many modules under ``modules`` hold each parameter (by id): a tied parameter counts twice."""
+    counts: dict[int, int] = {}
+    for module in modules:
+        for _, p in module.named_parameters(remove_duplicate=False):
+            counts[id(p)] = counts.get(id(p), 0) + 1
+    return counts
+
+
+def _outermost(modules: list) -> list:
+    """Those of ``modules`` that are not inside another one of them."""
+    nested = {id(child) for m in modules for child in m.modules() if child is not m}
+    return [m for m in modules if id(m) not in nested and any(True for _ in m.parameters())]

@@ -41,6 +41,14 @@ def check_launcher(trainer_cfg, trainer: pl.Trainer) -> None:
             f"trainer.num_nodes={trainer.num_nodes}: nothing starts the other nodes (no SLURM, no torchrun, no"
             " MASTER_ADDR/NODE_RANK set by hand, see README 'Scaling out'), so this process would wait for them"
         )
+    if trainer.num_nodes > 1 and type(environment) is LightningEnvironment:  # started by hand: all three, on each
+        missing = [var for var in ("MASTER_PORT", "NODE_RANK") if var not in os.environ]
+        if missing:
+            raise ConfigError(
+                f"trainer.num_nodes={trainer.num_nodes} with MASTER_ADDR set by hand also needs {' and '.join(missing)}"
+                " set on every node (the same MASTER_PORT, NODE_RANK 0.."
+                f"{trainer.num_nodes - 1}): otherwise each node picks its own port or calls itself node 0"
+            )
 
     launcher = getattr(trainer.strategy, "launcher", None)
     if type(launcher) is _SubprocessScriptLauncher and launcher.num_processes > 1:  # children started here

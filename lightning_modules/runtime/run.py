@@ -23,19 +23,22 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from lightning_modules.backbones.artifacts import artifact_name, record_use
+from lightning_modules.backbones.artifacts import artifact_name, model_artifact_name, record_use
 from lightning_modules.backbones.factory import build_backbone
-from lightning_modules.backbones.handoff import resolve_init, state_differences
+from lightning_modules.backbones.handoff import provenance_of, resolve_init, state_differences
+from lightning_modules.backbones.model_dir import MODEL_DIR
 from lightning_modules.callbacks.export import BackboneExport
 from lightning_modules.callbacks.feature_cache import FeatureCache
 from lightning_modules.callbacks.forgetting import ForgettingProbe
+from lightning_modules.callbacks.model_export import ModelExport
 from lightning_modules.callbacks.monitor import LayerGroupMonitor, count_params
+from lightning_modules.callbacks.preemption import Requeue, requeued_job
 from lightning_modules.callbacks.progress import ThrottledProgressBar
 from lightning_modules.callbacks.seeding import EpochSeed
 from lightning_modules.config.library import blamed_on, build
-from lightning_modules.config.modalities import tower_errors, towers_of
+from lightning_modules.config.modalities import choice_name, pretrain_only, tower_errors, towers_of
 from lightning_modules.config.rules import check
-from lightning_modules.core.errors import ConfigError
+from lightning_modules.core.errors import ConfigError, Requeued
 from lightning_modules.core.results import is_rank_zero, write_atomic, write_metrics, write_run_record
 from lightning_modules.objectives.base import build_objective
 from lightning_modules.runtime import wandb_runs
@@ -61,7 +64,8 @@ def _final_metrics(trainer: pl.Trainer) -> dict:
 
 def loggers_from(logger_cfg, identity: dict | None = None) -> list:
     """The configured loggers (``cfg.logger``); ``identity``: the W&B run's name and group where the config leaves
-    them unset (``wandb_runs.run_identity``). W&B is offline unless a key is configured."""
+    them unset (``wandb_runs.run_identity``), and its id (``wandb_runs.run_id``: a resumed run continues its W&B
+    run). W&B is offline unless a key is configured."""
     loggers = []
     for name, conf in (logger_cfg or {}).items():
         if conf is None:
@@ -71,6 +75,8 @@ def loggers_from(logger_cfg, identity: dict | None = None) -> list:
             extra = {k: v for k, v in (identity or {}).items() if conf.get(k) is None}
             if conf.get("offline") is None:
                 extra["offline"] = wandb_runs.offline_default()
+            if "id" in extra and conf.get("resume") is None:  # the run record's id: a resumed run continues it
+                extra["resume"] = "allow"
         loggers.append(build(conf, f"logger.{name}", **extra))
     return loggers
 
@@ -120,11 +126,11 @@ def matmul_precision(choice: str, accelerator: str = "auto") -> str:
 def resolve_sources(model_cfg) -> dict:
     """Where ``model.init`` (and a dual encoder's towers' own inits) take their weights from: the run record's
     ``weights`` (and ``towers``)."""
-    record = {"weights": resolve_init(str(model_cfg.init))}
+    record = {"weights": resolve_init(str(model_cfg.get("init", "none")))}
     towers = {}
     for name, tower in towers_of(model_cfg).items():  # a dual encoder's towers: each from its own init
         with tower_errors(name, tower):
-            towers[name] = resolve_init(str(tower.init))
+            towers[name] = resolve_init(str(tower.get("init", "none")))
     return record | ({"towers": towers} if towers else {})
 
 
@@ -142,7 +148,7 @@ def run(cfg: DictConfig) -> dict:
     try:
         return _run(cfg, out_dir, started)
     except BaseException as err:
-        if is_rank_zero():
+        if is_rank_zero() and not isinstance(err, Requeued):  # a requeued job's run goes on: no result yet
             write_metrics(
                 out_dir,
                 {"status": "failed", "stage": cfg.stage, "error": f"{type(err).__name__}: {err}".splitlines()[0]},
@@ -152,6 +158,7 @@ def run(cfg: DictConfig) -> dict:
 
 def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     finetune = cfg.stage == "finetune"
+    init = str(cfg.model.get("init", "none"))  # a model config without one starts from scratch
     record = {
         "stage": cfg.stage,
         **resolve_sources(cfg.model),
@@ -159,8 +166,12 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
             cfg.get("float32_matmul_precision", "auto"), cfg.trainer.get("accelerator", "auto")
         ),
     }
+    checkpoint = _checkpoint_file(cfg.get("ckpt_path"), out_dir)
     if OmegaConf.select(cfg, "logger.wandb") is not None:  # unset name/group come from the Hydra job
         record["wandb"] = wandb_runs.run_identity(Path(cfg.paths.log_dir), out_dir)
+        record["wandb"]["id"] = OmegaConf.select(cfg, "logger.wandb.id") or wandb_runs.run_id(
+            out_dir, resuming=checkpoint is not None
+        )
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(record["float32_matmul_precision"])
     datamodule = build(cfg.datamodule, "datamodule", labeled=finetune)
@@ -169,14 +180,16 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     datamodule.use_backbone(backbone)
     datamodule.setup("fit")
     check_fits(backbone, datamodule)
+    if datamodule.describe():  # the loading path, the augmentation as resolved (transforms/recipe.py)
+        record["data"] = datamodule.describe()
     loading = getattr(datamodule, "loading", None)  # which path the data took (datamodules/loading/decision.py)
-    if loading is not None:
-        record["data"] = {"loading": loading.path}
-        if is_rank_zero():
-            print(f"data: {loading.reason}", flush=True)
+    if loading is not None and is_rank_zero():
+        print(f"data: {loading.reason}", flush=True)
     if is_rank_zero():
         write_run_record(out_dir, record)
     objective = build_objective(cfg.objective, backbone, datamodule.spec)
+    if finetune and objective.pretrain_only:  # the config check refuses it where it can read the class
+        raise ConfigError(pretrain_only(choice_name(cfg, "objective")))
     check_monitored(_monitored(cfg), objective)
     module = PretuneModule(
         backbone,
@@ -192,6 +205,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     configured = _configured(cfg.get("callbacks"))
     callbacks = [callback for callback, _values in configured.values()]
     callbacks.append(EpochSeed(cfg.seed))
+    callbacks.append(Requeue(out_dir / "checkpoints" / "last.ckpt"))  # under SLURM: save and requeue when signalled
     callbacks += _freezing(
         cfg.get("freeze"),
         backbone,
@@ -202,9 +216,14 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     )
     if finetune:
         if OmegaConf.select(cfg, "finetune.measure_forgetting", default=False):
-            callbacks.append(ForgettingProbe(str(cfg.model.init), record["weights"], backbone, datamodule))
+            callbacks.append(ForgettingProbe(init, record["weights"], backbone, datamodule))
+        if OmegaConf.select(cfg, "finetune.export_model", default=True):
+            wandb_on = OmegaConf.select(cfg, "logger.wandb") is not None
+            about = _model_card(cfg.datamodule, cfg.seed, out_dir, record["weights"])
+            artifact = _model_artifact(model_cfg, datamodule, cfg.datamodule) if wandb_on else None
+            callbacks.append(ModelExport(out_dir / MODEL_DIR, about, artifact, cfg.get("push_to_hub")))
     else:
-        callbacks.append(_export(cfg, model_cfg, out_dir))
+        callbacks.append(_export(cfg, model_cfg, out_dir, datamodule.export_files()))
     callbacks += _progress_bar(cfg.trainer.get("enable_progress_bar", True), callbacks)
     loggers = loggers_from(cfg.get("logger"), record.get("wandb"))
     # Checkpoints are what the callbacks config says (callbacks=none: none), not a checkpoint Lightning adds.
@@ -222,10 +241,10 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run": record})
     try:
         for experiment in _wandb_runs(trainer):
-            record_use(experiment, str(cfg.model.init))
+            record_use(experiment, init, record["weights"])
         # A configured callback refusing this run mid-way (EarlyStopping's metric never logged): one line.
         with runtime_cuda_check(enabled=isinstance(trainer.accelerator, CPUAccelerator)), blamed_on(configured):
-            resume = _resume_path(cfg.get("ckpt_path"), out_dir, module)
+            resume = _checked_resume(checkpoint, module)
             metrics = _fit_and_test(trainer, module, datamodule, out_dir, cfg.stage, cfg.optimized_metric, resume)
         metrics["time/run_s"] = round(time.time() - started, 2)
         for experiment in _wandb_runs(trainer):
@@ -272,9 +291,9 @@ def _freezing(freeze_cfg, backbone, datamodule, objective, epochs: int, cache_fe
     return callbacks
 
 
-def _export(cfg: DictConfig, model_cfg: dict, out_dir: Path) -> BackboneExport:
-    """The pre-training's ``backbone/`` export, with where it came from and the W&B artifact names of its parts
-    (a dual encoder's towers too)."""
+def _export(cfg: DictConfig, model_cfg: dict, out_dir: Path, files: dict) -> BackboneExport:
+    """The pre-training's ``backbone/`` export, with where it came from, the W&B artifact names of its parts
+    (a dual encoder's towers too) and what the data leave next to it (``files``: the pairs' captions)."""
     objective = cfg.objective.get("_target_")
     provenance = {
         "objective": objective,
@@ -284,24 +303,70 @@ def _export(cfg: DictConfig, model_cfg: dict, out_dir: Path) -> BackboneExport:
     }
     names = {"": artifact_name(model_cfg, objective)}
     names |= {tower: artifact_name(model_cfg[tower], objective) for tower in towers_of(model_cfg)}
-    return BackboneExport(out_dir / "backbone", provenance, OmegaConf.to_container(cfg.objective, resolve=True), names)
+    if OmegaConf.select(cfg, "logger.wandb") is not None:  # a fine-tune from this backbone/ links to the artifact
+        provenance["wandb_artifact"] = names[""]
+    objective_cfg = OmegaConf.to_container(cfg.objective, resolve=True)
+    return BackboneExport(out_dir / "backbone", provenance, objective_cfg, names, files)
 
 
-def _resume_path(ckpt_path, out_dir: Path, module) -> str | None:
-    """``ckpt_path``, checked: it must exist, hold only plain weights, and fit this config's model.
-    Checkpoints are loaded with ``weights_only=True``, so a pickle that would run code is refused,
-    never executed."""
+def _model_card(data_cfg, seed: int, out_dir: Path, weights: dict | None) -> dict:
+    """What a fine-tune's ``model/`` card says of where it came from: this run, its data, the weights it started
+    from (the run record's ``weights``) and, for a pretune backbone, how that was pre-trained."""
+    data = {k: data_cfg.get(k) for k in ("root", "path", "text_column", "label_column") if data_cfg.get(k) is not None}
+    return {
+        "run_dir": str(out_dir.resolve()),
+        "data": {
+            "datamodule": str(data_cfg.get("_target_", "")).rsplit(".", 1)[-1],
+            **data,
+            "label_fraction": data_cfg.get("label_fraction", 1.0),
+            "seed": seed,
+        },
+        "pretrained": weights,
+        "pretraining": _pretraining(weights),
+    }
+
+
+def _model_artifact(model_cfg: dict, datamodule, data_cfg) -> str:
+    """The W&B name of a fine-tune's model artifact: the backbone's and the data's (its folder or file)."""
+    name = getattr(datamodule, "name", type(datamodule).__name__)
+    return model_artifact_name(model_cfg, name, data_cfg.get("root") or data_cfg.get("path"))
+
+
+def _pretraining(weights: dict | None) -> dict | None:
+    """How a pretune backbone the fine-tune started from was pre-trained (its objective and data), from its
+    ``config.yaml``; None for other weights."""
+    if not weights or not weights.get("path") or weights.get("file"):
+        return None
+    provenance = provenance_of(Path(weights["path"]))
+    out = {k: str(provenance[k]).rsplit(".", 1)[-1] for k in ("objective", "datamodule") if k in provenance}
+    return out | {k: provenance[k] for k in ("run_dir", "wandb_artifact") if k in provenance}
+
+
+def _checkpoint_file(ckpt_path, out_dir: Path) -> Path | None:
+    """The checkpoint ``ckpt_path`` names: a file, a run dir (its ``last.ckpt``), or ``last``, this run dir's own
+    ``last.ckpt`` (None while there is none: the first attempt). A requeued SLURM job (``callbacks/preemption.py``)
+    continues from its own ``last.ckpt`` once it has one, whatever ``ckpt_path`` it started from."""
+    own = out_dir / "checkpoints" / "last.ckpt"
+    if requeued_job() and own.is_file():
+        return own
     path = ckpt_path
     if path is None:
         return None
-    if str(path) == "last":  # this run dir's own last.ckpt: a relaunch (or a SLURM requeue) continues
-        path = out_dir / "checkpoints" / "last.ckpt"
-        if not path.is_file():
-            return None  # nothing saved yet: this is the first attempt
-    elif Path(path).is_dir():  # a run dir: its last checkpoint
+    if str(path) == "last":  # this run dir's own last.ckpt: a relaunch continues
+        return own if own.is_file() else None  # nothing saved yet: this is the first attempt
+    if Path(path).is_dir():  # a run dir: its last checkpoint
         path = Path(path) / "checkpoints" / "last.ckpt"
     if not Path(path).is_file():
         raise ConfigError(f"ckpt_path={path}: no such checkpoint file")
+    return Path(path)
+
+
+def _checked_resume(path: Path | None, module) -> str | None:
+    """The checkpoint to resume, checked: it must hold only plain weights, and fit this config's model.
+    Checkpoints are loaded with ``weights_only=True``, so a pickle that would run code is refused,
+    never executed."""
+    if path is None:
+        return None
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # UnpicklingError for unsafe content, RuntimeError/EOFError for corrupt files

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import netrc
 import os
+import secrets
+import string
 from pathlib import Path
+
+from lightning_modules.core.results import read_run_record
 
 
 def offline_default() -> bool:
@@ -49,6 +53,20 @@ def run_identity(log_dir: Path, out_dir: Path) -> dict:
         else:
             identity["group"] = hydra.runtime.choices.get("experiment")
     return identity
+
+
+def run_id(out_dir: Path, resuming: bool) -> str:
+    """The W&B run's id, kept in the run record (``run.json``): a run that resumes in its own run dir
+    (``ckpt_path=last``, a requeued SLURM job) takes the id its earlier attempt recorded, and its logger continues
+    that W&B run (``resume="allow"``) instead of starting another; any other run gets a new id."""
+    if resuming:
+        try:
+            earlier = (read_run_record(out_dir).get("wandb") or {}).get("id")
+        except (OSError, ValueError):  # no record (a checkpoint from another run dir), or an unreadable one
+            earlier = None
+        if earlier:
+            return earlier
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # as W&B makes them
 
 
 def log_report(report_dir: Path, runs_csv: Path, images: list[Path], wandb_cfg: dict) -> None:

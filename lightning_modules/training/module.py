@@ -115,6 +115,13 @@ class PretuneModule(pl.LightningModule):
     def compiled(self) -> bool:
         return getattr(self, "_compiled_call_impl", None) is not None
 
+    def configure_model(self) -> None:
+        # trainer=fsdp: the strategy shards the module here, on every rank, where Lightning expects it
+        # (runtime/parallel.py: one FSDP unit per layer group); other strategies have no ``shard``.
+        shard = getattr(self.trainer.strategy, "shard", None)
+        if shard is not None:
+            shard(self)
+
     def setup(self, stage: str) -> None:
         # Before Lightning moves the module to its device; the optimizer's state follows the parameters' layout.
         self.channels_last = use_channels_last(

@@ -1,6 +1,7 @@
 """Every config key's rule, one module per config group, as ``conf/`` has one folder per group: the run's own keys
 (``run``), ``model``, ``datamodule``, ``objective``, ``freeze``, ``optimizer``, ``scheduler``, ``trainer``,
-``callbacks`` (and loggers), ``evaluate`` (``scripts/evaluate.py``) and ``study`` (the transfer study). The kinds
+``callbacks`` (and loggers), ``evaluate`` (``scripts/evaluate.py``), ``predict`` (``scripts/predict.py`` and
+``scripts/export.py``) and ``study`` (the transfer study). The kinds
 of rule are ``config/kinds.py``.
 
 Every key a user can set is either in ``RULES`` (checked by ``config/check.py`` on the composed config before
@@ -24,13 +25,14 @@ from lightning_modules.config.rules import (
     model,
     objective,
     optimizer,
+    predict,
     run,
     scheduler,
     study,
     trainer,
 )
 
-GROUPS = (run, model, datamodule, objective, freeze, optimizer, scheduler, trainer, callbacks, evaluate)
+GROUPS = (run, model, datamodule, objective, freeze, optimizer, scheduler, trainer, callbacks, evaluate, predict)
 RULES: dict[str, object] = {key: rule for group in GROUPS for key, rule in group.RULES.items()}
 PASSED_THROUGH: dict[str, str] = {k: v for group in GROUPS for k, v in getattr(group, "PASSED_THROUGH", {}).items()}
 TOGETHER: list[Together] = [rule for group in GROUPS for rule in getattr(group, "TOGETHER", [])]

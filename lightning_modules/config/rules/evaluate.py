@@ -10,7 +10,7 @@ RULES: dict[str, object] = {
     "zero_shot": Section(),
     "zero_shot.split": Choice("train", "val", "test"),
     "zero_shot.class_names": ListOf(Text(), min_len=1, nullable=True),
-    "zero_shot.templates": ListOf(Text(r".*\{\}.*", "a template with {} for the class name"), min_len=1),
+    "zero_shot.templates": ListOf(Text(r".*\{\}.*", "a template with {} for the class name"), min_len=1, nullable=True),
     "zero_shot.batch_size": Rule(int, low=1),
     "retrieval": Section(),
     "retrieval.split": Choice("train", "val"),

@@ -1,6 +1,7 @@
-"""``model.*`` (``conf/model/``): the backbone's family and name, where its weights come from (``model.init``),
-how weights trained elsewhere map onto it and what images they expect, a text backbone's sizes; a dual encoder's
-towers (``model.image.*``, ``model.text.*``) are model configs of their own and take the same rules."""
+"""``model.*`` (``conf/model/``): the backbone's class (``model._target_``) and name, where its weights come from
+(``model.init``), how weights trained elsewhere map onto it and what images they expect, a text backbone's sizes;
+a dual encoder's towers (``model.image.*``, ``model.text.*``) are model configs of their own and take the same
+rules. A backbone class of the user's own reads keys of its own, which need no rule here."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import re
 from collections.abc import Sequence
 from contextlib import nullcontext
 
+from lightning_modules.config.classes import class_attribute
 from lightning_modules.config.kinds import (
+    TARGET,
     WIDTH,
     Choice,
     Custom,
@@ -21,7 +24,8 @@ from lightning_modules.config.kinds import (
     invalid,
     is_number,
 )
-from lightning_modules.config.modalities import BACKBONE_TYPES, tower_errors
+from lightning_modules.config.library import OWN
+from lightning_modules.config.modalities import preset_targets, tower_errors
 from lightning_modules.core.errors import ConfigError, show
 from lightning_modules.core.locations import find_backbone_dir, hf_local_dir, tokenizer_dir, weight_file_path
 
@@ -89,9 +93,17 @@ def _check_preprocessing(key: str, value):
     return value
 
 
-def _check_type(key: str, value):
-    if not isinstance(value, str) or value not in BACKBONE_TYPES:
-        raise ConfigError(f"{key}={value} is unknown: allowed are {sorted(BACKBONE_TYPES)}")
+BACKBONE_CLASS = Text(TARGET.pattern, "a dotted path to a Backbone class, e.g. mypkg.backbones.MyBackbone")
+
+
+def _check_target(key: str, value):
+    """model._target_ (and a tower's): the Backbone class to build, a dotted path. One of pretune's own is read
+    from its source (it must declare the inputs it takes); a class of the user's own is imported, and checked to
+    be a Backbone, only when the run builds it (backbones/factory.py): importing it here would import torch."""
+    BACKBONE_CLASS.check(key, value)
+    if value.startswith(OWN) and class_attribute(value, "modality") is None:
+        shipped = sorted(set(preset_targets().values()))
+        raise ConfigError(f"{key}={value} is not one of pretune's backbones: allowed are {', '.join(shipped)}")
     return value
 
 
@@ -133,7 +145,7 @@ def _check_tokenizer(key: str, value):
 
 
 RULES: dict[str, object] = {
-    "model.type": Custom(_check_type, "a model.type listed in config/modalities.py"),
+    "model._target_": Custom(_check_target, BACKBONE_CLASS.what),
     "model.name": Text(r"[\w.\-/]+", "a model name, e.g. resnet18 or vit_tiny_patch16_224"),
     "model.init": Custom(_check_init, INIT),
     "model.compile": Flag(),
@@ -158,8 +170,8 @@ RULES: dict[str, object] = {
 # A dual encoder's towers are model configs of their own: model.image.* any timm preset's keys, model.text.* any
 # text preset's (model@model.image=resnet_micro puts resnet_micro's keys there).
 TOWER_KEYS = {
-    "image": ("type", "name", "init", "compile", "channels_last", "init_map", "input_size", "mean", "std"),
-    "text": ("type", "name", "init", "compile", "layers", "hidden", "heads", "intermediate", "max_positions")
+    "image": ("_target_", "name", "init", "compile", "channels_last", "init_map", "input_size", "mean", "std"),
+    "text": ("_target_", "name", "init", "compile", "layers", "hidden", "heads", "intermediate", "max_positions")
     + ("vocab_size", "dropout", "pooling", "tokenizer"),
 }
 RULES |= {f"model.{tower}.{key}": RULES[f"model.{key}"] for tower, names in TOWER_KEYS.items() for key in names}

@@ -15,9 +15,7 @@ from lightning_modules.config.kinds import (
     Section,
     Together,
 )
-from lightning_modules.config.rules.datamodule import AUGMENT, PHOTO_AUGMENT
-
-VIEW = AUGMENT | PHOTO_AUGMENT  # an objective's views: the batch augmentation and the photo ops
+from lightning_modules.config.rules.datamodule import VIEW_AUGMENT
 
 RULES: dict[str, object] = {
     "objective._target_": TARGET,
@@ -31,7 +29,7 @@ RULES: dict[str, object] = {
     "objective.proj_dim": WIDTH,
     "objective.proj_bn": Flag(),
     "objective.augment": Section(),
-    **{f"objective.augment.{k}": rule for k, rule in VIEW.items()},
+    **{f"objective.augment.{k}": rule for k, rule in VIEW_AUGMENT.items()},
     "objective.label_smoothing": Rule(float, low=0, high=1, high_open=True),
     "objective.head_dropout": Rule(float, low=0, high=1, high_open=True),
     "objective.mixup": Rule(float, low=0),  # the Beta alpha; 0 = off
@@ -47,9 +45,9 @@ RULES: dict[str, object] = {
     "objective.momentum_end": Rule(float, low=0, high=1),
     "objective.export": Choice("student", "teacher"),  # which backbone backbone/ holds
     "objective.augment_2": Section(),  # the second view's recipe (BYOL, DINO's second global crop)
-    **{f"objective.augment_2.{k}": rule for k, rule in VIEW.items()},
+    **{f"objective.augment_2.{k}": rule for k, rule in VIEW_AUGMENT.items()},
     "objective.local_augment": Section(),  # DINO's local crops
-    **{f"objective.local_augment.{k}": rule for k, rule in VIEW.items()},
+    **{f"objective.local_augment.{k}": rule for k, rule in VIEW_AUGMENT.items()},
     "objective.local_views": Rule(int, low=0, high=64),
     "objective.local_size": Rule(int, low=1, high=4096, nullable=True),  # null: the input's size
     "objective.out_dim": WIDTH,

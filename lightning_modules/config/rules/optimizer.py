@@ -1,4 +1,10 @@
-"""``optimizer.*`` (``conf/optimizer/``)."""
+"""``optimizer.*`` (``conf/optimizer/``).
+
+The optimizer is chosen by ``name:``, not built from a ``_target_`` as the other components are: its parameter
+groups come from the backbone's layer groups (one per group, with ``layer_decay`` and ``backbone_lr_scale``
+applied, ``training/optim.py``), and pretune's own ``GroupScaledLR`` schedules every group's rate. A ``_target_``
+here would have to be a partial optimizer given those groups later, and the scheduler a second mechanism beside
+the one that makes layer-wise decay hold under every schedule; three names cover what that would open."""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""``scheduler.*`` (``conf/scheduler/``)."""
+"""``scheduler.*`` (``conf/scheduler/``).
+
+Chosen by ``name:``, not built from a ``_target_``: every schedule is a shape of pretune's own ``GroupScaledLR``
+(``training/optim.py``), which scales each layer group's rate by its own factor (layer-wise decay, the head's
+rate, LP-FT's ``ft_lr_scale``). A scheduler class named by ``_target_`` would be a second mechanism beside it, one
+that knows nothing of the groups' factors (see ``rules/optimizer.py``)."""
 
 from __future__ import annotations
 

@@ -10,6 +10,8 @@ RULES: dict[str, object] = {
     "trainer.max_epochs": Rule(int, low=-1, nullable=True),  # -1: no limit (Lightning's meaning)
     "trainer.check_val_every_n_epoch": Rule(int, low=1, nullable=True),  # null: by val_check_interval only
     "trainer.accumulate_grad_batches": Rule(int, low=1),
+    # trainer=ddp/fsdp: how long the process group's start waits for every rank (every node) to arrive
+    "trainer.strategy.start_timeout_s": Rule(float, low=0, low_open=True),
 }
 
 PASSED_THROUGH = {
