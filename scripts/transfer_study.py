@@ -122,7 +122,7 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
 
     import pytorch_lightning  # noqa: F401  (imported first: it sets its loggers to INFO on import)
 
-    from lightning_modules.reports.transfer import select_and_summarise, write_report
+    from lightning_modules.reports.transfer import monitored, select_and_summarise, write_report
 
     # Dozens of runs in one process: keep the console to one line per run.
     for name in ("pytorch_lightning", "lightning_fabric"):
@@ -137,7 +137,7 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
     if any(uses(s) for s in cfg.strategies.values()):
         print(f"pre-training ({' '.join(cfg.pretrain)}) ...", flush=True)
         pre = _run_stage("pretrain", [*cfg.common, *cfg.pretrain], pre_dir)
-        print(f"  done in {pre['time/run_s']:.0f}s, val/loss {pre['val/loss']:.3f}", flush=True)
+        print(f"  done in {pre['time/run_s']:.0f}s, val/loss {pre['val/loss']:.3f}{monitored(pre)}", flush=True)
 
     jobs = [
         (fraction, name, lr, seed)

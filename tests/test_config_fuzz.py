@@ -58,6 +58,10 @@ BASES = {
         + ["scheduler=plateau", "callbacks=none", "logger=none"],
         True,
     ),
+    # The self-supervised objectives with photo augmentations; the EMA of weights (callbacks=ema).
+    "pretrain-byol-ema": ("pretrain", ["objective=byol", "model=resnet_micro", "callbacks=ema"], True),
+    "pretrain-dino-vit": ("pretrain", ["objective=dino", "model=vit_micro"], True),
+    "pretrain-vicreg": ("pretrain", ["objective=vicreg", "model=resnet_micro", "datamodule=mnist5k"], True),
     "finetune-resnet": ("finetune", ["model=resnet_micro"], True),
     "finetune-gradual-mnist": (
         "finetune",

@@ -33,6 +33,8 @@ def test_pretrain_then_finetune_through_the_scripts(tmp_path):
     metrics = json.loads((pre / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["stage"] == "pretrain"
     assert metrics["train/loss"] > 0 and metrics["val/loss"] > 0
+    # The feature monitor, on by default: k-NN and the online probe on MAE's features (the digits' labels)
+    assert 0 <= metrics["val/knn_acc"] <= 1 and 0 <= metrics["val/probe_acc"] <= 1
     assert (pre / "backbone" / "model.safetensors").is_file() and (pre / "checkpoints" / "last.ckpt").is_file()
     meta = yaml.safe_load((pre / "backbone" / "config.yaml").read_text())
     assert meta["name"] == "vit_tiny_patch16_224" and meta["layer_groups"][0] == "stem"

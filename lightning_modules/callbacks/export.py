@@ -38,14 +38,17 @@ class BackboneExport(Callback):
         # FSDP: every rank helps gather the whole weights (rank 0 reads them); otherwise nothing to do
         with unsharded(pl_module, reader=trainer.is_global_zero):
             if trainer.is_global_zero:  # the same weights on every rank: one export
+                # The objective says which backbone is kept: the trained one, or a teacher–student's teacher.
+                backbone, weights = pl_module.objective.exported_backbone(pl_module.backbone)
                 export_backbone(
-                    pl_module.backbone,
+                    backbone,
                     self.target,
                     provenance=self.provenance,
                     objective=pl_module.objective,
                     objective_cfg=self.objective_cfg,
                     files=self.files,
                     preprocessing=datamodule.eval_preprocessing() if datamodule is not None else None,
+                    weights=weights,
                 )
         if not trainer.is_global_zero:
             return

@@ -52,7 +52,10 @@ def param_groups(backbone, head: torch.nn.Module, cfg: dict) -> list[dict]:
         scales = layer_scales(len(layer_groups), cfg.get("layer_decay"), cfg.get("backbone_lr_scale", 1.0))
         for g, scale in zip(layer_groups, scales, strict=True):
             groups += _split_decay(g.params, wd, {"name": g.name, "layer_scale": scale, "lr_scale": scale})
-    head_params = dict(head.named_parameters())
+    # An objective's own choice (an EMA teacher is updated by its momentum, not by the optimizer); any other module:
+    # all of its parameters.
+    optimized = getattr(head, "optimized_parameters", None)
+    head_params = optimized() if optimized is not None else dict(head.named_parameters())
     if head_params:
         groups += _split_decay(head_params, wd, {"name": "head", "layer_scale": 1.0, "lr_scale": 1.0})
     return groups
