@@ -31,7 +31,7 @@ import warnings
 from pytorch_lightning.callbacks import BaseFinetuning
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_modules.backbones.adapters import add_adapters, adapter_ids, has_adapters, peft_models
+from lightning_modules.backbones.adapters import adapter_ids, add_adapters, has_adapters, peft_models
 from lightning_modules.config.rules import check
 from lightning_modules.core.errors import ConfigError
 from lightning_modules.core.progress import resuming_mid_epoch
