@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 from torch import nn
@@ -246,15 +247,20 @@ def save_adapter(backbone, head: nn.Linear, directory: Path, labels, preprocessi
     config = copy.deepcopy(settings)
     config.target_modules = {prefix + t for t in settings.target_modules}
     config.modules_to_save = [head_path]
-    config.base_model_name_or_path = base_name
-    model = peft.get_peft_model(classifier, config)
-    state = peft.get_peft_model_state_dict(trained[""])
-    state = {k.replace("base_model.model.", f"base_model.model.{prefix}", 1): v for k, v in state.items()}
-    missing = peft.set_peft_model_state_dict(model, state).unexpected_keys
-    if missing:
-        raise ConfigError(f"adapter/: the classifier has no place for {len(missing)} adapter tensors ({missing[0]})")
+    config.base_model_name_or_path = None  # (peft fills it in from the model, then warns when it differs)
+    model = peft.get_peft_model(classifier, config)  # the classifier's modules, adapted in place
+    model.peft_config["default"].base_model_name_or_path = base_name
+    tuner = trained[""].base_model
+    state = {f"{prefix}{n}": p for n, p in tuner.model.named_parameters() if tuner.prefix in n}
+    unexpected = classifier.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise ConfigError(
+            f"adapter/: the classifier has no place for {len(unexpected)} adapter tensors ({unexpected[0]})"
+        )
     out = Path(directory) / ADAPTER_DIR
-    model.save_pretrained(str(out))
+    with warnings.catch_warnings():  # peft looking for a transformers config.json the base (timm's) has none of
+        warnings.simplefilter("ignore")
+        model.save_pretrained(str(out))
     return out
 
 
