@@ -230,3 +230,30 @@ def test_image_and_text_exports_give_pretune_logits(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_adapter(other.model, tmp_path / "image" / "model" / "adapter")
     assert "the adapter does not fit this base model" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_dual_encoder_gets_adapters_per_tower_and_merges_to_the_same_features():
+    from lightning_modules.backbones.adapters import merged, peft_models, unadapted
+    from tests.helpers import batch
+    from tests.test_clip import CAPTIONS, _tiny_clip
+
+    backbone, _ = _tiny_clip(CAPTIONS)
+    freezer = Adapters(rank=2, text="all")  # LiT with adapters: the text tower locked, none there
+    freezer.validate(backbone)
+    freezer.prepare(backbone)
+    assert list(peft_models(backbone)) == ["image"]
+    ids = adapter_ids(backbone)
+    assert ids and not any(id(p) in ids for p in backbone.text.parameters())
+    for name, p in backbone.image.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)  # a trained adapter: the merge has something to fold in
+    tok = backbone.text.processor(CAPTIONS[:4], padding=True, return_tensors="pt")
+    inputs = {"image": batch(4)["image"], "input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
+    plain = merged(backbone)
+    assert not any("lora_" in n or "base_layer" in n for n in plain.state_dict())
+    with torch.no_grad():
+        adapted, folded = backbone.eval()(inputs), plain.eval()(inputs)
+        before = unadapted(backbone).eval()(inputs)
+    for tower in ("image", "text"):
+        assert torch.allclose(adapted[tower], folded[tower], atol=1e-5), tower
+    assert not torch.allclose(adapted["image"], before["image"], atol=1e-3)  # (the adapters did change something)
