@@ -35,8 +35,6 @@ from torch import nn
 
 from lightning_modules.core.errors import ConfigError
 
-METHODS = ("lora", "dora", "ia3")
-TARGET_WORDS = ("auto", "attention", "all")
 LORA_DEFAULTS = {"rank": 8, "alpha": None, "dropout": 0.0, "use_rslora": False}  # alpha None: 2 x rank
 ADAPTER_DIR = "adapter"  # inside model/
 PEFT_MODELS = "_peft_models"  # backbone.__dict__ key: tower name -> the PeftModel wrapping its library model
