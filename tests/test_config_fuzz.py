@@ -75,6 +75,7 @@ BASES = {
         ["model=resnet_micro", "freeze=lp_ft", "freeze.probe_epochs=0", "scheduler=plateau", "logger=csv"],
         True,
     ),
+    "finetune-lora": ("finetune", ["model=vit_micro", "freeze=lora"], True),
     "finetune-probe-folder": (
         "finetune",
         ["model=resnet_micro", "freeze=linear_probe", "scheduler=none", "datamodule=image_folder"]

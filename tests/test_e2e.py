@@ -89,6 +89,7 @@ def test_transfer_study_on_a_tiny_budget(tmp_path):
         "strategies.gradual.lrs=[1e-3]",
         'strategies.gradual.overrides=["freeze=gradual","freeze.every=1"]',
         "strategies.lp_ft.lrs=[1e-2]",
+        "strategies.lora.lrs=[1e-2]",
         'strategies.lp_ft.overrides=["freeze=lp_ft","freeze.probe_epochs=1","finetune.measure_forgetting=true"]',
         "label_fractions=[0.05]",
         "~strategies.imagenet_finetune",
@@ -103,16 +104,18 @@ def test_transfer_study_on_a_tiny_budget(tmp_path):
     assert "| scratch | random |" in text and "| linear_probe | pre-trained |" in text
     assert (tmp_path / "transfer.png").stat().st_size > 1000
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
-    assert len(rows) == (2 + 1 + 1 + 1 + 1 + 1 + 1) * 2
+    assert len(rows) == (2 + 1 + 1 + 1 + 1 + 1 + 1 + 1) * 2
     assert {r["strategy"] for r in rows} == {
-        *("scratch", "linear_probe", "full_finetune", "first_2", "gradual", "lp_ft", "imagenet_probe")
+        *("scratch", "linear_probe", "full_finetune", "first_2", "gradual", "lp_ft", "lora", "imagenet_probe")
     }
     assert "| 5% | imagenet_probe | ImageNet |" in text and "(best ImageNet strategy on validation)" in text
     assert all(float(r["forgetting"]) != 0 for r in rows if r["strategy"] == "full_finetune")
     assert all(r["forgetting"] != "" for r in rows if r["strategy"] == "lp_ft")  # recorded (0 if the probe won)
     assert all(r["forgetting"] == "" for r in rows if r["strategy"] == "scratch")
     assert (tmp_path / "freeze_depth.png").stat().st_size > 1000  # points at 0, 2 and all frozen groups
-    assert "| 5% | lp_ft | pre-trained |" in text
+    assert "| 5% | lp_ft | pre-trained |" in text and "| 5% | lora | pre-trained |" in text
+    lora = [r for r in rows if r["strategy"] == "lora"]  # a fraction of the backbone trained, forgetting measured
+    assert all(r["forgetting"] != "" and 5 * int(r["trainable"]) < int(r["frozen"]) for r in lora)
     assert (tmp_path / "pretrain" / "backbone" / "model.safetensors").is_file()
 
 
