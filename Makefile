@@ -8,10 +8,10 @@ STAMP := .venv/.installed
 install: $(STAMP)
 
 # Re-installs only when pyproject.toml changes, so a second call is a quick no-op.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"  # the tested versions (pyproject: lower bounds)
 	touch $(STAMP)
 
 run: install
