@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 
 from lightning_modules.core.errors import ConfigError
+from lightning_modules.core.extras import require
 
 OPTIONS = {
     "out": str,
@@ -61,6 +62,7 @@ def parse(argv: list[str]) -> tuple[str, dict]:
 def main(argv: list[str] | None = None) -> None:
     try:
         kind, options = parse(sys.argv[1:] if argv is None else argv)
+        require("pretune prepare", "litdata")
         from datamodules.loading.prepare import prepare  # imports numpy, PIL, sklearn (no torch): after the arguments
 
         out = prepare(kind, **options)
