@@ -110,6 +110,16 @@ def app(cfg: DictConfig) -> None:
     print(f"\nReport: {report}")
 
 
+def time_left(elapsed: float, done: int, total: int) -> str:
+    """The estimate printed after each fine-tuning run: the mean time of the finished runs times the runs left
+    (strategies differ in cost, so it firms up as the study goes)."""
+    if done >= total:
+        return "done"
+    seconds = round(elapsed / done * (total - done))
+    minutes, seconds = divmod(seconds, 60)
+    return f"~{minutes} min {seconds:02d} s left" if minutes else f"~{seconds} s left"
+
+
 def study(cfg: DictConfig, study_dir: Path) -> Path:
     check_study(cfg, study_dir)
     import logging
@@ -141,6 +151,7 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
         for seed in cfg.seeds
     ]
     rows = []
+    jobs_started = time.time()
     for i, (fraction, name, lr, seed) in enumerate(jobs, 1):
         strategy = cfg.strategies[name]
         # init: model keeps the model config's own model.init (weights from elsewhere, e.g. ImageNet's)
@@ -168,7 +179,8 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
         )
         print(
             f"[{i:>2}/{len(jobs)}] labels={fraction:<5g} {name:<14} lr={lr:<7g} seed={seed}:"
-            f" val/acc {m['val/acc_best']:.3f}  test/acc {m['test/acc']:.3f}  ({m['time/run_s']:.1f}s)",
+            f" val/acc {m['val/acc_best']:.3f}  test/acc {m['test/acc']:.3f}  ({m['time/run_s']:.1f}s)"
+            f"  {time_left(time.time() - jobs_started, i, len(jobs))}",
             flush=True,
         )
 
