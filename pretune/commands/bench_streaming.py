@@ -130,10 +130,10 @@ def throughput(
     for aa in (None, "randaugment"):
         for w in workers:
             common = dict(batch_size=batch, image_size=224, channels=3, num_workers=w)
-            transforms = {"auto_augment": aa}
-            folder = ImageFolderDataModule(root=str(root), loading="stream", transforms=transforms, **common)
+            augment = {"auto_augment": aa}  # the recipe (datamodule.augment), torchvision's policy or none
+            folder = ImageFolderDataModule(root=str(root), loading="stream", augment=augment, **common)
             folder.setup()
-            shard = ShardsDataModule(path=str(shards), transforms=transforms, **common)
+            shard = ShardsDataModule(path=str(shards), augment=augment, **common)
             shard.setup()
             name = f"{w} worker{'s' if w > 1 else ''}, RRC + flip{' + RandAugment' if aa else ''}"
             configs.append((name, folder, shard))
