@@ -19,6 +19,10 @@ class ImageSpec:
     image_size: int
     num_classes: int = 0  # 0 when unlabeled (pre-training)
     class_names: tuple[str, ...] = ()
+    # What the batches were normalised with (per channel, or one value for all); None: not known. Augmentations
+    # that act on pixels (colour, solarization: datamodules/transforms/photo.py) undo it and redo it.
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)

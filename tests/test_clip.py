@@ -90,7 +90,7 @@ def test_loss_falls_on_a_tiny_batch():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        objective.after_step()
+        objective.after_step(backbone)
         losses.append(loss.item())
     assert losses[0] > 1.5 and losses[-1] < 0.25 * losses[0], losses[::8]  # ln 8 = 2.08 for a uniform guess
 
@@ -106,7 +106,7 @@ def test_logit_scale_is_clamped_at_100_after_every_step():
         optimizer.step()
         assert objective.logit_scale.item() > math.log(100)  # the step went past the clamp ...
         assert objective.scale().item() == pytest.approx(100.0)  # (the forward never uses more than 100)
-        objective.after_step()
+        objective.after_step(backbone)
         assert objective.logit_scale.item() == pytest.approx(math.log(100))  # ... and is brought back
 
 
@@ -402,6 +402,7 @@ def test_a_pretraining_run_exports_each_tower_and_both_load_back_bit_for_bit(pre
     metrics = json.loads((pretrained / "metrics.json").read_text())
     for key in ("val/loss", "val/i2t_recall@1", "val/i2t_recall@5", "val/i2t_recall@10", "val/t2i_recall@10"):
         assert 0 <= metrics[key] < 10, key
+    assert 0 <= metrics["val/knn_acc"] <= 1  # the feature monitor on the image tower (the embedded digits' classes)
     assert "lr/text/embeddings" not in metrics  # logged per epoch, not a run metric
     backbone_dir = pretrained / "backbone"
     meta = yaml.safe_load((backbone_dir / "config.yaml").read_text())

@@ -26,7 +26,7 @@ from lightning_modules.core.errors import ConfigError
 from tests.conftest import CONF
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "paths", "hparams_search"))
-PRETRAIN_OBJECTIVES = {"mae", "simclr", "mlm", "clm", "clip"}  # the others fine-tune
+PRETRAIN_OBJECTIVES = {"mae", "simclr", "byol", "dino", "vicreg", "mlm", "clm", "clip"}  # the others fine-tune
 
 
 def _options(group: str) -> list[str]:

@@ -58,6 +58,10 @@ BASES = {
         + ["scheduler=plateau", "callbacks=none", "logger=none"],
         True,
     ),
+    # The self-supervised objectives with photo augmentations; the EMA of weights (callbacks=ema).
+    "pretrain-byol-ema": ("pretrain", ["objective=byol", "model=resnet_micro", "callbacks=ema"], True),
+    "pretrain-dino-vit": ("pretrain", ["objective=dino", "model=vit_micro"], True),
+    "pretrain-vicreg": ("pretrain", ["objective=vicreg", "model=resnet_micro", "datamodule=mnist5k"], True),
     "finetune-resnet": ("finetune", ["model=resnet_micro"], True),
     "finetune-gradual-mnist": (
         "finetune",
@@ -71,6 +75,7 @@ BASES = {
         ["model=resnet_micro", "freeze=lp_ft", "freeze.probe_epochs=0", "scheduler=plateau", "logger=csv"],
         True,
     ),
+    "finetune-lora": ("finetune", ["model=vit_micro", "freeze=lora"], True),
     "finetune-probe-folder": (
         "finetune",
         ["model=resnet_micro", "freeze=linear_probe", "scheduler=none", "datamodule=image_folder"]

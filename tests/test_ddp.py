@@ -236,6 +236,9 @@ CASES = {
     # ViT (LayerNorm) and a projection head without BatchNorm: batch statistics would be per rank (SyncBatchNorm
     # is CUDA-only). Augmentations stay on: they are drawn for the global batch.
     "simclr": ("pretrain", ["objective=simclr", "objective.proj_bn=false"]),
+    # DINO: the teacher (an EMA, moved after every step) and the center of its outputs (lightly all-reduces the mean
+    # of each rank's equal shard) as one process keeps them; two local crops (at the ViT's own size); no BatchNorm.
+    "dino": ("pretrain", ["objective=dino", "objective.local_views=2"]),
     # MAE (masks drawn the same way; measured 1.2e-7 apart) is left to the unit test above, for time.
     # Gradual unfreezing: one more group trains in each of the 3 epochs, so DDP must sync groups it saw frozen.
     "gradual": ("finetune", ["freeze=gradual", "freeze.start=1", "freeze.every=1", "trainer.max_epochs=3"]),

@@ -33,6 +33,8 @@ def test_pretrain_then_finetune_through_the_scripts(tmp_path):
     metrics = json.loads((pre / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["stage"] == "pretrain"
     assert metrics["train/loss"] > 0 and metrics["val/loss"] > 0
+    # The feature monitor, on by default: k-NN and the online probe on MAE's features (the digits' labels)
+    assert 0 <= metrics["val/knn_acc"] <= 1 and 0 <= metrics["val/probe_acc"] <= 1
     assert (pre / "backbone" / "model.safetensors").is_file() and (pre / "checkpoints" / "last.ckpt").is_file()
     meta = yaml.safe_load((pre / "backbone" / "config.yaml").read_text())
     assert meta["name"] == "vit_tiny_patch16_224" and meta["layer_groups"][0] == "stem"
@@ -86,6 +88,7 @@ def test_transfer_study_on_a_tiny_budget(tmp_path):
         "strategies.gradual.lrs=[1e-3]",
         'strategies.gradual.overrides=["freeze=gradual","freeze.every=1"]',
         "strategies.lp_ft.lrs=[1e-2]",
+        "strategies.lora.lrs=[1e-2]",
         'strategies.lp_ft.overrides=["freeze=lp_ft","freeze.probe_epochs=1","finetune.measure_forgetting=true"]',
         "label_fractions=[0.05]",
         "~strategies.imagenet_finetune",
@@ -100,16 +103,18 @@ def test_transfer_study_on_a_tiny_budget(tmp_path):
     assert "| scratch | random |" in text and "| linear_probe | pre-trained |" in text
     assert (tmp_path / "transfer.png").stat().st_size > 1000
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
-    assert len(rows) == (2 + 1 + 1 + 1 + 1 + 1 + 1) * 2
+    assert len(rows) == (2 + 1 + 1 + 1 + 1 + 1 + 1 + 1) * 2
     assert {r["strategy"] for r in rows} == {
-        *("scratch", "linear_probe", "full_finetune", "first_2", "gradual", "lp_ft", "imagenet_probe")
+        *("scratch", "linear_probe", "full_finetune", "first_2", "gradual", "lp_ft", "lora", "imagenet_probe")
     }
     assert "| 5% | imagenet_probe | ImageNet |" in text and "(best ImageNet strategy on validation)" in text
     assert all(float(r["forgetting"]) != 0 for r in rows if r["strategy"] == "full_finetune")
     assert all(r["forgetting"] != "" for r in rows if r["strategy"] == "lp_ft")  # recorded (0 if the probe won)
     assert all(r["forgetting"] == "" for r in rows if r["strategy"] == "scratch")
     assert (tmp_path / "freeze_depth.png").stat().st_size > 1000  # points at 0, 2 and all frozen groups
-    assert "| 5% | lp_ft | pre-trained |" in text
+    assert "| 5% | lp_ft | pre-trained |" in text and "| 5% | lora | pre-trained |" in text
+    lora = [r for r in rows if r["strategy"] == "lora"]  # a fraction of the backbone trained, forgetting measured
+    assert all(r["forgetting"] != "" and 5 * int(r["trainable"]) < int(r["frozen"]) for r in lora)
     assert (tmp_path / "pretrain" / "backbone" / "model.safetensors").is_file()
 
 

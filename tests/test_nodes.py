@@ -124,7 +124,18 @@ def test_a_node_whose_peer_never_arrives_fails_in_one_line_within_the_timeout(tm
     assert not (tmp_path / "1" / "metrics.json").exists()  # node 1 is not global rank 0: it writes no result
 
 
-def test_a_hand_started_node_needs_its_port_and_rank(monkeypatch):
+@pytest.fixture
+def process_rank_kept(monkeypatch):
+    """A Trainer instantiated as node 1 sets Lightning's process-wide rank (``rank_zero_only.rank``); put back, or
+    every later test in this process runs as rank 1 (a W&B logger's run a dummy, ``rank_zero_info`` silent)."""
+    import lightning_fabric.utilities.rank_zero as fabric_rank
+    import pytorch_lightning.utilities.rank_zero as pl_rank
+
+    for module in (fabric_rank, pl_rank):
+        monkeypatch.setattr(module.rank_zero_only, "rank", getattr(module.rank_zero_only, "rank", 0))
+
+
+def test_a_hand_started_node_needs_its_port_and_rank(monkeypatch, process_rank_kept):
     from hydra.utils import instantiate
 
     from lightning_modules.core.errors import ConfigError

@@ -25,8 +25,13 @@ def _weights(run_dir):
 
 @pytest.mark.parametrize(
     "strategy",
-    [["freeze=gradual", "freeze.every=1"], ["freeze=lp_ft", "freeze.probe_epochs=2"]],
-    ids=["gradual", "lp_ft"],
+    [
+        ["freeze=gradual", "freeze.every=1"],
+        ["freeze=lp_ft", "freeze.probe_epochs=2"],
+        # adapters after a probe (LP-FT with LoRA); model/ left out (tests/test_lora.py writes it)
+        ["freeze=lora", "freeze.rank=2", "freeze.probe_epochs=1", "finetune.export_model=false"],
+    ],
+    ids=["gradual", "lp_ft", "lora"],
 )
 def test_resumed_run_equals_uninterrupted(cfg_factory, tmp_path, strategy):
     full = run(cfg_factory("finetune", *COMMON, *strategy, name="full"))

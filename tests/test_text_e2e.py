@@ -32,6 +32,8 @@ def test_mlm_pretrain_then_finetune_through_the_scripts(tmp_path):
     metrics = json.loads((pre / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["stage"] == "pretrain"
     assert 0 < metrics["val/loss"] < 9 and metrics["val/perplexity"] > 1  # ln(2000) = 7.6 for a uniform guess
+    # The feature monitor: k-NN over the embedded corpus's labeled task (15 package families)
+    assert 0 <= metrics["val/knn_acc"] <= 1 and 0 <= metrics["val/probe_acc"] <= 1
     backbone = pre / "backbone"
     assert {"model.safetensors", "config.yaml", "tokenizer.json", "config.json"} <= {p.name for p in backbone.iterdir()}
     meta = yaml.safe_load((backbone / "config.yaml").read_text())

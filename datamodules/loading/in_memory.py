@@ -156,6 +156,21 @@ def label_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return np.sort(idx)
 
 
+def at_most(tensors: dict[str, torch.Tensor], limit: int | None, seed: int) -> dict[str, torch.Tensor]:
+    """Labeled examples (``tensors`` with a ``label``), cut to a stratified, seeded subset of ``limit`` when there are
+    more (None: all)."""
+    labels = tensors["label"]
+    if limit is None or limit >= len(labels):
+        return tensors
+    keep = torch.as_tensor(label_subset(labels.cpu().numpy(), limit / len(labels), seed))
+    return {k: v.index_select(0, keep.to(v.device)) for k, v in tensors.items()}
+
+
+def as_stored(batch: dict) -> dict:
+    """Examples that are already what the model reads (nothing to decode)."""
+    return batch
+
+
 class InMemoryImageDataModule(PretuneDataModule):
     """Seeded stratified train/val/test split, optional label fraction, batch augmentation.
 
@@ -207,6 +222,7 @@ class InMemoryImageDataModule(PretuneDataModule):
         self.resolve_recipe()  # its values checked now; resolved again in setup, at the final image size
         # The stored splits: {"image": uint8 (N, C, h, w) at the size read, "label": long (N,)}; see decode().
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
+        self.train_labels: torch.Tensor | None = None  # all training labels, even unserved (labeled_examples)
         self.mean = self.std = None  # of the decoded training pixels, 0-dim float32, on the splits' device
         self.placement = "cpu"  # where the splits live: cpu, device (an accelerator), or pinned (copied per batch)
         self.target = torch.device("cpu")  # where batches go
@@ -349,6 +365,8 @@ class InMemoryImageDataModule(PretuneDataModule):
         if self.labeled and self.label_fraction < 1:
             train_x, train_y = self._label_subset(train_x, train_y)
         splits["train"] = (train_x, train_y)
+        # Kept for the feature monitor even where training is served the images alone (labeled_examples).
+        self.train_labels = torch.as_tensor(train_y, dtype=torch.long)
         for name, (x, y) in splits.items():
             batch = {"image": x.contiguous()}
             if self.labeled or name != "train":
@@ -361,12 +379,28 @@ class InMemoryImageDataModule(PretuneDataModule):
                 f"datamodule.batch_size={self.batch_size} is larger than the {n_train} {what}"
                 f" (label_fraction={self.label_fraction}); allowed is at most {n_train}"
             )
-        self.spec = ImageSpec(self.channels, self.image_size, len(classes), tuple(classes))
+        stats = tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist())
+        self.augment.set_pixel_stats(*stats)  # the photo ops act on pixels
+        self.spec = ImageSpec(self.channels, self.image_size, len(classes), tuple(classes), *stats)
 
     def _label_subset(self, x: torch.Tensor, y: np.ndarray):
         """Keep a stratified, seeded ``label_fraction`` of the training labels (at least one per class)."""
         idx = label_subset(y, self.label_fraction, self.label_seed)
         return x[idx], y[idx]
+
+    def labeled_examples(self, split: str, limit: int | None = None) -> tuple[dict, object] | None:
+        """The ``split``'s images with their labels, as stored (at most ``limit`` of them: a stratified subset, seeded
+        by ``split_seed``, so the same for every run on this data), and ``decode``, which makes a batch of them what
+        the model reads (never augmented). For the feature monitor (callbacks/feature_monitor.py): pre-training is
+        served its training images unlabeled, and their labels are kept for this alone."""
+        if split not in self.splits:  # streamed (image_folder above its memory budget): nothing held to read
+            return None
+        tensors = {k: v for k, v in self.splits[split].items() if k in ("image", "label")}
+        if "label" not in tensors:
+            if split != "train":
+                return None
+            tensors["label"] = self.train_labels.to(tensors["image"].device)
+        return at_most(tensors, limit, self.split_seed), self.decode
 
     def place(self, device: torch.device | str) -> str:
         """Put the stored splits where batches for ``device`` come from, once: on an accelerator if they fit

@@ -25,7 +25,7 @@ import torch
 
 from datamodules.base import PretuneDataModule
 from datamodules.loading.decision import Loading
-from datamodules.loading.in_memory import BatchLoader
+from datamodules.loading.in_memory import BatchLoader, as_stored, at_most
 from datamodules.loading.shard_reading import ShardItems, is_url, read_meta
 from datamodules.loading.streaming import BadSamples, IndexedLoader, OpenLoaders, training_options, worker_options
 from datamodules.loading.text_shards import cut_to_longest
@@ -35,6 +35,23 @@ from lightning_modules.backbones.base import FEATURES
 from lightning_modules.config.rules import check
 from lightning_modules.config.rules.datamodule import longer_than_positions
 from lightning_modules.core.errors import ConfigError
+
+
+def read_text(path: Path, key: str) -> str:
+    """A file's text as UTF-8, refused with one line naming ``key`` and the file when it cannot be."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot read {path} ({err.strerror or err})") from err
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{key}: {path} is not UTF-8 text (byte 0x{data[err.start]:02x} at position {err.start})"
+        ) from err
+    if not text.strip():
+        raise ConfigError(f"{key}: {path} is empty")
+    return text
 
 
 class PaddedBatchLoader(BatchLoader):
@@ -198,6 +215,16 @@ class TextDataModule(PretuneDataModule):
 
     def test_dataloader(self):
         return self.eval_loader("test")
+
+    def labeled_examples(self, split: str, limit: int | None = None) -> tuple[dict, object] | None:
+        """The ``split``'s token ids with their labels (at most ``limit``: a stratified subset seeded by
+        ``split_seed``), as the model reads them; None for a split without labels. For the feature monitor
+        (callbacks/feature_monitor.py)."""
+        tensors = self.splits.get(split) or {}
+        if "label" not in tensors:
+            return None
+        tensors = {k: tensors[k] for k in ("input_ids", "attention_mask", "label")}
+        return at_most(tensors, limit, getattr(self, "split_seed", 0)), as_stored
 
     def can_cache_features(self) -> bool:
         # Nothing random reaches the backbone in a text batch (MLM's masks are the objective's); streamed texts are

@@ -188,7 +188,9 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         std = list(self.norm_std) if self.norm_std is not None else std
         self.normalization = (mean, std)
         self.normalize = Normalize(mean, std)
-        self.spec = ImageSpec(self.channels, self.image_size, len(classes), tuple(classes))
+        self.augment.set_pixel_stats(mean, std)  # the device's photo ops act on pixels, after normalisation
+        stats = tuple(self.normalize.mean), tuple(self.normalize.std)
+        self.spec = ImageSpec(self.channels, self.image_size, len(classes), tuple(classes), *stats)
 
     def _data_stats(self, paths: np.ndarray) -> tuple[list[float], list[float]]:
         rng = np.random.default_rng(self.split_seed)

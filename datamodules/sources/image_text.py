@@ -39,12 +39,12 @@ import torch
 
 from datamodules.base import PretuneDataModule
 from datamodules.loading.decision import Loading
-from datamodules.loading.in_memory import BatchLoader
+from datamodules.loading.in_memory import BatchLoader, as_stored, at_most
 from datamodules.loading.shard_reading import ShardItems, is_url, read_meta
 from datamodules.loading.streaming import BadSamples, IndexedLoader, OpenLoaders, training_options, worker_options
+from datamodules.loading.text import read_text
 from datamodules.loading.text_shards import PairItems, cut_to_longest
 from datamodules.sources.digits import DigitsDataModule
-from datamodules.sources.text_corpus import read_text
 from datamodules.spec import ImageTextSpec
 from datamodules.transforms.augment import BatchAugment, device_part
 from datamodules.transforms.decode import decode
@@ -172,6 +172,7 @@ class ImageTextDataModule(PretuneDataModule):
         self.augment = self.batch_augment()
         self.tokenizer = None
         self._raw: dict[str, tuple[list, list[list[str]], list]] | None = None
+        self.labels: dict[str, torch.Tensor] = {}  # the embedded pairs' digit classes (labeled_examples)
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
         self.truncated = 0
         self.mean = self.std = None  # of the training images, once set up
@@ -218,6 +219,7 @@ class ImageTextDataModule(PretuneDataModule):
         pairs with their ids."""
         mean, std = (fit_channels(self.shard_meta[k], self.channels) for k in ("mean", "std"))
         self.normalize = Normalize(mean, std)
+        self.augment.set_pixel_stats(mean, std)  # the device's photo ops act on pixels, after normalisation
         worker = train_transform(self.image_size, self.recipe.only(WORKER_OPS))
         tok, length = self.tokenizer, self.max_length
         train = PairItems(self.shard_items("train"), tok, length, self.channels, self.image_size, worker)
@@ -274,6 +276,7 @@ class ImageTextDataModule(PretuneDataModule):
             images, labels = splits[split]
             captions = [[t.format(word=DIGIT_WORDS[y], digit=y) for t in self.templates] for y in labels.tolist()]
             out[split] = (list(digits.to_unit(images)), captions, [None] * len(captions))  # in [0, 1], resized
+            self.labels[split] = torch.as_tensor(labels, dtype=torch.long)
         return out
 
     def _from_files(self):
@@ -408,6 +411,7 @@ class ImageTextDataModule(PretuneDataModule):
         # Normalised with all training images' statistics, as the in-memory image sources do.
         mean, std = images["train"].mean(), images["train"].std().clamp_min(1e-6)
         self.mean, self.std = float(mean), float(std)
+        self.augment.set_pixel_stats(self.mean, self.std)  # the photo ops act on pixels
         total = truncated = 0
         for split, (_, captions, _) in raw.items():
             flat = [c for per_image in captions for c in per_image]
@@ -440,6 +444,15 @@ class ImageTextDataModule(PretuneDataModule):
             )
         tok = self.tokenizer
         self.spec = ImageTextSpec(self.channels, self.image_size, len(tok), self.max_length, int(tok.pad_token_id), tok)
+
+    def labeled_examples(self, split: str, limit: int | None = None) -> tuple[dict, object] | None:
+        """The embedded pairs' images with their digits' classes (at most ``limit``: a stratified subset, seeded by
+        ``split_seed``), for the feature monitor's k-NN and probe on the image tower; None for pairs from files,
+        which carry no labels."""
+        if split not in self.labels or split not in self.splits:
+            return None
+        tensors = {"image": self.splits[split]["image"], "label": self.labels[split]}
+        return at_most(tensors, limit, self.split_seed), as_stored
 
     # --- loaders -------------------------------------------------------------------------------------------
     def train_dataloader(self):

@@ -244,6 +244,7 @@ class ShardsDataModule(PretuneDataModule):
         std = self.norm_std if self.norm_std is not None else fit_channels(meta["std"], self.channels)
         self.normalize = Normalize(list(mean), list(std))
         self.normalization = (self.normalize.mean, self.normalize.std)
+        self.augment.set_pixel_stats(*self.normalization)  # the device's photo ops act on pixels
         total = sum(meta["splits"].values())
         self.loading = Loading(
             "stream",
@@ -251,7 +252,8 @@ class ShardsDataModule(PretuneDataModule):
             f" by DataLoader workers ({total:,} images: {meta['splits']})",
         )
         classes = tuple(meta["classes"])
-        self.spec = ImageSpec(self.channels, self.image_size, len(classes) if self.labeled else 0, classes)
+        stats = tuple(self.normalize.mean), tuple(self.normalize.std)
+        self.spec = ImageSpec(self.channels, self.image_size, len(classes) if self.labeled else 0, classes, *stats)
 
     def eval_preprocessing(self) -> dict:
         """The evaluation transform (``eval_crop_pct``, bicubic) and this run's mean and std."""

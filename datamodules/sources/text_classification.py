@@ -26,10 +26,9 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from datamodules.loading.in_memory import label_subset
-from datamodules.loading.text import TextDataModule
+from datamodules.loading.text import TextDataModule, read_text
 from datamodules.loading.text_shards import LabeledTexts
 from datamodules.sources.stdlib_docs import labeled_task
-from datamodules.sources.text_corpus import read_text
 from lightning_modules.config.rules import check
 from lightning_modules.config.rules.datamodule import check_split_fractions
 from lightning_modules.core.errors import ConfigError

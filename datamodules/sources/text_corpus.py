@@ -21,28 +21,12 @@ from pathlib import Path
 
 import torch
 
-from datamodules.loading.text import TextDataModule
+from datamodules.loading.text import TextDataModule, read_text
 from datamodules.loading.text_shards import CorpusBlocks, token_counts
 from datamodules.sources.stdlib_docs import corpus_documents
+from datamodules.sources.text_classification import TextClassificationDataModule
 from lightning_modules.config.rules import check
 from lightning_modules.core.errors import ConfigError
-
-
-def read_text(path: Path, key: str) -> str:
-    """A file's text as UTF-8, refused with one line naming ``key`` and the file when it cannot be."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"{key}: cannot read {path} ({err.strerror or err})") from err
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(
-            f"{key}: {path} is not UTF-8 text (byte 0x{data[err.start]:02x} at position {err.start})"
-        ) from err
-    if not text.strip():
-        raise ConfigError(f"{key}: {path} is empty")
-    return text
 
 
 class TextCorpusDataModule(TextDataModule):
@@ -77,6 +61,21 @@ class TextCorpusDataModule(TextDataModule):
         self.val_fraction = float(check("datamodule.val_fraction", val_fraction))
         self.split_seed, self.shuffle_seed = split_seed, shuffle_seed
         self._documents: list[str] | None = None
+        self._task: TextClassificationDataModule | None = None  # the embedded corpus's labeled task, when asked for
+
+    def labeled_examples(self, split: str, limit: int | None = None) -> tuple[dict, object] | None:
+        """A corpus has no labels. The embedded one has a labeled task of its own: the standard library's docstrings
+        labeled by package family (``datamodule=text_classification``'s embedded task), whose validation and test
+        modules the corpus leaves out; the feature monitor classifies those, tokenized by the same tokenizer. A
+        corpus of the user's files, or of prepared text shards, has none: None."""
+        if self.paths is not None or self.shard_meta is not None:
+            return None
+        if self._task is None:
+            task = TextClassificationDataModule(max_length=self.max_length, cache_dir=self.cache_dir)
+            task.tokenizer = self._require_tokenizer()
+            task.setup()
+            self._task = task
+        return self._task.labeled_examples(split, limit)
 
     def files(self) -> list[Path]:
         """The files ``paths`` names, in order, each once."""

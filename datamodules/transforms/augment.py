@@ -4,8 +4,13 @@ to the device (all but the crop, the flip and torchvision's policies).
 
 One random affine matrix per sample (the random crop at ``scale`` and ``ratio``, rotation, translation,
 horizontal flip) applied with a single ``affine_grid``/``grid_sample`` call, then per-sample brightness/contrast
-jitter, Gaussian noise and random erasing. ``OPS`` lists them in the order they apply, each with the recipe's
-fields it reads; an op whose fields do nothing is skipped, draws included.
+jitter, the photo ops of the BYOL/DINO recipes (``photo.py``: colour jitter, grayscale, blur, solarize), Gaussian
+noise and random erasing. ``OPS`` lists them in the order they apply, each with the recipe's fields it reads; an op
+whose fields do nothing is skipped, draws included, so a recipe without the photo ops draws what it always did.
+
+The photo ops act on pixels in [0, 1]: the batch is un-normalised with the mean and std it was normalised with
+(``set_pixel_stats``: the data's, held in memory or streamed) and normalised again after. ``size`` makes the crop
+at another side length (multi-crop's small local views).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datamodules.transforms import photo
 from datamodules.transforms.recipe import OPS, WORKER_OPS, Recipe, resolve, unsupported
 from lightning_modules.core.distributed import shard_draw
 
@@ -24,8 +30,9 @@ class BatchAugment(nn.Module):
     # (the recipe's fields an op reads, the method applying it), in the order the ops apply. A new op is a line
     # here and its method; ``auto_augment`` has none (torchvision's policies need one PIL image at a time).
     OPS = (
-        (("scale", "ratio", "rotate", "translate", "flip"), "_geometry"),
+        (("scale", "ratio", "rotate", "translate", "flip", "size"), "_geometry"),
         (("brightness", "contrast"), "_photometric"),
+        (("jitter", "jitter_strength", "grayscale", "blur", "blur_sigma", "solarize"), "_photo"),
         (("noise",), "_noise"),
         (("erase",), "_random_erase"),
     )
@@ -42,6 +49,13 @@ class BatchAugment(nn.Module):
         noise: float = 0.0,
         erase: float = 0.0,
         ratio: tuple[float, float] = (1.0, 1.0),
+        jitter: float = 0.0,
+        jitter_strength: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        grayscale: float = 0.0,
+        blur: float = 0.0,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        solarize: float = 0.0,
+        size: int | None = None,
     ):
         super().__init__()
         lo, hi = float(scale[0]), float(scale[1])
@@ -60,13 +74,28 @@ class BatchAugment(nn.Module):
             contrast=float(contrast),
             noise=float(noise),
             erase=float(erase),
+            jitter=float(jitter),
+            jitter_strength=tuple(float(v) for v in jitter_strength),
+            grayscale=float(grayscale),
+            blur=float(blur),
+            blur_sigma=tuple(float(v) for v in blur_sigma),
+            solarize=float(solarize),
+            size=None if size is None else int(size),
         )
         self.scale, self.ratio = self.recipe.scale, self.recipe.ratio
         self.rotate, self.translate, self.flip = self.recipe.rotate, self.recipe.translate, self.recipe.flip
         self.brightness, self.contrast = self.recipe.brightness, self.recipe.contrast
         self.noise, self.erase = self.recipe.noise, self.recipe.erase
+        self.size = self.recipe.size
+        r = self.recipe
+        self.photo = photo.PhotoOps(r.jitter, r.jitter_strength, r.grayscale, r.blur, r.blur_sigma, r.solarize)
         active = set(self.recipe.active())
         self.steps = [getattr(self, method) for names, method in self.OPS if active & set(names)]
+
+    def set_pixel_stats(self, mean, std) -> None:
+        """The mean and std the batches were normalised with (per channel, or one for all): the photo ops undo
+        them, act on pixels in [0, 1], and apply them again. Unset: the batches are taken as pixels already."""
+        self.photo.set_pixel_stats(mean, std)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, key: str, why: str) -> BatchAugment:
@@ -75,11 +104,15 @@ class BatchAugment(nn.Module):
         return cls(**{name: getattr(recipe, name) for name in recipe.active()})
 
     @classmethod
-    def from_config(cls, key: str, augment: dict | None, image_size: int = 32) -> BatchAugment:
-        """The augmentation a config node (``objective.augment``: SimCLR's views) describes, each value checked by
-        its rule under ``key``; null means none."""
+    def from_config(cls, key: str, augment: dict | None, image_size: int = 32, stats=None) -> BatchAugment:
+        """The augmentation a config node (``objective.augment``: an objective's views) describes, each value
+        checked by its rule under ``key``; null means none. ``stats``: the (mean, std) the data's batches were
+        normalised with (its spec's), which the photo ops undo."""
         recipe = resolve(key, augment, image_size)
-        return cls.from_recipe(recipe, key, "cannot be applied to a whole batch on the device")
+        made = cls.from_recipe(recipe, key, "cannot be applied to a whole batch on the device")
+        if stats is not None:
+            made.set_pixel_stats(*stats)
+        return made
 
     @property
     def is_identity(self) -> bool:
@@ -115,7 +148,8 @@ class BatchAugment(nn.Module):
         theta = torch.stack(
             [torch.stack([sx * cos, -height * sin, tx], 1), torch.stack([sx * sin, height * cos, ty], 1)], 1
         )
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        shape = list(x.shape) if self.size is None else [*x.shape[:2], self.size, self.size]
+        grid = F.affine_grid(theta, shape, align_corners=False)
         # Pad with the per-image minimum (the background once normalised), not with zero.
         bg = x.amin(dim=(1, 2, 3), keepdim=True)
         return F.grid_sample(x - bg, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + bg
@@ -126,6 +160,9 @@ class BatchAugment(nn.Module):
         c = 1 + self._uniform(n, -self.contrast, self.contrast, x).view(n, 1, 1, 1)
         b = self._uniform(n, -self.brightness, self.brightness, x).view(n, 1, 1, 1)
         return (x - mean) * c + mean + b
+
+    def _photo(self, x: torch.Tensor) -> torch.Tensor:
+        return self.photo(x)
 
     def _noise(self, x: torch.Tensor) -> torch.Tensor:
         shape, like = x.shape[1:], {"device": x.device, "dtype": x.dtype}

@@ -20,6 +20,10 @@ small image has no border to spare.
 An op a path has no entry for is refused in one line (``unsupported``), never silently dropped. Adding an op is a
 field here (with the value that does nothing), its rule in ``config/rules/datamodule.py``, and its entry in
 ``BatchAugment`` (and, for an op that must run per image, in ``images.py`` and ``WORKER_OPS``).
+
+The photo ops of the BYOL/DINO recipes (colour jitter, grayscale, blur, solarize: ``photo.py``) are ops like any
+other, off by default, applied on the device on every path (after the workers' crop when streamed); ``size`` (the
+crop's side: multi-crop's small local views) is an objective's views' alone.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
-from lightning_modules.config.rules import check
+from lightning_modules.config.rules import check, rule_for
 from lightning_modules.core.errors import ConfigError
 
 PHOTO_SIZE = 64  # image_size from which preset=auto is photo, and eval_crop_pct=null is 0.875
@@ -49,11 +53,21 @@ class Recipe:
     auto_augment: str | None = None  # randaugment | trivialaugment | autoaugment (torchvision's)
     noise: float = 0.0  # + N(0, noise²) per pixel
     erase: float = 0.0  # probability of blanking a rectangle a quarter of the side
+    # The photo ops of the BYOL/DINO recipes (photo.py), on pixels in [0, 1] (the batch un-normalised and
+    # normalised again): probabilities, with the strengths of torchvision's ColorJitter and the blur's sigma range.
+    jitter: float = 0.0  # ColorJitter(*jitter_strength): brightness, contrast, saturation, hue
+    jitter_strength: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    grayscale: float = 0.0
+    blur: float = 0.0  # a Gaussian of sigma U(*blur_sigma) pixels
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize: float = 0.0  # pixels >= 0.5 become 1 - pixel
+    size: int | None = None  # the crop's side in pixels (null: the input's): multi-crop's local views
 
     def active(self) -> list[str]:
-        """The ops that change an image, in field order."""
+        """The ops that change an image, in field order (an op's strength only when the op itself acts)."""
         identity = Recipe()
-        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(identity, f.name)]
+        changed = [f.name for f in fields(self) if getattr(self, f.name) != getattr(identity, f.name)]
+        return [name for name in changed if STRENGTH_OF.get(name, name) in changed]
 
     def only(self, names) -> Recipe:
         """This recipe with every op not in ``names`` set to do nothing."""
@@ -72,6 +86,7 @@ PRESETS = {
     "none": Recipe(),
 }
 OPS = tuple(f.name for f in fields(Recipe))
+STRENGTH_OF = {"jitter_strength": "jitter", "blur_sigma": "blur"}  # a strength acts only with its op
 WORKER_OPS = ("scale", "ratio", "flip", "auto_augment")  # per image in the streaming workers; the rest per batch
 
 
@@ -91,21 +106,27 @@ def resolve(key: str, node: Mapping | None, image_size: int) -> Recipe:
     if node is None:
         return Recipe()
     values = dict(node)
-    unknown = sorted(set(values) - set(OPS) - {"preset"})
+    # The keys with a rule under ``key``: ``size`` is an objective's views' alone (a datamodule serves its
+    # training images at image_size).
+    allowed = {name for name in (*OPS, "preset") if rule_for(f"{key}.{name}") is not None}
+    unknown = sorted(set(values) - allowed)
     if unknown:
-        raise ConfigError(f"{key}.{unknown[0]} is unknown: allowed are {', '.join(sorted({*OPS, 'preset'}))}")
+        raise ConfigError(f"{key}.{unknown[0]} is unknown: allowed are {', '.join(sorted(allowed))}")
     for name, value in values.items():
         check(f"{key}.{name}", value)
     base = PRESETS[preset_of(values, image_size)]
     chosen = {name: value for name, value in values.items() if value is not None and name != "preset"}
     if chosen.get("auto_augment") == "none":
         chosen["auto_augment"] = None
-    for name in ("scale", "ratio"):
+    for name in ("scale", "ratio", "jitter_strength", "blur_sigma"):
         if name in chosen:
             chosen[name] = tuple(float(v) for v in chosen[name])
-    for name in ("rotate", "translate", "brightness", "contrast", "noise", "erase"):
+    probabilities = ("jitter", "grayscale", "blur", "solarize")
+    for name in ("rotate", "translate", "brightness", "contrast", "noise", "erase", *probabilities):
         if name in chosen:
             chosen[name] = float(chosen[name])
+    if "size" in chosen:
+        chosen["size"] = int(chosen["size"])
     return replace(base, **chosen)
 
 

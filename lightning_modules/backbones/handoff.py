@@ -64,12 +64,14 @@ def export_backbone(
     objective_cfg: dict | None = None,
     files: dict | None = None,
     preprocessing: dict | None = None,
+    weights: str | None = None,
 ) -> Path:
     """Write ``target/`` = model.safetensors + config.yaml (+ the objective's heads and config when
     given; + each tower as a backbone of its own in ``target/<tower>``; + ``files``, name -> JSON content: what the
     data left for later, e.g. the pairs' captions), atomically: a killed export leaves no half-written ``backbone/``.
     ``preprocessing``: what the data's evaluation gave the backbone (``eval_preprocessing()``), recorded in
-    config.yaml and in the family's own config (timm's ``config.json``)."""
+    config.yaml and in the family's own config (timm's ``config.json``). ``weights``: what the weights are, when
+    there is a choice (a teacher–student objective's student or teacher), recorded in config.yaml."""
     from safetensors.torch import save_model
 
     target = Path(target)
@@ -94,6 +96,7 @@ def export_backbone(
             "provenance": provenance or {},
             "objective": objective_cfg,
             "preprocessing": preprocessing,
+            **({"weights": weights} if weights else {}),
             **({"towers": list(towers)} if towers else {}),
         }
         (tmp / CONFIG).write_text(yaml.safe_dump(meta, sort_keys=False))

@@ -1,7 +1,9 @@
 """At the end of pre-training: export ``backbone/`` (weights, architecture, processor, the objective's heads, the
 data's evaluation preprocessing) and, when the run logs to W&B, log it as a model artifact, so fine-tunes can load
 it by path or by artifact. A backbone made of towers (a dual encoder) also logs each tower (``backbone/image``,
-``backbone/text``) as an artifact of its own, named after the tower's model (``backbone-<model.text.name>-clip``)."""
+``backbone/text``) as an artifact of its own, named after the tower's model (``backbone-<model.text.name>-clip``).
+A backbone pre-trained with adapters (``freeze=lora``, e.g. CLIP's image tower) is exported merged: the adapters
+folded into its weights, a plain backbone that any fine-tune loads."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 import yaml
 from pytorch_lightning.callbacks import Callback
 
+from lightning_modules.backbones.adapters import has_adapters, merged
 from lightning_modules.backbones.artifacts import log_folder
 from lightning_modules.backbones.handoff import export_backbone
 from lightning_modules.core.distributed import unsharded
@@ -38,14 +41,18 @@ class BackboneExport(Callback):
         # FSDP: every rank helps gather the whole weights (rank 0 reads them); otherwise nothing to do
         with unsharded(pl_module, reader=trainer.is_global_zero):
             if trainer.is_global_zero:  # the same weights on every rank: one export
+                # The objective says which backbone is kept: the trained one, or a teacher–student's teacher;
+                # adapters (freeze=lora) are folded into its weights.
+                backbone, weights = pl_module.objective.exported_backbone(pl_module.backbone)
                 export_backbone(
-                    pl_module.backbone,
+                    merged(backbone) if has_adapters(backbone) else backbone,
                     self.target,
                     provenance=self.provenance,
                     objective=pl_module.objective,
                     objective_cfg=self.objective_cfg,
                     files=self.files,
                     preprocessing=datamodule.eval_preprocessing() if datamodule is not None else None,
+                    weights=weights,
                 )
         if not trainer.is_global_zero:
             return

@@ -17,6 +17,11 @@ A backbone made of towers (a dual encoder's ``image`` and ``text``) is frozen to
 its own input side: the strategy applies to every tower, and a tower given a value of its own (``freeze.image``,
 ``freeze.text``: a number of groups or ``all``, as ``freeze.layers``) keeps that many groups frozen for the
 whole run instead. ``freeze.text=all`` locks the text tower (LiT), whatever the strategy does with the other.
+
+``freeze=lora`` (``Adapters``) freezes the whole backbone for good and trains peft's adapters put into it
+(``backbones/adapters.py``) and the head: the adapters go in before the training module and its optimizer are
+built (``prepare``), only above the first ``freeze.layers`` groups, and the frozen weights are left out of the
+optimizer altogether (``optim.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import warnings
 from pytorch_lightning.callbacks import BaseFinetuning
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_modules.backbones.adapters import adapter_ids, add_adapters, has_adapters, peft_models
 from lightning_modules.config.rules import check
 from lightning_modules.core.errors import ConfigError
 from lightning_modules.core.progress import resuming_mid_epoch
@@ -82,6 +88,9 @@ class LayerFreezing(BaseFinetuning):
                 )
         for tower, tower_groups in groups.items():
             self.tower_count(tower, 0, len(tower_groups))
+
+    def prepare(self, backbone) -> None:
+        """Change the backbone before the training module and its optimizer are built (nothing, but for adapters)."""
 
     def frozen_throughout(self, num_groups: int, epochs: int) -> bool:
         """Whether every group stays frozen, in eval mode, for all ``epochs``: the backbone is then a fixed
@@ -180,3 +189,63 @@ class LinearProbeThenFinetune(LayerFreezing):
         for group in optimizer.param_groups:
             group["lr_scale"] = group.get("layer_scale", 1.0) * scale
         refresh_lrs(pl_module.trainer)
+
+
+class Adapters(LayerFreezing):
+    """``freeze=lora``: the backbone frozen bit-for-bit, peft's adapters (``method``: lora, dora, ia3) on the modules
+    ``targets`` names in the layer groups above the first ``layers``, and the head, trained; with ``probe_epochs``
+    (LP-FT) the head alone first. BatchNorm stays in eval mode (its statistics are the pre-trained ones) unless
+    ``train_bn``; dropout runs as in any fine-tune."""
+
+    def __init__(
+        self,
+        method: str = "lora",
+        targets="auto",
+        rank: int | None = None,
+        alpha: float | None = None,
+        dropout: float | None = None,
+        use_rslora: bool | None = None,
+        layers=0,
+        probe_epochs: int = 0,
+        train_bn: bool = False,
+        **towers,
+    ):
+        super().__init__(train_bn, **towers)
+        self.layers = check("freeze.layers", layers)
+        self.probe_epochs = check("freeze.probe_epochs", probe_epochs)
+        self.settings = {"method": check("freeze.method", method), "targets": check("freeze.targets", targets)}
+        # IA3 given LoRA's options is refused by the config check (rules/freeze.py), in one line
+        lora = {"rank": rank, "alpha": alpha, "dropout": dropout, "use_rslora": use_rslora}
+        self.settings.update(lora)
+        self._trained: set[int] = set()
+        self._batchnorms: list = []
+
+    def frozen_count(self, epoch: int, num_groups: int, what: str = "the backbone") -> int:
+        """The groups without adapters (the stem first)."""
+        return resolve_layers(self.layers, num_groups, what=what)
+
+    def prepare(self, backbone) -> None:
+        if not has_adapters(backbone):
+            skipped = {tower: self.tower_count(tower, 0, len(g)) for tower, g in backbone.tower_groups().items()}
+            add_adapters(backbone, self.settings, skipped)
+        self._trained = adapter_ids(backbone)
+
+    def frozen_throughout(self, num_groups: int, epochs: int) -> bool:
+        return False  # the adapters change the features: none to cache
+
+    def apply(self, pl_module, epoch: int) -> None:
+        backbone = pl_module.backbone
+        training = epoch >= self.probe_epochs  # LP-FT: the head alone for the probe's epochs
+        for p in backbone.parameters():
+            p.requires_grad = training and id(p) in self._trained
+        towers = backbone.towers() or {"": backbone}
+        adapted = peft_models(backbone)
+        self.frozen_groups = []
+        self._frozen_towers = [t for name, t in towers.items() if not training or name not in adapted]
+        self._batchnorms = [] if self.train_bn else [m for m in backbone.modules() if isinstance(m, _BatchNorm)]
+        self._set_eval()
+
+    def _set_eval(self) -> None:
+        super()._set_eval()  # towers without adapters (all of them while probing): fixed feature extractors
+        for module in self._batchnorms:
+            module.eval()

@@ -7,6 +7,11 @@ selected (or, without checkpoints, kept the last weights) and measured it, so ``
 ``metrics.json``'s ``test/*`` describe, and its card carries them. Global rank 0 writes; the weights are the same on
 every rank. A backbone its family cannot export, an objective without a linear head (a ``clm`` fine-tune), or any
 failure writing it, is one warning line and ``model/skipped`` in ``metrics.json``: the run's results stand.
+
+A backbone with adapters (``freeze=lora``, ``backbones/adapters.py``) is written merged (the adapters folded into
+its weights: ``model/`` loads with no peft installed), and its adapters alone go beside, in peft's own format
+(``model/adapter/``), logged to W&B as an artifact of their own (``<model artifact>-adapter``: megabytes, not the
+whole model).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 
 from pytorch_lightning.callbacks import Callback
 
+from lightning_modules.backbones.adapters import ADAPTER_DIR, has_adapters, merged, save_adapter
 from lightning_modules.backbones.artifacts import log_folder
 from lightning_modules.backbones.model_dir import push_to_hub, write_model
 from lightning_modules.core.errors import ConfigError, message_of
@@ -50,13 +56,22 @@ class ModelExport(Callback):
                 raise ConfigError(f"{type(datamodule).__name__} does not say its evaluation preprocessing")
             about = {**self.about, "metrics": _metrics(trainer)}
             labels = datamodule.spec.class_names
-            directory = write_model(pl_module.backbone, head, self.target, labels, preprocessing, about)
+            backbone, extra = pl_module.backbone, None
+            if has_adapters(backbone):  # model/ merged, adapter/ beside it
+
+                def extra(folder: Path, trained=backbone) -> None:
+                    save_adapter(trained, head, folder, labels, preprocessing, _base_name(self.about, trained))
+
+                backbone = merged(backbone)
+            directory = write_model(backbone, head, self.target, labels, preprocessing, about, extra)
         except Exception as err:  # the run's results stand without model/: a warning, not a failed run
             why = str(err) if isinstance(err, ConfigError) else f"not written ({type(err).__name__}: {message_of(err)})"
             self.outcome = {"model/skipped": why}
             print(f"warning: model/: {why}", file=sys.stderr, flush=True)
             return
         self.outcome = {"model/dir": directory.name, "time/model_export_s": round(time.perf_counter() - started, 3)}
+        if (directory / ADAPTER_DIR).is_dir():
+            self.outcome["model/adapter"] = f"{directory.name}/{ADAPTER_DIR}"
         self._log_artifact(trainer, directory, about)
         if self.hub_repo:
             self._push(directory)
@@ -65,6 +80,10 @@ class ModelExport(Callback):
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger" and self.artifact:
                 log_folder(logger.experiment, directory, self.artifact, about)
+                if (
+                    directory / ADAPTER_DIR
+                ).is_dir():  # the adapters alone: what serving many tasks from one base needs
+                    log_folder(logger.experiment, directory / ADAPTER_DIR, f"{self.artifact}-adapter", about)
 
     def _push(self, directory: Path) -> None:
         """The Hub push comes after training; when it fails (the network, a permission) the run's results and
@@ -83,6 +102,13 @@ class ModelExport(Callback):
     def run_metrics(self) -> dict:
         """For metrics.json: where model/ is (or why it is not), and what writing it took."""
         return dict(self.outcome)
+
+
+def _base_name(about: dict, backbone) -> str:
+    """What the adapters were trained on, for peft's ``base_model_name_or_path``: the weights' Hugging Face name or
+    path, else the architecture's name."""
+    weights = about.get("pretrained") or {}
+    return str(weights.get("hf") or weights.get("path") or backbone.spec.get("name") or type(backbone).__name__)
 
 
 def _metrics(trainer) -> dict:

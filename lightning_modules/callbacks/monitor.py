@@ -7,8 +7,15 @@ from pytorch_lightning.callbacks import Callback
 
 
 def count_params(module) -> dict:
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in module.parameters())
+    """Trainable and frozen parameters of what the optimizer holds: the backbone and the objective's heads, not an
+    EMA teacher (updated by its momentum, neither trained nor frozen)."""
+    objective = getattr(module, "objective", None)
+    if objective is not None and hasattr(objective, "optimized_parameters"):
+        params = [*module.backbone.parameters(), *objective.optimized_parameters().values()]
+    else:
+        params = list(module.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
     return {"params/trainable": trainable, "params/frozen": total - trainable}
 
 

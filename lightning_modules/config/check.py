@@ -184,6 +184,11 @@ def check_extras(cfg: DictConfig) -> None:
         require("logger=wandb" if not init.startswith("wandb:") else f"model.init={init}", "wandb")
     if any(t.startswith("datamodules.sources.shards") for t in targets):
         require("datamodule=shards", "litdata")
+    lightly_objectives = tuple(f"lightning_modules.objectives.{name}." for name in ("byol", "dino", "vicreg"))
+    if any(t.startswith(lightly_objectives) for t in targets):
+        require(f"objective={choice_name(cfg, 'objective')}", "lightly")
+    if any(t == "lightning_modules.callbacks.freezing.Adapters" for t in targets):
+        require("freeze=lora", "peft")
     try:
         modality = model_modality(model) if model is not None else None
     except Exception:  # a reference that cannot be resolved: the rules name it

@@ -22,6 +22,8 @@ EXTRAS = {
     "onnx": "export",
     "onnxscript": "export",
     "onnxruntime": "export",
+    "lightly": "ssl",
+    "peft": "lora",
 }
 
 

@@ -31,6 +31,9 @@ class Objective(nn.Module):
     # True when forward only takes the backbone's pooled features of the batch as it comes (no views, masks or
     # mixing): a frozen backbone's features can then be computed once (callbacks/feature_cache.py).
     pooled_only: bool = False
+    # True for an objective trained on labels (a fine-tune's classifier): its own metrics say how it classifies, so
+    # the feature monitor (callbacks/feature_monitor.py) stays off.
+    supervised: bool = False
     # For text: the kind of backbone it needs ("encoder": BERT-style, "decoder": GPT-style), or None for either.
     text_kind: ClassVar[str | None] = None
     # True for an objective that only pre-trains (a fine-tune's default metrics and test step are a classifier's).
@@ -50,15 +53,32 @@ class Objective(nn.Module):
             described = getattr(backbone, "described", f"the {type(backbone).__name__}")
             raise ConfigError(kind_mismatch(f"objective={name.lower()}", self.text_kind, described, kind))
 
+    # Where training is: (optimizer steps taken, steps the run will take). The module sets it before every training
+    # step from the trainer's progress (restored on a resume), so a schedule read from it (an EMA teacher's momentum,
+    # DINO's teacher temperature) is the uninterrupted run's.
+    progress: tuple[int, int] = (0, 1)
+
     def make_metrics(self, prefix: str):
         """A torchmetrics collection fed by ``update_metrics``; ``None`` when the loss is the metric."""
         return None
 
-    def after_step(self) -> None:
-        """Called after every training step's optimizer update (CLIP keeps its logit scale clamped here)."""
+    def after_step(self, backbone) -> None:
+        """Called after every optimizer update with the backbone being trained (CLIP keeps its logit scale clamped
+        here; an EMA teacher moves towards ``backbone``)."""
 
     def update_metrics(self, metrics, output: dict) -> None:
         raise NotImplementedError
+
+    def optimized_parameters(self) -> dict[str, nn.Parameter]:
+        """The objective's parameters the optimizer trains, by name: all of them, less those updated otherwise (an
+        EMA teacher's, by ``after_step``)."""
+        return dict(self.named_parameters())
+
+    def exported_backbone(self, backbone) -> tuple[nn.Module, str | None]:
+        """The backbone whose weights pre-training exports, and what they are when there is a choice (``weights`` in
+        ``backbone/config.yaml``): the trained backbone itself here (None: nothing to say); a teacher–student
+        objective may export its teacher instead."""
+        return backbone, None
 
 
 def build_objective(conf, backbone, data) -> Objective:

@@ -14,6 +14,7 @@ from lightning_modules.objectives.base import Objective
 
 class Classification(Objective):
     modalities = ("image", "text")
+    supervised = True
 
     def __init__(
         self,

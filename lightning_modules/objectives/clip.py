@@ -188,7 +188,7 @@ class CLIP(Objective):
         """``exp(logit_scale)``, at most ``max_logit_scale``."""
         return self.logit_scale.exp().clamp(max=self.max_logit_scale)
 
-    def after_step(self) -> None:
+    def after_step(self, backbone) -> None:
         with torch.no_grad():  # as OpenCLIP: the parameter itself never rises above log(max_logit_scale)
             self.logit_scale.clamp_(0, math.log(self.max_logit_scale))
 

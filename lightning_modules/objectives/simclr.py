@@ -45,7 +45,9 @@ class SimCLR(Objective):
     ):
         super().__init__(backbone, data)
         self.temperature = float(check("objective.temperature", temperature))
-        self.augment = BatchAugment.from_config("objective.augment", augment, data.image_size)
+        self.augment = BatchAugment.from_config(
+            "objective.augment", augment, data.image_size, stats=(data.mean, data.std)
+        )
         self.projector = nn.Sequential(
             nn.Linear(backbone.num_features, proj_hidden),
             # Batch statistics are per rank under DDP unless trainer.sync_batchnorm=true (CUDA only);

@@ -208,6 +208,12 @@ def headline(summary: list[dict]) -> list[str]:
     return lines
 
 
+def monitored(metrics: dict) -> str:
+    """What the feature monitor measured at the end of pre-training (callbacks/feature_monitor.py), if it ran."""
+    names = {"val/knn_acc": "k-NN top-1", "val/probe_acc": "online linear probe"}
+    return "".join(f", {name} {100 * metrics[key]:.1f}%" for key, name in names.items() if key in metrics)
+
+
 def write_report(study_dir: Path, cfg, rows: list[dict], summary: list[dict], pretrain: dict, seconds: float) -> Path:
     study_dir = Path(study_dir)
     buf = io.StringIO()
@@ -225,7 +231,7 @@ def write_report(study_dir: Path, cfg, rows: list[dict], summary: list[dict], pr
         "",
         (
             f"Pre-training: `{' '.join([*cfg.common, *cfg.pretrain])}` (final val/loss {pretrain['val/loss']:.3f},"
-            f" {pretrain['time/run_s']:.0f}s). "
+            f"{monitored(pretrain)}, {pretrain['time/run_s']:.0f}s). "
             if pretrain
             else "No pre-training (no strategy starts from it). "
         )

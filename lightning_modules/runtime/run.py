@@ -193,6 +193,8 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     if finetune and objective.pretrain_only:  # the config check refuses it where it can read the class
         raise ConfigError(pretrain_only(choice_name(cfg, "objective")))
     check_monitored(_monitored(cfg), objective)
+    # Checked on the backbone before training; adapters (freeze=lora) go in before the module and its optimizer
+    freezer = _freezer(cfg.get("freeze"), backbone)
     module = PretuneModule(
         backbone,
         objective,
@@ -209,7 +211,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     callbacks.append(EpochSeed(cfg.seed))
     callbacks.append(Requeue(out_dir / "checkpoints" / "last.ckpt"))  # under SLURM: save and requeue when signalled
     callbacks += _freezing(
-        cfg.get("freeze"),
+        freezer,
         backbone,
         datamodule,
         objective,
@@ -276,13 +278,22 @@ def _configured(callbacks_cfg) -> dict:
     }
 
 
-def _freezing(freeze_cfg, backbone, datamodule, objective, epochs: int, cache_features: bool) -> list:
-    """The freezing strategy (fine-tuning, and pre-training too: e.g. a locked CLIP tower) and the per-group
-    monitor; the feature cache when the backbone stays frozen throughout."""
+def _freezer(freeze_cfg, backbone):
+    """The freezing strategy (fine-tuning, and pre-training too: e.g. a locked CLIP tower), checked on the backbone
+    (e.g. freeze.layers beyond its groups: fail before training) and given its chance to change it (adapters)."""
     if freeze_cfg is None:
-        return []
+        return None
     freezer = build(freeze_cfg, "freeze")
-    freezer.validate(backbone)  # e.g. freeze.layers beyond the backbone's groups: fail before training
+    freezer.validate(backbone)
+    freezer.prepare(backbone)
+    return freezer
+
+
+def _freezing(freezer, backbone, datamodule, objective, epochs: int, cache_features: bool) -> list:
+    """The freezing strategy and the per-group monitor; the feature cache when the backbone stays frozen
+    throughout."""
+    if freezer is None:
+        return []
     callbacks = [freezer, LayerGroupMonitor()]
     if (
         cache_features

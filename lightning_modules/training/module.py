@@ -88,6 +88,7 @@ class PretuneModule(pl.LightningModule):
                 self.register_buffer(f"_l2sp_anchor_{i}", p.detach().clone(), persistent=False)
                 self._anchor_names.append(name)
         self.optimizer_cfg, self.scheduler_cfg = dict(optimizer), dict(scheduler)
+        self._total_steps = 1  # the run's optimizer steps, set by configure_optimizers
         self.val_metrics = objective.make_metrics("val/")
         self.test_metrics = objective.make_metrics("test/")
 
@@ -169,6 +170,7 @@ class PretuneModule(pl.LightningModule):
             )
 
     def training_step(self, batch, batch_idx):
+        self.objective.progress = (self.global_step, self._total_steps)
         out = self(batch)
         loss = out["loss"].detach()
         # The epoch mean accumulates on the device; the step value is logged (and divergence checked) only on
@@ -199,8 +201,12 @@ class PretuneModule(pl.LightningModule):
             if in_step:  # the bar shows the latest value that arrived, a host number: no sync at each redraw
                 self.log("train/loss_step", torch.tensor(step_loss), prog_bar=True, logger=False)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.objective.after_step()  # after the optimizer's update (e.g. CLIP's logit scale clamped)
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # Right after the update (CLIP's logit scale clamped, an EMA teacher moved), before any callback sees the
+        # step: a checkpoint taken at it holds what the step made. Once per optimizer step, however many batches
+        # it accumulated.
+        self.objective.after_step(self.backbone)
 
     def on_train_epoch_end(self):
         self._read_reports(wait=True, in_step=False)
@@ -256,6 +262,7 @@ class PretuneModule(pl.LightningModule):
     def configure_optimizers(self):
         optimizer = build_optimizer(self.optimizer_cfg, self.backbone, self.objective)
         total = int(self.trainer.estimated_stepping_batches)
+        self._total_steps = total  # the objective's schedules read it (progress)
         per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         scheduler = build_scheduler(self.scheduler_cfg, optimizer, total, per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from lightning_modules.backbones.adapters import adapter_ids, has_adapters
 from lightning_modules.config.library import library_error
 from lightning_modules.config.rules import check
 
@@ -45,14 +46,21 @@ def layer_scales(num_groups: int, layer_decay: float | None, backbone_lr_scale: 
 
 def param_groups(backbone, head: torch.nn.Module, cfg: dict) -> list[dict]:
     """One group per layer group (two: with and without weight decay), then the head's. Layer decay counts each
-    tower of a backbone made of towers (a dual encoder) on its own: each tower's top group gets ``lr * d``."""
+    tower of a backbone made of towers (a dual encoder) on its own: each tower's top group gets ``lr * d``.
+    A backbone with adapters (``freeze=lora``) is frozen for good: only its adapters are in the optimizer, each in
+    the group of the module it adapts (so layer decay scales them as it would those modules)."""
     groups = []
     wd = cfg.get("weight_decay", 0.0)
+    trained = adapter_ids(backbone) if has_adapters(backbone) else None
     for layer_groups in backbone.tower_groups().values():
         scales = layer_scales(len(layer_groups), cfg.get("layer_decay"), cfg.get("backbone_lr_scale", 1.0))
         for g, scale in zip(layer_groups, scales, strict=True):
-            groups += _split_decay(g.params, wd, {"name": g.name, "layer_scale": scale, "lr_scale": scale})
-    head_params = dict(head.named_parameters())
+            params = g.params if trained is None else {n: p for n, p in g.params.items() if id(p) in trained}
+            groups += _split_decay(params, wd, {"name": g.name, "layer_scale": scale, "lr_scale": scale})
+    # An objective's own choice (an EMA teacher is updated by its momentum, not by the optimizer); any other module:
+    # all of its parameters.
+    optimized = getattr(head, "optimized_parameters", None)
+    head_params = optimized() if optimized is not None else dict(head.named_parameters())
     if head_params:
         groups += _split_decay(head_params, wd, {"name": "head", "layer_scale": 1.0, "lr_scale": 1.0})
     return groups

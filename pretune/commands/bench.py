@@ -21,6 +21,7 @@ def main() -> None:
         "--cases", nargs="+", metavar="WORD", help="only the cases whose name contains a word (e.g. MLM)"
     )
     parser.add_argument("--compare", nargs="+", metavar="OVERRIDE", help="pretune vs pretune with these overrides")
+    parser.add_argument("--lora", action="store_true", help="only freeze=lora against full fine-tuning")
     parser.add_argument("--loaders", action="store_true", help="the train loader against DataLoader with workers")
     parser.add_argument(
         "--overhead", metavar="CASE", help="where pretune's extra time goes, per step and per epoch, for a case"
@@ -66,12 +67,16 @@ def main() -> None:
         return benchmark.compare(args.compare, args.epochs, args.repeats)
     if args.overhead:
         return benchmark.overhead(args.overhead, args.repeats)
+    if args.lora:
+        return benchmark.lora_benchmark(args.epochs, 1 if args.tiny else 3, 3 if args.tiny else args.batches_per_epoch)
     if args.tiny:
         benchmark.benchmark(
             epochs=1, repeats=1, batches_per_epoch=3, memory=False, with_startup=False, cases=args.cases
         )
     else:
         benchmark.benchmark(args.epochs, args.repeats, args.batches_per_epoch, cases=args.cases)
+        if not args.cases:  # make bench: the LoRA table too
+            benchmark.lora_benchmark(args.epochs, batches_per_epoch=args.batches_per_epoch)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
     pretune bench --overhead "finetune: resnet_micro"     # pretune's extra ms a step, an epoch
     pretune bench --device cuda  # on a GPU: against a tuned hand loop, data on the device (~6 min)
     pretune bench --predict      # predict.py against the fine-tune's evaluation, same inputs
+    pretune bench --lora         # only the LoRA table: freeze=lora against full fine-tuning
 
 Each case runs the plain loop and pretune's real run path (``run(cfg)`` on the composed config, with the
 default callbacks, CSV logger and progress bar) interleaved, ``--repeats`` times; the table shows medians.
@@ -490,6 +491,66 @@ def compare(variant: list[str], epochs: int, repeats: int, out_root: Path = OUT)
         )
     table = "\n".join(lines) + "\n"
     out_dir = out_root / (datetime.now().strftime("%Y-%m-%d_%H-%M-%S") + "_compare")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.md").write_text(table)
+    print(table + f"\nwritten to {out_dir / 'bench.md'}")
+    return out_dir / "bench.md"
+
+
+# freeze=lora (peft's LoRA adapters on the frozen backbone) against full fine-tuning of the same backbone.
+LORA_CASES = ("finetune: vit_micro", "finetune: bert_micro, text")
+LORA = ["freeze=lora"]
+
+
+def lora_benchmark(
+    epochs: int = 3,
+    repeats: int = 3,
+    batches_per_epoch: int | None = None,
+    memory: bool = True,
+    cases: tuple[str, ...] = LORA_CASES,
+    out_root: Path = OUT,
+) -> Path:
+    """pretune's run path with ``freeze=lora`` against the same with every parameter trained (``freeze=none``),
+    interleaved: steps/s, peak memory, trainable parameters and the test accuracy each reached."""
+    overrides = [f"trainer.max_epochs={epochs}"]
+    if batches_per_epoch:
+        overrides.append(f"datamodule.train_batches_per_epoch={batches_per_epoch}")
+    tmp = _scratch()
+    lines = [
+        f"freeze=lora (rank 8, targets=auto) against full fine-tuning (freeze=none) of the same backbone, {epochs}"
+        f" epochs, CPU, {torch.get_num_threads()} threads, median of {repeats} interleaved runs of pretune's run path.",
+        "",
+        "| case | full steps/s | LoRA steps/s | LoRA / full | full peak MB | LoRA peak MB | memory LoRA / full"
+        " | trainable full / LoRA | test acc full / LoRA |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    variants = (("full", ["freeze=none"]), ("lora", LORA))
+    for i, case in enumerate(cases):
+        stage, extra = CASES[case]
+        runs = {"full": [], "lora": []}
+        for r in range(repeats):
+            for name, more in _alternate(variants, r):
+                gc.collect()
+                runs[name].append(pretune_run(make_cfg(stage, extra + overrides + more, tmp / f"lora{i}-{name}-{r}")))
+        full, lora = runs["full"], runs["lora"]
+        ratio = _median(steps_per_s(b) / steps_per_s(a) for a, b in zip(full, lora, strict=True))
+        mem_cells = "– | – | –"
+        if memory:
+            mem = [peak_memory_mb(case, "pretune", extra + overrides + more) for _, more in variants]
+            mem_cells = f"{mem[0]:.0f} | {mem[1]:.0f} | **{mem[1] / mem[0]:.2f}**"
+        m_full, m_lora = full[-1]["metrics"], lora[-1]["metrics"]
+        lines.append(
+            f"| {case} | {_median(map(steps_per_s, full)):.1f} | {_median(map(steps_per_s, lora)):.1f}"
+            f" | **{ratio:.3f}** | {mem_cells} | {m_full['params/trainable']:,} / {m_lora['params/trainable']:,}"
+            f" | {m_full.get('test/acc', float('nan')):.4f} / {m_lora.get('test/acc', float('nan')):.4f} |"
+        )
+    lines += [
+        "",
+        "steps/s as in the main table (fit loop, validation included); peak MB: peak RSS above the RSS after imports,"
+        " a fresh process per cell. Trainable: parameters of backbone and head.",
+    ]
+    table = "\n".join(lines) + "\n"
+    out_dir = out_root / (datetime.now().strftime("%Y-%m-%d_%H-%M-%S") + "_lora")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.md").write_text(table)
     print(table + f"\nwritten to {out_dir / 'bench.md'}")

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_modules.config.check import check_config, check_values
 from lightning_modules.config.rules import STUDY_RULES
 from lightning_modules.core.errors import ConfigError
-from lightning_modules.reports.transfer import select_and_summarise, write_report
+from lightning_modules.reports.transfer import monitored, select_and_summarise, write_report
 from lightning_modules.runtime.failure import report as report_failure
 from lightning_modules.runtime.failure import warnings_to_log
 from pretune.commands.app import CONFIG_PATH, launch
@@ -140,7 +140,7 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
     if any(uses(s) for s in cfg.strategies.values()):
         print(f"pre-training ({' '.join(cfg.pretrain)}) ...", flush=True)
         pre = _run_stage("pretrain", [*cfg.common, *cfg.pretrain], pre_dir)
-        print(f"  done in {pre['time/run_s']:.0f}s, val/loss {pre['val/loss']:.3f}", flush=True)
+        print(f"  done in {pre['time/run_s']:.0f}s, val/loss {pre['val/loss']:.3f}{monitored(pre)}", flush=True)
 
     jobs = [
         (fraction, name, lr, seed)

@@ -28,7 +28,7 @@ from lightning_modules.config.kinds import (
 from lightning_modules.core.locations import CONFIG, find_backbone_dir
 
 # Image augmentation, one recipe for every loading path (datamodules/transforms/recipe.py): datamodule.augment.* for
-# training batches, objective.augment.* for SimCLR's views. null: the preset's value. Images are normalised to
+# training batches, objective.augment.* for an objective's views. null: the preset's value. Images are normalised to
 # mean 0, std 1: brightness and noise are in standard deviations.
 AUGMENT = {
     "preset": Choice("auto", "photo", "small", "none", nullable=True),  # what a key left null takes
@@ -42,7 +42,19 @@ AUGMENT = {
     "auto_augment": Choice("randaugment", "trivialaugment", "autoaugment", "none", nullable=True),
     "noise": Rule(float, low=0, high=5, nullable=True),
     "erase": Rule(float, low=0, high=1, nullable=True),
+    # The photo ops of the BYOL/DINO recipes (datamodules/transforms/photo.py), on pixels in [0, 1]: probabilities
+    # (0: off); jitter's strengths as torchvision's ColorJitter(brightness, contrast, saturation, hue); blur's sigma
+    # range in pixels.
+    "jitter": Rule(float, low=0, high=1, nullable=True),
+    "jitter_strength": ListOf(Rule(float, low=0, high=1), 4, 4, nullable=True),
+    "grayscale": Rule(float, low=0, high=1, nullable=True),
+    "blur": Rule(float, low=0, high=1, nullable=True),
+    "blur_sigma": ListOf(Rule(float, low=0, high=64, low_open=True), 2, 2, ascending=True, nullable=True),
+    "solarize": Rule(float, low=0, high=1, nullable=True),
 }
+# An objective's views also take the crop's side (multi-crop's small local views; null: the input's); a
+# datamodule serves its training images at image_size.
+VIEW_AUGMENT = AUGMENT | {"size": Rule(int, low=1, high=4096, nullable=True)}
 
 
 def _check_data_path(key: str, value):
