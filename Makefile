@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install run run-text test test-fast lint bench clean
+.PHONY: install run run-text test test-fast lint bench docs clean
 
 install: $(STAMP)
 
@@ -31,9 +31,13 @@ test-fast: install
 bench: install
 	$(PY) scripts/benchmark.py
 
+# The manual (docs/, mkdocs.yml) as a site in site/; strict: a broken link fails (make test checks the same)
+docs: install
+	$(PY) -m mkdocs build --strict -d site
+
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
 clean:
-	rm -rf outputs multirun lightning_logs wandb .pytest_cache
+	rm -rf outputs multirun lightning_logs wandb .pytest_cache site

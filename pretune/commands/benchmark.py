@@ -42,7 +42,7 @@ OUT = Path("outputs") / "bench"  # in the directory the command runs from
 _NEEDED = ("torch", "hydra", "omegaconf", "pytorch_lightning", "timm", "torchmetrics", "sklearn", "safetensors", "yaml")
 _MISSING = [name for name in _NEEDED if importlib.util.find_spec(name) is None]
 if _MISSING:
-    sys.exit(f"error: pretune bench needs {', '.join(_MISSING)} (not importable here); see README, Performance")
+    sys.exit(f"error: pretune bench needs {', '.join(_MISSING)} (not importable here); see docs/performance.md")
 
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
