@@ -73,7 +73,7 @@ def _cli(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
 
 def test_help_and_cfg_job_answer_without_training():
     help_ = _cli("--help")
-    assert help_.returncode == 0 and "freeze: first_n, gradual, linear_probe, lp_ft, none" in help_.stdout
+    assert help_.returncode == 0 and "freeze: first_n, gradual, linear_probe, lora, lp_ft, none" in help_.stdout
     job = _cli("--cfg", "job", "freeze.layers=3")
     assert job.returncode == 0
     assert OmegaConf.create(job.stdout).freeze.layers == 3
