@@ -3,15 +3,15 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install run run-text test test-fast lint bench clean
+.PHONY: install run run-text test test-fast lint bench docs clean
 
 install: $(STAMP)
 
 # Re-installs only when pyproject.toml changes, so a second call is a quick no-op.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"  # the tested versions (pyproject: lower bounds)
 	touch $(STAMP)
 
 run: install
@@ -31,9 +31,13 @@ test-fast: install
 bench: install
 	$(PY) scripts/benchmark.py
 
+# The manual (docs/, mkdocs.yml) as a site in site/; strict: a broken link fails (make test checks the same)
+docs: install
+	$(PY) -m mkdocs build --strict -d site
+
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
 clean:
-	rm -rf outputs multirun lightning_logs wandb .pytest_cache
+	rm -rf outputs multirun lightning_logs wandb .pytest_cache site

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from scripts import benchmark
+from pretune.commands import benchmark
 
 
 def test_tiny_benchmark_writes_every_row_and_both_loops_train_the_same_model(tmp_path):
@@ -80,7 +80,7 @@ def test_gpu_benchmark_without_a_gpu_says_so_in_one_line():
 
 @pytest.mark.slow
 def test_the_streaming_throughput_table_measures_every_loader_against_a_training_step(tmp_path):
-    from scripts import bench_streaming
+    from pretune.commands import bench_streaming
 
     lines = bench_streaming.throughput(
         tmp_path, images=192, workers=[1, 2], model="test_vit", device="cpu", train_batch=2, repeats=1

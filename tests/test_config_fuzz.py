@@ -383,11 +383,9 @@ def test_fuzzed_overrides_larger_draw(bases, tmp_path, capsys, monkeypatch, requ
 def test_fuzzed_study_overrides_are_refused_in_one_line_or_accepted(tmp_path):
     """conf/transfer_study.yaml's own keys: every draw checked against STUDY_RULES (milliseconds); a few
     accepted ones also through check_study, which composes every stage config the study would run."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from transfer_study import check_study
-
     from lightning_modules.config.check import check_values
     from lightning_modules.config.rules import STUDY_RULES
+    from pretune.commands.transfer_study import check_study
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         base = compose(config_name="transfer_study", overrides=[f"paths.output_dir={tmp_path}"])

@@ -171,10 +171,8 @@ def test_ddp_config_builds_a_two_node_trainer_with_the_hydra_job_launcher():
 
 
 def test_the_transfer_study_refuses_ddp_stages(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from transfer_study import _run_stage
-
     from lightning_modules.core.errors import ConfigError
+    from pretune.commands.transfer_study import _run_stage
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         with pytest.raises(ConfigError, match="not supported inside the transfer study"):

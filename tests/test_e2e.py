@@ -73,8 +73,7 @@ def test_failed_job_is_recorded_and_exits_2(tmp_path):
 
 
 def test_transfer_study_on_a_tiny_budget(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from transfer_study import study
+    from pretune.commands.transfer_study import study
 
     overrides = [
         "seeds=[0,1]",

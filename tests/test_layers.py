@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("lightning_modules", "datamodules")
+PACKAGES = ("lightning_modules", "datamodules", "pretune")
 # Bottom to top: a module may import from its own layer and the layers before it.
 LAYERS = (
     "lightning_modules.core",  # errors, result files, rank helpers, locations
@@ -22,6 +22,7 @@ LAYERS = (
     "lightning_modules.callbacks",
     "lightning_modules.runtime",
     "lightning_modules.reports",
+    "pretune",  # the `pretune` command and its subcommands (scripts/*.py are shims of them)
 )
 
 

@@ -62,9 +62,7 @@ def test_the_text_transfer_study_on_a_tiny_budget(tmp_path):
     (scratch on its own and on MLM's tokenizer, probe, fine-tune, LP-FT, MiniLM from its package) and the report."""
     from hydra import compose, initialize_config_dir
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from transfer_study import study
-
+    from pretune.commands.transfer_study import study
     from tests.conftest import CONF
 
     overrides = [

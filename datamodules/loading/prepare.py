@@ -44,6 +44,7 @@ from datamodules.transforms.decode import decode
 from lightning_modules.config.kinds import SEED
 from lightning_modules.config.rules.datamodule import check_split_fractions
 from lightning_modules.core.errors import ConfigError
+from lightning_modules.core.extras import require
 
 # Version 2: training items are written in a seeded random order (version 1 wrote them in the folder's or table's
 # order: a class-sorted folder made chunks of a few classes each).
@@ -242,6 +243,7 @@ def prepare(
     shutil.rmtree(partial_dir, ignore_errors=True)
     partial_dir.mkdir(parents=True)
     try:
+        require("prepare_data", "litdata")
         from litdata import optimize  # heavy: only once the inputs are checked
 
         for split in SPLITS:

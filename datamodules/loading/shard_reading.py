@@ -21,6 +21,7 @@ from pathlib import Path
 
 from datamodules.loading.prepare import FORMAT, META, VERSION
 from lightning_modules.core.errors import ConfigError
+from lightning_modules.core.extras import require
 
 HOW = {
     "image_folder": "python scripts/prepare_data.py image_folder root=<images> out=<dir>",
@@ -40,6 +41,7 @@ def read_meta(path: str, cache_dir: str | None = None, kind: str = "image_folder
     where = f"datamodule.path={path}"
     how = f"prepare it with: {HOW[kind]}"
     if is_url(path):
+        require(where + " (shards)", "litdata")
         from litdata.streaming.downloader import get_downloader
 
         if cache_dir:
@@ -87,6 +89,7 @@ class ShardItems:
 
     def dataset(self):
         if self._dataset is None:
+            require(f"datamodule.path={self.path} (shards)", "litdata")
             from litdata import StreamingDataset
 
             self._dataset = StreamingDataset(self.path, cache_dir=self.cache_dir)

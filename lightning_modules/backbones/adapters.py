@@ -34,6 +34,7 @@ from pathlib import Path
 from torch import nn
 
 from lightning_modules.core.errors import ConfigError
+from lightning_modules.core.extras import require
 
 LORA_DEFAULTS = {"rank": 8, "alpha": None, "dropout": 0.0, "use_rslora": False}  # alpha None: 2 x rank
 ADAPTER_DIR = "adapter"  # inside model/
@@ -41,13 +42,9 @@ PEFT_MODELS = "_peft_models"  # backbone.__dict__ key: tower name -> the PeftMod
 
 
 def require_peft():
-    try:
-        import peft
-    except ImportError as err:
-        raise ConfigError(
-            "freeze=lora needs Hugging Face peft, which is not installed: pip install 'peft>=0.13' (make install"
-            " installs it)"
-        ) from err
+    require("freeze=lora", "peft")  # one line naming pip install "pretune[lora]" (make install installs it)
+    import peft
+
     return peft
 
 

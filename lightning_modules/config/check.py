@@ -9,10 +9,17 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_modules.config.kinds import Section
 from lightning_modules.config.library import OWN
-from lightning_modules.config.modalities import check_modalities, check_towers, choice_name, towers_of
+from lightning_modules.config.modalities import (
+    check_modalities,
+    check_towers,
+    choice_name,
+    model_modality,
+    towers_of,
+)
 from lightning_modules.config.rules import REQUIRED_GROUPS, RULES, check_together, passed_through, rule_for
 from lightning_modules.config.rules.model import TOWER_KEYS
 from lightning_modules.core.errors import ConfigError, show
+from lightning_modules.core.extras import require
 from lightning_modules.core.locations import CONF
 
 
@@ -120,6 +127,7 @@ def check_config(cfg: DictConfig, pending: tuple = ()) -> None:
     stage = value(cfg, "stage") if "stage" in cfg else None
     if stage is not None and stage is not UNKNOWN:  # first: it says which groups a run needs and what applies
         rule_for("stage").check("stage", stage)
+    check_extras(cfg)
     for group in REQUIRED_GROUPS.get(stage, ()) if isinstance(stage, str) else ():
         node = cfg._get_node(group) if group in cfg else None
         if not isinstance(node, DictConfig) or node._is_none() or node._is_interpolation():
@@ -149,6 +157,44 @@ def check_config(cfg: DictConfig, pending: tuple = ()) -> None:
                 f"freeze.{name}={chosen}: {choice_name(cfg, 'model')} has no {name} tower (freeze.{name} sets a dual"
                 f" encoder's {name} tower); allowed is freeze.{name}=null, or freeze.layers for this backbone"
             )
+
+
+def _targets(node) -> Iterator[str]:
+    """Every ``_target_`` the config names, read without resolving anything."""
+    if isinstance(node, DictConfig) and not node._is_none() and not node._is_interpolation():
+        for name in node.keys():
+            child = node._get_node(name)
+            if name == "_target_" and isinstance(child._value(), str):
+                yield child._value()
+            else:
+                yield from _targets(child)
+    elif isinstance(node, ListConfig) and not node._is_none() and not node._is_interpolation():
+        for index in range(len(node)):
+            yield from _targets(node._get_node(index))
+
+
+def check_extras(cfg: DictConfig) -> None:
+    """What the config asks for that an optional extra installs (``core/extras.py``), refused in one line naming
+    the ``pip install "pretune[<extra>]"`` before anything heavy is imported."""
+    targets = set(_targets(cfg))
+    model = cfg._get_node("model") if "model" in cfg else None
+    model = model if isinstance(model, DictConfig) and not model._is_none() else None
+    init = str(model._get_node("init")._value()) if model is not None and "init" in model else ""
+    if any("Wandb" in t for t in targets) or init.startswith("wandb:"):
+        require("logger=wandb" if not init.startswith("wandb:") else f"model.init={init}", "wandb")
+    if any(t.startswith("datamodules.sources.shards") for t in targets):
+        require("datamodule=shards", "litdata")
+    lightly_objectives = tuple(f"lightning_modules.objectives.{name}." for name in ("byol", "dino", "vicreg"))
+    if any(t.startswith(lightly_objectives) for t in targets):
+        require(f"objective={choice_name(cfg, 'objective')}", "lightly")
+    if any(t == "lightning_modules.callbacks.freezing.Adapters" for t in targets):
+        require("freeze=lora", "peft")
+    try:
+        modality = model_modality(model) if model is not None else None
+    except Exception:  # a reference that cannot be resolved: the rules name it
+        modality = None
+    if modality in ("text", "image_text") or any(t.startswith("lightning_modules.backbones.text") for t in targets):
+        require(f"model={choice_name(cfg, 'model')} (a text backbone)", "transformers", "tokenizers")
 
 
 def _early(check: Callable[[], None]) -> bool:

@@ -11,10 +11,27 @@ from pathlib import Path
 
 from lightning_modules.core.errors import ConfigError
 
-CONF = Path(__file__).resolve().parents[2] / "conf"  # the shipped configs, one folder per group
 PACKAGE = "pkg://"  # pkg://<package>/<path inside it>: shipped in an installed Python package
 FILE = "file:"  # model.init=file:<path>
 WEIGHTS, CONFIG = "model.safetensors", "config.yaml"  # what a backbone/ folder holds
+
+
+def _shipped_configs() -> tuple[Path, str]:
+    """The shipped configs (one folder per group) and how Hydra is told where they are. An installed wheel holds
+    them inside the ``pretune`` package (``setup.py`` maps the repository's ``conf/`` to ``pretune/conf/``), found
+    through Hydra's ``pkg://`` search path; in a checkout, or an editable install of one, they are the repository's
+    ``conf/`` beside the ``pretune`` package. Found without importing ``pretune`` (the top layer)."""
+    spec = importlib.util.find_spec("pretune")
+    # No pretune package on the path: an editable install made before it existed, run from outside the checkout
+    package = (
+        Path(spec.origin).resolve().parent if spec and spec.origin else Path(__file__).resolve().parents[2] / "pretune"
+    )
+    if (package / "conf").is_dir():
+        return package / "conf", f"{PACKAGE}pretune.conf"
+    return package.parent / "conf", str(package.parent / "conf")
+
+
+CONF, CONFIG_PATH = _shipped_configs()  # CONFIG_PATH: what the commands' @hydra.main takes
 
 
 def package_path(spelled: str, what: str) -> Path:

@@ -55,53 +55,99 @@ def select_and_summarise(rows: list[dict], baseline: str) -> list[dict]:
         base = next(e for e in entries if e["strategy"] == baseline)
         for e in entries:
             # Paired by seed: the same labeled subset and fine-tuning seed on both sides.
-            diffs = [e["per_seed"][k] - base["per_seed"][k] for k in e["per_seed"] if k in base["per_seed"]]
+            e["gain_per_seed"] = {k: v - base["per_seed"][k] for k, v in e["per_seed"].items() if k in base["per_seed"]}
+            diffs = list(e["gain_per_seed"].values())
             e["gain"], e["gain_std"] = _mean_std(diffs)
             e["gain_min"] = min(diffs)
         summary += entries
     return summary
 
 
+def _accuracy_range(entries: list[dict]) -> tuple[float, float]:
+    """The y range that shows the spread: every seed and whisker, with room for the labels above (percent)."""
+    low = min(min(100 * (e["test_acc"] - e["test_std"]), *(100 * v for v in e["per_seed"].values())) for e in entries)
+    high = max(_top(e) for e in entries)
+    span = max(high - low, 2.0)
+    return max(0.0, low - 0.08 * span), min(101.5, high + 0.14 * span)  # accuracy ends at 100: no room above
+
+
+def _top(e: dict) -> float:
+    """Where an entry's marks end above (its upper whisker or its best seed), in percent."""
+    return max(100 * (e["test_acc"] + e["test_std"]), *(100 * v for v in e["per_seed"].values()))
+
+
+def _spread(n: int, width: float) -> list[float]:
+    """Offsets of n seed dots around their strategy's x, so that equal values stay visible."""
+    return [0.0] if n == 1 else [width * (k / (n - 1) - 0.5) for k in range(n)]
+
+
 def _plot(summary: list[dict], path: Path, title: str) -> None:
+    """Two panels: test accuracy per strategy (mean ± std, each seed a dot, on a range that shows the spread, not
+    0-100) and, for the pre-trained strategies, the gain over scratch paired by seed (a bar from zero, each seed's
+    own gain a dot). Each label sits above its whiskers and dots; the legend sits outside both panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     fractions = list(dict.fromkeys(s["label_fraction"] for s in summary))
     names = list(dict.fromkeys(s["strategy"] for s in summary))
+    gained = [n for n in names if any(s["strategy"] == n and s["pretrained"] for s in summary)]
+    colors = plt.get_cmap("tab10").colors
     width = 0.8 / len(fractions)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (acc_ax, gain_ax) = plt.subplots(
+        1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [len(names) + 1, len(gained) + 1]}
+    )
+
+    def entry(fraction, name):
+        return next((s for s in summary if s["label_fraction"] == fraction and s["strategy"] == name), None)
+
+    low, high = _accuracy_range(summary)
+    pad = 0.015 * (high - low)
     for j, fraction in enumerate(fractions):
-        present = [
-            (i, n)
-            for i, n in enumerate(names)
-            if any(s["label_fraction"] == fraction and s["strategy"] == n for s in summary)
-        ]
-        entries = [
-            next(s for s in summary if s["label_fraction"] == fraction and s["strategy"] == n) for _, n in present
-        ]
-        xs = [i + (j - (len(fractions) - 1) / 2) * width for i, _ in present]
-        means = [100 * e["test_acc"] for e in entries]
-        ax.bar(
-            xs,
-            means,
-            width,
-            yerr=[100 * e["test_std"] for e in entries],
-            capsize=4,
-            label=f"{100 * fraction:g}% labels",
-        )
-        for x, e, mean in zip(xs, entries, means, strict=True):
-            ax.scatter(
-                [x] * len(e["per_seed"]), [100 * v for v in e["per_seed"].values()], color="black", s=8, zorder=3
+        shift, color = (j - (len(fractions) - 1) / 2) * width, colors[j % len(colors)]
+        for i, name in enumerate(names):
+            e = entry(fraction, name)
+            if e is None:
+                continue
+            x, mean = i + shift, 100 * e["test_acc"]
+            seeds = [100 * v for v in e["per_seed"].values()]
+            acc_ax.scatter([x + d for d in _spread(len(seeds), width / 2)], seeds, color=color, s=10, alpha=0.6)
+            acc_ax.errorbar(x, mean, yerr=100 * e["test_std"], fmt="o", color=color, capsize=4, markersize=6)
+            acc_ax.text(x, _top(e) + pad, f"{mean:.1f}", ha="center", va="bottom", fontsize=8)
+        for i, name in enumerate(gained):
+            e = entry(fraction, name)
+            if e is None or not e["pretrained"]:
+                continue
+            x, gain = i + shift, 100 * e["gain"]
+            seeds = [100 * v for v in e["gain_per_seed"].values()]
+            gain_ax.bar(x, gain, width * 0.9, color=color, alpha=0.75)
+            gain_ax.scatter([x + d for d in _spread(len(seeds), width / 2)], seeds, color="black", s=8, zorder=3)
+            end = max(gain, *seeds) if gain >= 0 else min(gain, *seeds)
+            gain_ax.text(
+                x,
+                end + (pad if gain >= 0 else -pad),
+                f"{gain:+.1f}",
+                ha="center",
+                va="bottom" if gain >= 0 else "top",
+                fontsize=8,
             )
-            ax.text(x, mean + 2, f"{mean:.1f}", ha="center", fontsize=8)
-    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 108)
-    ax.legend(loc="lower right")
-    ax.set_title(title)
-    fig.tight_layout()
+    acc_ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    acc_ax.set_ylim(low, high)
+    acc_ax.set_ylabel("test accuracy (%)")
+    acc_ax.set_title("test accuracy: mean ± std, dots: each seed", fontsize=10)
+    acc_ax.grid(axis="y", alpha=0.3)
+    gain_ax.axhline(0, color="black", linewidth=0.8)
+    gain_ax.set_xticks(range(len(gained)), gained, rotation=20, ha="right")
+    gain_ax.set_ylabel("points over scratch")
+    gain_ax.set_title("gain over scratch, paired by seed (dots: each seed)", fontsize=10)
+    gain_ax.grid(axis="y", alpha=0.3)
+    gain_ax.margins(y=0.15)
+    handles = [Patch(color=colors[j % len(colors)], label=f"{100 * f:g}% labels") for j, f in enumerate(fractions)]
+    fig.suptitle(title)
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), bbox_to_anchor=(0.5, 0.95), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)

@@ -41,7 +41,7 @@ def _record_failure(cfg: DictConfig, out_dir: Path | None, err: Exception) -> No
 
 def this_node(argv: list[str]) -> list[str]:
     """The command line of this node when a run is started by hand on several (the same command on each, with
-    ``NODE_RANK`` 0, 1, ...: README "Scaling out"). Node k > 0 shares the run dir with node 0 but writes nothing
+    ``NODE_RANK`` 0, 1, ...: docs/scaling-out.md). Node k > 0 shares the run dir with node 0 but writes nothing
     there (global rank 0 writes the run's files): not Hydra's ``.hydra/`` a second time, and its log as
     ``<script>_node<k>.log``, as a DDP child rank does (``runtime/parallel.py``). A child rank (``LOCAL_RANK`` set)
     already has its own; SLURM and torchrun set no ``NODE_RANK``."""

@@ -33,6 +33,7 @@ from lightning_modules.backbones.factory import build_backbone
 from lightning_modules.config.library import build
 from lightning_modules.core.errors import ConfigError
 from lightning_modules.core.results import is_rank_zero, write_atomic, write_metrics, write_run_record
+from lightning_modules.core.version import __version__
 from lightning_modules.objectives.base import saved_objective
 from lightning_modules.objectives.clip import GENERIC_PROMPTS, templates_from_captions
 from lightning_modules.runtime import wandb_runs
@@ -47,7 +48,7 @@ def evaluate(cfg: DictConfig) -> dict:
     write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     started = time.time()
     try:
-        record = {"stage": "evaluate", **resolve_sources(cfg.model)}
+        record = {"stage": "evaluate", "pretune_version": __version__, **resolve_sources(cfg.model)}
         if OmegaConf.select(cfg, "logger.wandb") is not None:  # named and grouped as a run is
             record["wandb"] = wandb_runs.run_identity(Path(cfg.paths.log_dir), out_dir)
         write_run_record(out_dir, record)

@@ -6,7 +6,7 @@ it) as an ONNX graph or a ``torch.export`` program, checked against PyTorch befo
   ``attention_mask`` (int64, ``(batch, length)``); both give ``logits`` (``(batch, classes)``). The batch axis is
   dynamic, and for text the length too (up to the model's positions).
 - **ONNX**: torch's exporter (``torch.onnx.export(dynamo=True)``, which needs the ``onnx`` and ``onnxscript``
-  packages: ``pip install onnx onnxscript onnxruntime``), checked with ``onnxruntime``. **pt2**:
+  packages: ``pip install "pretune[export]"``), checked with ``onnxruntime``. **pt2**:
   ``torch.export.export`` and ``torch.export.save``; ``torch.export.load(path).module()`` runs it.
 - **The check**: the exported model's logits against PyTorch's on ``input`` (new inputs, read and preprocessed as
   ``predict.py`` does), else on a synthetic batch (random images; the class names as texts); the largest difference
@@ -27,6 +27,7 @@ from torch import nn
 
 from lightning_modules.backbones.model_dir import find_model_dir
 from lightning_modules.core.errors import ConfigError, message_of
+from lightning_modules.core.extras import require
 from lightning_modules.core.results import write_atomic, write_metrics
 from lightning_modules.runtime.predict import Model, find_inputs, model_batches, model_from_dir
 
@@ -149,13 +150,7 @@ def _dynamic_shapes(model: Model, names: tuple[str, ...]) -> tuple:
 
 def _to_onnx(wrapper: nn.Module, example: tuple, names: tuple, dynamic: tuple, target: Path):
     """``target`` as ONNX; returns a function running it with onnxruntime."""
-    for package in ("onnx", "onnxscript"):
-        try:
-            __import__(package)
-        except ImportError as err:
-            raise ConfigError(
-                f"format=onnx needs the {package} package: pip install onnx onnxscript onnxruntime"
-            ) from err
+    require("format=onnx", "onnx", "onnxscript")
     torch.onnx.export(
         wrapper,
         example,
@@ -167,10 +162,9 @@ def _to_onnx(wrapper: nn.Module, example: tuple, names: tuple, dynamic: tuple, t
         external_data=False,
         verbose=False,
     )
-    try:
-        import onnxruntime
-    except ImportError as err:
-        raise ConfigError("format=onnx checks the export with onnxruntime: pip install onnxruntime") from err
+    require("format=onnx (its check)", "onnxruntime")
+    import onnxruntime
+
     session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
     return lambda batch: torch.from_numpy(
         session.run(["logits"], {n: t.numpy() for n, t in zip(names, batch, strict=True)})[0]

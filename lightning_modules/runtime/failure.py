@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import sysconfig
 import tempfile
 import traceback
 from pathlib import Path
@@ -23,7 +24,20 @@ from hydra.experimental.callback import Callback
 
 from lightning_modules.core.errors import ConfigError, TrainingDiverged, message_of
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout, or site-packages: paths are shown relative to it
+# pretune's own code, wherever it is installed (a checkout, an editable install, a wheel in site-packages)
+OWN = tuple(f"{ROOT / name}{os.sep}" for name in ("lightning_modules", "datamodules", "pretune", "scripts"))
+# Libraries and the standard library: any other file is the user's own code (their backbone, callback, test)
+LIBRARIES = tuple({sysconfig.get_paths()[k] + os.sep for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+
+
+def _own(filename: str) -> bool:
+    if filename.startswith(OWN):
+        return True
+    return not filename.startswith(("<", *LIBRARIES)) and not any(
+        f"{os.sep}{d}{os.sep}" in filename for d in ("site-packages", "dist-packages", ".venv")
+    )
+
 
 # Errors of the environment or the configuration (exit 2), by class name so that nothing heavy is imported:
 # Lightning's MisconfigurationException (a Trainer setting it refuses while running), torch's OutOfMemoryError.
@@ -68,7 +82,7 @@ def exit_code(err: BaseException) -> int:
 def _where(err: BaseException) -> str:
     """The innermost frame in pretune's own code (else the innermost at all): ``path:line (function)``."""
     frames = traceback.extract_tb(err.__traceback__)
-    own = [f for f in frames if f.filename.startswith(str(ROOT)) and "/.venv/" not in f.filename]
+    own = [f for f in frames if _own(f.filename)]
     frame = (own or frames or [None])[-1]
     if frame is None:
         return "?"

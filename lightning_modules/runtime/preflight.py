@@ -39,7 +39,7 @@ def check_launcher(trainer_cfg, trainer: pl.Trainer) -> None:
     if trainer.num_nodes > 1 and type(environment) is LightningEnvironment and "MASTER_ADDR" not in os.environ:
         raise ConfigError(
             f"trainer.num_nodes={trainer.num_nodes}: nothing starts the other nodes (no SLURM, no torchrun, no"
-            " MASTER_ADDR/NODE_RANK set by hand, see README 'Scaling out'), so this process would wait for them"
+            " MASTER_ADDR/NODE_RANK set by hand, see docs/scaling-out.md), so this process would wait for them"
         )
     if trainer.num_nodes > 1 and type(environment) is LightningEnvironment:  # started by hand: all three, on each
         missing = [var for var in ("MASTER_PORT", "NODE_RANK") if var not in os.environ]

@@ -40,6 +40,7 @@ from lightning_modules.config.modalities import choice_name, pretrain_only, towe
 from lightning_modules.config.rules import check
 from lightning_modules.core.errors import ConfigError, Requeued
 from lightning_modules.core.results import is_rank_zero, write_atomic, write_metrics, write_run_record
+from lightning_modules.core.version import __version__
 from lightning_modules.objectives.base import build_objective
 from lightning_modules.runtime import wandb_runs
 from lightning_modules.runtime.cuda_check import runtime_cuda_check
@@ -161,6 +162,7 @@ def _run(cfg: DictConfig, out_dir: Path, started: float) -> dict:
     init = str(cfg.model.get("init", "none"))  # a model config without one starts from scratch
     record = {
         "stage": cfg.stage,
+        "pretune_version": __version__,  # the pretune that ran it (the loggers' config gets it too, under run)
         **resolve_sources(cfg.model),
         "float32_matmul_precision": matmul_precision(
             cfg.get("float32_matmul_precision", "auto"), cfg.trainer.get("accelerator", "auto")

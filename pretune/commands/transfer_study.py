@@ -1,0 +1,196 @@
+"""The main job: what did pre-training buy? Pre-train once, then fine-tune from scratch, from the
+pre-trained backbone under several strategies and from ImageNet weights, at low label fractions, over
+several seeds, each strategy at its own best learning rate (chosen on validation), and write a report.
+The same study on text (``conf/transfer_study_text.yaml``): MLM pre-training on the embedded corpus, then the
+embedded labeled task from scratch, from that backbone and from MiniLM.
+
+    pretune study                 # what `make run` runs (python scripts/transfer_study.py in a checkout)
+    pretune study 'seeds=[0,1,2,3,4]' 'label_fractions=[0.02,0.1]'
+    pretune study --config-name transfer_study_text   # what `make run-text` runs
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules.config.check import check_config, check_values
+from lightning_modules.config.rules import STUDY_RULES
+from lightning_modules.core.errors import ConfigError
+from lightning_modules.reports.transfer import monitored, select_and_summarise, write_report
+from lightning_modules.runtime.failure import report as report_failure
+from lightning_modules.runtime.failure import warnings_to_log
+from pretune.commands.app import CONFIG_PATH, launch
+
+
+def _stage_config(stage: str, overrides: list[str], out_dir: Path, pending: tuple = ()) -> DictConfig:
+    """A stage's config as its script would compose it, checked (before anything heavy is imported);
+    ``pending``: keys whose value does not exist yet (the pre-training run's backbone, before it ran)."""
+    from hydra import compose
+
+    cfg = compose(config_name=stage, overrides=[*overrides, f"paths.output_dir={out_dir}"])
+    check_config(cfg, pending)
+    # A DDP/FSDP rank re-runs its Hydra job: here that would be the whole study, once per rank.
+    if "parallel." in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
+        raise ConfigError(
+            "trainer=ddp/fsdp is not supported inside the transfer study (its stages run in one process);"
+            " run scripts/pretrain.py and scripts/finetune.py with trainer=ddp instead"
+        )
+    return cfg
+
+
+def _run_stage(stage: str, overrides: list[str], out_dir: Path) -> dict:
+    from lightning_modules.runtime.run import run  # imports torch: only once the study is checked
+
+    return run(_stage_config(stage, overrides, out_dir))
+
+
+def _init(strategy: DictConfig, pre_dir: Path) -> str | None:
+    """Where a strategy's weights come from: this study's pre-training run, none (random), or None for the model
+    config's own model.init (``init: model``: weights from elsewhere, e.g. ImageNet's or MiniLM's)."""
+    return None if strategy.get("init") == "model" else str(pre_dir) if strategy.pretrained else "none"
+
+
+def _finetune_overrides(cfg: DictConfig, name: str, pre_dir: Path, fraction: float, lr: float, seed: int) -> list[str]:
+    """A fine-tuning job's overrides (``pre_dir``: this study's pre-training run). ``tokenizer: pretrained``:
+    random weights on that run's vocabulary (model.tokenizer)."""
+    strategy = cfg.strategies[name]
+    init = _init(strategy, pre_dir)
+    return [
+        *cfg.common,
+        *cfg.finetune,
+        *strategy.overrides,
+        *([f"model.init={init}"] if init is not None else []),
+        *([f"model.tokenizer={pre_dir}"] if strategy.get("tokenizer") == "pretrained" else []),
+        f"datamodule.label_fraction={fraction}",
+        f"optimizer.lr={lr}",
+        f"seed={seed}",
+    ]
+
+
+def check_study(cfg: DictConfig, study_dir: Path) -> None:
+    """The study's own values, then every stage config it will compose (each strategy once; model.init of the
+    pre-trained ones is pending: the backbone does not exist yet), so a bad override fails now, not after the
+    pre-training."""
+    from hydra.errors import HydraException
+
+    check_values(cfg, STUDY_RULES)
+    if "scratch" not in cfg.strategies:
+        raise ConfigError("strategies has no scratch entry: the report compares every strategy with it")
+    stages = {"pretrain": ([*cfg.common, *cfg.pretrain], ())}
+    for name, strategy in cfg.strategies.items():
+        fraction = strategy.get("label_fractions", cfg.label_fractions)[0]
+        overrides = _finetune_overrides(cfg, name, study_dir / "pretrain", fraction, strategy.lrs[0], cfg.seeds[0])
+        # what this study's pre-training run will provide is not there yet: checked once it is
+        pending = ("model.init",) if strategy.pretrained and strategy.get("init") != "model" else ()
+        pending += ("model.tokenizer",) if strategy.get("tokenizer") == "pretrained" else ()
+        stages[f"strategies.{name}"] = (overrides, pending)
+    for where, (overrides, pending) in stages.items():
+        try:
+            stage = "pretrain" if where == "pretrain" else "finetune"
+            _stage_config(stage, overrides, study_dir / "check", pending)
+        except HydraException as err:  # an override Hydra cannot apply (unknown key, bad syntax)
+            raise ConfigError(f"{where}: {str(err).splitlines()[0]}") from err
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from err
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="transfer_study")
+def app(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    warnings_to_log()
+    study_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        report = study(cfg, study_dir)
+    except Exception as err:
+        sys.exit(report_failure(err, study_dir))  # one line (HYDRA_FULL_ERROR=1: the traceback)
+    print(f"\nReport: {report}")
+
+
+def time_left(elapsed: float, done: int, total: int) -> str:
+    """The estimate printed after each fine-tuning run: the mean time of the finished runs times the runs left
+    (strategies differ in cost, so it firms up as the study goes)."""
+    if done >= total:
+        return "done"
+    seconds = round(elapsed / done * (total - done))
+    minutes, seconds = divmod(seconds, 60)
+    return f"~{minutes} min {seconds:02d} s left" if minutes else f"~{seconds} s left"
+
+
+def study(cfg: DictConfig, study_dir: Path) -> Path:
+    check_study(cfg, study_dir)
+    import logging
+    import warnings
+
+    import pytorch_lightning  # noqa: F401  (imported first: it sets its loggers to INFO on import)
+
+    # Dozens of runs in one process: keep the console to one line per run.
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    started = time.time()
+    pre_dir = study_dir / "pretrain"
+    pre = None
+    # Pre-train only when a strategy starts from this study's backbone (init: model strategies bring their own),
+    # or takes its tokenizer (tokenizer: pretrained).
+    uses = lambda s: (s.pretrained and s.get("init") != "model") or s.get("tokenizer") == "pretrained"  # noqa: E731
+    if any(uses(s) for s in cfg.strategies.values()):
+        print(f"pre-training ({' '.join(cfg.pretrain)}) ...", flush=True)
+        pre = _run_stage("pretrain", [*cfg.common, *cfg.pretrain], pre_dir)
+        print(f"  done in {pre['time/run_s']:.0f}s, val/loss {pre['val/loss']:.3f}{monitored(pre)}", flush=True)
+
+    jobs = [
+        (fraction, name, lr, seed)
+        for fraction in cfg.label_fractions
+        for name, strategy in cfg.strategies.items()
+        if fraction in strategy.get("label_fractions", cfg.label_fractions)
+        for lr in strategy.lrs
+        for seed in cfg.seeds
+    ]
+    rows = []
+    jobs_started = time.time()
+    for i, (fraction, name, lr, seed) in enumerate(jobs, 1):
+        strategy = cfg.strategies[name]
+        # init: model keeps the model config's own model.init (weights from elsewhere, e.g. ImageNet's)
+        overrides = _finetune_overrides(cfg, name, pre_dir, fraction, lr, seed)
+        out = study_dir / "finetune" / f"labels{fraction:g}_{name}_lr{lr:g}_seed{seed}"
+        m = _run_stage("finetune", overrides, out)
+        rows.append(
+            {
+                "label_fraction": fraction,
+                "strategy": name,
+                "pretrained": bool(strategy.pretrained),
+                "start": strategy.get("start") or ("pre-trained" if strategy.pretrained else "random"),
+                "frozen_groups": strategy.get("frozen_groups", ""),
+                "forgetting": m.get("forgetting/increase", ""),
+                "lr": lr,
+                "seed": seed,
+                "val_acc": m["val/acc_best"],
+                "test_acc": m["test/acc"],
+                "test_f1": m["test/f1"],
+                "trainable": m["params/trainable"],
+                "frozen": m["params/frozen"],
+                "seconds": m["time/run_s"],
+                "run_dir": str(out.relative_to(study_dir)),
+            }
+        )
+        print(
+            f"[{i:>2}/{len(jobs)}] labels={fraction:<5g} {name:<14} lr={lr:<7g} seed={seed}:"
+            f" val/acc {m['val/acc_best']:.3f}  test/acc {m['test/acc']:.3f}  ({m['time/run_s']:.1f}s)"
+            f"  {time_left(time.time() - jobs_started, i, len(jobs))}",
+            flush=True,
+        )
+
+    summary = select_and_summarise(rows, baseline="scratch")
+    return write_report(study_dir, cfg, rows, summary, pretrain=pre, seconds=time.time() - started)
+
+
+def main() -> None:
+    launch(app, node=False)
+
+
+if __name__ == "__main__":
+    main()
