@@ -24,6 +24,10 @@ def _choose(rows: list[dict]) -> tuple[float, list[dict]]:
     return max(by_lr.items(), key=lambda item: statistics.fmean(r["val_acc"] for r in item[1]))
 
 
+def _mb(value) -> str:
+    return "—" if value in ("", None) else f"{float(value):.1f}"
+
+
 def select_and_summarise(rows: list[dict], baseline: str) -> list[dict]:
     """One entry per (label fraction, strategy), with its paired gain over ``baseline``."""
     summary = []
@@ -48,6 +52,7 @@ def select_and_summarise(rows: list[dict], baseline: str) -> list[dict]:
                     "test_max": max(r["test_acc"] for r in chosen),
                     "per_seed": {r["seed"]: r["test_acc"] for r in chosen},
                     "trainable": chosen[0]["trainable"],
+                    "train_state_mb": chosen[0].get("train_state_mb", ""),
                     "frozen_groups": chosen[0].get("frozen_groups", ""),
                     "forgetting": _mean_std(forgetting) if forgetting else None,
                 }
@@ -230,7 +235,7 @@ def write_report(study_dir: Path, cfg, rows: list[dict], summary: list[dict], pr
         *headline(summary),
         "",
         (
-            f"Pre-training: `{' '.join([*cfg.common, *cfg.pretrain])}` (final val/loss {pretrain['val/loss']:.3f},"
+            f"Pre-training: `{' '.join([*cfg.common, *cfg.pretrain])}` (final val/loss {pretrain['val/loss']:.3f}"
             f"{monitored(pretrain)}, {pretrain['time/run_s']:.0f}s). "
             if pretrain
             else "No pre-training (no strategy starts from it). "
@@ -241,20 +246,23 @@ def write_report(study_dir: Path, cfg, rows: list[dict], summary: list[dict], pr
         " rate with the best mean validation"
         " accuracy among its candidates; test accuracy is reported for that choice only.",
         "",
-        "| labels | strategy | init | trainable params | lr (chosen on val) | val acc | test acc (mean ± std) |"
-        " min–max | gain over scratch (paired) | forgetting (pre-training loss increase) |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| labels | strategy | init | trainable params | training state MB | lr (chosen on val) | val acc |"
+        " test acc (mean ± std) | min–max | gain over scratch (paired) | forgetting (pre-training loss increase) |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summary:
         gain = "—" if not s["pretrained"] else f"{100 * s['gain']:+.1f} ± {100 * s['gain_std']:.1f}"
         forget = "—" if s["forgetting"] is None else f"{s['forgetting'][0]:+.3f} ± {s['forgetting'][1]:.3f}"
         lines.append(
             f"| {100 * s['label_fraction']:g}% | {s['strategy']} | {s.get('start', 'pre-trained')}"
-            f" | {s['trainable']:,} | {s['lr']:g} | {pct(s['val_acc'])} | {pct(s['test_acc'])} ± {pct(s['test_std'])}"
+            f" | {s['trainable']:,} | {_mb(s['train_state_mb'])} | {s['lr']:g} | {pct(s['val_acc'])} | {pct(s['test_acc'])} ± {pct(s['test_std'])}"
             f" | {pct(s['test_min'])}–{pct(s['test_max'])} | {gain} |"
             f" {forget} |"
         )
     lines += [
+        "",
+        "Training state MB: the parameters, their gradients and the optimizer's state at their peak in the run"
+        " (`memory/train_state_mb`); activations are not in it (the benchmark's peak RSS has them).",
         "",
         "![test accuracy by strategy](transfer.png)",
         "",

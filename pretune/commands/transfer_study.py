@@ -173,6 +173,7 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
                 "test_f1": m["test/f1"],
                 "trainable": m["params/trainable"],
                 "frozen": m["params/frozen"],
+                "train_state_mb": m.get("memory/train_state_mb", ""),
                 "seconds": m["time/run_s"],
                 "run_dir": str(out.relative_to(study_dir)),
             }
