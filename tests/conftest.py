@@ -43,3 +43,42 @@ def _offline_env(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")
     os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="module")
+def bert():
+    """A tiny BERT-style backbone (tests/text_helpers.py), seeded, shared by a module's tests."""
+    import torch
+
+    from tests.text_helpers import BERT, text_backbone
+
+    torch.manual_seed(0)
+    return text_backbone(BERT)
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    """The GPT-style twin of ``bert``."""
+    import torch
+
+    from tests.text_helpers import GPT, text_backbone
+
+    torch.manual_seed(0)
+    return text_backbone(GPT)
+
+
+_STARTED: list = []
+
+
+def started(datamodule):
+    """Registers a datamodule a test set up; its loaders' worker processes are stopped after the test, as
+    Lightning's teardown after fit does (streamed and shard loaders keep workers alive between epochs)."""
+    _STARTED.append(datamodule)
+    return datamodule
+
+
+@pytest.fixture(autouse=True)
+def _stop_started_workers():
+    yield
+    while _STARTED:
+        _STARTED.pop().teardown("fit")

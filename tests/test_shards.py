@@ -19,25 +19,15 @@ from PIL import Image
 from datamodules.loading.prepare import META, prepare
 from datamodules.sources.shards import ShardsDataModule
 from lightning_modules.core.errors import ConfigError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, started
 from tests.test_streaming import CLASSES, _corrupt, write_folder
-
-_made: list = []
 
 
 def shards(path, **kwargs) -> ShardsDataModule:
     options = dict(path=str(path), image_size=16, batch_size=8, num_workers=2)
     dm = ShardsDataModule(**{**options, **kwargs})
     dm.setup()
-    _made.append(dm)
-    return dm
-
-
-@pytest.fixture(autouse=True)
-def _stop_workers():
-    yield
-    while _made:
-        _made.pop().teardown("fit")
+    return started(dm)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from PIL import Image
 from datamodules.loading.decision import choose
 from datamodules.sources.image_folder import ImageFolderDataModule
 from lightning_modules.core.errors import ConfigError
+from tests.conftest import started
 
 CLASSES = ("ant", "bee", "cat")
 
@@ -34,23 +35,11 @@ def write_folder(root: Path, n: int = 20, size=(20, 26), fmt: str = "png", seed:
     return root
 
 
-_made: list = []
-
-
 def stream(root: Path, **kwargs) -> ImageFolderDataModule:
     options = dict(root=str(root), image_size=16, channels=3, batch_size=8, num_workers=2, loading="stream")
     dm = ImageFolderDataModule(**{**options, **kwargs})
     dm.setup()
-    _made.append(dm)
-    return dm
-
-
-@pytest.fixture(autouse=True)
-def _stop_workers():
-    """As Lightning's teardown does after fit: the tests' loaders' workers end with each test."""
-    yield
-    while _made:
-        _made.pop().teardown("fit")
+    return started(dm)
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +221,7 @@ def test_normalisation_and_size_follow_weights_trained_elsewhere_else_the_data(f
     dm = ImageFolderDataModule(root=str(folder), image_size=16, channels=3, loading="stream", batch_size=8)
     dm.use_backbone(pretrained)  # timm's or a weight file's pretrained config (backbone.preprocessing)
     dm.setup()
-    _made.append(dm)
+    started(dm)
     assert dm.normalization == (imagenet[0], imagenet[1]) and dm.spec.image_size == 24
     assert next(iter(dm.eval_loader("val")))["image"].shape[-1] == 24
     scratch = ImageFolderDataModule(root=str(folder), image_size=16, channels=3, loading="stream", batch_size=8)

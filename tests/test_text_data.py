@@ -12,25 +12,7 @@ import torch
 
 from datamodules.sources.text_classification import TextClassificationDataModule
 from datamodules.sources.text_corpus import TextCorpusDataModule
-from tests.text_helpers import BERT, GPT, sample_texts, text_backbone
-
-
-@pytest.fixture(scope="module")
-def bert():
-    torch.manual_seed(0)
-    return text_backbone(BERT)
-
-
-@pytest.fixture(scope="module")
-def gpt():
-    torch.manual_seed(0)
-    return text_backbone(GPT)
-
-
-def _ready(data, backbone):
-    data.use_backbone(backbone)
-    data.setup("fit")
-    return data
+from tests.text_helpers import ready, sample_texts
 
 
 def test_corpus_files_one_document_per_line_or_per_file_packed_into_blocks(tmp_path, bert, gpt):
@@ -40,18 +22,18 @@ def test_corpus_files_one_document_per_line_or_per_file_packed_into_blocks(tmp_p
     per_file = TextCorpusDataModule(paths=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], document="file")
     assert len(per_file.texts()) == 2 and len(per_line.texts()) > 20
     assert all(line.strip() for line in per_line.texts())
-    _ready(per_line, bert)
+    ready(per_line, bert)
     train, val = per_line.splits["train"]["input_ids"], per_line.splits["val"]["input_ids"]
     assert train.shape[1] == val.shape[1] == 32 and len(val) == max(1, round(0.05 * (len(train) + len(val))))
     assert per_line.splits["train"]["attention_mask"].all()  # blocks carry no padding
     cls = bert.processor.cls_token_id
     assert (torch.cat([train, val]) == cls).sum() == len(per_line.texts())  # every document begins with [CLS]
-    again = _ready(TextCorpusDataModule(paths=[str(tmp_path / "*.txt")], max_length=32, batch_size=8), bert)
+    again = ready(TextCorpusDataModule(paths=[str(tmp_path / "*.txt")], max_length=32, batch_size=8), bert)
     assert torch.equal(again.splits["val"]["input_ids"], val)  # a seeded split
     batch = next(iter(per_line.train_dataloader()))
     assert batch["input_ids"].shape == (8, 32) and "label" not in batch
     files = [str(tmp_path / "b.txt"), str(tmp_path / "a.txt")]  # the first document ends inside a block
-    gpt_data = _ready(TextCorpusDataModule(paths=files, document="file", max_length=32, batch_size=4), gpt)
+    gpt_data = ready(TextCorpusDataModule(paths=files, document="file", max_length=32, batch_size=4), gpt)
     blocks = torch.cat([gpt_data.splits["train"]["input_ids"], gpt_data.splits["val"]["input_ids"]])
     assert (blocks == gpt.processor.eos_token_id).sum() == 1  # GPT-style: each document ends with <|endoftext|>
 
@@ -72,7 +54,7 @@ def test_labeled_files_in_three_formats_with_split_ratios_and_label_fraction(fmt
     rows = [(" ".join(w[i % 6 :]), ["neg", "pos", "mixed"][i % 3]) for i, w in enumerate(words * 3)]
     path = _write(tmp_path / f"train.{fmt}", rows, fmt)
     data = TextClassificationDataModule(path=str(path), batch_size=4, max_length=16, label_fraction=0.5)
-    _ready(data, bert)
+    ready(data, bert)
     assert data.spec.class_names == ("mixed", "neg", "pos") and data.spec.num_classes == 3
     sizes = {s: len(t["label"]) for s, t in data.splits.items()}
     assert sizes["val"] == sizes["test"] == round(0.15 * len(rows))
@@ -87,7 +69,7 @@ def test_separate_val_and_test_files_and_integer_labels_in_numeric_order(tmp_pat
     data = TextClassificationDataModule(
         path=str(files["train"]), val_path=str(files["val"]), test_path=str(files["test"]), batch_size=4
     )
-    _ready(data, bert)
+    ready(data, bert)
     assert data.spec.class_names == tuple(str(i) for i in range(12))
     assert {s: len(t["label"]) for s, t in data.splits.items()} == dict.fromkeys(("train", "val", "test"), len(rows))
 
@@ -101,7 +83,7 @@ def test_long_texts_are_truncated_and_counted_once(tmp_path, bert, caplog, monke
     # any handler existed, and the transfer study sets its level to WARNING: both depend on test order.
     monkeypatch.setattr(logging.getLogger("pytorch_lightning"), "propagate", True)
     with caplog.at_level(logging.INFO, logger="pytorch_lightning"):
-        _ready(data, bert)
+        ready(data, bert)
     lines = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
     assert (
         len(lines) == 1

@@ -16,35 +16,12 @@ from datamodules.sources.text_classification import TextClassificationDataModule
 from datamodules.sources.text_corpus import TextCorpusDataModule
 from datamodules.transforms.text import tokenize
 from lightning_modules.core.errors import ConfigError
-from tests.text_helpers import BERT, GPT, sample_texts, text_backbone
-
-_made: list = []
-
-
-@pytest.fixture(autouse=True)
-def _stop_workers():
-    yield
-    while _made:
-        _made.pop().teardown("fit")
-
-
-@pytest.fixture(scope="module")
-def bert():
-    torch.manual_seed(0)
-    return text_backbone(BERT)
-
-
-@pytest.fixture(scope="module")
-def gpt():
-    torch.manual_seed(0)
-    return text_backbone(GPT)
+from tests.conftest import started
+from tests.text_helpers import ready, sample_texts
 
 
 def _ready(data, backbone):
-    data.use_backbone(backbone)
-    data.setup("fit")
-    _made.append(data)
-    return data
+    return started(ready(data, backbone))
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +95,7 @@ def test_labeled_shards_are_tokenized_as_in_memory_in_the_seeded_order_each_rank
     assert len(kept) == round(0.25 * len(labels)) and set(np.bincount(labels[kept])) <= {6, 7, 8}
 
 
-def test_the_wrong_shards_and_mixed_sources_are_one_line(reviews, tmp_path):
+def test_the_wrong_shards_and_mixed_sources_are_one_line(reviews, bert, tmp_path):
     from tests.test_streaming import write_folder
 
     images = prepare("image_folder", out=str(tmp_path / "images"), root=str(write_folder(tmp_path / "f", n=6)))
@@ -131,7 +108,7 @@ def test_the_wrong_shards_and_mixed_sources_are_one_line(reviews, tmp_path):
     (tmp_path / "lines.jsonl").write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(30)))
     unlabeled = prepare("text", out=str(tmp_path / "lines"), file=str(tmp_path / "lines.jsonl"), workers=1)
     with pytest.raises(ConfigError, match=r"its text shards have no labels \(prepared without label_column\)"):
-        _ready(TextClassificationDataModule(path=str(unlabeled)), text_backbone(BERT))
+        _ready(TextClassificationDataModule(path=str(unlabeled)), bert)
     with pytest.raises(ConfigError, match=r"datamodule.val_path=.*: prepared shards bring their own splits"):
         TextClassificationDataModule(path=str(reviews), val_path=str(tmp_path / "lines.jsonl"))
     with pytest.raises(ConfigError, match=r"datamodule.paths=.*, datamodule.path=.*: give one"):

@@ -46,6 +46,13 @@ def text_backbone(model: dict = BERT, texts=None, **overrides):
     return build_backbone({**model, **overrides}, data=Texts(texts))
 
 
+def ready(data, backbone):
+    """A text datamodule given its backbone's tokenizer and set up for fitting."""
+    data.use_backbone(backbone)
+    data.setup("fit")
+    return data
+
+
 def token_batch(backbone, texts, max_length: int = 32) -> dict:
     enc = backbone.processor(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch import nn
 
+from datamodules.transforms.augment import BatchAugment
 from lightning_modules.backbones.handoff import OBJECTIVE_WEIGHTS, read_backbone_config
 from lightning_modules.config.library import bad_arguments, build, library_error
 from lightning_modules.config.modalities import kind_mismatch
@@ -52,6 +53,12 @@ class Objective(nn.Module):
         if self.text_kind is not None and kind is not None and kind != self.text_kind:
             described = getattr(backbone, "described", f"the {type(backbone).__name__}")
             raise ConfigError(kind_mismatch(f"objective={name.lower()}", self.text_kind, described, kind))
+
+    def view_augment(self, key: str, node: dict | None) -> BatchAugment:
+        """The batch augmentation of one view of a self-supervised image objective, from ``objective.<key>``, at
+        the data's image size and normalised with its statistics (SimCLR, BYOL, DINO, VICReg)."""
+        stats = (self.data.mean, self.data.std)
+        return BatchAugment.from_config(f"objective.{key}", node, self.data.image_size, stats=stats)
 
     # Where training is: (optimizer steps taken, steps the run will take). The module sets it before every training
     # step from the trainer's progress (restored on a resume), so a schedule read from it (an EMA teacher's momentum,

@@ -18,7 +18,6 @@ import torch
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
 
-from datamodules.transforms.augment import BatchAugment
 from lightning_modules.config.rules import check
 from lightning_modules.objectives.teacher import TeacherStudent
 
@@ -40,12 +39,8 @@ class BYOL(TeacherStudent):
         augment_2: dict | None = None,
     ):
         super().__init__(backbone, data)
-        self.augment = BatchAugment.from_config(
-            "objective.augment", augment, data.image_size, stats=(data.mean, data.std)
-        )
-        self.augment_2 = BatchAugment.from_config(
-            "objective.augment_2", augment_2, data.image_size, stats=(data.mean, data.std)
-        )
+        self.augment = self.view_augment("augment", augment)
+        self.augment_2 = self.view_augment("augment_2", augment_2)
         proj_dim = check("objective.proj_dim", proj_dim)
         self.projector = BYOLProjectionHead(
             backbone.num_features, check("objective.proj_hidden", proj_hidden), proj_dim

@@ -29,7 +29,6 @@ from lightly.models.modules.heads import DINOProjectionHead
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
-from datamodules.transforms.augment import BatchAugment
 from lightning_modules.config.rules import check
 from lightning_modules.objectives.teacher import TeacherStudent
 
@@ -98,16 +97,10 @@ class DINO(TeacherStudent):
                 f" local crops are made at {data.image_size} (model.kwargs.dynamic_img_size=true for a timm ViT)"
             )
             local_size = None
-        self.augment = BatchAugment.from_config(
-            "objective.augment", augment, data.image_size, stats=(data.mean, data.std)
-        )
-        self.augment_2 = BatchAugment.from_config(
-            "objective.augment_2", augment_2, data.image_size, stats=(data.mean, data.std)
-        )
+        self.augment = self.view_augment("augment", augment)
+        self.augment_2 = self.view_augment("augment_2", augment_2)
         local = dict(local_augment or {}, **({"size": local_size} if local_size is not None else {}))
-        self.local_augment = BatchAugment.from_config(
-            "objective.local_augment", local, data.image_size, stats=(data.mean, data.std)
-        )
+        self.local_augment = self.view_augment("local_augment", local)
         self.head = dino_head(
             backbone.num_features,
             check("objective.head_hidden", head_hidden),

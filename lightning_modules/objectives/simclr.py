@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datamodules.transforms.augment import BatchAugment
 from lightning_modules.config.rules import check
 from lightning_modules.core.distributed import gather_with_grad
 from lightning_modules.objectives.base import Objective
@@ -45,9 +44,7 @@ class SimCLR(Objective):
     ):
         super().__init__(backbone, data)
         self.temperature = float(check("objective.temperature", temperature))
-        self.augment = BatchAugment.from_config(
-            "objective.augment", augment, data.image_size, stats=(data.mean, data.std)
-        )
+        self.augment = self.view_augment("augment", augment)
         self.projector = nn.Sequential(
             nn.Linear(backbone.num_features, proj_hidden),
             # Batch statistics are per rank under DDP unless trainer.sync_batchnorm=true (CUDA only);

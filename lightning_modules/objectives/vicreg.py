@@ -19,7 +19,6 @@ import torch
 from lightly.loss.vicreg_loss import covariance_loss, invariance_loss, variance_loss
 from lightly.models.modules.heads import VICRegProjectionHead
 
-from datamodules.transforms.augment import BatchAugment
 from lightning_modules.config.rules import check
 from lightning_modules.core.distributed import gather_with_grad
 from lightning_modules.objectives.base import Objective
@@ -55,9 +54,7 @@ class VICReg(Objective):
             float(check(f"objective.{k}", v))
             for k, v in (("invariance", invariance), ("variance", variance), ("covariance", covariance))
         )
-        self.augment = BatchAugment.from_config(
-            "objective.augment", augment, data.image_size, stats=(data.mean, data.std)
-        )
+        self.augment = self.view_augment("augment", augment)
         self.projector = VICRegProjectionHead(
             backbone.num_features,
             check("objective.proj_hidden", proj_hidden),

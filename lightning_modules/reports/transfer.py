@@ -255,7 +255,8 @@ def write_report(study_dir: Path, cfg, rows: list[dict], summary: list[dict], pr
         forget = "—" if s["forgetting"] is None else f"{s['forgetting'][0]:+.3f} ± {s['forgetting'][1]:.3f}"
         lines.append(
             f"| {100 * s['label_fraction']:g}% | {s['strategy']} | {s.get('start', 'pre-trained')}"
-            f" | {s['trainable']:,} | {_mb(s['train_state_mb'])} | {s['lr']:g} | {pct(s['val_acc'])} | {pct(s['test_acc'])} ± {pct(s['test_std'])}"
+            f" | {s['trainable']:,} | {_mb(s['train_state_mb'])} | {s['lr']:g} | {pct(s['val_acc'])}"
+            f" | {pct(s['test_acc'])} ± {pct(s['test_std'])}"
             f" | {pct(s['test_min'])}–{pct(s['test_max'])} | {gain} |"
             f" {forget} |"
         )

@@ -375,6 +375,21 @@ def _alternate(pair: tuple, repeat: int) -> tuple:
     return pair if repeat % 2 == 0 else pair[::-1]
 
 
+def _paired_runs(stage: str, overrides: list[str], variants: tuple, repeats: int, tmp: Path) -> dict[str, list]:
+    """pretune's run path under each of two (name, extra overrides) variants, ``repeats`` times, interleaved."""
+    runs = {name: [] for name, _ in variants}
+    for r in range(repeats):
+        for name, more in _alternate(variants, r):
+            gc.collect()
+            runs[name].append(pretune_run(make_cfg(stage, overrides + more, tmp / f"{name}-{r}")))
+    return runs
+
+
+def _speed_ratio(a: list[dict], b: list[dict]) -> float:
+    """Median over interleaved pairs of b's steps/s over a's."""
+    return _median(steps_per_s(y) / steps_per_s(x) for x, y in zip(a, b, strict=True))
+
+
 def _to_first_step(r: dict) -> float:
     """Seconds from the run's start to the end of its first optimizer step (set-up, and compilation if any)."""
     return r["first_step_end"] - r["start"]
@@ -420,7 +435,7 @@ def benchmark(
     ]
     for case, (stage, extra) in selected.items():
         plain, pre = results[case]["plain"], results[case]["pretune"]
-        ratio = _median(steps_per_s(b) / steps_per_s(a) for a, b in zip(plain, pre, strict=True))
+        ratio = _speed_ratio(plain, pre)
         cpu_ratio = _median(steps_per_cpu_s(b) / steps_per_cpu_s(a) for a, b in zip(plain, pre, strict=True))
         cfg = make_cfg(stage, extra + overrides, tmp / "loader")
         loader = loader_rate(cfg, batches=200 if repeats > 1 else 20)
@@ -472,13 +487,9 @@ def compare(variant: list[str], epochs: int, repeats: int, out_root: Path = OUT)
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for i, (case, (stage, extra)) in enumerate(CASES.items()):
-        runs = {"default": [], "variant": []}
-        for r in range(repeats):
-            for name, more in _alternate((("default", []), ("variant", variant)), r):
-                gc.collect()
-                runs[name].append(pretune_run(make_cfg(stage, extra + base + more, tmp / f"case{i}-{name}-{r}")))
+        runs = _paired_runs(stage, extra + base, (("default", []), ("variant", variant)), repeats, tmp / f"case{i}")
         a, b = runs["default"], runs["variant"]
-        ratio = _median(steps_per_s(y) / steps_per_s(x) for x, y in zip(a, b, strict=True))
+        ratio = _speed_ratio(a, b)
         delay = _median(_to_first_step(y) - _to_first_step(x) for x, y in zip(a, b, strict=True))
 
         def result(r):
@@ -527,13 +538,9 @@ def lora_benchmark(
     variants = (("full", ["freeze=none"]), ("lora", LORA))
     for i, case in enumerate(cases):
         stage, extra = CASES[case]
-        runs = {"full": [], "lora": []}
-        for r in range(repeats):
-            for name, more in _alternate(variants, r):
-                gc.collect()
-                runs[name].append(pretune_run(make_cfg(stage, extra + overrides + more, tmp / f"lora{i}-{name}-{r}")))
+        runs = _paired_runs(stage, extra + overrides, variants, repeats, tmp / f"lora{i}")
         full, lora = runs["full"], runs["lora"]
-        ratio = _median(steps_per_s(b) / steps_per_s(a) for a, b in zip(full, lora, strict=True))
+        ratio = _speed_ratio(full, lora)
         mem_cells = "– | – | –"
         if memory:
             mem = [peak_memory_mb(case, "pretune", extra + overrides + more) for _, more in variants]
