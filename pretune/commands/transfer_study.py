@@ -47,6 +47,54 @@ def _run_stage(stage: str, overrides: list[str], out_dir: Path) -> dict:
     return run(_stage_config(stage, overrides, out_dir))
 
 
+def _worker_init(threads: int) -> None:
+    """A worker process of the study's pool: its share of the cores, and the console kept to the study's lines."""
+    import logging
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(threads)
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings_to_log()
+
+
+def _run_composed(cfg: DictConfig) -> dict:
+    """A fine-tuning job whose config the study composed and checked (in a worker: no Hydra context needed)."""
+    from lightning_modules.runtime.run import run
+
+    return run(cfg)
+
+
+def _finetune_all(configs: list[DictConfig], workers: int, done) -> list[dict]:
+    """Every fine-tuning job's metrics, in the order of ``configs``; ``done(i, metrics)`` as each one finishes.
+    ``workers`` > 1: a pool of processes, each with its share of the cores (small models on a few cores leave
+    cores idle in Python between ops; two jobs side by side fill them). Each job seeds itself, so its result
+    does not depend on which worker ran it or when; only the thread count can move the last float digits."""
+    if workers == 1:
+        results = []
+        for i, cfg in enumerate(configs):
+            results.append(_run_composed(cfg))
+            done(i, results[-1])
+        return results
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    results: list = [None] * len(configs)
+    context = multiprocessing.get_context("spawn")  # not fork: torch's threads and Lightning's state stay behind
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = {pool.submit(_run_composed, cfg): i for i, cfg in enumerate(configs)}
+        for future in as_completed(futures):
+            i = futures[future]
+            results[i] = future.result()  # a failed job raises here, as it would in-process
+            done(i, results[i])
+    return results
+
+
 def _init(strategy: DictConfig, pre_dir: Path) -> str | None:
     """Where a strategy's weights come from: this study's pre-training run, none (random), or None for the model
     config's own model.init (``init: model``: weights from elsewhere, e.g. ImageNet's or MiniLM's)."""
@@ -150,14 +198,29 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
         for lr in strategy.lrs
         for seed in cfg.seeds
     ]
-    rows = []
+    out_dirs = [study_dir / "finetune" / f"labels{f:g}_{name}_lr{lr:g}_seed{seed}" for f, name, lr, seed in jobs]
+    # init: model keeps the model config's own model.init (weights from elsewhere, e.g. ImageNet's)
+    configs = [
+        _stage_config("finetune", _finetune_overrides(cfg, name, pre_dir, fraction, lr, seed), out)
+        for (fraction, name, lr, seed), out in zip(jobs, out_dirs, strict=True)
+    ]
     jobs_started = time.time()
-    for i, (fraction, name, lr, seed) in enumerate(jobs, 1):
+    finished = []
+
+    def done(i: int, m: dict) -> None:
+        finished.append(i)
+        fraction, name, lr, seed = jobs[i]
+        print(
+            f"[{len(finished):>2}/{len(jobs)}] labels={fraction:<5g} {name:<14} lr={lr:<7g} seed={seed}:"
+            f" val/acc {m['val/acc_best']:.3f}  test/acc {m['test/acc']:.3f}  ({m['time/run_s']:.1f}s)"
+            f"  {time_left(time.time() - jobs_started, len(finished), len(jobs))}",
+            flush=True,
+        )
+
+    metrics = _finetune_all(configs, int(cfg.get("workers", 1)), done)
+    rows = []
+    for (fraction, name, lr, seed), out, m in zip(jobs, out_dirs, metrics, strict=True):
         strategy = cfg.strategies[name]
-        # init: model keeps the model config's own model.init (weights from elsewhere, e.g. ImageNet's)
-        overrides = _finetune_overrides(cfg, name, pre_dir, fraction, lr, seed)
-        out = study_dir / "finetune" / f"labels{fraction:g}_{name}_lr{lr:g}_seed{seed}"
-        m = _run_stage("finetune", overrides, out)
         rows.append(
             {
                 "label_fraction": fraction,
@@ -177,12 +240,6 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
                 "seconds": m["time/run_s"],
                 "run_dir": str(out.relative_to(study_dir)),
             }
-        )
-        print(
-            f"[{i:>2}/{len(jobs)}] labels={fraction:<5g} {name:<14} lr={lr:<7g} seed={seed}:"
-            f" val/acc {m['val/acc_best']:.3f}  test/acc {m['test/acc']:.3f}  ({m['time/run_s']:.1f}s)"
-            f"  {time_left(time.time() - jobs_started, i, len(jobs))}",
-            flush=True,
         )
 
     summary = select_and_summarise(rows, baseline="scratch")

@@ -10,6 +10,7 @@ OVERRIDE = Text(r"[~+]{0,2}[\w./@-]+(=.*)?", "a Hydra override, e.g. optimizer.l
 RULES: dict[str, object] = {
     **{key: rule for key, rule in run.RULES.items() if key.startswith("paths.")},
     "seeds": ListOf(SEED, min_len=1),
+    "workers": Rule(int, low=1, high=256),  # fine-tuning jobs run side by side, each on its share of the cores
     "label_fractions": ListOf(FRACTION, min_len=1),
     "common": ListOf(OVERRIDE),
     "pretrain": ListOf(OVERRIDE),
