@@ -63,7 +63,7 @@ def _worker_init(threads: int) -> None:
 
 def _run_composed(cfg: DictConfig) -> dict:
     """A fine-tuning job whose config the study composed and checked (in a worker: no Hydra context needed)."""
-    from lightning_modules.runtime.run import run
+    from lightning_modules.runtime.run import run  # imports torch: only once the study is checked
 
     return run(cfg)
 
