@@ -172,11 +172,11 @@ def test_ddp_config_builds_a_two_node_trainer_with_the_hydra_job_launcher():
 
 def test_the_transfer_study_refuses_ddp_stages(tmp_path):
     from lightning_modules.core.errors import ConfigError
-    from pretune.commands.transfer_study import _run_stage
+    from pretune.commands.transfer_study import _stage_config
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         with pytest.raises(ConfigError, match="not supported inside the transfer study"):
-            _run_stage("pretrain", ["trainer=ddp"], tmp_path)
+            _stage_config("pretrain", ["trainer=ddp"], tmp_path)
 
 
 def test_fsdp_config_composes_and_instantiates_fsdp2_over_every_rank():

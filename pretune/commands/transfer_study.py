@@ -41,10 +41,6 @@ def _stage_config(stage: str, overrides: list[str], out_dir: Path, pending: tupl
     return cfg
 
 
-def _run_stage(stage: str, overrides: list[str], out_dir: Path) -> dict:
-    from lightning_modules.runtime.run import run  # imports torch: only once the study is checked
-
-    return run(_stage_config(stage, overrides, out_dir))
 
 
 def _worker_init(threads: int) -> None:
@@ -62,7 +58,7 @@ def _worker_init(threads: int) -> None:
 
 
 def _run_composed(cfg: DictConfig) -> dict:
-    """A fine-tuning job whose config the study composed and checked (in a worker: no Hydra context needed)."""
+    """A stage whose config the study composed and checked (in a pool's worker too: no Hydra context needed)."""
     from lightning_modules.runtime.run import run  # imports torch: only once the study is checked
 
     return run(cfg)
@@ -187,7 +183,7 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
     uses = lambda s: (s.pretrained and s.get("init") != "model") or s.get("tokenizer") == "pretrained"  # noqa: E731
     if any(uses(s) for s in cfg.strategies.values()):
         print(f"pre-training ({' '.join(cfg.pretrain)}) ...", flush=True)
-        pre = _run_stage("pretrain", [*cfg.common, *cfg.pretrain], pre_dir)
+        pre = _run_composed(_stage_config("pretrain", [*cfg.common, *cfg.pretrain], pre_dir))
         print(f"  done in {pre['time/run_s']:.0f}s, val/loss {pre['val/loss']:.3f}{monitored(pre)}", flush=True)
 
     jobs = [
