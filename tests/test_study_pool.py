@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from pretune.commands.transfer_study import _finetune_all
+from pretune.commands.transfer_study import _run_composed, stage_pool
 from tests.conftest import make_cfg
 
 JOB = ["debug=limit", "model=resnet_micro", "datamodule.train_batches_per_epoch=3", "trainer.max_epochs=2"]
@@ -23,17 +23,25 @@ def test_jobs_in_two_worker_processes_equal_the_same_jobs_one_after_another(tmp_
     }
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # as each of the pool's 2 workers: the same arithmetic
+    order: list = []
     try:
-        order = []
-        serial = _finetune_all(configs["serial"], workers=1, done=lambda i, m: order.append(i))
+        serial = _run(stage_pool(1), configs["serial"], order)
     finally:
         torch.set_num_threads(threads)
-    assert order == [0, 1, 2]
-    finished = []
-    pooled = _finetune_all(configs["pool"], workers=2, done=lambda i, m: finished.append(i))
+    assert order == [0, 1, 2]  # in process: each run when submitted
+    finished: list = []
+    pooled = _run(stage_pool(2), configs["pool"], finished)
     assert sorted(finished) == [0, 1, 2]
     for one, other in zip(serial, pooled, strict=True):
         assert other["threads"] == one["threads"]
         for key in ("train/loss", "val/loss", "test/loss", "test/acc", "steps"):
             assert other[key] == one[key], key
     assert len({m["train/loss"] for m in serial}) == 3
+
+
+def _run(pool, configs, finished: list) -> list[dict]:
+    with pool:
+        futures = [pool.submit(_run_composed, cfg) for cfg in configs]
+        for i, future in enumerate(futures):
+            future.add_done_callback(lambda _, i=i: finished.append(i))
+    return [future.result() for future in futures]

@@ -67,6 +67,7 @@ def test_the_text_transfer_study_on_a_tiny_budget(tmp_path):
 
     overrides = [
         "seeds=[0]",
+        "workers=1",  # in process (tests/test_e2e.py's image study runs its pool)
         'pretrain=["datamodule=text_corpus","objective=mlm","trainer.max_epochs=1","trainer.limit_train_batches=2"]',
         'finetune=["datamodule=text_classification","datamodule.max_length=16","datamodule.batch_size=16",'
         '"datamodule.train_batches_per_epoch=2","trainer.max_epochs=2","logger=none"]',

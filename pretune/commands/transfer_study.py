@@ -11,6 +11,7 @@ embedded labeled task from scratch, from that backbone and from MiniLM.
 
 import sys
 import time
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from pathlib import Path
 
 import hydra
@@ -41,13 +42,12 @@ def _stage_config(stage: str, overrides: list[str], out_dir: Path, pending: tupl
     return cfg
 
 
-
-
 def _worker_init(threads: int) -> None:
     """A worker process of the study's pool: its share of the cores, and the console kept to the study's lines."""
     import logging
     import warnings
 
+    import pytorch_lightning  # noqa: F401  (first: it sets its loggers to INFO on import)
     import torch
 
     torch.set_num_threads(threads)
@@ -64,31 +64,39 @@ def _run_composed(cfg: DictConfig) -> dict:
     return run(cfg)
 
 
-def _finetune_all(configs: list[DictConfig], workers: int, done) -> list[dict]:
-    """Every fine-tuning job's metrics, in the order of ``configs``; ``done(i, metrics)`` as each one finishes.
-    ``workers`` > 1: a pool of processes, each with its share of the cores (small models on a few cores leave
-    cores idle in Python between ops; two jobs side by side fill them). Each job seeds itself, so its result
-    does not depend on which worker ran it or when; only the thread count can move the last float digits."""
+class _InProcess:
+    """The pool's interface run in the study's own process (workers=1): each stage runs when submitted, in order,
+    on all the cores."""
+
+    def submit(self, fn, *args) -> Future:
+        future = Future()
+        future.set_result(fn(*args))  # a failure raises here: the study stops at once
+        return future
+
+    def shutdown(self, **_) -> None:
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def stage_pool(workers: int):
+    """Where the study's stages run: in this process (1), or side by side in ``workers`` spawned processes, each
+    with cores / workers torch threads (small models on a few cores leave cores idle in Python between ops; two runs
+    side by side fill them). Each run seeds itself, so where and when it ran does not change its result; the thread
+    count can (float sums in another order), so a study's numbers are those of its ``workers`` on its cores."""
     if workers == 1:
-        results = []
-        for i, cfg in enumerate(configs):
-            results.append(_run_composed(cfg))
-            done(i, results[-1])
-        return results
+        return _InProcess()
     import multiprocessing
     import os
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import ProcessPoolExecutor
 
     threads = max(1, (os.cpu_count() or 1) // workers)
-    results: list = [None] * len(configs)
     context = multiprocessing.get_context("spawn")  # not fork: torch's threads and Lightning's state stay behind
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
-        futures = {pool.submit(_run_composed, cfg): i for i, cfg in enumerate(configs)}
-        for future in as_completed(futures):
-            i = futures[future]
-            results[i] = future.result()  # a failed job raises here, as it would in-process
-            done(i, results[i])
-    return results
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(threads,))
 
 
 def _init(strategy: DictConfig, pre_dir: Path) -> str | None:
@@ -177,15 +185,9 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     started = time.time()
     pre_dir = study_dir / "pretrain"
-    pre = None
     # Pre-train only when a strategy starts from this study's backbone (init: model strategies bring their own),
     # or takes its tokenizer (tokenizer: pretrained).
     uses = lambda s: (s.pretrained and s.get("init") != "model") or s.get("tokenizer") == "pretrained"  # noqa: E731
-    if any(uses(s) for s in cfg.strategies.values()):
-        print(f"pre-training ({' '.join(cfg.pretrain)}) ...", flush=True)
-        pre = _run_composed(_stage_config("pretrain", [*cfg.common, *cfg.pretrain], pre_dir))
-        print(f"  done in {pre['time/run_s']:.0f}s, val/loss {pre['val/loss']:.3f}{monitored(pre)}", flush=True)
-
     jobs = [
         (fraction, name, lr, seed)
         for fraction in cfg.label_fractions
@@ -195,25 +197,59 @@ def study(cfg: DictConfig, study_dir: Path) -> Path:
         for seed in cfg.seeds
     ]
     out_dirs = [study_dir / "finetune" / f"labels{f:g}_{name}_lr{lr:g}_seed{seed}" for f, name, lr, seed in jobs]
-    # init: model keeps the model config's own model.init (weights from elsewhere, e.g. ImageNet's)
-    configs = [
-        _stage_config("finetune", _finetune_overrides(cfg, name, pre_dir, fraction, lr, seed), out)
-        for (fraction, name, lr, seed), out in zip(jobs, out_dirs, strict=True)
-    ]
-    jobs_started = time.time()
+    futures: list[Future | None] = [None] * len(jobs)
     finished = []
 
-    def done(i: int, m: dict) -> None:
+    def done(i: int, future: Future) -> None:
+        if future.exception() is not None:
+            return  # raised below, where the study waits
         finished.append(i)
         fraction, name, lr, seed = jobs[i]
+        m = future.result()
         print(
             f"[{len(finished):>2}/{len(jobs)}] labels={fraction:<5g} {name:<14} lr={lr:<7g} seed={seed}:"
             f" val/acc {m['val/acc_best']:.3f}  test/acc {m['test/acc']:.3f}  ({m['time/run_s']:.1f}s)"
-            f"  {time_left(time.time() - jobs_started, len(finished), len(jobs))}",
+            f"  {time_left(time.time() - started, len(finished), len(jobs))}",
             flush=True,
         )
 
-    metrics = _finetune_all(configs, int(cfg.get("workers", 1)), done)
+    def submit(pool, indices) -> None:
+        for i in indices:
+            fraction, name, lr, seed = jobs[i]
+            # init: model keeps the model config's own model.init (weights from elsewhere, e.g. ImageNet's)
+            overrides = _finetune_overrides(cfg, name, pre_dir, fraction, lr, seed)
+            futures[i] = pool.submit(_run_composed, _stage_config("finetune", overrides, out_dirs[i]))
+            futures[i].add_done_callback(lambda future, i=i: done(i, future))
+
+    def pretrained(future: Future) -> None:
+        if future.exception() is None:
+            m = future.result()
+            print(
+                f"  pre-training done in {m['time/run_s']:.0f}s, val/loss {m['val/loss']:.3f}{monitored(m)}", flush=True
+            )
+
+    needs = [i for i, job in enumerate(jobs) if uses(cfg.strategies[job[1]])]
+    pre = None
+    with stage_pool(int(cfg.workers)) as pool:
+        try:
+            if needs:
+                print(f"pre-training ({' '.join(cfg.pretrain)}) ...", flush=True)
+                pre_cfg = _stage_config("pretrain", [*cfg.common, *cfg.pretrain], pre_dir)
+                pre_future = pool.submit(_run_composed, pre_cfg)
+                pre_future.add_done_callback(pretrained)
+            # what does not start from the pre-training runs meanwhile (in a pool; in order here)
+            submit(pool, [i for i in range(len(jobs)) if i not in needs])
+            if needs:
+                pre = pre_future.result()
+                submit(pool, needs)
+            wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f.exception() for f in futures if f.done() and f.exception() is not None]
+            if failed:  # in a pool; in process a failed run raised where it ran
+                raise failed[0]
+            metrics = [future.result() for future in futures]
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # one run failed: the queued ones do not start
+            raise
     rows = []
     for (fraction, name, lr, seed), out, m in zip(jobs, out_dirs, metrics, strict=True):
         strategy = cfg.strategies[name]
