@@ -42,18 +42,24 @@ def _stage_config(stage: str, overrides: list[str], out_dir: Path, pending: tupl
     return cfg
 
 
-def _worker_init(threads: int) -> None:
-    """A worker process of the study's pool: its share of the cores, and the console kept to the study's lines."""
+def _quiet_console() -> None:
+    """Dozens of runs in one process: keep the console to one line per run (in the study and in each worker)."""
     import logging
     import warnings
 
-    import pytorch_lightning  # noqa: F401  (first: it sets its loggers to INFO on import)
-    import torch
+    import pytorch_lightning  # noqa: F401  (imported first: it sets its loggers to INFO on import)
 
-    torch.set_num_threads(threads)
     for name in ("pytorch_lightning", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+
+
+def _worker_init(threads: int) -> None:
+    """A worker process of the study's pool: its share of the cores, and the study's quiet console."""
+    import torch
+
+    torch.set_num_threads(threads)
+    _quiet_console()
     warnings_to_log()
 
 
@@ -174,15 +180,7 @@ def time_left(elapsed: float, done: int, total: int) -> str:
 
 def study(cfg: DictConfig, study_dir: Path) -> Path:
     check_study(cfg, study_dir)
-    import logging
-    import warnings
-
-    import pytorch_lightning  # noqa: F401  (imported first: it sets its loggers to INFO on import)
-
-    # Dozens of runs in one process: keep the console to one line per run.
-    for name in ("pytorch_lightning", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    _quiet_console()
     started = time.time()
     pre_dir = study_dir / "pretrain"
     # Pre-train only when a strategy starts from this study's backbone (init: model strategies bring their own),
