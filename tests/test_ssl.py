@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from datamodules.transforms.augment import BatchAugment
 from datamodules.transforms.photo import PhotoOps
-from lightning_modules.callbacks.feature_monitor import knn_predict
+from lightning_modules.callbacks.feature_monitor import FeatureMonitor, knn_predict
 from lightning_modules.objectives.byol import BYOL
 from lightning_modules.objectives.dino import DINO, TrainingCenterDINOLoss
 from lightning_modules.objectives.vicreg import VICReg, vicreg_loss
@@ -198,6 +198,32 @@ def test_knn_equals_a_brute_force_weighted_vote():
         for j in nearest:
             votes[int(labels[j])] += math.exp(sims[j] / 0.07)
         assert int(predicted[i]) == max(range(4), key=lambda c: votes[c]), i
+
+
+def test_the_online_probe_learns_the_banks_classes_and_goes_on_from_where_it_stopped():
+    """Trained at a validation on separable features (4 classes around 4 far-apart centres), it classifies held-out
+    ones; a second validation continues the same probe (its passes add up) and stays right."""
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=gen) * 4
+
+    def features(n):
+        labels = torch.randint(0, 4, (n,), generator=gen)
+        return centres[labels] + torch.randn(n, 16, generator=gen), labels
+
+    monitor = FeatureMonitor(probe_epochs=3, probe_batch_size=32)
+    monitor.classes = 4
+    bank, labels = features(200)
+    queries, truth = features(100)
+    before = FeatureMonitor(probe_epochs=1)
+    before.classes = 4
+    before._make_probe(16, "cpu")
+    assert (before.probe(queries).argmax(1) == truth).float().mean() < 0.6  # the seeded start does not classify
+    monitor._train_probe(bank, labels)
+    first = monitor.probe[1].weight.detach().clone()
+    assert (monitor.probe(queries).argmax(1) == truth).float().mean() > 0.95
+    monitor._train_probe(bank, labels)
+    assert monitor.probe_passes == 6 and not torch.equal(first, monitor.probe[1].weight)
+    assert (monitor.probe(queries).argmax(1) == truth).float().mean() > 0.95
 
 
 # --- photo augmentations -------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ RULES: dict[str, object] = {
     "callbacks.feature_monitor.temperature": Rule(float, low=0, low_open=True),
     "callbacks.feature_monitor.bank_size": Rule(int, low=1, nullable=True),  # null: every training image
     "callbacks.feature_monitor.probe": Flag(),
+    "callbacks.feature_monitor.probe_epochs": Rule(int, low=1),
     "callbacks.feature_monitor.probe_batch_size": Rule(int, low=1),
     "callbacks.feature_monitor.probe_lr": Rule(float, low=0, low_open=True),
     "callbacks.feature_monitor.batch_size": Rule(int, low=1),
