@@ -3,11 +3,10 @@ the metrics it gets when the jobs run one after another, in the jobs' order, whi
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from lightning_modules.core.cores import threads_per_job
 from pretune.commands.transfer_study import _run_composed, stage_pool
 from tests.conftest import make_cfg
 
@@ -22,7 +21,7 @@ def test_jobs_in_two_worker_processes_equal_the_same_jobs_one_after_another(tmp_
         for where in ("serial", "pool")
     }
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # as each of the pool's 2 workers: the same arithmetic
+    torch.set_num_threads(threads_per_job(2))  # as each of the pool's 2 workers
     order: list = []
     try:
         serial = _run(stage_pool(1), configs["serial"], order)

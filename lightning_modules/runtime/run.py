@@ -38,6 +38,7 @@ from lightning_modules.callbacks.seeding import EpochSeed
 from lightning_modules.config.library import blamed_on, build
 from lightning_modules.config.modalities import choice_name, pretrain_only, tower_errors, towers_of
 from lightning_modules.config.rules import check
+from lightning_modules.core.cores import cores, threads_per_job
 from lightning_modules.core.errors import ConfigError, Requeued
 from lightning_modules.core.results import is_rank_zero, write_atomic, write_metrics, write_run_record
 from lightning_modules.core.version import __version__
@@ -99,8 +100,8 @@ def parallel_jobs() -> int:
     launcher = HydraConfig.get().launcher
     if not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
         return 1
-    cores, n_jobs = os.cpu_count() or 1, int(launcher.get("n_jobs") or 1)
-    return max(1, min(cores, n_jobs if n_jobs > 0 else cores + 1 + n_jobs))
+    available, n_jobs = cores(), int(launcher.get("n_jobs") or 1)
+    return max(1, min(available, n_jobs if n_jobs > 0 else available + 1 + n_jobs))
 
 
 def _progress_bar(enabled: bool, callbacks: list) -> list:
@@ -140,7 +141,7 @@ def run(cfg: DictConfig) -> dict:
     metrics.json, backbone/; Lightning already saves checkpoints and logs from rank 0 only)."""
     jobs = parallel_jobs()
     if jobs > 1:  # parallel jobs split the cores instead of each taking all of them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+        torch.set_num_threads(threads_per_job(jobs))
     out_dir = Path(cfg.paths.output_dir)
     if is_rank_zero():
         out_dir.mkdir(parents=True, exist_ok=True)

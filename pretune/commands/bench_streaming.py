@@ -38,14 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lightning_modules.core.cores import cores
 from lightning_modules.core.locations import CONF
 
 ROOT = Path(__file__).resolve().parents[2]  # where pretune imports from: the checkout (or site-packages)
 OUT = Path("outputs") / "bench"  # in the directory the command runs from
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def write_jpegs(root: Path, n: int, size: int, classes: int = 4, seed: int = 0) -> Path:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.config.check import check_config, check_values
 from lightning_modules.config.rules import STUDY_RULES
+from lightning_modules.core.cores import threads_per_job
 from lightning_modules.core.errors import ConfigError
 from lightning_modules.reports.transfer import monitored, select_and_summarise, write_report
 from lightning_modules.runtime.failure import report as report_failure
@@ -97,10 +98,9 @@ def stage_pool(workers: int):
     if workers == 1:
         return _InProcess()
     import multiprocessing
-    import os
     from concurrent.futures import ProcessPoolExecutor
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = threads_per_job(workers)
     context = multiprocessing.get_context("spawn")  # not fork: torch's threads and Lightning's state stay behind
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(threads,))
 
