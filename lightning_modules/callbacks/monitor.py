@@ -22,6 +22,8 @@ def count_params(module) -> dict:
 def train_state_mb(module, optimizers) -> float:
     """Parameters, the gradients they hold and the optimizers' state tensors, in MB: what a strategy that trains
     fewer parameters saves (LoRA, a probe), measured on the tensors, so any optimizer and dtype counts as it is.
+    Every parameter the module holds counts, trained or not (a frozen backbone's, an EMA teacher's): they are in
+    memory all the same, where ``params/trainable`` counts only what the optimizer moves.
     Activations are not in it (they depend on the batch, not the strategy; the benchmark's peak RSS has them)."""
     import torch
 
