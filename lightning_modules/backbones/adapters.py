@@ -29,6 +29,7 @@ import copy
 import re
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -39,6 +40,15 @@ from lightning_modules.core.extras import require
 LORA_DEFAULTS = {"rank": 8, "alpha": None, "dropout": 0.0, "use_rslora": False}  # alpha None: 2 x rank
 ADAPTER_DIR = "adapter"  # inside model/
 PEFT_MODELS = "_peft_models"  # backbone.__dict__ key: tower name -> the PeftModel wrapping its library model
+
+
+@contextmanager
+def _quiet_deprecation():
+    """peft reads ``model.is_gradient_checkpointing``, which transformers deprecates with a FutureWarning on every
+    wrap: one library's deprecation of the other's call, nothing a user can act on (it filled the study's console)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def require_peft():
@@ -170,7 +180,8 @@ def add_adapters(backbone, settings: dict, skipped: dict[str, int]) -> dict[str,
         paths = target_paths(tower, settings["targets"], skipped[name], rank, what)
         config = peft_config(settings["method"], paths, **{k: settings.get(k) for k in LORA_DEFAULTS})
         try:
-            models[name] = peft.get_peft_model(tower.model, config)
+            with _quiet_deprecation():
+                models[name] = peft.get_peft_model(tower.model, config)
         except (ValueError, TypeError, NotImplementedError) as err:  # peft refusing a module or an option
             raise ConfigError(f"freeze.method={settings['method']} on {what}: peft refused it ({_first(err)})") from err
         adapted[name] = paths
@@ -243,7 +254,8 @@ def save_adapter(backbone, head: nn.Linear, directory: Path, labels, preprocessi
     config.target_modules = {prefix + t for t in settings.target_modules}
     config.modules_to_save = [head_path]
     config.base_model_name_or_path = None  # (peft fills it in from the model, then warns when it differs)
-    model = peft.get_peft_model(classifier, config)  # the classifier's modules, adapted in place
+    with _quiet_deprecation():
+        model = peft.get_peft_model(classifier, config)  # the classifier's modules, adapted in place
     model.peft_config["default"].base_model_name_or_path = base_name
     tuner = trained[""].base_model
     state = {f"{prefix}{n}": p for n, p in tuner.model.named_parameters() if tuner.prefix in n}
@@ -282,7 +294,8 @@ def load_adapter(base: nn.Module, directory: Path):
     """``PeftModel.from_pretrained(base, directory)``, a mismatch (another base: names or shapes) in one line."""
     peft = require_peft()
     try:
-        return peft.PeftModel.from_pretrained(base, str(directory)).eval()
+        with _quiet_deprecation():
+            return peft.PeftModel.from_pretrained(base, str(directory)).eval()
     except (RuntimeError, ValueError, KeyError) as err:
         config = Path(directory) / "adapter_config.json"
         raise ConfigError(
