@@ -97,7 +97,12 @@ def test_missing_init_path_is_refused(tmp_path):
         build_backbone(_model_cfg(VIT, tmp_path / "empty"))
 
 
-def test_timm_pretrained_fails_clearly_offline():
+def test_timm_pretrained_fails_clearly_offline(monkeypatch):
+    import huggingface_hub.constants
+
+    # The hub's offline mode (HF_HUB_OFFLINE=1): refused at once, where a machine without a network waits ~45 s on
+    # connection retries before the same error reaches the same line.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConfigError, match="model.init=timm: could not load timm's pretrained weights"):
         build_backbone({"_target_": TIMM, "name": "resnet18", "kwargs": {}, "init": "timm"})
 
