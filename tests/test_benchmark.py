@@ -60,6 +60,11 @@ def test_gpu_benchmark_logic_runs_on_the_cpu_in_tiny_mode(tmp_path):
         assert len(hand["epochs"]) == len(pretune["epochs"]) == 2 and res["flops_per_image"] > 0
         assert pretune["checkpoints"] >= 2  # last.ckpt each epoch, timed
     assert results["fine-tune vit_micro, compiled"]["pretune"][0]["compile_s"] > 0
+    # LoRA against full fine-tuning of the same backbone (issue 22's GPU case), its own table below the main one
+    lora = json.loads((table.parent / "lora.json").read_text())["vit_micro"]
+    full_trained, lora_trained = (lora[v][0]["metrics"]["params/trainable"] for v in ("full", "lora"))
+    assert 0 < lora_trained < full_trained / 5
+    assert "| vit_micro |" in text.split("freeze=lora (rank 8")[1] and f"{full_trained:,} / {lora_trained:,}" in text
 
 
 def test_gpu_benchmark_without_a_gpu_says_so_in_one_line():

@@ -654,6 +654,8 @@ GPU_CASES = {
     "fine-tune vit_small_patch16_224, compiled": ("finetune", VIT_S, True),
     "MAE pre-train vit_small_patch16_224, compiled": ("pretrain", ["objective=mae", *VIT_S], True),
 }
+# freeze=lora against full fine-tuning (freeze=none) of the same backbone on the device, pretune's run path both times
+GPU_LORA = {"vit_small_patch16_224": ("finetune", VIT_S)}
 # --tiny: the same logic on the CPU in seconds (tiny models, 32 px, fp32; compiled with aot_eager, no codegen).
 TINY_DATA = [
     "datamodule.batch_size=16",
@@ -673,6 +675,7 @@ TINY_CASES = {
     ),
     "fine-tune vit_micro, compiled": ("finetune", ["datamodule=digits", "model=vit_micro"], True),
 }
+TINY_LORA = {"vit_micro": ("finetune", ["datamodule=digits", "model=vit_micro"])}
 
 
 def gpu_cfg(stage: str, overrides: list[str], out_dir: Path, tiny: bool) -> DictConfig:
@@ -822,9 +825,68 @@ def gpu_plain_run(cfg: DictConfig, compile_options: dict | None) -> dict:
     return out
 
 
+def _fresh_device(device: torch.device) -> None:
+    """What the last run left, freed before the next one is measured (its peak memory is its own)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _fit_rate(r: dict, samples: int) -> float:
+    """Samples per second over the fit loop, validation (and compilation) included."""
+    return samples / (r["train_end"] - r["train_start"])
+
+
+def gpu_lora_runs(tiny: bool, repeats: int, tmp: Path) -> dict | None:
+    """GPU_LORA's backbones (TINY_LORA's with ``tiny``) fine-tuned in full and with LoRA, interleaved ``repeats``
+    times; None where peft is not installed (the GPU box may lack it: the rest of the benchmark still runs)."""
+    if importlib.util.find_spec("peft") is None:
+        return None
+    device = torch.device("cpu" if tiny else "cuda")
+    results = {}
+    for i, (case, (stage, extra)) in enumerate((TINY_LORA if tiny else GPU_LORA).items()):
+        runs = {"full": [], "lora": []}
+        for r in range(repeats):
+            for variant in ("full", "lora") if r % 2 == 0 else ("lora", "full"):
+                more = LORA if variant == "lora" else ["freeze=none"]
+                _fresh_device(device)
+                runs[variant].append(
+                    gpu_pretune_run(gpu_cfg(stage, extra + more, tmp / f"lora{i}-{variant}-{r}", tiny))
+                )
+        cfg = gpu_cfg(stage, extra, tmp / "shape", tiny)
+        results[case] = dict(
+            runs, samples=cfg.datamodule.batch_size * cfg.datamodule.train_batches_per_epoch * cfg.trainer.max_epochs
+        )
+    return results
+
+
+def gpu_lora_table(results: dict | None) -> str:
+    if results is None:
+        return '\nLoRA against full fine-tuning: skipped, peft is not installed (pip install "pretune[lora]").\n'
+    lines = [
+        "",
+        "freeze=lora (rank 8, targets=auto) against full fine-tuning (freeze=none) of the same backbone, pretune's"
+        " run path both times, the same data and steps as above, interleaved:",
+        "",
+        "| backbone | full samples/s | LoRA samples/s | LoRA / full | peak GB full / LoRA | trainable full / LoRA |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for case, res in results.items():
+        full, lora = res["full"], res["lora"]
+        rates = [[_fit_rate(r, res["samples"]) for r in runs] for runs in (full, lora)]
+        ratio = _median(b / a for a, b in zip(*rates, strict=True))
+        lines.append(
+            f"| {case} | {_median(rates[0]):,.0f} | {_median(rates[1]):,.0f} | **{ratio:.2f}**"
+            f" | {_median(r['peak_gb'] for r in full):.2f} / {_median(r['peak_gb'] for r in lora):.2f}"
+            f" | {full[-1]['metrics']['params/trainable']:,} / {lora[-1]['metrics']['params/trainable']:,} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def gpu_benchmark(tiny: bool = False, repeats: int = 2, peak_tflops: float | None = None, out_root: Path = OUT) -> Path:
     """The cases of GPU_CASES (TINY_CASES with ``tiny``), pretune and the hand loop interleaved, ``repeats`` times
-    for eager cases and once for compiled ones; writes ``bench_gpu.md`` and ``results.json``."""
+    for eager cases and once for compiled ones, then LoRA against full fine-tuning (GPU_LORA); writes
+    ``bench_gpu.md``, ``results.json`` and ``lora.json``."""
     from lightning_modules.runtime import run as run_module  # loads torch where the benchmark times it
 
     device = torch.device("cpu" if tiny else "cuda")
@@ -840,9 +902,7 @@ def gpu_benchmark(tiny: bool = False, repeats: int = 2, peak_tflops: float | Non
         for r in range(1 if compiled else repeats):
             for loop in ("hand", "pretune") if r % 2 == 0 else ("pretune", "hand"):
                 cfg = gpu_cfg(stage, extra + more, tmp / f"case{i}-{loop}-{r}", tiny)
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                _fresh_device(device)
                 if loop == "hand":
                     runs[loop].append(gpu_plain_run(cfg, compile_options if compiled else None))
                     continue
@@ -859,10 +919,12 @@ def gpu_benchmark(tiny: bool = False, repeats: int = 2, peak_tflops: float | Non
             steps_per_epoch=cfg.datamodule.train_batches_per_epoch,
             epochs=cfg.trainer.max_epochs,
         )
-    table = gpu_table(results, peak, device, tiny)
+    lora = gpu_lora_runs(tiny, repeats, tmp)
+    table = gpu_table(results, peak, device, tiny) + gpu_lora_table(lora)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench_gpu.md").write_text(table)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (out_dir / "lora.json").write_text(json.dumps(lora, indent=1, default=str))
     print(table + f"\nwritten to {out_dir / 'bench_gpu.md'}")
     return out_dir / "bench_gpu.md"
 
@@ -891,8 +953,8 @@ def gpu_table(results: dict, peak: float, device: torch.device, tiny: bool) -> s
         hand, pre = res["hand"], res["pretune"]
         images = res["batch"] * res["steps_per_epoch"] * res["epochs"]
 
-        def rate(r, images=images):  # images/s over the fit loop, validation (and compilation) included
-            return images / (r["train_end"] - r["train_start"])
+        def rate(r, images=images):
+            return _fit_rate(r, images)
 
         hand_rate, pre_rate = _median(map(rate, hand)), _median(map(rate, pre))
         ratio = _median(rate(b) / rate(a) for a, b in zip(hand, pre, strict=True))
