@@ -33,6 +33,7 @@ import tempfile
 import time
 import warnings
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # where pretune imports from: the checkout (or site-packages)
@@ -847,8 +848,7 @@ def gpu_lora_runs(tiny: bool, repeats: int, tmp: Path) -> dict | None:
     for i, (case, (stage, extra)) in enumerate((TINY_LORA if tiny else GPU_LORA).items()):
         runs = {"full": [], "lora": []}
         for r in range(repeats):
-            for variant in ("full", "lora") if r % 2 == 0 else ("lora", "full"):
-                more = LORA if variant == "lora" else ["freeze=none"]
+            for variant, more in _alternate((("full", ["freeze=none"]), ("lora", LORA)), r):
                 _fresh_device(device)
                 runs[variant].append(
                     gpu_pretune_run(gpu_cfg(stage, extra + more, tmp / f"lora{i}-{variant}-{r}", tiny))
@@ -900,7 +900,7 @@ def gpu_benchmark(tiny: bool = False, repeats: int = 2, peak_tflops: float | Non
         flops = flops_per_image(gpu_cfg(stage, extra, tmp / "flops", tiny), device)
         runs = {"hand": [], "pretune": []}
         for r in range(1 if compiled else repeats):
-            for loop in ("hand", "pretune") if r % 2 == 0 else ("pretune", "hand"):
+            for loop in _alternate(("hand", "pretune"), r):
                 cfg = gpu_cfg(stage, extra + more, tmp / f"case{i}-{loop}-{r}", tiny)
                 _fresh_device(device)
                 if loop == "hand":
@@ -953,8 +953,7 @@ def gpu_table(results: dict, peak: float, device: torch.device, tiny: bool) -> s
         hand, pre = res["hand"], res["pretune"]
         images = res["batch"] * res["steps_per_epoch"] * res["epochs"]
 
-        def rate(r, images=images):
-            return _fit_rate(r, images)
+        rate = partial(_fit_rate, samples=images)
 
         hand_rate, pre_rate = _median(map(rate, hand)), _median(map(rate, pre))
         ratio = _median(rate(b) / rate(a) for a, b in zip(hand, pre, strict=True))
