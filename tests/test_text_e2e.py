@@ -58,8 +58,9 @@ def test_mlm_pretrain_then_finetune_through_the_scripts(tmp_path):
 
 
 def test_the_text_transfer_study_on_a_tiny_budget(tmp_path):
-    """make run-text's study (conf/transfer_study_text.yaml) cut to a few steps: MLM pre-training, every strategy
-    (scratch on its own and on MLM's tokenizer, probe, fine-tune, LP-FT, MiniLM from its package) and the report."""
+    """make run-text's study cut to a few steps, with the MiniLM rows it leaves to conf/transfer_study_text_full.yaml
+    (which composes it): MLM pre-training, every strategy (scratch on its own and on MLM's tokenizer, probe,
+    fine-tune, LP-FT, LoRA, MiniLM from its package) and the report."""
     from hydra import compose, initialize_config_dir
 
     from pretune.commands.transfer_study import study
@@ -80,7 +81,7 @@ def test_the_text_transfer_study_on_a_tiny_budget(tmp_path):
         *(f"strategies.{name}.lrs=[1e-2]" for name in ("lora", "minilm_lora")),
     ]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="transfer_study_text", overrides=overrides)
+        cfg = compose(config_name="transfer_study_text_full", overrides=overrides)
         report = study(cfg, tmp_path)
     text = report.read_text()
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
