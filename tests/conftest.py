@@ -37,6 +37,19 @@ def cfg_factory(tmp_path):
     return factory
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs ``-n 2``) each worker gets its share of the cores, as the study's pool
+    gives its workers: threads beyond it only wait on the other worker's (the subprocesses tests start inherit it)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        from lightning_modules.core.cores import threads_per_job
+
+        os.environ["OMP_NUM_THREADS"] = str(threads_per_job(workers))
+        torch.set_num_threads(threads_per_job(workers))
+
+
 @pytest.fixture(autouse=True)
 def _offline_env(monkeypatch):
     # Nothing in the suite may reach a network.

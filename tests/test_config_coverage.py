@@ -64,7 +64,7 @@ def composed() -> list[tuple[str, object, dict]]:
                 out.append((f"evaluate {task}", compose(config_name="evaluate", overrides=[f"task={task}"]), RULES))
             for script in ("predict", "export"):  # scripts/predict.py, scripts/export.py
                 out.append((script, compose(config_name=script), RULES))
-            for study in ("transfer_study", "transfer_study_text", "transfer_study_text_full"):
+            for study in ("transfer_study", "transfer_study_full", "transfer_study_text", "transfer_study_text_full"):
                 out.append((study, compose(config_name=study), STUDY_RULES))
         composed.cache = out
     return composed.cache

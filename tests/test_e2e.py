@@ -91,7 +91,6 @@ def test_transfer_study_on_a_tiny_budget(tmp_path):
         "strategies.lora.lrs=[1e-2]",
         'strategies.lp_ft.overrides=["freeze=lp_ft","freeze.probe_epochs=1","finetune.measure_forgetting=true"]',
         "label_fractions=[0.05]",
-        "~strategies.imagenet_finetune",
         "~strategies.imagenet_lora",
         "strategies.imagenet_probe.lrs=[1e-2]",
         'strategies.imagenet_probe.overrides=["model=efficientnet_lite0_imagenet","model.input_size=16",'
