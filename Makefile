@@ -24,12 +24,13 @@ run-text: install
 # Two pytest workers (pytest-xdist), each on its share of the cores; a test file's tests stay on one worker, so a
 # module's fixture is made once. TEST_WORKERS=0: one process, as plain `pytest` runs.
 TEST_WORKERS ?= 2
+PYTEST = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PYTEST)
 
 test-fast: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # pretune vs a plain PyTorch loop (steps/s, peak memory, loader, start-up): outputs/bench/<timestamp>/bench.md
 bench: install

@@ -46,8 +46,9 @@ def pytest_configure(config):
 
         from lightning_modules.core.cores import threads_per_job
 
-        os.environ["OMP_NUM_THREADS"] = str(threads_per_job(workers))
-        torch.set_num_threads(threads_per_job(workers))
+        threads = threads_per_job(workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

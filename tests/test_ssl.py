@@ -151,6 +151,20 @@ def test_dino_exports_its_teacher_and_byol_its_student():
     assert _dino(backbone, export="student").exported_backbone(backbone)[0] is backbone
 
 
+def _train(backbone, objective, data: dict, steps: int):
+    """``steps`` AdamW steps of ``objective`` on ``data``, the teacher following after each, as the module does;
+    yields each step's loss."""
+    optimizer = build_optimizer({"name": "adamw", "lr": 3e-3}, backbone, objective)
+    for step in range(steps):
+        objective.progress = (step, steps)
+        loss = objective(backbone, data)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        objective.after_step(backbone)
+        yield loss.detach()
+
+
 @pytest.mark.parametrize(
     ("make_backbone", "make_objective"),
     [(resnet, _byol), (vit, _byol), (resnet, _dino), (vit, _dino), (resnet, _vicreg), (vit, _vicreg)],
@@ -162,16 +176,8 @@ def test_each_objective_trains_a_cnn_and_a_vit(make_backbone, make_objective):
     backbone = make_backbone()
     objective = make_objective(backbone)
     start = {k: v.clone() for k, v in backbone.state_dict().items()}
-    optimizer = build_optimizer({"name": "adamw", "lr": 3e-3}, backbone, objective)
-    data = batch(8, labels=False)
-    for step in range(2):
-        objective.progress = (step, 2)
-        loss = objective(backbone, data)["loss"]
+    for loss in _train(backbone, objective, batch(8, labels=False), steps=2):
         assert torch.isfinite(loss)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        objective.after_step(backbone)
     assert any(not torch.equal(start[k], v) for k, v in backbone.state_dict().items())
     if hasattr(objective, "teacher"):
         moved = objective.teacher.backbone.state_dict()
@@ -180,11 +186,14 @@ def test_each_objective_trains_a_cnn_and_a_vit(make_backbone, make_objective):
 
 def _teacher_entropies(objective, images: torch.Tensor) -> tuple[float, float]:
     """The entropy of the centred, sharpened teacher distribution, per image (mean) and of the batch's mean one."""
+
+    def entropy(p: torch.Tensor) -> torch.Tensor:
+        return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
     with torch.no_grad():
         logits = (objective.teacher(images) - objective.criterion.center.squeeze(0)) / objective.teacher_temp
         p = F.softmax(logits, dim=-1)
-        mean = p.mean(0)
-        return -(p * p.clamp_min(1e-12).log()).sum(-1).mean().item(), -(mean * mean.clamp_min(1e-12).log()).sum().item()
+        return entropy(p).mean().item(), entropy(p.mean(0)).item()
 
 
 def test_dino_on_a_tiny_vit_needs_batchnorm_in_its_head_for_the_teacher_to_tell_images_apart():
@@ -197,15 +206,8 @@ def test_dino_on_a_tiny_vit_needs_batchnorm_in_its_head_for_the_teacher_to_tell_
         torch.manual_seed(0)
         backbone = vit()
         objective = _dino(backbone, head_bn=head_bn, local_views=0)
-        optimizer = build_optimizer({"name": "adamw", "lr": 3e-3}, backbone, objective)
         data = batch(64, labels=False)
-        for step in range(20):
-            objective.progress = (step, 20)
-            loss = objective(backbone, data)["loss"]
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            objective.after_step(backbone)
+        list(_train(backbone, objective, data, steps=20))
         per_image, of_mean = _teacher_entropies(objective, data["image"])
         gaps[head_bn] = of_mean - per_image
     assert gaps[False] < 0.5 and gaps[True] > 1.5, gaps  # measured: 0.19 and 2.18 nats
