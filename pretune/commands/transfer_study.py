@@ -96,6 +96,7 @@ def stage_pool(workers: int):
     side by side fill them). Each run seeds itself, so where and when it ran does not change its result; the thread
     count can (float sums in another order), so a study's numbers are those of its ``workers`` on its cores."""
     if workers == 1:
+        _quiet_console()  # only here: with workers the study's own process trains nothing (and skips its ~7 s import)
         return _InProcess()
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -180,7 +181,6 @@ def time_left(elapsed: float, done: int, total: int) -> str:
 
 def study(cfg: DictConfig, study_dir: Path) -> Path:
     check_study(cfg, study_dir)
-    _quiet_console()
     started = time.time()
     pre_dir = study_dir / "pretrain"
     # Pre-train only when a strategy starts from this study's backbone (init: model strategies bring their own),
