@@ -12,6 +12,7 @@ RULES: dict[str, object] = {
     "seeds": ListOf(SEED, min_len=1),
     "workers": Rule(int, low=1, high=256),  # fine-tuning jobs run side by side, each on its share of the cores
     "label_fractions": ListOf(FRACTION, min_len=1),
+    "pretrain_epochs": Rule(int, low=1),  # read by the study configs' pretrain lists (trainer.max_epochs=${...})
     "common": ListOf(OVERRIDE),
     "pretrain": ListOf(OVERRIDE),
     "finetune": ListOf(OVERRIDE),
