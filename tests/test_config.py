@@ -333,3 +333,19 @@ def test_max_length_beyond_the_models_positions_is_refused_before_the_data_is_re
     check_config(
         make_cfg("pretrain", ["datamodule=image_text", "datamodule.max_length=64", f"model.init={from_hf_tower}"])
     )
+
+
+def test_pretrain_epochs_sets_the_study_pretraining_length_and_is_checked(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from lightning_modules.core.errors import ConfigError
+    from pretune.commands.transfer_study import _stage_config, check_study
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for name, epochs in (("transfer_study", 7), ("transfer_study_full", None), ("transfer_study_text", 3)):
+            study = compose(config_name=name, overrides=[f"pretrain_epochs={epochs}"] if epochs else [])
+            stage = _stage_config("pretrain", [*study.common, *study.pretrain], tmp_path / name)
+            assert stage.trainer.max_epochs == (epochs or 60)  # transfer_study_full's own 60
+        bad = compose(config_name="transfer_study", overrides=["pretrain_epochs=0"])
+        with pytest.raises(ConfigError, match=r"^pretrain_epochs=0 is out of range: allowed is an integer >= 1$"):
+            check_study(bad, tmp_path / "bad")
