@@ -346,6 +346,8 @@ def test_pretrain_epochs_sets_the_study_pretraining_length_and_is_checked(tmp_pa
             study = compose(config_name=name, overrides=[f"pretrain_epochs={epochs}"] if epochs else [])
             stage = _stage_config("pretrain", [*study.common, *study.pretrain], tmp_path / name)
             assert stage.trainer.max_epochs == (epochs or 60)  # transfer_study_full's own 60
+            if name != "transfer_study_text":  # make run's validates once, at the end: the val/loss the report shows
+                assert stage.trainer.check_val_every_n_epoch == stage.trainer.max_epochs
         bad = compose(config_name="transfer_study", overrides=["pretrain_epochs=0"])
         with pytest.raises(ConfigError, match=r"^pretrain_epochs=0 is out of range: allowed is an integer >= 1$"):
             check_study(bad, tmp_path / "bad")
